@@ -1,0 +1,101 @@
+"""The ftjob command line (DESIGN.md, "Command line"). `python -m job` is the same program.
+
+Heavy libraries (torch, transformers) are imported inside the commands that need them, so spec
+errors come back in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from job import __version__
+from job.errors import JobError
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from job.spec import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    from job.train import train
+
+    train(spec)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from job.spec import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    print(f"{args.spec or 'FTJOB_SPEC'}: valid spec '{spec.name}', output {spec.output_uri}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from job.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from job.generate import generate
+
+    print(generate(args.adapter, args.prompt, args.max_new_tokens, args.temperature))
+    return 0
+
+
+def setup_logging() -> None:
+    """ftjob's own messages at INFO on stderr; libraries keep their own settings."""
+    logger = logging.getLogger("job")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftjob", description="Fine-tune a causal LM from a spec.")
+    parser.add_argument("--version", action="version", version=f"ftjob {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_spec(p: argparse.ArgumentParser) -> None:
+        p.add_argument("spec", nargs="?", help="path, fsspec URL or '-' (stdin); default: $FTJOB_SPEC")
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. train.max_steps=10"
+        )
+
+    run = commands.add_parser("run", help="train and publish the adapter")
+    with_spec(run)
+    run.set_defaults(handler=cmd_run)
+
+    validate = commands.add_parser("validate", help="check a spec without training")
+    with_spec(validate)
+    validate.set_defaults(handler=cmd_validate)
+
+    schema = commands.add_parser("schema", help="print the spec's JSON Schema")
+    schema.set_defaults(handler=cmd_schema)
+
+    generate = commands.add_parser("generate", help="generate with a published adapter")
+    generate.add_argument("--adapter", required=True, help="adapter/ directory or URL published by a run")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    generate.set_defaults(handler=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        return args.handler(args)
+    except JobError as e:
+        print(f"ftjob: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("ftjob: interrupted", file=sys.stderr)
+        return 130

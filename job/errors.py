@@ -1,0 +1,22 @@
+"""Errors that end the job with a message and a documented exit code (DESIGN.md, "Exit codes").
+
+Raise these for anything a user can fix; the CLI prints the message without a traceback.
+"""
+
+
+class JobError(Exception):
+    """Anything else: exit 1."""
+
+    exit_code = 1
+
+
+class UserError(JobError):
+    """Bad spec, bad arguments, unreachable input: nothing was trained. Exit 2."""
+
+    exit_code = 2
+
+
+class DataError(JobError):
+    """Data error beyond the bad-rows budget; the message names file and line. Exit 3."""
+
+    exit_code = 3

@@ -1,0 +1,127 @@
+"""Tokenizer, base model and adapter: everything between a model directory and a trainable module."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from job.errors import UserError
+from job.spec import AdapterSpec, ModelSpec
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quiet_libraries() -> None:
+    """Keep the job's log readable: no per-load progress bars or library chatter."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+    # bitsandbytes offers an optional CPU kernel from the Hub; we never download code, so no need to say.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def resolve_dtype(requested: str, device: torch.device, full_finetune: bool = False) -> torch.dtype:
+    """auto: bfloat16 on a GPU that has it (float32 for full fine-tuning, whose optimizer needs it); else float32."""
+    if requested != "auto":
+        return DTYPES[requested]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported() and not full_finetune:
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(model_dir: Path, model_spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=model_spec.trust_remote_code)
+    except Exception as e:
+        raise UserError(f"model.source: cannot load a tokenizer from {model_spec.source}: {e}") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"model.source: the tokenizer of {model_spec.source} has no EOS token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padded positions carry no loss, so any id will do
+    return tokenizer
+
+
+def quantization_config(model_spec: ModelSpec, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if model_spec.quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if model_spec.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_model(model_dir: Path, model_spec: ModelSpec, device: torch.device, full_finetune: bool = False):
+    """The base model, safetensors only, on `device` (quantized models are placed at load time)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(model_spec.dtype, device, full_finetune)
+    quantization = quantization_config(model_spec, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=model_spec.trust_remote_code,
+            attn_implementation=model_spec.attn_implementation,
+            quantization_config=quantization,
+            device_map={"": device} if quantization else None,
+        )
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"model.source: cannot load {model_spec.source}: {e}") from None
+    return model
+
+
+def apply_adapter(model, adapter: AdapterSpec, quantized: bool, gradient_checkpointing: bool):
+    """Wrap the base model for training: LoRA/DoRA through peft, or every weight trainable for `full`."""
+    if adapter.method == "full":
+        model.requires_grad_(True)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        use_dora=adapter.method == "dora",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # e.g. target_modules that match nothing
+        raise UserError(f"adapter.target_modules: {e}") from None
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,329 @@
+"""The job spec (v1): its schema, how it is read, overridden and validated.
+
+A spec comes from a file, an fsspec URL, standard input or FTJOB_SPEC, then single keys are
+overridden by FTJOB__SECTION__KEY variables and `--set section.key=value` (in that order).
+Every problem is reported at once, each with its JSON path; nothing starts on error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from job.data.formats import FORMAT_FIELDS
+from job.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Section):
+    source: str = Field(
+        description="Local directory, Hugging Face Hub id, or object-store URL (s3://bucket/model/)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype. auto: bfloat16 on a GPU that supports it, else float32."
+    )
+    quantization: Literal["4bit", "8bit"] | None = Field(
+        None, description="Load the base model quantized with bitsandbytes (QLoRA). 4bit is NF4 + double quant."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model. Off: it is code.")
+
+
+class AdapterSpec(_Section):
+    method: Literal["lora", "dora", "full"] = "lora"
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = Field(
+        "all-linear", description='"all-linear", or a list of module names (q_proj, v_proj, ...).'
+    )
+
+
+class BadRowsSpec(_Section):
+    policy: Literal["skip", "fail"] = "skip"
+    max_fraction: float = Field(0.01, ge=0, le=1)
+
+
+class DataSpec(_Section):
+    train: list[str] = Field(min_length=1, description="fsspec URLs or globs of JSONL files (.gz etc. inferred).")
+    eval: list[str] = Field(default_factory=list)
+    format: Literal["alpaca", "completion"] = "alpaca"
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="Map of the format's field names to your column names."
+    )
+    max_seq_len: int = Field(2048, gt=0)
+    shuffle_buffer: int = Field(10000, ge=0, description="Rows held for a seeded shuffle; 0 keeps file order.")
+    train_on: Literal["completion", "all"] = Field(
+        "completion", description="completion: loss on the response only; all: loss on prompt too."
+    )
+    bad_rows: BadRowsSpec = Field(default_factory=BadRowsSpec)
+
+    @model_validator(mode="after")
+    def _fields_belong_to_format(self) -> DataSpec:
+        unknown = sorted(set(self.fields) - set(FORMAT_FIELDS[self.format]))
+        if unknown:
+            raise ValueError(
+                f"data.fields: {', '.join(unknown)} not a field of format '{self.format}' "
+                f"(its fields: {', '.join(FORMAT_FIELDS[self.format])})"
+            )
+        return self
+
+
+class TrainSpec(_Section):
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps. Exactly one of max_steps or epochs.")
+    epochs: int | None = Field(None, gt=0, description="Passes over data.train. Exactly one of max_steps or epochs.")
+    micro_batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm; null: no clipping.")
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, fp16 on other GPUs, none on a CPU."
+    )
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    eval_every: int = Field(100, ge=0, description="Eval loss every N steps (and at the end); 0: only at the end.")
+    log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainSpec:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of train.max_steps or train.epochs")
+        return self
+
+
+class TrackingSpec(_Section):
+    enabled: bool = True
+    experiment: str = "ftjob"
+    run_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class OutputSpec(_Section):
+    uri: str = Field("./runs/{name}", description="Any fsspec URL; {name} is replaced by the spec's name.")
+    merge: bool = Field(False, description="Also write merged/: the base model with the adapter merged in.")
+
+
+class Spec(_Section):
+    name: str = Field("ftjob-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelSpec
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    data: DataSpec
+    train: TrainSpec
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    storage_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description='fsspec options per protocol, e.g. {"s3": {"endpoint_url": "http://minio:9000"}}. '
+        "Credentials belong in the environment (AWS_*), not here.",
+    )
+
+    @model_validator(mode="after")
+    def _full_needs_unquantized(self) -> Spec:
+        if self.adapter.method == "full" and self.model.quantization:
+            raise ValueError("adapter.method 'full' cannot train a quantized model: unset model.quantization")
+        if self.output.merge and self.adapter.method == "full":
+            raise ValueError("output.merge applies to adapters; adapter.method 'full' already saves the model")
+        return self
+
+    @property
+    def output_uri(self) -> str:
+        return self.output.uri.replace("{name}", self.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_spec_text(source: str | None) -> tuple[str, str]:
+    """Return (text, where) for SPEC: a path, an fsspec URL, '-' for stdin, or FTJOB_SPEC when None."""
+    if source is None:
+        source = os.environ.get("FTJOB_SPEC")
+        if not source:
+            raise UserError("no spec given: pass SPEC (a path, URL or '-') or set FTJOB_SPEC")
+        if source.lstrip().startswith("{"):
+            return source, "FTJOB_SPEC"
+    if source == "-":
+        return sys.stdin.read(), "<stdin>"
+    try:
+        if "://" in source:
+            import fsspec
+
+            with fsspec.open(source, "rt", encoding="utf-8") as f:
+                return f.read(), source
+        with open(source, encoding="utf-8") as f:
+            return f.read(), source
+    except FileNotFoundError:
+        raise UserError(f"spec file not found: {source}") from None
+    except IsADirectoryError:
+        raise UserError(f"spec is a directory, not a file: {source}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"cannot read spec {source}: {e}") from None
+
+
+def parse_spec_text(text: str, where: str) -> dict[str, Any]:
+    """JSON or YAML to a mapping; syntax errors name the line and column."""
+    is_json = where.endswith(".json") or text.lstrip().startswith("{")
+    try:
+        data = json.loads(text) if is_json else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        position = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise UserError(f"{where}{position}: invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: the spec must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """An override's value: JSON where it parses (1e-4, true, [1,2]), else YAML, else the plain string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """FTJOB__TRAIN__LEARNING_RATE=1e-4 -> ('train.learning_rate', '1e-4')."""
+    prefix = "FTJOB__"
+    return [
+        (name[len(prefix) :].lower().replace("__", "."), value)
+        for name, value in sorted(environ.items())
+        if name.startswith(prefix)
+    ]
+
+
+def apply_override(data: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    parts = key.split(".")
+    if not all(parts):
+        raise UserError(f"{origin}: '{key}' is not a dotted key such as train.learning_rate")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{origin}: {'.'.join(parts[: i + 1])} is not a section, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_spec(
+    source: str | None,
+    overrides: list[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Spec:
+    """Read, override and validate a spec. Raises UserError naming every problem."""
+    environ = os.environ if environ is None else environ
+    text, where = read_spec_text(source)
+    data = parse_spec_text(text, where)
+    for key, value in env_overrides(environ):
+        apply_override(data, key, parse_value(value), f"FTJOB__{key.upper().replace('.', '__')}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
+        apply_override(data, key.strip(), parse_value(value), f"--set {item}")
+    return validate_spec(data, where)
+
+
+def validate_spec(data: dict[str, Any], where: str = "spec") -> Spec:
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        problems = [_describe(error) for error in e.errors()]
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise UserError(f"{where}: {len(problems)} problem(s) in the spec:\n{lines}") from None
+
+
+def _json_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "(top level)"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section model that holds the key at loc (for 'did you mean')."""
+    model: type[BaseModel] = Spec
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    path = _json_path(loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        model = _model_at(loc)
+        known = list(model.model_fields) if model else []
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else (f"; known keys: {', '.join(known)}" if known else "")
+        return f"{path}: unknown key{suggestion}"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    message = re.sub(r"^(Value error|Assertion failed), ", "", error["msg"])
+    if kind.startswith("value_error"):  # our own validators name their keys
+        return message
+    return f"{path}: {message} (got {error.get('input')!r})"
+
+
+def json_schema() -> dict[str, Any]:
+    return Spec.model_json_schema()
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing: what goes to spec.json and MLflow params
+
+_SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|key$|key_id|session)", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact(value: Any) -> Any:
+    """Replace values whose keys look like secrets, at any depth (storage_options may carry keys)."""
+    if isinstance(value, dict):
+        return {k: REDACTED if _SECRET_KEY.search(str(k)) else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def public_dict(spec: Spec) -> dict[str, Any]:
+    """The spec as published (spec.json, MLflow): defaults filled in, secrets removed."""
+    return redact(spec.model_dump(mode="json"))
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'learning_rate': 1e-4}} -> {'train.learning_rate': 1e-4}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat

@@ -1,0 +1,203 @@
+"""The training recipe, top to bottom: spec -> checks -> model + adapter -> loop -> published adapter.
+
+Everything that can fail because of the user's input (model path, data files, output location) is
+checked before the model is loaded and before anything is written under output.uri.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from job.data.pipeline import DataPipeline
+from job.data.tokens import IGNORE_INDEX
+from job.export import publish
+from job.model import apply_adapter, count_parameters, load_model, load_tokenizer, quiet_libraries
+from job.model_source import resolve_model_dir
+from job.progress import Progress
+from job.spec import Spec
+from job.storage import check_writable
+from job.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+@dataclass
+class TrainResult:
+    model: Any  # the trained model, unwrapped from accelerate (a peft model for lora/dora)
+    tokenizer: Any
+    adapter_uri: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    run_id: str | None = None
+
+
+def cpu_supports_bf16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_mixed_precision(requested: str, cuda: bool) -> str:
+    """auto: bf16 on GPUs that have it, else fp16 on GPUs, none on CPUs. Unsupported choices fall back."""
+    if requested == "auto":
+        if not cuda:
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "bf16" and not (torch.cuda.is_bf16_supported() if cuda else cpu_supports_bf16()):
+        log.warning("train.mixed_precision bf16: this %s has no bf16 support; training in float32", "GPU" if cuda else "CPU")
+        return "no"
+    if requested == "fp16" and not cuda:
+        log.warning("train.mixed_precision fp16 needs a GPU; training in float32 on the CPU")
+        return "no"
+    return requested
+
+
+def steps_for_epochs(spec: Spec, examples_per_rank: int) -> int:
+    micro_batches = math.ceil(examples_per_rank / spec.train.micro_batch_size)
+    return max(1, math.ceil(spec.train.epochs * micro_batches / spec.train.grad_accum))
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the tokens that carry loss (labels != -100)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        batch["labels"][:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> float:
+    """Token-weighted mean loss over the eval split of every rank."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for batch in batches:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        total += torch.tensor([loss_sum(model, batch).item(), loss_tokens(batch)], device=accelerator.device)
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / max(total[1], 1))
+
+
+def train(spec: Spec) -> TrainResult:
+    quiet_libraries()
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(spec.train.mixed_precision, cuda))
+    is_main = accelerator.is_main_process
+    set_seed(spec.train.seed)
+    cfg = spec.train
+
+    # 1. Checks that need no model: inputs exist, output is writable. Nothing is written before this.
+    model_dir = resolve_model_dir(spec.model.source, spec.model.revision, spec.storage_options)
+    tokenizer = load_tokenizer(model_dir, spec.model)
+    data = DataPipeline(spec, tokenizer, accelerator.process_index, accelerator.num_processes)
+    if is_main:
+        check_writable(spec.output_uri, spec.storage_options)
+    total_steps = cfg.max_steps or steps_for_epochs(spec, data.count_train_examples())
+
+    # 2. Model and adapter.
+    full = spec.adapter.method == "full"
+    model = load_model(model_dir, spec.model, accelerator.device, full_finetune=full)
+    model = apply_adapter(model, spec.adapter, bool(spec.model.quantization), cfg.gradient_checkpointing)
+    trainable, total = count_parameters(model)
+    log.info("model %s: %d of %d parameters trainable (%.2f%%)", spec.model.source, trainable, total, 100 * trainable / total)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=accelerator.device.type in ("cuda", "cpu")
+    )
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(SCHEDULERS[cfg.scheduler], optimizer, cfg.warmup_steps, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    tracker = Tracker(spec, active=is_main)
+    tracker.start({"world_size": str(accelerator.num_processes), "adapter.method": spec.adapter.method})
+    progress = Progress(total_steps, cfg.log_every, enabled=is_main)
+    progress.message(
+        f"training {spec.name}: {total_steps} steps, micro batch {cfg.micro_batch_size} x grad_accum "
+        f"{cfg.grad_accum} x {accelerator.num_processes} process(es), {accelerator.device}, "
+        f"mixed precision {accelerator.mixed_precision}"
+    )
+
+    # 3. The loop: each optimizer step consumes grad_accum micro-batches. The loss is the mean over
+    # every loss-bearing token of the step on all ranks, whatever the padding and batch split.
+    train_batches = data.train_batches(cfg.micro_batch_size)
+    eval_batches = data.eval_batches(cfg.micro_batch_size) if data.eval_files else []
+    history: list[dict[str, float]] = []
+    model.train()
+    for step in range(1, total_steps + 1):
+        started = time.perf_counter()
+        window = [{k: v.to(accelerator.device) for k, v in next(train_batches).items()} for _ in range(cfg.grad_accum)]
+        counts = torch.tensor(
+            [sum(loss_tokens(b) for b in window), sum(int(b["attention_mask"].sum()) for b in window)],
+            device=accelerator.device,
+        )
+        step_tokens, step_inputs = (int(x) for x in accelerator.reduce(counts, reduction="sum"))
+        scale = accelerator.num_processes / max(step_tokens, 1)  # DDP averages gradients over ranks
+        step_loss = torch.zeros((), device=accelerator.device)
+        for i, batch in enumerate(window):
+            sync = i == len(window) - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                loss = loss_sum(model, batch)
+                accelerator.backward(loss * scale)
+            step_loss += loss.detach()
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        metrics = {
+            "train/loss": float(accelerator.reduce(step_loss, reduction="sum")) / max(step_tokens, 1),
+            "train/learning_rate": scheduler.get_last_lr()[0],
+            "train/grad_norm": float(grad_norm),
+            "train/tokens_per_second": step_inputs / (time.perf_counter() - started),
+            "train/epoch": data.epoch,
+        }
+        if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+            metrics["eval/loss"] = evaluate(model, eval_batches, accelerator)
+            metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50))
+        history.append({"step": step, **metrics})
+        tracker.log_metrics(metrics, step)
+        progress.update(step, metrics)
+    progress.close()
+
+    # 4. Publish: adapter/ (and merged/), MANIFEST.json last.
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    adapter_uri = ""
+    if is_main:
+        merged = merged_model(unwrapped, model_dir, spec) if spec.output.merge else None
+        adapter_uri = publish(unwrapped, tokenizer, spec, {"history": history, "final": history[-1]}, merged)
+        progress.message(f"adapter published to {adapter_uri}")
+        if tracker.run_id:
+            progress.message(f"MLflow run {tracker.run_id} in {tracker.uri}")
+    accelerator.wait_for_everyone()
+    tracker.finish()
+    return TrainResult(unwrapped, tokenizer, adapter_uri, history, tracker.run_id)
+
+
+def merged_model(peft_model, model_dir, spec: Spec):
+    """The base model, unquantized on the CPU, with the trained adapter merged into its weights."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    base = load_model(model_dir, spec.model.model_copy(update={"quantization": None}), torch.device("cpu"))
+    merged = get_peft_model(base, peft_model.peft_config["default"])
+    set_peft_model_state_dict(merged, {k: v.cpu() for k, v in get_peft_model_state_dict(peft_model).items()})
+    return merged.merge_and_unload()
