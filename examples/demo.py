@@ -14,7 +14,20 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "build"
-WORDS = "apple banana cherry grape lemon mango olive peach pear plum kiwi lime".split()
+WORDS = [
+    "apple",
+    "banana",
+    "cherry",
+    "grape",
+    "lemon",
+    "mango",
+    "olive",
+    "peach",
+    "pear",
+    "plum",
+    "kiwi",
+    "lime",
+]
 PROMPT = "Reverse the words: plum kiwi apple lemon"
 
 
@@ -23,7 +36,9 @@ def reversal_rows(n: int, seed: int) -> list[dict[str, str]]:
     rows = []
     for _ in range(n):
         words = rng.sample(WORDS, rng.randint(3, 5))
-        rows.append({"instruction": "Reverse the words: " + " ".join(words), "output": " ".join(reversed(words))})
+        rows.append(
+            {"instruction": "Reverse the words: " + " ".join(words), "output": " ".join(reversed(words))}
+        )
     return rows
 
 
@@ -57,7 +72,9 @@ def base_generation() -> str:
 
 
 def ftjob(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "job", *args], check=True, stdout=subprocess.PIPE, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "job", *args], check=True, stdout=subprocess.PIPE, text=True
+    )
     return result.stdout
 
 
@@ -67,7 +84,9 @@ def main() -> None:
     print(f"== before training: {PROMPT!r} -> {base_generation()!r}")
     print("== ftjob run examples/demo.yaml")
     subprocess.run([sys.executable, "-m", "job", "run", str(HERE / "demo.yaml")], check=True)
-    after = ftjob("generate", "--adapter", "runs/reverse-demo/adapter", "--prompt", PROMPT, "--max-new-tokens", "12")
+    after = ftjob(
+        "generate", "--adapter", "runs/reverse-demo/adapter", "--prompt", PROMPT, "--max-new-tokens", "12"
+    )
     print(f"== after training:  {PROMPT!r} -> {after.strip()!r} (expected 'lemon apple kiwi plum')")
     print("== adapter: runs/reverse-demo/adapter/ (loads with peft.PeftModel.from_pretrained)")
     print("== MLflow:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")

@@ -65,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     def with_spec(p: argparse.ArgumentParser) -> None:
         p.add_argument("spec", nargs="?", help="path, fsspec URL or '-' (stdin); default: $FTJOB_SPEC")
         p.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. train.max_steps=10"
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override one key, e.g. train.max_steps=10",
         )
 
     run = commands.add_parser("run", help="train and publish the adapter")

@@ -41,7 +41,9 @@ def verify_manifest(directory: Path) -> None:
     """Raise UserError unless directory has a MANIFEST.json whose every file is present and matches."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
-        raise UserError(f"{directory} has no {MANIFEST}: not a finished ftjob output (or still being written)")
+        raise UserError(
+            f"{directory} has no {MANIFEST}: not a finished ftjob output (or still being written)"
+        )
     for name, entry in json.loads(manifest_path.read_text())["files"].items():
         path = directory / name
         if not path.is_file() or sha256_file(path) != entry["sha256"]:
@@ -78,5 +80,9 @@ def publish(model, tokenizer, spec: Spec, metrics: dict[str, Any], merged_model=
 
     publish_dir(fill_adapter, adapter_uri, spec.storage_options)
     if merged_model is not None:
-        publish_dir(lambda d: save_trained(merged_model, tokenizer, d), join(spec.output_uri, "merged"), spec.storage_options)
+        publish_dir(
+            lambda d: save_trained(merged_model, tokenizer, d),
+            join(spec.output_uri, "merged"),
+            spec.storage_options,
+        )
     return adapter_uri

@@ -27,7 +27,9 @@ def load_trained(adapter_dir: Path) -> tuple[object, object, Spec]:
         return load_model(adapter_dir, spec.model, device, full_finetune=True), tokenizer, spec
     from peft import PeftModel
 
-    base = load_model(resolve_model_dir(spec.model.source, spec.model.revision, spec.storage_options), spec.model, device)
+    base = load_model(
+        resolve_model_dir(spec.model.source, spec.model.revision, spec.storage_options), spec.model, device
+    )
     return PeftModel.from_pretrained(base, adapter_dir), tokenizer, spec
 
 
@@ -59,4 +61,6 @@ def generate(adapter_uri: str, prompt: str, max_new_tokens: int = 64, temperatur
             raise UserError(f"--adapter: no such directory: {adapter_uri}")
         model, tokenizer, spec = load_trained(adapter_dir)
         model.eval()
-        return generate_text(model, tokenizer, render_prompt(spec.data.format, prompt), max_new_tokens, temperature)
+        return generate_text(
+            model, tokenizer, render_prompt(spec.data.format, prompt), max_new_tokens, temperature
+        )

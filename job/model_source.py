@@ -26,7 +26,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("FTJOB_CACHE", Path.home() / ".cache" / "ftjob")) / "models"
 
 
-def resolve_model_dir(source: str, revision: str | None = None, storage_options: StorageOptions | None = None) -> Path:
+def resolve_model_dir(
+    source: str, revision: str | None = None, storage_options: StorageOptions | None = None
+) -> Path:
     """A local directory with the model's config, tokenizer and safetensors weights."""
     if not is_local(source):
         directory = fetch_cached(source, storage_options)
@@ -85,7 +87,11 @@ def content_key(url: str, storage_options: StorageOptions | None) -> tuple[str, 
         raise UserError(f"model.source: no files under {url}")
     entries = []
     for path, info in sorted(listing.items()):
-        version = info.get("ETag") or info.get("etag") or f"{info.get('size')}:{info.get('mtime') or info.get('LastModified')}"
+        version = (
+            info.get("ETag")
+            or info.get("etag")
+            or f"{info.get('size')}:{info.get('mtime') or info.get('LastModified')}"
+        )
         entries.append(f"{path}\t{version}")
     digest = hashlib.sha256("\n".join([url, *entries]).encode()).hexdigest()
     return digest[:24], entries

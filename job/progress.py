@@ -43,7 +43,9 @@ class Progress:
             return
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/learning_rate']:.2e}")
+            self.bar.set_postfix(
+                loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/learning_rate']:.2e}"
+            )
             return
         if step % self.log_every == 0 or step == self.total:
             elapsed = time.monotonic() - self.started

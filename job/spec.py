@@ -35,10 +35,13 @@ class ModelSpec(_Section):
         "auto", description="Weights dtype. auto: bfloat16 on a GPU that supports it, else float32."
     )
     quantization: Literal["4bit", "8bit"] | None = Field(
-        None, description="Load the base model quantized with bitsandbytes (QLoRA). 4bit is NF4 + double quant."
+        None,
+        description="Load the base model quantized with bitsandbytes (QLoRA). 4bit is NF4 + double quant.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
-    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model. Off: it is code.")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model. Off: it is code."
+    )
 
 
 class AdapterSpec(_Section):
@@ -57,14 +60,18 @@ class BadRowsSpec(_Section):
 
 
 class DataSpec(_Section):
-    train: list[str] = Field(min_length=1, description="fsspec URLs or globs of JSONL files (.gz etc. inferred).")
+    train: list[str] = Field(
+        min_length=1, description="fsspec URLs or globs of JSONL files (.gz etc. inferred)."
+    )
     eval: list[str] = Field(default_factory=list)
     format: Literal["alpaca", "completion"] = "alpaca"
     fields: dict[str, str] = Field(
         default_factory=dict, description="Map of the format's field names to your column names."
     )
     max_seq_len: int = Field(2048, gt=0)
-    shuffle_buffer: int = Field(10000, ge=0, description="Rows held for a seeded shuffle; 0 keeps file order.")
+    shuffle_buffer: int = Field(
+        10000, ge=0, description="Rows held for a seeded shuffle; 0 keeps file order."
+    )
     train_on: Literal["completion", "all"] = Field(
         "completion", description="completion: loss on the response only; all: loss on prompt too."
     )
@@ -82,21 +89,29 @@ class DataSpec(_Section):
 
 
 class TrainSpec(_Section):
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps. Exactly one of max_steps or epochs.")
-    epochs: int | None = Field(None, gt=0, description="Passes over data.train. Exactly one of max_steps or epochs.")
+    max_steps: int | None = Field(
+        None, gt=0, description="Optimizer steps. Exactly one of max_steps or epochs."
+    )
+    epochs: int | None = Field(
+        None, gt=0, description="Passes over data.train. Exactly one of max_steps or epochs."
+    )
     micro_batch_size: int = Field(4, gt=0)
     grad_accum: int = Field(1, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm; null: no clipping.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip gradients to this norm; null: no clipping."
+    )
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, fp16 on other GPUs, none on a CPU."
     )
     gradient_checkpointing: bool = False
     seed: int = 42
-    eval_every: int = Field(100, ge=0, description="Eval loss every N steps (and at the end); 0: only at the end.")
+    eval_every: int = Field(
+        100, ge=0, description="Eval loss every N steps (and at the end); 0: only at the end."
+    )
     log_every: int = Field(10, gt=0)
 
     @model_validator(mode="after")
@@ -137,7 +152,9 @@ class Spec(_Section):
         if self.adapter.method == "full" and self.model.quantization:
             raise ValueError("adapter.method 'full' cannot train a quantized model: unset model.quantization")
         if self.output.merge and self.adapter.method == "full":
-            raise ValueError("output.merge applies to adapters; adapter.method 'full' already saves the model")
+            raise ValueError(
+                "output.merge applies to adapters; adapter.method 'full' already saves the model"
+            )
         return self
 
     @property
@@ -282,7 +299,9 @@ def _describe(error: dict[str, Any]) -> str:
         model = _model_at(loc)
         known = list(model.model_fields) if model else []
         hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        suggestion = f"; did you mean '{hint[0]}'?" if hint else (f"; known keys: {', '.join(known)}" if known else "")
+        suggestion = (
+            f"; did you mean '{hint[0]}'?" if hint else (f"; known keys: {', '.join(known)}" if known else "")
+        )
         return f"{path}: unknown key{suggestion}"
     if kind == "missing":
         return f"{path}: required key is missing"

@@ -24,7 +24,9 @@ def protocol_of(url: str) -> str:
     return split_protocol(url)[0] or "file"
 
 
-def filesystem(url: str, storage_options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(
+    url: str, storage_options: StorageOptions | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a URL or local path, with the options of its protocol."""
     options = dict((storage_options or {}).get(protocol_of(url), {}))
     return fsspec.core.url_to_fs(url, **options)
@@ -52,7 +54,9 @@ def check_writable(uri: str, storage_options: StorageOptions | None = None) -> N
         raise UserError(f"output.uri {uri} is not writable: {type(e).__name__}: {e}") from None
 
 
-def upload_dir(local_dir: Path, uri: str, storage_options: StorageOptions | None = None, last: str = "") -> None:
+def upload_dir(
+    local_dir: Path, uri: str, storage_options: StorageOptions | None = None, last: str = ""
+) -> None:
     """Copy local_dir's files to uri; the file named `last` (a completion marker) goes after all others.
 
     A marker left by an earlier upload to the same place is removed first, so a reader never sees an

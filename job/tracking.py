@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +43,17 @@ class Tracker:
         self.run_id: str | None = None
         self.uri: str | None = None
 
-    def start(self, extra_tags: dict[str, str]) -> None:
-        if not self.active:
-            return
-        self._guard(self._start, extra_tags)
+    @contextmanager
+    def run(self, extra_tags: dict[str, str]) -> Iterator[Tracker]:
+        """An MLflow run around the block: FINISHED when it completes, FAILED when it raises."""
+        if self.active:
+            self._guard(self._start, extra_tags)
+        try:
+            yield self
+        except BaseException:
+            self.finish("FAILED")
+            raise
+        self.finish("FINISHED")
 
     def _start(self, extra_tags: dict[str, str]) -> None:
         import mlflow
@@ -52,7 +61,12 @@ class Tracker:
         self.uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(self.spec.tracking.experiment)
-        tags = {"ftjob.version": __version__, "host": socket.gethostname(), **extra_tags, **self.spec.tracking.tags}
+        tags = {
+            "ftjob.version": __version__,
+            "host": socket.gethostname(),
+            **extra_tags,
+            **self.spec.tracking.tags,
+        }
         run = mlflow.start_run(run_name=self.spec.tracking.run_name or self.spec.name, tags=tags)
         self.run_id = run.info.run_id
         mlflow.log_params(spec_params(self.spec))
@@ -63,7 +77,7 @@ class Tracker:
 
             self._guard(mlflow.log_metrics, metrics, step=step)
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: str) -> None:
         if self.active:
             import mlflow
 
@@ -73,5 +87,7 @@ class Tracker:
         try:
             call(*args, **kwargs)
         except Exception as e:  # the tracking server is not worth a lost training run
-            log.warning("MLflow tracking failed (%s: %s); training goes on without tracking", type(e).__name__, e)
+            log.warning(
+                "MLflow tracking failed (%s: %s); training goes on without tracking", type(e).__name__, e
+            )
             self.active = False

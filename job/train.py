@@ -53,7 +53,10 @@ def resolve_mixed_precision(requested: str, cuda: bool) -> str:
             return "no"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if requested == "bf16" and not (torch.cuda.is_bf16_supported() if cuda else cpu_supports_bf16()):
-        log.warning("train.mixed_precision bf16: this %s has no bf16 support; training in float32", "GPU" if cuda else "CPU")
+        log.warning(
+            "train.mixed_precision bf16: this %s has no bf16 support; training in float32",
+            "GPU" if cuda else "CPU",
+        )
         return "no"
     if requested == "fp16" and not cuda:
         log.warning("train.mixed_precision fp16 needs a GPU; training in float32 on the CPU")
@@ -115,11 +118,19 @@ def train(spec: Spec) -> TrainResult:
     model = load_model(model_dir, spec.model, accelerator.device, full_finetune=full)
     model = apply_adapter(model, spec.adapter, bool(spec.model.quantization), cfg.gradient_checkpointing)
     trainable, total = count_parameters(model)
-    log.info("model %s: %d of %d parameters trainable (%.2f%%)", spec.model.source, trainable, total, 100 * trainable / total)
+    log.info(
+        "model %s: %d of %d parameters trainable (%.2f%%)",
+        spec.model.source,
+        trainable,
+        total,
+        100 * trainable / total,
+    )
 
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=accelerator.device.type in ("cuda", "cpu")
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        fused=accelerator.device.type in ("cuda", "cpu"),
     )
     from transformers import get_scheduler
 
@@ -127,70 +138,81 @@ def train(spec: Spec) -> TrainResult:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     tracker = Tracker(spec, active=is_main)
-    tracker.start({"world_size": str(accelerator.num_processes), "adapter.method": spec.adapter.method})
     progress = Progress(total_steps, cfg.log_every, enabled=is_main)
     progress.message(
         f"training {spec.name}: {total_steps} steps, micro batch {cfg.micro_batch_size} x grad_accum "
         f"{cfg.grad_accum} x {accelerator.num_processes} process(es), {accelerator.device}, "
         f"mixed precision {accelerator.mixed_precision}"
     )
+    with tracker.run({"world_size": str(accelerator.num_processes), "adapter.method": spec.adapter.method}):
+        # 3. The loop: each optimizer step consumes grad_accum micro-batches.
+        train_batches = data.train_batches(cfg.micro_batch_size)
+        eval_batches = data.eval_batches(cfg.micro_batch_size) if data.eval_files else []
+        history: list[dict[str, float]] = []
+        model.train()
+        for step in range(1, total_steps + 1):
+            window = [next(train_batches) for _ in range(cfg.grad_accum)]
+            metrics = optimizer_step(model, optimizer, scheduler, window, accelerator, cfg.max_grad_norm)
+            metrics["train/epoch"] = data.epoch
+            if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                metrics["eval/loss"] = evaluate(model, eval_batches, accelerator)
+                metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50))
+            history.append({"step": step, **metrics})
+            tracker.log_metrics(metrics, step)
+            progress.update(step, metrics)
+        progress.close()
 
-    # 3. The loop: each optimizer step consumes grad_accum micro-batches. The loss is the mean over
-    # every loss-bearing token of the step on all ranks, whatever the padding and batch split.
-    train_batches = data.train_batches(cfg.micro_batch_size)
-    eval_batches = data.eval_batches(cfg.micro_batch_size) if data.eval_files else []
-    history: list[dict[str, float]] = []
-    model.train()
-    for step in range(1, total_steps + 1):
-        started = time.perf_counter()
-        window = [{k: v.to(accelerator.device) for k, v in next(train_batches).items()} for _ in range(cfg.grad_accum)]
-        counts = torch.tensor(
-            [sum(loss_tokens(b) for b in window), sum(int(b["attention_mask"].sum()) for b in window)],
-            device=accelerator.device,
-        )
-        step_tokens, step_inputs = (int(x) for x in accelerator.reduce(counts, reduction="sum"))
-        scale = accelerator.num_processes / max(step_tokens, 1)  # DDP averages gradients over ranks
-        step_loss = torch.zeros((), device=accelerator.device)
-        for i, batch in enumerate(window):
-            sync = i == len(window) - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
-                loss = loss_sum(model, batch)
-                accelerator.backward(loss * scale)
-            step_loss += loss.detach()
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        metrics = {
-            "train/loss": float(accelerator.reduce(step_loss, reduction="sum")) / max(step_tokens, 1),
-            "train/learning_rate": scheduler.get_last_lr()[0],
-            "train/grad_norm": float(grad_norm),
-            "train/tokens_per_second": step_inputs / (time.perf_counter() - started),
-            "train/epoch": data.epoch,
-        }
-        if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-            metrics["eval/loss"] = evaluate(model, eval_batches, accelerator)
-            metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50))
-        history.append({"step": step, **metrics})
-        tracker.log_metrics(metrics, step)
-        progress.update(step, metrics)
-    progress.close()
-
-    # 4. Publish: adapter/ (and merged/), MANIFEST.json last.
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.eval()
-    adapter_uri = ""
-    if is_main:
-        merged = merged_model(unwrapped, model_dir, spec) if spec.output.merge else None
-        adapter_uri = publish(unwrapped, tokenizer, spec, {"history": history, "final": history[-1]}, merged)
-        progress.message(f"adapter published to {adapter_uri}")
-        if tracker.run_id:
-            progress.message(f"MLflow run {tracker.run_id} in {tracker.uri}")
-    accelerator.wait_for_everyone()
-    tracker.finish()
+        # 4. Publish: adapter/ (and merged/), MANIFEST.json last.
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        adapter_uri = ""
+        if is_main:
+            merged = merged_model(unwrapped, model_dir, spec) if spec.output.merge else None
+            adapter_uri = publish(
+                unwrapped, tokenizer, spec, {"history": history, "final": history[-1]}, merged
+            )
+            progress.message(f"adapter published to {adapter_uri}")
+            if tracker.run_id:
+                progress.message(f"MLflow run {tracker.run_id} in {tracker.uri}")
+        accelerator.wait_for_everyone()
     return TrainResult(unwrapped, tokenizer, adapter_uri, history, tracker.run_id)
+
+
+def optimizer_step(
+    model, optimizer, scheduler, window, accelerator: Accelerator, max_grad_norm
+) -> dict[str, float]:
+    """One optimizer step over a window of micro-batches (gradient accumulation).
+
+    The loss is the mean over every loss-bearing token of the window on all ranks, so it does not
+    depend on padding or on how the tokens are split into micro-batches and ranks.
+    """
+    started = time.perf_counter()
+    window = [{k: v.to(accelerator.device) for k, v in batch.items()} for batch in window]
+    counts = torch.tensor(
+        [sum(loss_tokens(b) for b in window), sum(int(b["attention_mask"].sum()) for b in window)],
+        device=accelerator.device,
+    )
+    step_tokens, step_inputs = (int(x) for x in accelerator.reduce(counts, reduction="sum"))
+    scale = accelerator.num_processes / max(step_tokens, 1)  # DDP averages gradients over ranks
+    step_loss = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        with nullcontext() if last else accelerator.no_sync(model):  # gradients sync once per step
+            loss = loss_sum(model, batch)
+            accelerator.backward(loss * scale)
+        step_loss += loss.detach()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {
+        "train/loss": float(accelerator.reduce(step_loss, reduction="sum")) / max(step_tokens, 1),
+        "train/learning_rate": scheduler.get_last_lr()[0],
+        "train/grad_norm": float(grad_norm),
+        "train/tokens_per_second": step_inputs / (time.perf_counter() - started),
+    }
 
 
 def merged_model(peft_model, model_dir, spec: Spec):

@@ -131,7 +131,9 @@ class DataPipeline:
                 yield self.tokenize(example)
             self.train_budget.check()
             if not produced:
-                raise DataError(f"data.train: no usable rows for rank {self.rank} in {', '.join(self.train_files)}")
+                raise DataError(
+                    f"data.train: no usable rows for rank {self.rank} in {', '.join(self.train_files)}"
+                )
 
     def train_batches(self, micro_batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         for batch in batched(self.train_examples(), micro_batch_size):
@@ -142,4 +144,6 @@ class DataPipeline:
         budget = BadRowBudget(self.data.bad_rows, "data.eval")
         examples = [self.tokenize(e) for e in self.examples(self.eval_files, budget)]
         budget.check()
-        return [pad_batch(batch, self.tokenizer.pad_token_id) for batch in batched(examples, micro_batch_size)]
+        return [
+            pad_batch(batch, self.tokenizer.pad_token_id) for batch in batched(examples, micro_batch_size)
+        ]
