@@ -86,7 +86,21 @@ def load_model(model_dir: Path, model_spec: ModelSpec, device: torch.device, ful
         )
     except (OSError, ValueError, ImportError) as e:
         raise UserError(f"model.source: cannot load {model_spec.source}: {e}") from None
+    if quantization and device.type == "cpu":
+        keep_4bit_weights_trainable_on_cpu(model)
     return model
+
+
+def keep_4bit_weights_trainable_on_cpu(model) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, a Linear4bit that runs once in eval mode (our eval loss) repacks its
+    weights for an inference kernel, for good: later training steps then backpropagate through a kernel
+    with no autograd support, and logits shift (bf16 scales). Training and eval must see one format.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def apply_adapter(model, adapter: AdapterSpec, quantized: bool, gradient_checkpointing: bool):

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from job.data.formats import FORMAT_FIELDS
 from job.errors import UserError
@@ -77,16 +77,6 @@ class DataSpec(_Section):
     )
     bad_rows: BadRowsSpec = Field(default_factory=BadRowsSpec)
 
-    @model_validator(mode="after")
-    def _fields_belong_to_format(self) -> DataSpec:
-        unknown = sorted(set(self.fields) - set(FORMAT_FIELDS[self.format]))
-        if unknown:
-            raise ValueError(
-                f"data.fields: {', '.join(unknown)} not a field of format '{self.format}' "
-                f"(its fields: {', '.join(FORMAT_FIELDS[self.format])})"
-            )
-        return self
-
 
 class TrainSpec(_Section):
     max_steps: int | None = Field(
@@ -114,12 +104,6 @@ class TrainSpec(_Section):
     )
     log_every: int = Field(10, gt=0)
 
-    @model_validator(mode="after")
-    def _one_length(self) -> TrainSpec:
-        if (self.max_steps is None) == (self.epochs is None):
-            raise ValueError("set exactly one of train.max_steps or train.epochs")
-        return self
-
 
 class TrackingSpec(_Section):
     enabled: bool = True
@@ -146,16 +130,6 @@ class Spec(_Section):
         description='fsspec options per protocol, e.g. {"s3": {"endpoint_url": "http://minio:9000"}}. '
         "Credentials belong in the environment (AWS_*), not here.",
     )
-
-    @model_validator(mode="after")
-    def _full_needs_unquantized(self) -> Spec:
-        if self.adapter.method == "full" and self.model.quantization:
-            raise ValueError("adapter.method 'full' cannot train a quantized model: unset model.quantization")
-        if self.output.merge and self.adapter.method == "full":
-            raise ValueError(
-                "output.merge applies to adapters; adapter.method 'full' already saves the model"
-            )
-        return self
 
     @property
     def output_uri(self) -> str:
@@ -193,20 +167,33 @@ def read_spec_text(source: str | None) -> tuple[str, str]:
 
 
 def parse_spec_text(text: str, where: str) -> dict[str, Any]:
-    """JSON or YAML to a mapping; syntax errors name the line and column."""
-    is_json = where.endswith(".json") or text.lstrip().startswith("{")
+    """JSON or YAML to a mapping; syntax errors name the line and column.
+
+    .json names are JSON and .yaml/.yml names YAML; without either, text that starts with '{' is JSON.
+    """
+    is_yaml_name = where.endswith((".yaml", ".yml"))
+    if where.endswith(".json") or (not is_yaml_name and text.lstrip().startswith("{")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+        except RecursionError:
+            raise UserError(f"{where}: nested too deeply") from None
+    else:
+        data = _load_yaml(text, where)
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: the spec must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _load_yaml(text: str, where: str) -> Any:
     try:
-        data = json.loads(text) if is_json else yaml.safe_load(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         position = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise UserError(f"{where}{position}: invalid YAML: {problem}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: the spec must be a mapping of sections, got {type(data).__name__}")
-    return data
 
 
 def parse_value(text: str) -> Any:
@@ -264,12 +251,48 @@ def load_spec(
 
 
 def validate_spec(data: dict[str, Any], where: str = "spec") -> Spec:
+    """A Spec from a mapping, or UserError listing every problem: field errors and cross-key rules."""
+    problems = []
     try:
-        return Spec.model_validate(data)
+        spec = Spec.model_validate(data)
     except ValidationError as e:
         problems = [_describe(error) for error in e.errors()]
+    problems += cross_key_problems(data)
+    if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
-        raise UserError(f"{where}: {len(problems)} problem(s) in the spec:\n{lines}") from None
+        raise UserError(f"{where}: {len(problems)} problem(s) in the spec:\n{lines}")
+    return spec
+
+
+def cross_key_problems(data: dict[str, Any]) -> list[str]:
+    """Rules between keys, checked on the raw mapping so they are reported beside field errors."""
+
+    def section(name: str) -> dict[str, Any]:
+        value = data.get(name)
+        return value if isinstance(value, dict) else {}
+
+    train, adapter, model, data_spec = section("train"), section("adapter"), section("model"), section("data")
+    problems = []
+    if isinstance(data.get("train"), dict) and (train.get("max_steps") is None) == (
+        train.get("epochs") is None
+    ):
+        problems.append("train: set exactly one of train.max_steps or train.epochs")
+    data_format, fields = data_spec.get("format", "alpaca"), data_spec.get("fields")
+    if data_format in FORMAT_FIELDS and isinstance(fields, dict):
+        unknown = sorted(set(fields) - set(FORMAT_FIELDS[data_format]))
+        if unknown:
+            problems.append(
+                f"data.fields: {', '.join(map(str, unknown))} not a field of format '{data_format}' "
+                f"(its fields: {', '.join(FORMAT_FIELDS[data_format])})"
+            )
+    full = adapter.get("method") == "full"
+    if full and model.get("quantization"):
+        problems.append("adapter.method: 'full' cannot train a quantized model; unset model.quantization")
+    if full and section("output").get("merge"):
+        problems.append(
+            "output.merge: applies to adapters; adapter.method 'full' already saves the whole model"
+        )
+    return problems
 
 
 def _json_path(loc: tuple[Any, ...]) -> str:
@@ -305,10 +328,7 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{path}: unknown key{suggestion}"
     if kind == "missing":
         return f"{path}: required key is missing"
-    message = re.sub(r"^(Value error|Assertion failed), ", "", error["msg"])
-    if kind.startswith("value_error"):  # our own validators name their keys
-        return message
-    return f"{path}: {message} (got {error.get('input')!r})"
+    return f"{path}: {error['msg']} (got {error.get('input')!r})"
 
 
 def json_schema() -> dict[str, Any]:

@@ -73,7 +73,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from job.tiny import build_tiny_model
 
     corpus = [alpaca_prompt(r["instruction"], r.get("input", "")) + r["output"] for r in ALPACA_ROWS] * 20
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", corpus, hidden_size=32, layers=2, vocab_size=300)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny", corpus, hidden_size=64, layers=2, vocab_size=300
+    )
 
 
 @pytest.fixture(scope="session")

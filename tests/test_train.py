@@ -1,0 +1,322 @@
+"""End to end on a tiny model: every adapter method trains, publishes, and reloads with plain peft."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import ALPACA_ROWS, run_ftjob, write_jsonl
+
+from job.export import MANIFEST, sha256_file
+from job.spec import validate_spec
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide state; in-process runs each start from a clean one."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def data_files(isolated):
+    train = write_jsonl(isolated / "data" / "train.jsonl", ALPACA_ROWS * 8)
+    evaluation = write_jsonl(isolated / "data" / "eval.jsonl", ALPACA_ROWS)
+    return train, evaluation
+
+
+def spec_dict(model_dir, data_files, **sections) -> dict:
+    train, evaluation = data_files
+    spec = {
+        "name": "t",
+        "model": {"source": str(model_dir)},
+        "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": [str(train)], "eval": [str(evaluation)], "max_seq_len": 64, "shuffle_buffer": 8},
+        "train": {
+            "max_steps": 8,
+            "micro_batch_size": 4,
+            "learning_rate": 5e-3,
+            "eval_every": 4,
+            "log_every": 2,
+        },
+        "tracking": {"experiment": "tests"},
+    }
+    for section, values in sections.items():
+        spec[section] = {**spec.get(section, {}), **values} if isinstance(values, dict) else values
+    return spec
+
+
+def run_in_process(spec: dict):
+    from job.train import train
+
+    return train(validate_spec(spec))
+
+
+PROBE = "### Instruction:\nReverse the words: red green blue\n\n### Response:\n"
+
+
+def logits_of(model, tokenizer) -> torch.Tensor:
+    ids = tokenizer(PROBE, return_tensors="pt")["input_ids"].to(model.device)
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float().cpu()
+
+
+def reload_published(adapter_dir, spec) -> torch.nn.Module:
+    """What a user does: the base model as the spec loaded it, then plain peft on top."""
+    from peft import PeftModel
+
+    from job.model import load_model
+
+    base = load_model(spec.model.source, spec.model, torch.device("cpu"))
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+@pytest.mark.parametrize(
+    "adapter,model,train",
+    [
+        ({"method": "lora"}, {}, {}),
+        ({"method": "dora"}, {}, {"gradient_checkpointing": True}),
+        ({"method": "lora"}, {"quantization": "4bit"}, {"gradient_checkpointing": True}),
+        ({"method": "lora"}, {"quantization": "8bit"}, {}),
+    ],
+    ids=["lora", "dora", "qlora-4bit", "lora-8bit"],
+)
+def test_adapter_trains_publishes_and_reloads_with_same_logits(
+    tiny_model_dir, data_files, isolated, adapter, model, train
+):
+    spec = spec_dict(tiny_model_dir, data_files, adapter=adapter, model=model, train=train)
+    result = run_in_process(spec)
+
+    adapter_dir = isolated / "runs" / "t" / "adapter"
+    assert result.adapter_uri == "./runs/t/adapter"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "spec.json", "metrics.json", MANIFEST):
+        assert (adapter_dir / name).is_file(), name
+    assert any(adapter_dir.glob("tokenizer*.json"))
+    assert not list(adapter_dir.glob("*.bin"))
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["use_dora"] is (adapter["method"] == "dora")
+    assert config["r"] == 8
+
+    manifest = json.loads((adapter_dir / MANIFEST).read_text())["files"]
+    assert set(manifest) == {p.name for p in adapter_dir.iterdir()} - {MANIFEST}
+    assert all(sha256_file(adapter_dir / n) == entry["sha256"] for n, entry in manifest.items())
+
+    if model.get("quantization") == "4bit":
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.modules())
+    reloaded = reload_published(adapter_dir, validate_spec(spec))
+    expected = logits_of(result.model, result.tokenizer)
+    torch.testing.assert_close(logits_of(reloaded, result.tokenizer), expected, atol=1e-5, rtol=1e-5)
+    # and the adapter changed something: the trained model differs from the base model
+    with reloaded.disable_adapter():
+        assert not torch.allclose(logits_of(reloaded, result.tokenizer), expected, atol=1e-4)
+
+    history = json.loads((adapter_dir / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history] == list(range(1, 9))
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second"} <= set(
+        history[0]
+    )
+    assert "eval/loss" in history[3] and "eval/loss" in history[7] and "eval/loss" not in history[4]
+
+
+def test_loss_falls_and_is_tracked_in_local_mlflow_store(tiny_model_dir, data_files, isolated):
+    spec = spec_dict(tiny_model_dir, data_files, train={"max_steps": 30, "scheduler": "constant"})
+    result = run_in_process(spec)
+    losses = [h["train/loss"] for h in result.history]
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{isolated / 'mlruns' / 'mlflow.db'}")
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.learning_rate"] == "0.005"
+    assert run.data.params["adapter.method"] == "lora"
+    points = client.get_metric_history(result.run_id, "train/loss")
+    assert sorted(p.step for p in points) == list(range(1, 31))
+    assert client.get_metric_history(result.run_id, "eval/loss")
+
+
+def test_full_finetune_saves_a_loadable_model(tiny_model_dir, data_files, isolated):
+    from transformers import AutoModelForCausalLM
+
+    result = run_in_process(spec_dict(tiny_model_dir, data_files, adapter={"method": "full"}))
+    adapter_dir = isolated / "runs" / "t" / "adapter"
+    assert (adapter_dir / "model.safetensors").is_file()
+    assert not (adapter_dir / "adapter_config.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(adapter_dir, use_safetensors=True).eval()
+    expected = logits_of(result.model, result.tokenizer)
+    torch.testing.assert_close(logits_of(reloaded, result.tokenizer), expected, atol=1e-5, rtol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert not torch.allclose(logits_of(base, result.tokenizer), expected, atol=1e-4)
+
+
+def test_merge_writes_merged_model_with_adapter_logits(tiny_model_dir, data_files, isolated):
+    from transformers import AutoModelForCausalLM
+
+    result = run_in_process(spec_dict(tiny_model_dir, data_files, output={"merge": True}))
+    merged_dir = isolated / "runs" / "t" / "merged"
+    assert (merged_dir / MANIFEST).is_file() and (merged_dir / "model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True).eval()
+    torch.testing.assert_close(
+        logits_of(merged, result.tokenizer), logits_of(result.model, result.tokenizer), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_grad_accumulation_matches_one_big_batch(tiny_model_dir, data_files):
+    """The loss is a mean over loss-bearing tokens of the whole step, however it is split."""
+    one_batch = run_in_process(
+        spec_dict(tiny_model_dir, data_files, train={"max_steps": 2, "micro_batch_size": 4, "grad_accum": 1})
+    )
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accumulated = run_in_process(
+        spec_dict(tiny_model_dir, data_files, train={"max_steps": 1, "micro_batch_size": 2, "grad_accum": 2})
+    )
+    assert accumulated.history[0]["train/loss"] == pytest.approx(one_batch.history[0]["train/loss"], rel=1e-5)
+    assert accumulated.history[0]["train/grad_norm"] == pytest.approx(
+        one_batch.history[0]["train/grad_norm"], rel=1e-4
+    )
+
+
+def test_epochs_set_the_number_of_steps(tiny_model_dir, data_files):
+    # 32 rows, micro batch 4 -> 8 micro-batches an epoch; grad_accum 2 -> 4 steps an epoch; 2 epochs -> 8
+    spec = spec_dict(tiny_model_dir, data_files, train={"max_steps": None, "epochs": 2, "grad_accum": 2})
+    result = run_in_process(spec)
+    assert len(result.history) == 8
+    assert result.history[-1]["train/epoch"] == 1
+
+
+def test_cli_run_logs_plain_lines_then_generate(tiny_model_dir, data_files, isolated):
+    spec_path = isolated / "spec.json"
+    spec_path.write_text(json.dumps(spec_dict(tiny_model_dir, data_files)))
+    run = run_ftjob("run", str(spec_path), "--set", "train.max_steps=6", cwd=isolated)
+    assert run.returncode == 0, run.stderr
+    steps = [line for line in run.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["2/6", "4/6", "6/6"]
+    assert all(
+        " loss " in line and " lr " in line and " tok/s " in line and " eta " in line for line in steps
+    )
+    assert "adapter published to ./runs/t/adapter" in run.stdout
+    assert "Traceback" not in run.stderr
+
+    generated = run_ftjob(
+        "generate", "--adapter", "runs/t/adapter", "--prompt", "Say hi", "--max-new-tokens", "5", cwd=isolated
+    )
+    assert generated.returncode == 0, generated.stderr
+    from job.generate import generate
+
+    assert generated.stdout == generate("runs/t/adapter", "Say hi", max_new_tokens=5) + "\n"
+
+
+def test_generate_renders_prompt_like_training(tiny_model_dir, data_files, isolated):
+    """Greedy generation equals decoding the trained model on the alpaca-rendered prompt."""
+    from job.generate import generate, generate_text
+
+    result = run_in_process(spec_dict(tiny_model_dir, data_files, train={"max_steps": 20}))
+    text = generate("runs/t/adapter", "Say hi", max_new_tokens=6)
+    expected = generate_text(
+        result.model,
+        result.tokenizer,
+        "### Instruction:\nSay hi\n\n### Response:\n",
+        max_new_tokens=6,
+        temperature=0,
+    )
+    assert text == expected
+
+
+def test_model_from_s3_output_to_s3_and_generate_from_s3(tiny_model_dir, data_files, isolated, s3):
+    bucket = s3.bucket
+    s3.put(str(tiny_model_dir) + "/", f"{bucket}/models/tiny/", recursive=True)
+    s3.put(str(data_files[0]), f"{bucket}/data/train.jsonl")
+    spec = spec_dict(
+        tiny_model_dir,
+        data_files,
+        model={"source": f"s3://{bucket}/models/tiny/"},
+        data={"train": [f"s3://{bucket}/data/*.jsonl"], "eval": []},
+        output={"uri": f"s3://{bucket}/runs/{{name}}"},
+        train={"max_steps": 4},
+    )
+    spec_path = isolated / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    run = run_ftjob("run", str(spec_path), cwd=isolated)
+    assert run.returncode == 0, run.stderr
+    published = {p.rsplit("/", 1)[1] for p in s3.find(f"{bucket}/runs/t/adapter")}
+    assert {"adapter_model.safetensors", "adapter_config.json", "spec.json", MANIFEST} <= published
+    assert not any(name.startswith(".ftjob-write-check") for name in s3.find(f"{bucket}/runs/t"))
+
+    generated = run_ftjob(
+        "generate", "--adapter", f"s3://{bucket}/runs/t/adapter", "--prompt", "Say hi", "--max-new-tokens", "3",
+        cwd=isolated,
+    )  # fmt: skip
+    assert generated.returncode == 0, generated.stderr
+
+
+def test_secrets_stay_out_of_published_spec_and_params(tiny_model_dir, data_files, isolated):
+    spec = spec_dict(
+        tiny_model_dir, data_files, storage_options={"s3": {"secret": "SECRET-MARKER", "key": "KEY-MARKER"}}
+    )
+    result = run_in_process(spec)
+    published = (isolated / "runs" / "t" / "adapter" / "spec.json").read_text()
+    assert "SECRET-MARKER" not in published and "KEY-MARKER" not in published
+
+    import mlflow
+
+    params = (
+        mlflow.MlflowClient(f"sqlite:///{isolated / 'mlruns' / 'mlflow.db'}")
+        .get_run(result.run_id)
+        .data.params
+    )
+    assert not any("MARKER" in value for value in params.values())
+
+
+def test_tracking_disabled_writes_no_store(tiny_model_dir, data_files, isolated):
+    result = run_in_process(spec_dict(tiny_model_dir, data_files, tracking={"enabled": False}))
+    assert result.run_id is None
+    assert not (isolated / "mlruns").exists()
+
+
+def test_data_error_beyond_budget_exits_3_naming_file_and_line(tiny_model_dir, data_files, isolated):
+    rows = (
+        [json.dumps(ALPACA_ROWS[0])] * 5
+        + ['{"instruction": "no output here"}']
+        + [json.dumps(ALPACA_ROWS[1])]
+    )
+    bad = write_jsonl(isolated / "data" / "bad.jsonl", rows)
+    spec = spec_dict(tiny_model_dir, data_files, data={"train": [str(bad)], "bad_rows": {"policy": "fail"}})
+    spec_path = isolated / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    run = run_ftjob("run", str(spec_path), cwd=isolated)
+    assert run.returncode == 3
+    assert f"{bad}:6: missing field 'output'" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (isolated / "runs" / "t" / "adapter" / MANIFEST).exists()
+
+
+def test_mixed_precision_falls_back_on_cpu_with_one_warning(caplog):
+    from job.train import resolve_mixed_precision
+
+    assert resolve_mixed_precision("auto", cuda=False) == "no"
+    assert resolve_mixed_precision("no", cuda=False) == "no"
+    with caplog.at_level("WARNING"):
+        assert resolve_mixed_precision("fp16", cuda=False) == "no"
+    assert len(caplog.records) == 1 and "fp16" in caplog.records[0].getMessage()
+
+
+def test_steps_for_epochs_rounds_up():
+    from job.train import steps_for_epochs
+
+    spec = validate_spec(
+        {
+            "model": {"source": "m"},
+            "data": {"train": ["x"]},
+            "train": {"epochs": 3, "micro_batch_size": 4, "grad_accum": 2},
+        }
+    )
+    assert steps_for_epochs(spec, 10) == math.ceil(3 * 3 / 2)
