@@ -49,11 +49,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def setup_logging() -> None:
     """ftjob's own messages at INFO on stderr; libraries keep their own settings."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("job")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
+    logger.handlers = [handler]  # replaced, not added: main() may run more than once in a process
     logger.setLevel(logging.INFO)
 
 

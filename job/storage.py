@@ -45,7 +45,8 @@ def check_writable(uri: str, storage_options: StorageOptions | None = None) -> N
     probe = join(uri, f".ftjob-write-check-{uuid.uuid4().hex}")
     try:
         fs, path = filesystem(uri, storage_options)
-        fs.makedirs(path, exist_ok=True)
+        if is_local(uri):  # object stores have no directories, and makedirs there would create a bucket
+            fs.makedirs(path, exist_ok=True)
         fs, probe_path = filesystem(probe, storage_options)
         with fs.open(probe_path, "wb") as f:
             f.write(b"ok")

@@ -1,0 +1,175 @@
+"""Model sources (local, Hub, object store with a node-local cache) and the job's bad-input exits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+from conftest import ALPACA_ROWS, REPO, write_jsonl
+
+from job import model_source
+from job.cli import main
+from job.errors import UserError
+from job.model_source import cache_root, fetch_cached, resolve_model_dir
+
+
+def upload_model(s3, tiny_model_dir, prefix="models/tiny") -> str:
+    s3.put(str(tiny_model_dir) + "/", f"{s3.bucket}/{prefix}/", recursive=True)
+    return f"s3://{s3.bucket}/{prefix}/"
+
+
+def test_local_directory_is_used_in_place(tiny_model_dir):
+    assert resolve_model_dir(str(tiny_model_dir)) == tiny_model_dir
+
+
+def test_missing_local_directory(isolated):
+    with pytest.raises(UserError, match=r"model.source: no such directory: ./models/nothing"):
+        resolve_model_dir("./models/nothing")
+
+
+def test_pickle_only_model_is_refused(isolated):
+    model = isolated / "bin-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(UserError, match=r"only pickle weights \(pytorch_model.bin\).*safetensors only"):
+        resolve_model_dir(str(model))
+
+
+def test_hub_id_offline_not_cached_is_a_clear_error(isolated):
+    with pytest.raises(UserError, match=r"'someorg/some-model' is not a local directory, and HF_HUB_OFFLINE is set"):
+        resolve_model_dir("someorg/some-model")
+
+
+def test_hub_id_unreachable_is_a_clear_error(isolated, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
+    with pytest.raises(UserError, match=r"the Hub could not be reached or has no such model"):
+        resolve_model_dir("someorg/some-model")
+
+
+def test_object_store_model_is_fetched_once_and_again_when_it_changes(tiny_model_dir, s3, monkeypatch):
+    url = upload_model(s3, tiny_model_dir)
+    downloads = []
+    real_download = model_source.download_dir
+    monkeypatch.setattr(model_source, "download_dir", lambda *a: downloads.append(a[0]) or real_download(*a))
+
+    first = resolve_model_dir(url)
+    assert first.parent == cache_root()
+    assert (first / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+    assert resolve_model_dir(url) == first
+    assert len(downloads) == 1
+
+    s3.pipe(f"{s3.bucket}/models/tiny/config.json", (tiny_model_dir / "config.json").read_bytes() + b"\n")
+    second = resolve_model_dir(url)
+    assert second != first and len(downloads) == 2
+    assert (second / "config.json").read_bytes().endswith(b"\n")
+
+
+def test_concurrent_fetches_download_once(tiny_model_dir, s3, monkeypatch):
+    url = upload_model(s3, tiny_model_dir)
+    downloads = []
+    real_download = model_source.download_dir
+    monkeypatch.setattr(model_source, "download_dir", lambda *a: downloads.append(a[0]) or real_download(*a))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(fetch_cached(url))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(downloads) == 1
+    assert len(set(results)) == 1 and len(results) == 4
+
+
+def test_concurrent_processes_share_one_complete_copy(tiny_model_dir, s3, isolated):
+    url = upload_model(s3, tiny_model_dir)
+    code = f"from job.model_source import fetch_cached; print(fetch_cached({url!r}))"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO) for _ in range(3)
+    ]
+    paths = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(paths) == 1
+    entries = [p.name for p in cache_root().iterdir() if p.is_dir()]
+    assert len(entries) == 1, entries  # no staging directory left behind
+    assert json.loads((cache_root() / entries[0] / ".ftjob-source.json").read_text())["url"] == url
+
+
+def test_missing_object_store_model(s3):
+    with pytest.raises(UserError, match=r"model.source: no files under s3://"):
+        resolve_model_dir(f"s3://{s3.bucket}/models/absent/")
+
+
+# --- the job's bad inputs: exit 2, one clear message, nothing under output.uri ---------------------
+
+
+def bad_run(isolated, capsys, tiny_model_dir, **changes):
+    data = write_jsonl(isolated / "train.jsonl", ALPACA_ROWS)
+    spec = {
+        "name": "bad",
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"train": [str(data)]},
+        "train": {"max_steps": 1},
+        "output": {"uri": str(isolated / "out")},
+        "tracking": {"enabled": False},
+    }
+    for section, values in changes.items():
+        spec[section] = {**spec[section], **values}
+    (isolated / "spec.json").write_text(json.dumps(spec))
+    code = main(["run", str(isolated / "spec.json")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("ftjob: error: ") and "Traceback" not in err
+    return err, spec["output"]["uri"]
+
+
+def test_run_with_missing_model_path(isolated, capsys, tiny_model_dir):
+    err, out = bad_run(isolated, capsys, tiny_model_dir, model={"source": str(isolated / "absent")})
+    assert f"model.source: no such directory: {isolated / 'absent'}" in err
+    assert not (isolated / "out").exists()
+
+
+def test_run_with_pickle_only_model(isolated, capsys, tiny_model_dir):
+    model = isolated / "bin-model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    err, _ = bad_run(isolated, capsys, tiny_model_dir, model={"source": str(model)})
+    assert "only pickle weights (pytorch_model.bin)" in err
+    assert not (isolated / "out").exists()
+
+
+def test_run_with_missing_data_file(isolated, capsys, tiny_model_dir):
+    err, _ = bad_run(isolated, capsys, tiny_model_dir, data={"train": [str(isolated / "nope.jsonl")]})
+    assert f"data.train[0]: no such file: {isolated / 'nope.jsonl'}" in err
+    assert not (isolated / "out").exists()
+
+
+def test_run_with_missing_eval_glob(isolated, capsys, tiny_model_dir):
+    err, _ = bad_run(isolated, capsys, tiny_model_dir, data={"eval": [str(isolated / "eval-*.jsonl")]})
+    assert "data.eval[0]: no such file" in err
+    assert not (isolated / "out").exists()
+
+
+def test_run_with_unwritable_local_output(isolated, capsys, tiny_model_dir):
+    blocker = isolated / "a-file"
+    blocker.write_text("a file where a directory should be")
+    err, _ = bad_run(isolated, capsys, tiny_model_dir, output={"uri": str(blocker / "out")})
+    assert f"output.uri {blocker / 'out'} is not writable" in err
+    assert blocker.read_text() == "a file where a directory should be"
+
+
+def test_run_with_missing_output_bucket(isolated, capsys, tiny_model_dir, s3):
+    err, _ = bad_run(isolated, capsys, tiny_model_dir, output={"uri": "s3://no-such-bucket-here/runs/x"})
+    assert "output.uri s3://no-such-bucket-here/runs/x is not writable" in err
+    assert "testing-secret-key" not in err
+
+
+def test_run_with_bad_spec_writes_nothing(isolated, capsys, tiny_model_dir):
+    err, _ = bad_run(isolated, capsys, tiny_model_dir, train={"max_steps": 0, "micro_batch_size": -1})
+    assert "train.max_steps" in err and "train.micro_batch_size" in err
+    assert not (isolated / "out").exists()
