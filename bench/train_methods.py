@@ -34,7 +34,10 @@ def make_workspace(root: Path) -> tuple[Path, Path]:
     rng = random.Random(0)
     words = [f"w{i}" for i in range(400)]
     rows = [
-        {"instruction": " ".join(rng.choices(words, k=rng.randint(20, 80))), "output": " ".join(rng.choices(words, k=40))}
+        {
+            "instruction": " ".join(rng.choices(words, k=rng.randint(20, 80))),
+            "output": " ".join(rng.choices(words, k=40)),
+        }
         for _ in range(2000)
     ]
     data = root / "train.jsonl"

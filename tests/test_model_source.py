@@ -41,7 +41,9 @@ def test_pickle_only_model_is_refused(isolated):
 
 
 def test_hub_id_offline_not_cached_is_a_clear_error(isolated):
-    with pytest.raises(UserError, match=r"'someorg/some-model' is not a local directory, and HF_HUB_OFFLINE is set"):
+    with pytest.raises(
+        UserError, match=r"'someorg/some-model' is not a local directory, and HF_HUB_OFFLINE is set"
+    ):
         resolve_model_dir("someorg/some-model")
 
 
@@ -90,7 +92,8 @@ def test_concurrent_processes_share_one_complete_copy(tiny_model_dir, s3, isolat
     url = upload_model(s3, tiny_model_dir)
     code = f"from job.model_source import fetch_cached; print(fetch_cached({url!r}))"
     procs = [
-        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO) for _ in range(3)
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        for _ in range(3)
     ]
     paths = {p.communicate(timeout=120)[0].strip() for p in procs}
     assert all(p.returncode == 0 for p in procs)

@@ -6,7 +6,12 @@ import io
 
 from job.progress import Progress, format_metrics
 
-METRICS = {"train/loss": 1.23456, "train/learning_rate": 2e-4, "train/grad_norm": 0.5, "train/tokens_per_second": 999.6}
+METRICS = {
+    "train/loss": 1.23456,
+    "train/learning_rate": 2e-4,
+    "train/grad_norm": 0.5,
+    "train/tokens_per_second": 999.6,
+}
 
 
 class FakeTerminal(io.StringIO):
@@ -16,7 +21,9 @@ class FakeTerminal(io.StringIO):
 
 def test_format_metrics_names_step_loss_lr_speed_and_eta():
     line = format_metrics(10, 100, {**METRICS, "eval/loss": 2.0}, eta_seconds=75)
-    assert line == "step 10/100 loss 1.2346 lr 2.00e-04 grad_norm 0.500 tok/s 1000 eval_loss 2.0000 eta 0:01:15"
+    assert (
+        line == "step 10/100 loss 1.2346 lr 2.00e-04 grad_norm 0.500 tok/s 1000 eval_loss 2.0000 eta 0:01:15"
+    )
 
 
 def test_log_file_gets_a_line_every_log_every_steps_and_the_last():
