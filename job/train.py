@@ -69,6 +69,13 @@ def steps_for_epochs(spec: Spec, examples_per_rank: int) -> int:
     return max(1, math.ceil(spec.train.epochs * micro_batches / spec.train.grad_accum))
 
 
+def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
+    """Linear warm-up to the learning rate, then constant, linear decay to 0, or cosine decay to 0."""
+    from transformers import get_scheduler
+
+    return get_scheduler(SCHEDULERS[name], optimizer, warmup_steps, total_steps)
+
+
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross-entropy over the tokens that carry loss (labels != -100)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -132,9 +139,7 @@ def train(spec: Spec) -> TrainResult:
         weight_decay=cfg.weight_decay,
         fused=accelerator.device.type in ("cuda", "cpu"),
     )
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(SCHEDULERS[cfg.scheduler], optimizer, cfg.warmup_steps, total_steps)
+    scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.warmup_steps, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     tracker = Tracker(spec, active=is_main)
