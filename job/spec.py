@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from job.data.formats import FORMAT_FIELDS
 from job.errors import UserError
@@ -98,6 +98,12 @@ class TrainSpec(_Section):
         "auto", description="auto: bf16 on a GPU that supports it, fp16 on other GPUs, none on a CPU."
     )
     gradient_checkpointing: bool = False
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
     seed: int = 42
     eval_every: int = Field(
         100, ge=0, description="Eval loss every N steps (and at the end); 0: only at the end."
@@ -197,15 +203,20 @@ def _load_yaml(text: str, where: str) -> Any:
 
 
 def parse_value(text: str) -> Any:
-    """An override's value: JSON where it parses (1e-4, true, [1,2]), else YAML, else the plain string."""
+    """An override's value: JSON where it parses (1e-4, true, null), YAML for [lists] and {maps}, else text.
+
+    Plain words stay strings: YAML would turn `no` or `on` into booleans.
+    """
     try:
         return json.loads(text)
     except ValueError:
         pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError:
+            pass
+    return text
 
 
 def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:

@@ -600,3 +600,18 @@ def test_output_uri_name_substitution():
     assert spec.output_uri == "s3://runs/support-bot/"
     assert validate_spec(spec_dict(name="x1")).output_uri == "./runs/x1"
     assert validate_spec(spec_dict(output={"uri": "/data/out"})).output_uri == "/data/out"
+
+
+def test_plain_words_in_overrides_stay_strings():
+    from job.spec import parse_value
+
+    assert parse_value("no") == "no" and parse_value("on") == "on"
+    assert parse_value("true") is True and parse_value("null") is None and parse_value("1e-4") == 1e-4
+    assert parse_value("[a, b]") == ["a", "b"]
+
+
+def test_mixed_precision_no_survives_yaml_and_set(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("model: {source: m}\ndata: {train: [x]}\ntrain: {max_steps: 1, mixed_precision: no}\n")
+    assert load_spec(str(path)).train.mixed_precision == "no"
+    assert load_spec(str(path), ["train.mixed_precision=no"]).train.mixed_precision == "no"
