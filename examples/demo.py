@@ -59,7 +59,7 @@ def build_assets() -> None:
 
 
 def base_generation() -> str:
-    from job.data.formats import render_prompt
+    from job.data.formats import alpaca_prompt
     from job.generate import generate_text
     from job.model import load_model, load_tokenizer, quiet_libraries
     from job.spec import ModelSpec
@@ -68,7 +68,7 @@ def base_generation() -> str:
     spec = ModelSpec(source=str(BUILD / "tiny-llama"))
     model = load_model(BUILD / "tiny-llama", spec, device=__import__("torch").device("cpu"))
     tokenizer = load_tokenizer(BUILD / "tiny-llama", spec)
-    return generate_text(model.eval(), tokenizer, render_prompt("alpaca", PROMPT), 12, 0.0)
+    return generate_text(model.eval(), tokenizer, alpaca_prompt(PROMPT), 12, 0.0)
 
 
 def ftjob(*args: str) -> str:

@@ -30,6 +30,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.set)
     print(f"{args.spec or 'FTJOB_SPEC'}: valid spec '{spec.name}', output {spec.output_uri}")
+    if args.check_access:
+        from job.preview import check_access
+
+        check_access(spec)
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from job.spec import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    from job.preview import preview
+
+    preview(spec, args.n, args.json)
     return 0
 
 
@@ -77,7 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a spec without training")
     with_spec(validate)
+    validate.add_argument(
+        "--check-access", action="store_true", help="also read the model config, first data rows and output"
+    )
     validate.set_defaults(handler=cmd_validate)
+
+    preview = commands.add_parser("preview", help="show the first examples as the model will see them")
+    with_spec(preview)
+    preview.add_argument("-n", type=int, default=5, help="examples (or packed rows) to show")
+    preview.add_argument(
+        "--json", action="store_true", help="one JSON object a line: input_ids, labels, text"
+    )
+    preview.set_defaults(handler=cmd_preview)
 
     schema = commands.add_parser("schema", help="print the spec's JSON Schema")
     schema.set_defaults(handler=cmd_schema)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from job.data.formats import render_prompt
+from job.data.formats import Formatter
 from job.errors import UserError
 from job.export import verify_manifest
 from job.model import load_model, load_tokenizer, quiet_libraries
@@ -61,6 +61,6 @@ def generate(adapter_uri: str, prompt: str, max_new_tokens: int = 64, temperatur
             raise UserError(f"--adapter: no such directory: {adapter_uri}")
         model, tokenizer, spec = load_trained(adapter_dir)
         model.eval()
-        return generate_text(
-            model, tokenizer, render_prompt(spec.data.format, prompt), max_new_tokens, temperature
-        )
+        data = spec.data
+        formatter = Formatter(data.format, data.fields, data.train_on, tokenizer, data.chat_template)
+        return generate_text(model, tokenizer, formatter.render_prompt(prompt), max_new_tokens, temperature)

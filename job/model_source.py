@@ -30,16 +30,30 @@ def resolve_model_dir(
     source: str, revision: str | None = None, storage_options: StorageOptions | None = None
 ) -> Path:
     """A local directory with the model's config, tokenizer and safetensors weights."""
-    if not is_local(source):
+    kind = source_kind(source)
+    if kind == "object-store":
         directory = fetch_cached(source, storage_options)
+    elif kind == "hub":
+        directory = _hub_snapshot(source, revision)
     elif os.path.exists(os.path.expanduser(source)):
         directory = Path(os.path.expanduser(source))
-    elif source.startswith(("/", ".", "~")) or source.count("/") > 1:
-        raise UserError(f"model.source: no such directory: {source}")
     else:
-        directory = _hub_snapshot(source, revision)
+        raise UserError(f"model.source: no such directory: {source}")
     check_weights(directory, source)
     return directory
+
+
+def source_kind(source: str) -> str:
+    """'object-store' for URLs, 'local' for paths that exist or look like paths, else 'hub' (org/name)."""
+    if not is_local(source):
+        return "object-store"
+    if (
+        os.path.exists(os.path.expanduser(source))
+        or source.startswith(("/", ".", "~"))
+        or source.count("/") > 1
+    ):
+        return "local"
+    return "hub"
 
 
 def check_weights(directory: Path, source: str) -> None:

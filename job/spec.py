@@ -59,23 +59,58 @@ class BadRowsSpec(_Section):
     max_fraction: float = Field(0.01, ge=0, le=1)
 
 
+class SourceSpec(_Section):
+    path: str | list[str] = Field(description="fsspec URL or glob (or a list of them) of one data source.")
+    weight: float = Field(
+        1.0, gt=0, description="Relative share of training examples drawn from this source."
+    )
+
+
 class DataSpec(_Section):
-    train: list[str] = Field(
-        min_length=1, description="fsspec URLs or globs of JSONL files (.gz etc. inferred)."
+    train: list[str | SourceSpec] = Field(
+        min_length=1,
+        description="fsspec URLs or globs (JSONL, JSON, Parquet, CSV, text; .gz/.bz2/.zst/.xz inferred), "
+        'or sources with mixing weights: {"path": ..., "weight": ...}.',
     )
     eval: list[str] = Field(default_factory=list)
-    format: Literal["alpaca", "completion"] = "alpaca"
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Hold out this fraction of data.train for eval (a stable hash split)."
+    )
+    format: Literal["alpaca", "chat", "completion", "text"] = "alpaca"
     fields: dict[str, str] = Field(
         default_factory=dict, description="Map of the format's field names to your column names."
     )
+    chat_template: str | None = Field(None, description="Jinja chat template; default: the tokenizer's.")
     max_seq_len: int = Field(2048, gt=0)
+    packing: bool = Field(False, description="Pack several examples into each max_seq_len row.")
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate", description="Examples longer than max_seq_len: keep their head, or drop them."
+    )
     shuffle_buffer: int = Field(
         10000, ge=0, description="Rows held for a seeded shuffle; 0 keeps file order."
     )
     train_on: Literal["completion", "all"] = Field(
-        "completion", description="completion: loss on the response only; all: loss on prompt too."
+        "completion",
+        description="completion: loss on responses (assistant turns) only; all: loss on prompts too.",
     )
     bad_rows: BadRowsSpec = Field(default_factory=BadRowsSpec)
+
+    def train_groups(self) -> list[tuple[list[str], float]]:
+        """data.train entries as (patterns, weight)."""
+        groups = []
+        for entry in self.train:
+            if isinstance(entry, str):
+                groups.append(([entry], 1.0))
+            else:
+                groups.append(
+                    ([entry.path] if isinstance(entry.path, str) else list(entry.path), entry.weight)
+                )
+        return groups
+
+    @property
+    def weighted(self) -> bool:
+        """True when data.train mixes sources by weight (any entry given as a {path, weight} source)."""
+        return any(isinstance(entry, SourceSpec) for entry in self.train)
 
 
 class TrainSpec(_Section):
@@ -296,6 +331,12 @@ def cross_key_problems(data: dict[str, Any]) -> list[str]:
                 f"data.fields: {', '.join(map(str, unknown))} not a field of format '{data_format}' "
                 f"(its fields: {', '.join(FORMAT_FIELDS[data_format])})"
             )
+    if data_spec.get("eval") and data_spec.get("eval_fraction"):
+        problems.append("data.eval_fraction: set data.eval or data.eval_fraction, not both")
+    if train.get("epochs") is not None and any(isinstance(e, dict) for e in data_spec.get("train") or []):
+        problems.append(
+            "train.epochs: sources mixed by weight have no common epoch; set train.max_steps instead"
+        )
     full = adapter.get("method") == "full"
     if full and model.get("quantization"):
         problems.append("adapter.method: 'full' cannot train a quantized model; unset model.quantization")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
 
 
 def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512):

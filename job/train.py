@@ -6,18 +6,22 @@ checked before the model is loaded and before anything is written under output.u
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.optim.lr_scheduler import LambdaLR
 
+from job.data.batching import Batch, empty_batch
 from job.data.pipeline import DataPipeline
 from job.data.tokens import IGNORE_INDEX
 from job.export import publish
@@ -29,8 +33,6 @@ from job.storage import check_writable
 from job.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
 @dataclass
@@ -64,21 +66,36 @@ def resolve_mixed_precision(requested: str, cuda: bool) -> str:
     return requested
 
 
-def steps_for_epochs(spec: Spec, examples_per_rank: int) -> int:
-    micro_batches = math.ceil(examples_per_rank / spec.train.micro_batch_size)
-    return max(1, math.ceil(spec.train.epochs * micro_batches / spec.train.grad_accum))
+def steps_for_epochs(epochs: int, micro_batches_per_epoch: int, grad_accum: int) -> int:
+    return max(1, math.ceil(epochs * micro_batches_per_epoch / grad_accum))
 
 
-def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
-    """Linear warm-up to the learning rate, then constant, linear decay to 0, or cosine decay to 0."""
-    from transformers import get_scheduler
+def lr_factor(step: int, name: str, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up, then constant, linear decay to 0, or cosine decay to 0 (held at 0 past the end)."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if name == "linear":
+        return 1.0 - progress
+    if name == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
 
-    return get_scheduler(SCHEDULERS[name], optimizer, warmup_steps, total_steps)
+
+def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int) -> LambdaLR:
+    return LambdaLR(
+        optimizer, partial(lr_factor, name=name, warmup_steps=warmup_steps, total_steps=total_steps)
+    )
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross-entropy over the tokens that carry loss (labels != -100)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),  # padded batches
+        position_ids=batch.get("position_ids"),  # packed rows: positions restart at each example
+        use_cache=False,  # no KV cache in training; with one, transformers ignores packed positions
+    ).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(),
         batch["labels"][:, 1:].flatten(),
@@ -118,7 +135,9 @@ def train(spec: Spec) -> TrainResult:
     data = DataPipeline(spec, tokenizer, accelerator.process_index, accelerator.num_processes)
     if is_main:
         check_writable(spec.output_uri, spec.storage_options)
-    total_steps = cfg.max_steps or steps_for_epochs(spec, data.count_train_examples())
+    total_steps = cfg.max_steps or epoch_run_steps(
+        data, accelerator, cfg.epochs, cfg.micro_batch_size, cfg.grad_accum
+    )
 
     # 2. Model and adapter.
     full = spec.adapter.method == "full"
@@ -150,22 +169,36 @@ def train(spec: Spec) -> TrainResult:
         f"mixed precision {accelerator.mixed_precision}"
     )
     with tracker.run({"world_size": str(accelerator.num_processes), "adapter.method": spec.adapter.method}):
-        # 3. The loop: each optimizer step consumes grad_accum micro-batches.
+        # 3. The loop: each optimizer step consumes grad_accum micro-batches. With train.epochs the data
+        # ends after the last epoch; the loop ends when it has ended on every rank.
         train_batches = data.train_batches(cfg.micro_batch_size)
         eval_batches = data.eval_batches(cfg.micro_batch_size) if data.eval_files else []
         history: list[dict[str, float]] = []
         model.train()
-        for step in range(1, total_steps + 1):
-            window = [next(train_batches) for _ in range(cfg.grad_accum)]
-            metrics = optimizer_step(model, optimizer, scheduler, window, accelerator, cfg.max_grad_norm)
+        for step in itertools.count(1):
+            if cfg.max_steps and step > cfg.max_steps:
+                break
+            window = list(itertools.islice(train_batches, cfg.grad_accum))
+            metrics = optimizer_step(
+                model, optimizer, scheduler, window, accelerator, cfg, tokenizer.pad_token_id
+            )
+            if metrics is None:
+                break
             metrics["train/epoch"] = data.epoch
-            if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                metrics["eval/loss"] = evaluate(model, eval_batches, accelerator)
-                metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50))
+            if step % cfg.log_every == 0:
+                metrics.update(data_metrics(data, accelerator))
+            if eval_batches and cfg.eval_every and step % cfg.eval_every == 0:
+                metrics.update(eval_metrics(model, eval_batches, accelerator))
             history.append({"step": step, **metrics})
             tracker.log_metrics(metrics, step)
             progress.update(step, metrics)
         progress.close()
+        final = {**data_metrics(data, accelerator)}
+        if eval_batches and "eval/loss" not in history[-1]:
+            final.update(eval_metrics(model, eval_batches, accelerator))
+        history[-1].update(final)
+        tracker.log_metrics(final, history[-1]["step"])
+        progress.message(data_summary(final))
 
         # 4. Publish: adapter/ (and merged/), MANIFEST.json last.
         unwrapped = accelerator.unwrap_model(model)
@@ -184,30 +217,35 @@ def train(spec: Spec) -> TrainResult:
 
 
 def optimizer_step(
-    model, optimizer, scheduler, window, accelerator: Accelerator, max_grad_norm
-) -> dict[str, float]:
-    """One optimizer step over a window of micro-batches (gradient accumulation).
+    model, optimizer, scheduler, window: list[Batch], accelerator: Accelerator, cfg, pad_token_id: int
+) -> dict[str, float] | None:
+    """One optimizer step over up to grad_accum micro-batches (gradient accumulation); None when no
+    rank had any micro-batch left.
 
     The loss is the mean over every loss-bearing token of the window on all ranks, so it does not
-    depend on padding or on how the tokens are split into micro-batches and ranks.
+    depend on padding, packing, or how the tokens are split into micro-batches and ranks. A rank whose
+    data ran out first fills its window with empty batches, so that all ranks run the same steps.
     """
     started = time.perf_counter()
-    window = [{k: v.to(accelerator.device) for k, v in batch.items()} for batch in window]
     counts = torch.tensor(
-        [sum(loss_tokens(b) for b in window), sum(int(b["attention_mask"].sum()) for b in window)],
+        [sum(loss_tokens(b) for b in window), sum(int(b["real_tokens"]) for b in window), len(window)],
         device=accelerator.device,
     )
-    step_tokens, step_inputs = (int(x) for x in accelerator.reduce(counts, reduction="sum"))
+    step_tokens, step_inputs, batches = (int(x) for x in accelerator.reduce(counts, reduction="sum"))
+    if batches == 0:
+        return None
+    window = window + [empty_batch(pad_token_id)] * (cfg.grad_accum - len(window))
     scale = accelerator.num_processes / max(step_tokens, 1)  # DDP averages gradients over ranks
     step_loss = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         last = i == len(window) - 1
         with nullcontext() if last else accelerator.no_sync(model):  # gradients sync once per step
             loss = loss_sum(model, batch)
             accelerator.backward(loss * scale)
         step_loss += loss.detach()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
     optimizer.step()
     if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
         scheduler.step()
@@ -218,6 +256,47 @@ def optimizer_step(
         "train/grad_norm": float(grad_norm),
         "train/tokens_per_second": step_inputs / (time.perf_counter() - started),
     }
+
+
+def epoch_run_steps(
+    data: DataPipeline, accelerator: Accelerator, epochs: int, micro_batch_size: int, grad_accum: int
+) -> int:
+    """Optimizer steps of an epoch-based run: from one counting pass, the largest rank's share."""
+    count = torch.tensor(data.count_micro_batches(micro_batch_size), device=accelerator.device)
+    return steps_for_epochs(
+        epochs,
+        int(accelerator.reduce(count, reduction="max") if accelerator.num_processes > 1 else count),
+        grad_accum,
+    )
+
+
+def eval_metrics(model, batches: list[Batch], accelerator: Accelerator) -> dict[str, float]:
+    loss = evaluate(model, batches, accelerator)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
+
+
+def data_metrics(data: DataPipeline, accelerator: Accelerator) -> dict[str, float]:
+    """The data counters of all ranks, summed; packing efficiency when packing."""
+    names = list(data.stats())
+    totals = accelerator.reduce(
+        torch.tensor([data.stats()[n] for n in names], dtype=torch.float64, device=accelerator.device),
+        reduction="sum",
+    )
+    metrics = dict(zip(names, (float(t) for t in totals), strict=True))
+    if data.packer:
+        real, rows = metrics.pop("data/packed_real_tokens"), metrics["data/packed_rows"]
+        metrics["data/packing_efficiency"] = real / (rows * data.data.max_seq_len) if rows else 0.0
+    return metrics
+
+
+def data_summary(metrics: dict[str, float]) -> str:
+    line = (
+        f"data: {metrics['data/rows_read']:.0f} rows read, {metrics['data/bad_rows']:.0f} bad rows skipped, "
+        f"{metrics['data/truncated']:.0f} truncated, {metrics['data/dropped']:.0f} dropped"
+    )
+    if "data/packing_efficiency" in metrics:
+        line += f", packing efficiency {metrics['data/packing_efficiency']:.1%}"
+    return line
 
 
 def merged_model(peft_model, model_dir, spec: Spec):

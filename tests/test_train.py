@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -190,7 +189,8 @@ def test_epochs_set_the_number_of_steps(tiny_model_dir, data_files):
     spec = spec_dict(tiny_model_dir, data_files, train={"max_steps": None, "epochs": 2, "grad_accum": 2})
     result = run_in_process(spec)
     assert len(result.history) == 8
-    assert result.history[-1]["train/epoch"] == 1
+    assert result.history[-1]["train/epoch"] == 2.0
+    assert result.history[-1]["data/rows_read"] == 64  # every row once per epoch
 
 
 def test_cli_run_logs_plain_lines_then_generate(tiny_model_dir, data_files, isolated):
@@ -312,14 +312,8 @@ def test_mixed_precision_falls_back_on_cpu_with_one_warning(caplog):
 def test_steps_for_epochs_rounds_up():
     from job.train import steps_for_epochs
 
-    spec = validate_spec(
-        {
-            "model": {"source": "m"},
-            "data": {"train": ["x"]},
-            "train": {"epochs": 3, "micro_batch_size": 4, "grad_accum": 2},
-        }
-    )
-    assert steps_for_epochs(spec, 10) == math.ceil(3 * 3 / 2)
+    assert steps_for_epochs(epochs=3, micro_batches_per_epoch=3, grad_accum=2) == 5
+    assert steps_for_epochs(epochs=1, micro_batches_per_epoch=8, grad_accum=2) == 4
 
 
 @pytest.mark.parametrize("name", ["constant", "linear", "cosine"])

@@ -1,4 +1,7 @@
-"""Examples -> a padded batch of tensors (dynamic padding: to the longest row in the batch)."""
+"""Examples -> tensors: padded batches (dynamic padding), or packed rows of fixed length.
+
+Every batch carries `real_tokens`, the number of non-padding tokens, for throughput and efficiency.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,10 @@ import torch
 
 from job.data.tokens import IGNORE_INDEX, TokenizedExample
 
+Batch = dict[str, torch.Tensor]
 
-def pad_batch(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+
+def pad_batch(examples: Sequence[TokenizedExample], pad_token_id: int) -> Batch:
     """Right-pad input_ids with pad_token_id and labels with -100; attention_mask marks real tokens."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
@@ -20,4 +25,50 @@ def pad_batch(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict[s
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "real_tokens": attention_mask.sum(),
+    }
+
+
+def pack_row(examples: Sequence[TokenizedExample], length: int, pad_token_id: int) -> dict[str, list[int]]:
+    """Examples side by side in one row of `length` tokens.
+
+    position_ids restart at 0 for each example; transformers reads the restarts as sequence boundaries
+    (a block-diagonal causal mask for sdpa/eager, varlen kernels for flash attention), so no token
+    attends across examples. The first label of each example is -100: it would otherwise be predicted
+    from the previous example's last token. The padding tail is one more block, without loss.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    for example in examples:
+        input_ids += example.input_ids
+        labels += [IGNORE_INDEX, *example.labels[1:]]
+        position_ids += range(len(example.input_ids))
+    pad = length - len(input_ids)
+    return {
+        "input_ids": input_ids + [pad_token_id] * pad,
+        "labels": labels + [IGNORE_INDEX] * pad,
+        "position_ids": position_ids + list(range(pad)),
+        "real_tokens": length - pad,
+    }
+
+
+def stack_packed(rows: Sequence[dict[str, list[int]]]) -> Batch:
+    batch = {key: torch.tensor([row[key] for row in rows]) for key in ("input_ids", "labels", "position_ids")}
+    batch["real_tokens"] = torch.tensor(sum(row["real_tokens"] for row in rows))
+    return batch
+
+
+def empty_batch(pad_token_id: int) -> Batch:
+    """One padding token without loss: what a rank whose data ran out contributes, so that every rank
+    still takes part in each step's collective operations."""
+    return {
+        "input_ids": torch.tensor([[pad_token_id]]),
+        "labels": torch.tensor([[IGNORE_INDEX]]),
+        "attention_mask": torch.tensor([[1]]),
+        "real_tokens": torch.tensor(0),
+    }

@@ -1,6 +1,10 @@
-"""Data formats: turn one row into the prompt the model reads and the completion it learns.
+"""Data formats: turn one row into text segments, each marked as carrying loss or not.
 
 A format is a set of canonical field names; `data.fields` maps them to the user's columns.
+  alpaca      instruction, optional input, output  -> prompt (no loss) + output (loss) + EOS
+  completion  prompt, completion                   -> prompt (no loss) + completion (loss) + EOS
+  chat        messages: [{role, content}, ...]     -> the chat template's text; loss on assistant turns
+  text        text                                 -> loss everywhere; long documents split into pieces
 """
 
 from __future__ import annotations
@@ -9,11 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from job.errors import UserError
+
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "input", "output"),
     "completion": ("prompt", "completion"),
+    "chat": ("messages",),
+    "text": ("text",),
 }
 OPTIONAL_FIELDS = {"input"}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 class BadRow(ValueError):
@@ -22,8 +31,11 @@ class BadRow(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str
-    completion: str
+    """Text segments in order, each with whether its tokens carry loss."""
+
+    segments: tuple[tuple[str, bool], ...]
+    add_bos_eos: bool = True  # completion-style formats; a chat template writes its own markers
+    split_long: bool = False  # text: a long document becomes several max_seq_len pieces, not one truncated
 
 
 def alpaca_prompt(instruction: str, input_text: str = "") -> str:
@@ -32,12 +44,7 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def render_prompt(data_format: str, text: str) -> str:
-    """The prompt for `ftjob generate`: TEXT placed the way training placed a prompt."""
-    return alpaca_prompt(text) if data_format == "alpaca" else text
-
-
-def _field(row: Mapping[str, Any], name: str, column: str) -> str:
+def _string(row: Mapping[str, Any], name: str, column: str) -> str:
     value = row.get(column)
     if value is None:
         if name in OPTIONAL_FIELDS:
@@ -48,17 +55,92 @@ def _field(row: Mapping[str, Any], name: str, column: str) -> str:
     return value
 
 
-def to_example(row: Any, data_format: str, fields: Mapping[str, str]) -> Example:
-    """One row -> Example. Raises BadRow for rows that are not objects, miss fields, or have no completion."""
-    if not isinstance(row, Mapping):
-        raise BadRow(f"expected a JSON object, got {type(row).__name__}")
-    values = {name: _field(row, name, fields.get(name, name)) for name in FORMAT_FIELDS[data_format]}
-    if data_format == "alpaca":
-        example = Example(alpaca_prompt(values["instruction"], values["input"]), values["output"])
-        completion_field = "output"
-    else:
-        example = Example(values["prompt"], values["completion"])
-        completion_field = "completion"
-    if not example.completion.strip():
-        raise BadRow(f"empty '{fields.get(completion_field, completion_field)}'")
-    return example
+class Formatter:
+    """Rows of one format -> Examples. Chat needs the tokenizer for its template."""
+
+    def __init__(
+        self, data_format: str, fields: Mapping[str, str], train_on: str, tokenizer=None, chat_template=None
+    ):
+        self.format = data_format
+        self.columns = {name: fields.get(name, name) for name in FORMAT_FIELDS[data_format]}
+        self.prompt_loss = train_on == "all"
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        if data_format == "chat" and not (chat_template or getattr(tokenizer, "chat_template", None)):
+            raise UserError(
+                "data.format 'chat': the model's tokenizer has no chat template; set data.chat_template "
+                "to a Jinja template (or use the alpaca, completion or text format)"
+            )
+
+    def __call__(self, row: Any) -> Example:
+        if not isinstance(row, Mapping):
+            raise BadRow(f"expected a JSON object, got {type(row).__name__}")
+        if self.format == "chat":
+            return self._chat(row)
+        values = {name: _string(row, name, column) for name, column in self.columns.items()}
+        if self.format == "text":
+            if not values["text"].strip():
+                raise BadRow(f"empty '{self.columns['text']}'")
+            return Example(((values["text"], True),), split_long=True)
+        if self.format == "alpaca":
+            prompt, completion, field = (
+                alpaca_prompt(values["instruction"], values["input"]),
+                values["output"],
+                "output",
+            )
+        else:
+            prompt, completion, field = values["prompt"], values["completion"], "completion"
+        if not completion.strip():
+            raise BadRow(f"empty '{self.columns[field]}'")
+        return Example(((prompt, self.prompt_loss), (completion, True)))
+
+    def render_prompt(self, text: str) -> str:
+        """The prompt for `ftjob generate`: TEXT placed the way training placed a prompt."""
+        if self.format == "alpaca":
+            return alpaca_prompt(text)
+        if self.format == "chat":
+            return self._render([{"role": "user", "content": text}], add_generation_prompt=True)
+        return text
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages,
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def _chat(self, row: Mapping[str, Any]) -> Example:
+        """Segments by rendering growing prefixes of the conversation: what each assistant turn adds
+        (its content and end-of-turn marker) carries loss; the rest (system, user, tool turns and the
+        generation prompt before each assistant turn) does not, unless train_on is 'all'."""
+        messages = self._messages(row)
+        segments: list[tuple[str, bool]] = []
+        done = ""
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self._render(messages[:i], add_generation_prompt=True)
+            turn = self._render(messages[: i + 1], add_generation_prompt=False)
+            if not (prompt.startswith(done) and turn.startswith(prompt)):
+                raise BadRow("the chat template does not render this conversation incrementally")
+            segments += [(prompt[len(done) :], self.prompt_loss), (turn[len(prompt) :], True)]
+            done = turn
+        rest = self._render(messages, add_generation_prompt=False)[len(done) :]
+        if rest:
+            segments.append((rest, self.prompt_loss))
+        return Example(tuple((text, loss) for text, loss in segments if text), add_bos_eos=False)
+
+    def _messages(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
+        column = self.columns["messages"]
+        messages = row.get(column)
+        if not isinstance(messages, list) or not messages:
+            raise BadRow(f"field '{column}' must be a non-empty list of messages")
+        for n, message in enumerate(messages):
+            if not isinstance(message, Mapping) or message.get("role") not in CHAT_ROLES:
+                raise BadRow(f"{column}[{n}]: needs a role, one of {', '.join(CHAT_ROLES)}")
+            if not isinstance(message.get("content"), str):
+                raise BadRow(f"{column}[{n}]: content must be a string")
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            raise BadRow(f"field '{column}' has no assistant turn with content")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]

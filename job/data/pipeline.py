@@ -1,31 +1,36 @@
-"""The data stages put together for training and evaluation.
+"""The data stages put together: rows -> examples -> (packed rows) -> micro-batches, with one cursor.
 
-Rows are sharded round-robin across ranks by their position in the split (every row exactly once per
-epoch over all ranks), shuffled in a bounded seeded buffer, formatted, tokenized and batched.
-Bad rows are skipped within the `data.bad_rows` budget or end the job with exit 3.
+    SourceStream(s)  files in a seeded order per epoch, rows sharded by rank     (stream.py)
+    ShuffleBuffer    bounded seeded shuffle, drained at each epoch's end         (stream.py)
+    Mixture          several sources drawn by weight, when data.train has weights (stream.py)
+    ExampleStream    format, tokenize, fit to max_seq_len; bad rows within budget
+    Packer           examples side by side in max_seq_len rows (data.packing)
+    micro-batches    padded or stacked tensors                                   (batching.py)
+
+`state_dict()` taken between two micro-batches holds every stage's cursor, buffer and carry-over, so a
+pipeline given it by `load_state_dict()` yields exactly the micro-batches the first would have yielded
+next, without re-reading or re-tokenizing what came before.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import random
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-import torch
-
-from job.data.batching import pad_batch
-from job.data.formats import BadRow, Example, to_example
-from job.data.sources import expand, read_jsonl
-from job.data.tokens import TokenizedExample, tokenize_example
+from job.data.batching import Batch, pack_row, pad_batch, stack_packed
+from job.data.formats import BadRow, Formatter
+from job.data.sources import Row, expand
+from job.data.stream import Mixture, ShuffleBuffer, SourceStream, held_out
+from job.data.tokens import TokenizedExample, fit, tokenize
 from job.errors import DataError
 from job.spec import BadRowsSpec, Spec
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 LOGGED_BAD_ROWS = 5
+BUDGET_MIN_ROWS = 1000  # before the end of the data, judge the bad-row fraction only on this many rows
 
 
 @dataclass
@@ -47,6 +52,8 @@ class BadRowBudget:
             self.first_bad.append(f"{where}: {reason}")
             if not self.quiet:
                 log.warning("skipping bad row %s: %s", where, reason)
+        if self.rows >= BUDGET_MIN_ROWS:
+            self.check()
 
     def check(self) -> None:
         if self.rows and self.bad / self.rows > self.policy.max_fraction:
@@ -56,31 +63,130 @@ class BadRowBudget:
             )
 
 
-def shuffled(items: Iterable[T], buffer_size: int, rng: random.Random) -> Iterator[T]:
-    """A bounded shuffle: hold buffer_size items, emit a random one as each new item arrives."""
-    if buffer_size <= 1:
-        yield from items
-        return
-    buffer: list[T] = []
-    for item in items:
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        i = rng.randrange(buffer_size)
-        yield buffer[i]
-        buffer[i] = item
-    rng.shuffle(buffer)
-    yield from buffer
+@dataclass
+class FitCounts:
+    examples: int = 0  # pieces that reached training
+    truncated: int = 0
+    dropped: int = 0
 
 
-def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+class ExampleStream:
+    """Rows -> tokenized examples that fit max_seq_len; bad rows are counted against the budget."""
+
+    def __init__(
+        self, rows: Iterable[Row], formatter: Formatter, tokenizer, spec: Spec, budget: BadRowBudget
+    ):
+        self.rows = rows
+        self.formatter = formatter
+        self.tokenizer = tokenizer
+        self.data = spec.data
+        self.budget = budget
+        self.counts = FitCounts()
+        self.pending: list[TokenizedExample] = []  # the rest of a long text's pieces
+
+    def __iter__(self) -> Iterator[TokenizedExample]:
+        while self.pending:
+            yield self.pending.pop(0)
+        for row in self.rows:
+            self.budget.rows += 1
+            try:
+                if row.error:
+                    raise BadRow(row.error)
+                example = self.formatter(row.value)
+            except BadRow as e:
+                self.budget.record_bad(row.where, str(e))
+                continue
+            fitted = fit(
+                tokenize(example, self.tokenizer),
+                self.data.max_seq_len,
+                example.split_long,
+                self.data.truncation,
+            )
+            self.counts.truncated += fitted.truncated
+            self.counts.dropped += fitted.dropped
+            self.counts.examples += len(fitted.pieces)
+            self.pending = list(fitted.pieces)
+            while self.pending:
+                yield self.pending.pop(0)
+        self.budget.check()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "pending": [e.to_dict() for e in self.pending],
+            "counts": asdict(self.counts),
+            "budget": {"rows": self.budget.rows, "bad": self.budget.bad, "first_bad": self.budget.first_bad},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pending = [TokenizedExample(**e) for e in state["pending"]]
+        self.counts = FitCounts(**state["counts"])
+        for key, value in state["budget"].items():
+            setattr(self.budget, key, value)
+
+
+class Packer:
+    """Examples, in order, side by side in rows of max_seq_len (a row closes when the next one won't fit)."""
+
+    def __init__(self, examples: Iterable[TokenizedExample], length: int, pad_token_id: int):
+        self.examples = examples
+        self.length = length
+        self.pad_token_id = pad_token_id
+        self.open: list[TokenizedExample] = []
+        self.rows = 0
+        self.real_tokens = 0
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / row capacity over the rows packed so far."""
+        return self.real_tokens / (self.rows * self.length) if self.rows else 0.0
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        for example in self.examples:
+            if self.open and sum(len(e.input_ids) for e in self.open) + len(example.input_ids) > self.length:
+                row = self._close()
+                self.open = [example]
+                yield row
+            else:
+                self.open.append(example)
+        if self.open:
+            row = self._close()
+            self.open = []
+            yield row
+
+    def _close(self) -> dict[str, list[int]]:
+        row = pack_row(self.open, self.length, self.pad_token_id)
+        self.rows += 1
+        self.real_tokens += row["real_tokens"]
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"open": [e.to_dict() for e in self.open], "rows": self.rows, "real_tokens": self.real_tokens}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.open = [TokenizedExample(**e) for e in state["open"]]
+        self.rows = state["rows"]
+        self.real_tokens = state["real_tokens"]
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
     iterator = iter(items)
     while batch := list(itertools.islice(iterator, size)):
         yield batch
 
 
+def train_sources(spec: Spec) -> list[tuple[list[str], float]]:
+    """data.train as (files, weight) sources: one source of every file, or one per entry when weighted."""
+    groups = [
+        (expand(patterns, spec.storage_options, f"data.train[{i}]"), weight)
+        for i, (patterns, weight) in enumerate(spec.data.train_groups())
+    ]
+    if not spec.data.weighted:
+        groups = [([f for files, _ in groups for f in files], 1.0)]
+    return groups
+
+
 class DataPipeline:
-    """Training and eval examples of one rank, as padded micro-batches."""
+    """Training micro-batches (resumable) and eval micro-batches of one rank."""
 
     def __init__(self, spec: Spec, tokenizer, rank: int = 0, world_size: int = 1):
         self.spec = spec
@@ -88,62 +194,111 @@ class DataPipeline:
         self.tokenizer = tokenizer
         self.rank = rank
         self.world_size = world_size
-        self.train_files = expand(self.data.train, spec.storage_options, "data.train")
+        self.formatter = Formatter(
+            self.data.format, self.data.fields, self.data.train_on, tokenizer, self.data.chat_template
+        )
+        self.sources = train_sources(spec)
         self.eval_files = expand(self.data.eval, spec.storage_options, "data.eval")
-        self.train_budget = BadRowBudget(self.data.bad_rows, "data.train")
-        self.epoch = 0
+        if self.data.eval_fraction:
+            self.eval_files = [f for files, _ in self.sources for f in files]
+        self._build()
 
-    def examples(self, files: list[str], budget: BadRowBudget) -> Iterator[Example]:
-        """One pass over files: this rank's rows, formatted; bad rows go to the budget."""
-        rows = itertools.chain.from_iterable(read_jsonl(url, self.spec.storage_options) for url in files)
-        for index, row in enumerate(rows):
-            if index % self.world_size != self.rank:
-                continue
-            budget.rows += 1
-            try:
-                if row.error:
-                    raise BadRow(row.error)
-                yield to_example(row.value, self.data.format, self.data.fields)
-            except BadRow as e:
-                budget.record_bad(row.where, str(e))
-
-    def tokenize(self, example: Example) -> TokenizedExample:
-        return tokenize_example(
-            example.prompt, example.completion, self.tokenizer, self.data.max_seq_len, self.data.train_on
+    def _build(self) -> None:
+        """Fresh stages at the start of the data (load_state_dict then moves their cursors)."""
+        train, fraction, seed = self.spec.train, self.data.eval_fraction, self.spec.train.seed
+        streams = [
+            ShuffleBuffer(
+                SourceStream(
+                    files,
+                    self.spec.storage_options,
+                    seed,
+                    self.rank,
+                    self.world_size,
+                    keep_row=lambda url, row: not held_out(url, row, fraction),
+                    epochs=train.epochs,
+                ),
+                self.data.shuffle_buffer,
+                seed,
+                self.rank,
+            )
+            for files, _ in self.sources
+        ]
+        weights = [weight for _, weight in self.sources]
+        self.rows = streams[0] if len(streams) == 1 else Mixture(streams, weights, seed, self.rank)
+        self.budget = BadRowBudget(self.data.bad_rows, "data.train")
+        self.examples = ExampleStream(self.rows, self.formatter, self.tokenizer, self.spec, self.budget)
+        self.packer = (
+            Packer(self.examples, self.data.max_seq_len, self.tokenizer.pad_token_id)
+            if self.data.packing
+            else None
         )
 
-    def count_train_examples(self) -> int:
-        """Usable training examples on this rank (one pass without tokenizing), for epoch-based length."""
-        budget = BadRowBudget(self.data.bad_rows, "data.train", quiet=True)
-        count = sum(1 for _ in self.examples(self.train_files, budget))
-        budget.check()
-        return count
+    @property
+    def epoch(self) -> float:
+        return self.rows.source.progress
 
-    def train_examples(self) -> Iterator[TokenizedExample]:
-        """Tokenized training examples, epoch after epoch, reshuffled each epoch; self.epoch follows."""
-        for self.epoch in itertools.count():
-            rng = random.Random(f"{self.spec.train.seed}-{self.epoch}")
-            produced = 0
-            for example in shuffled(
-                self.examples(self.train_files, self.train_budget), self.data.shuffle_buffer, rng
-            ):
-                produced += 1
-                yield self.tokenize(example)
-            self.train_budget.check()
-            if not produced:
-                raise DataError(
-                    f"data.train: no usable rows for rank {self.rank} in {', '.join(self.train_files)}"
-                )
+    def train_batches(self, micro_batch_size: int) -> Iterator[Batch]:
+        """Micro-batches from the cursor on; ends after train.epochs epochs (never, with max_steps)."""
+        if self.packer:
+            for rows in batched(self.packer, micro_batch_size):
+                yield stack_packed(rows)
+        else:
+            for examples in batched(self.examples, micro_batch_size):
+                yield pad_batch(examples, self.tokenizer.pad_token_id)
 
-    def train_batches(self, micro_batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in batched(self.train_examples(), micro_batch_size):
-            yield pad_batch(batch, self.tokenizer.pad_token_id)
+    def stats(self) -> dict[str, float]:
+        """Counters of this rank so far (for logs and metrics)."""
+        stats = {
+            "data/rows_read": self.budget.rows,
+            "data/bad_rows": self.budget.bad,
+            "data/examples": self.examples.counts.examples,
+            "data/truncated": self.examples.counts.truncated,
+            "data/dropped": self.examples.counts.dropped,
+        }
+        if self.packer:
+            stats["data/packed_rows"] = self.packer.rows
+            stats["data/packed_real_tokens"] = self.packer.real_tokens
+        return stats
 
-    def eval_batches(self, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
-        """The eval split of this rank, read once and kept (eval sets are small)."""
+    def state_dict(self) -> dict[str, Any]:
+        state = {"rows": self.rows.state_dict(), "examples": self.examples.state_dict()}
+        if self.packer:
+            state["packer"] = self.packer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._build()
+        self.rows.load_state_dict(state["rows"])
+        self.examples.load_state_dict(state["examples"])
+        if self.packer:
+            self.packer.load_state_dict(state["packer"])
+
+    def count_micro_batches(self, micro_batch_size: int) -> int:
+        """Micro-batches of one epoch on this rank (a separate pass), to size an epoch-based run."""
+        one_epoch = self.spec.model_copy(update={"train": self.spec.train.model_copy(update={"epochs": 1})})
+        counter = DataPipeline(one_epoch, self.tokenizer, self.rank, self.world_size)
+        counter.budget.quiet = True
+        return sum(1 for _ in counter.train_batches(micro_batch_size))
+
+    def eval_batches(self, micro_batch_size: int) -> list[Batch]:
+        """The eval split of this rank (data.eval, or the held-out data.eval_fraction), read once and kept."""
+        fraction = self.data.eval_fraction
+        rows = SourceStream(
+            self.eval_files,
+            self.spec.storage_options,
+            self.spec.train.seed,
+            self.rank,
+            self.world_size,
+            keep_row=(lambda url, row: held_out(url, row, fraction)) if fraction else None,
+            epochs=1,
+            shuffle_files=False,
+        )
         budget = BadRowBudget(self.data.bad_rows, "data.eval")
-        examples = [self.tokenize(e) for e in self.examples(self.eval_files, budget)]
-        budget.check()
+        examples = list(
+            ExampleStream(
+                (r for r in rows if r is not None), self.formatter, self.tokenizer, self.spec, budget
+            )
+        )
         return [
             pad_batch(batch, self.tokenizer.pad_token_id) for batch in batched(examples, micro_batch_size)
         ]

@@ -1,29 +1,73 @@
-"""Files of a split: expand URLs and globs, then stream JSONL rows with their file and line.
+"""Files of a split: expand URLs and globs, then stream their rows, resumably, with file and line.
 
-Reading is streaming: rows are parsed as lines arrive, compression (.gz, .bz2, .zst, ...) is inferred
-from the name by fsspec, and nothing is downloaded whole first.
+Formats come from the file name: JSON Lines, JSON arrays, Parquet, CSV and plain text, each optionally
+compressed (.gz, .bz2, .zst, .xz; inferred by fsspec). Reading streams: rows are parsed as bytes
+arrive and memory stays bounded (Parquet: one row group at a time), except for JSON arrays, which
+are read whole. Every row comes with the Position just after it, so a reader stopped anywhere
+continues later with exactly the next row.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
-from collections.abc import Iterator, Sequence
+import lzma
+import posixpath
+import zlib
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.utils import infer_compression
 
 from job.errors import DataError, UserError
 from job.storage import StorageOptions, filesystem
 
+FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+    ".text": "text",
+}
+BUFFER_SIZE = 1 << 20  # fsspec's own readline re-reads a whole block per line: read through a buffer
+PARQUET_BATCH_ROWS = 1024
+# What a damaged or vanishing file raises while it is read: truncated or corrupt compression, a
+# connection lost for good, bytes that are not UTF-8 (CSV), a CSV field over the size limit, not Parquet.
+READ_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    EOFError,
+    zlib.error,
+    lzma.LZMAError,
+    UnicodeDecodeError,
+    csv.Error,
+    pa.ArrowException,
+)
+try:  # fsspec reads .zst through zstandard when it is installed
+    from zstandard import ZstdError
+
+    READ_ERRORS += (ZstdError,)
+except ImportError:
+    pass
+
+Keep = Callable[[int], bool]
+
 
 @dataclass(frozen=True)
 class Row:
-    """One line of a file: its parsed value, or why it could not be parsed."""
+    """One row of a file: its parsed value, or why it could not be parsed."""
 
     source: str
-    line: int
+    line: int  # 1-based: line (JSONL, text), line the record starts on (CSV), row number (JSON, Parquet)
     value: Any = None
     error: str | None = None
 
@@ -32,8 +76,43 @@ class Row:
         return f"{self.source}:{self.line}"
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where to resume reading a file: the next row's 0-based index, and its byte offset when the
+    file can seek there (uncompressed JSONL and text); other files skip `row` rows unparsed."""
+
+    row: int = 0
+    offset: int | None = None
+
+    def to_dict(self) -> dict[str, int | None]:
+        return {"row": self.row, "offset": self.offset}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> Position:
+        offset = d.get("offset")
+        return Position(int(d["row"]), None if offset is None else int(offset))
+
+
+def file_format(url: str) -> str:
+    """The format a file's name says ("jsonl", "json", "parquet", "csv", "text"); UserError if none."""
+    name = url.rsplit("/", 1)[-1]
+    compression = infer_compression(name)
+    suffix = posixpath.splitext(posixpath.splitext(name)[0] if compression else name)[1].lower()
+    if suffix not in FORMATS:
+        supported = ", ".join(FORMATS)
+        raise UserError(
+            f"{url}: unsupported file type; supported: {supported}, optionally compressed (.gz, .bz2, .zst, .xz)"
+        )
+    if compression and FORMATS[suffix] == "parquet":  # Parquet needs random access to its footer
+        raise UserError(
+            f"{url}: a Parquet file cannot be read through {compression}; Parquet compresses itself"
+        )
+    return FORMATS[suffix]
+
+
 def expand(patterns: Sequence[str], storage_options: StorageOptions, key: str) -> list[str]:
-    """URLs and globs -> the files they name (sorted within a glob). Missing input is exit 2, now."""
+    """URLs and globs -> the files they name (sorted within a glob). Missing input, or a file of a
+    format that cannot be read, is exit 2, now."""
     files: list[str] = []
     for i, pattern in enumerate(patterns):
         try:
@@ -46,22 +125,160 @@ def expand(patterns: Sequence[str], storage_options: StorageOptions, key: str) -
             raise UserError(f"{key}[{i}]: cannot read {pattern}: {type(e).__name__}: {e}") from None
         if not matches:
             raise UserError(f"{key}[{i}]: no such file: {pattern}")
-        files += [fs.unstrip_protocol(m) if "://" in pattern else m for m in matches]
+        for match in matches:
+            url = fs.unstrip_protocol(match) if "://" in pattern else match
+            try:
+                file_format(url)
+            except UserError as e:
+                raise UserError(f"{key}[{i}]: {e}") from None
+            files.append(url)
     return files
 
 
-def read_jsonl(url: str, storage_options: StorageOptions) -> Iterator[Row]:
-    """Stream the rows of one JSON Lines file; blank lines are skipped, bad JSON becomes Row.error."""
+def read_rows(
+    url: str, storage_options: StorageOptions, start: Position = Position(), keep: Keep | None = None
+) -> Iterator[tuple[Row, Position]]:
+    """Stream the rows of one file from `start`, each with the Position just after it.
+
+    `keep(i)` (i: the row's 0-based index in the file) selects rows: the others are skipped unparsed
+    and not yielded, though the next Position yielded counts them. keep is asked about every row from
+    start.row on, once each, in order (JSONL and text: every line, blank ones too). Rows that cannot
+    be parsed come with Row.error; a file that cannot be read raises DataError naming file and line.
+    """
+    reader = READERS[file_format(url)]
     fs, path = filesystem(url, storage_options)
-    line_no = 0
+    return reader(url, fs, path, start, keep or (lambda _: True))
+
+
+@contextmanager
+def _reading(url: str, where: Callable[[], int]) -> Iterator[None]:
+    """Read errors -> DataError at the line where() names when they happen."""
     try:
-        with fs.open(path, "rb", compression=infer_compression(path)) as raw:
-            for line_no, line in enumerate(raw, 1):  # noqa: B007 (line_no is read after the loop)
-                if not line.strip():
-                    continue
-                try:
-                    yield Row(url, line_no, value=json.loads(line))
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    yield Row(url, line_no, error=f"invalid JSON: {getattr(e, 'msg', e)}")
-    except (OSError, EOFError) as e:  # a truncated .gz, a connection lost for good
-        raise DataError(f"{url}:{line_no + 1}: cannot read: {type(e).__name__}: {e}") from None
+        yield
+    except READ_ERRORS as e:
+        raise DataError(f"{url}:{where()}: cannot read: {type(e).__name__}: {e}") from None
+
+
+def _open(fs: fsspec.AbstractFileSystem, path: str) -> io.BufferedReader:
+    """The file's bytes, decompressed as its name says."""
+    return io.BufferedReader(fs.open(path, "rb", compression=infer_compression(path)), BUFFER_SIZE)
+
+
+def _lines(
+    url: str, fs: fsspec.AbstractFileSystem, path: str, start: Position
+) -> Iterator[tuple[int, bytes, Position]]:
+    """(0-based line index, line, Position after it) for every line from start.row on.
+
+    An uncompressed file seeks to start.offset; a compressed one reads and drops start.row lines.
+    """
+    seekable = infer_compression(path) is None
+    done, offset = (start.row, start.offset) if seekable and start.offset is not None else (0, 0)
+    with _reading(url, lambda: done + 1), _open(fs, path) as f:
+        if offset:
+            f.seek(offset)
+        for line in f:
+            done, offset = done + 1, offset + len(line)
+            if done > start.row:
+                yield done - 1, line, Position(done, offset if seekable else None)
+
+
+def _read_jsonl(
+    url: str, fs: fsspec.AbstractFileSystem, path: str, start: Position, keep: Keep
+) -> Iterator[tuple[Row, Position]]:
+    for index, line, after in _lines(url, fs, path, start):
+        if keep(index) and line.strip():
+            try:
+                value = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield Row(url, index + 1, error=f"invalid JSON: {getattr(e, 'msg', e)}"), after
+            else:
+                yield Row(url, index + 1, value=value), after
+
+
+def _read_text(
+    url: str, fs: fsspec.AbstractFileSystem, path: str, start: Position, keep: Keep
+) -> Iterator[tuple[Row, Position]]:
+    for index, line, after in _lines(url, fs, path, start):
+        if keep(index) and line.strip():
+            try:
+                text = line.decode("utf-8-sig").rstrip("\r\n")  # -sig: a leading byte-order mark is dropped
+            except UnicodeDecodeError as e:
+                yield Row(url, index + 1, error=f"invalid UTF-8: {e.reason}"), after
+            else:
+                yield Row(url, index + 1, value={"text": text}), after
+
+
+def _read_csv(
+    url: str, fs: fsspec.AbstractFileSystem, path: str, start: Position, keep: Keep
+) -> Iterator[tuple[Row, Position]]:
+    """Rows are the records after the header (blank lines are none); values stay strings."""
+    lines_read = 0
+    with _reading(url, lambda: lines_read + 1), _open(fs, path) as f:
+        records = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
+        header = next((r for r in records if r), None)
+        if header is None:
+            return
+        index, lines_read = 0, records.line_num
+        for record in records:
+            line, lines_read = lines_read + 1, records.line_num  # a quoted field may span lines
+            if not record:
+                continue
+            if index >= start.row and keep(index):
+                if len(record) == len(header):
+                    yield Row(url, line, value=dict(zip(header, record, strict=True))), Position(index + 1)
+                else:
+                    error = f"expected {len(header)} fields, got {len(record)}"
+                    yield Row(url, line, error=error), Position(index + 1)
+            index += 1
+
+
+def _read_json(
+    url: str, fs: fsspec.AbstractFileSystem, path: str, start: Position, keep: Keep
+) -> Iterator[tuple[Row, Position]]:
+    """A JSON array: rows are its items. Read whole: streaming a JSON array needs an extra library."""
+    with _reading(url, lambda: 1), _open(fs, path) as f:
+        data = f.read()
+    try:
+        items = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        line, col = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+        raise DataError(f"{url}:{line}:{col}: invalid UTF-8: {e.reason}") from None
+    except json.JSONDecodeError as e:
+        hint = " (JSON Lines? name the file .jsonl)" if e.msg == "Extra data" else ""
+        raise DataError(f"{url}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}{hint}") from None
+    if not isinstance(items, list):
+        raise DataError(f"{url}:1:1: expected a JSON array of rows, got {type(items).__name__}")
+    for index in range(start.row, len(items)):
+        if keep(index):
+            yield Row(url, index + 1, value=items[index]), Position(index + 1)
+
+
+def _read_parquet(
+    url: str, fs: fsspec.AbstractFileSystem, path: str, start: Position, keep: Keep
+) -> Iterator[tuple[Row, Position]]:
+    """One row group in memory at most; groups before start.row, or with no row kept, are not read."""
+    row = start.row  # the first row of the batch being read, for messages
+    with _reading(url, lambda: row + 1), fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        first = 0  # the group's first row
+        for group in range(parquet.metadata.num_row_groups):
+            end = first + parquet.metadata.row_group(group).num_rows
+            wanted = [i for i in range(max(first, start.row), end) if keep(i)]
+            if wanted:
+                row = first
+                for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group]):
+                    rows = wanted[bisect_left(wanted, row) : bisect_left(wanted, row + batch.num_rows)]
+                    values = batch.take(pa.array([i - row for i in rows], pa.int64())).to_pylist()
+                    for i, value in zip(rows, values, strict=True):
+                        yield Row(url, i + 1, value=value), Position(i + 1)
+                    row += batch.num_rows
+            first = end
+
+
+READERS: dict[str, Callable[..., Iterator[tuple[Row, Position]]]] = {
+    "jsonl": _read_jsonl,
+    "json": _read_json,
+    "parquet": _read_parquet,
+    "csv": _read_csv,
+    "text": _read_text,
+}

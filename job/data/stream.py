@@ -1,0 +1,208 @@
+"""Row streams with a cursor: one source's rows for one rank, epoch after epoch, resumable exactly.
+
+Every stream keeps, in plain attributes, where it will read next; a stream rebuilt from
+`state_dict()` continues with exactly the rows the original would have produced next, without
+re-reading what came before (uncompressed JSONL seeks to a byte offset; other formats skip rows
+without parsing them).
+
+Sharding: in each epoch the files are read in a seeded order that is the same on every rank, and
+row k of that epoch (counted over all files) belongs to rank k % world_size. So every row goes to
+exactly one rank once per epoch, whether there are fewer files than ranks or more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from job.data.sources import Position, Row, read_rows
+from job.errors import DataError
+from job.storage import StorageOptions
+
+EPOCH_END = None  # what a SourceStream yields between epochs
+
+
+def held_out(url: str, row: int, fraction: float) -> bool:
+    """The stable eval split: the same rows on every rank and every restart."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(f"{url}\0{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(rng: random.Random, state: list) -> None:
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+
+
+class SourceStream:
+    """The rows of one source that belong to one rank, epoch after epoch (or for `epochs` epochs)."""
+
+    def __init__(
+        self,
+        files: list[str],
+        storage_options: StorageOptions,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        keep_row: Callable[[str, int], bool] | None = None,
+        epochs: int | None = None,
+        shuffle_files: bool = True,
+    ):
+        self.files = files
+        self.storage_options = storage_options
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.keep_row = keep_row or (lambda url, row: True)
+        self.epochs = epochs
+        self.shuffle_files = shuffle_files
+        # the cursor: epoch, file within the epoch's order, rows before that file, position inside it
+        self.epoch = 0
+        self.file_index = 0
+        self.rows_before = 0
+        self.position = Position()
+
+    def file_order(self, epoch: int) -> list[str]:
+        order = list(self.files)
+        if self.shuffle_files:
+            random.Random(f"{self.seed}-files-{epoch}").shuffle(order)
+        return order
+
+    @property
+    def progress(self) -> float:
+        """Epochs completed, with the fraction of the current epoch's files done."""
+        return self.epoch + self.file_index / max(len(self.files), 1)
+
+    def __iter__(self) -> Iterator[Row | None]:
+        """Rows; EPOCH_END after each epoch (the cursor already points at the next one)."""
+        while self.epochs is None or self.epoch < self.epochs:
+            produced = False
+            order = self.file_order(self.epoch)
+            while self.file_index < len(order):
+                url = order[self.file_index]
+                seen = [self.position.row]  # rows of the file looked at so far (the reader asks about each)
+
+                def mine(row: int, url: str = url, seen: list[int] = seen) -> bool:
+                    seen[0] = row + 1
+                    owner = (self.rows_before + row) % self.world_size
+                    return owner == self.rank and self.keep_row(url, row)
+
+                for row, position in read_rows(url, self.storage_options, self.position, mine):
+                    self.position = position
+                    produced = True
+                    yield row
+                self.rows_before += max(seen[0], self.position.row)
+                self.file_index += 1
+                self.position = Position()
+            if not produced and self.epochs is None and self.rows_before < self.world_size:
+                raise DataError(
+                    f"rank {self.rank} got no rows: {self.rows_before} row(s) in {len(self.files)} file(s) "
+                    f"for {self.world_size} processes"
+                )
+            self.epoch += 1
+            self.file_index = 0
+            self.rows_before = 0
+            yield EPOCH_END
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "file_index": self.file_index,
+            "rows_before": self.rows_before,
+            "position": self.position.to_dict(),
+            "files": self.files,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["files"] != self.files:
+            raise DataError(
+                "the data files differ from those of the saved data cursor; cannot resume exactly"
+            )
+        self.epoch = state["epoch"]
+        self.file_index = state["file_index"]
+        self.rows_before = state["rows_before"]
+        self.position = Position.from_dict(state["position"])
+
+
+class ShuffleBuffer:
+    """A bounded seeded shuffle over a row stream; drained at each epoch's end so epochs never mix."""
+
+    def __init__(self, source: SourceStream, size: int, seed: int, rank: int):
+        self.source = source
+        self.size = size
+        self.rng = random.Random(f"{seed}-buffer-{rank}")
+        self.buffer: list[Row] = []
+        self.draining = False  # an epoch ended: empty the buffer before reading on
+
+    def __iter__(self) -> Iterator[Row]:
+        rows = iter(self.source)
+        while True:
+            while self.draining and self.buffer:
+                yield self._pop_random()
+            self.draining = False
+            row = next(rows, StopIteration)
+            if row is StopIteration:
+                return
+            if row is EPOCH_END:
+                self.draining = True
+            elif self.size <= 1:
+                yield row
+            else:
+                self.buffer.append(row)
+                if len(self.buffer) >= self.size:
+                    yield self._pop_random()
+
+    def _pop_random(self) -> Row:
+        i = self.rng.randrange(len(self.buffer))
+        self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+        return self.buffer.pop()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rng": rng_state(self.rng),
+            "buffer": [[r.source, r.line, r.value, r.error] for r in self.buffer],
+            "draining": self.draining,
+            "source": self.source.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(self.rng, state["rng"])
+        self.buffer = [Row(source, line, value, error) for source, line, value, error in state["buffer"]]
+        self.draining = state["draining"]
+        self.source.load_state_dict(state["source"])
+
+
+class Mixture:
+    """Rows drawn from several sources by weight (a seeded choice per row); each source cycles alone."""
+
+    def __init__(self, streams: list[ShuffleBuffer], weights: list[float], seed: int, rank: int):
+        self.streams = streams
+        self.weights = weights
+        self.rng = random.Random(f"{seed}-mix-{rank}")
+        self.iterators: list[Iterator[Row]] | None = None
+
+    @property
+    def source(self) -> SourceStream:
+        """The source whose epochs count for reporting: the one with the largest weight."""
+        return self.streams[self.weights.index(max(self.weights))].source
+
+    def __iter__(self) -> Iterator[Row]:
+        iterators = [iter(stream) for stream in self.streams]
+        while True:
+            (chosen,) = self.rng.choices(range(len(iterators)), weights=self.weights)
+            yield next(iterators[chosen])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": rng_state(self.rng), "streams": [s.state_dict() for s in self.streams]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(self.rng, state["rng"])
+        for stream, stream_state in zip(self.streams, state["streams"], strict=True):
+            stream.load_state_dict(stream_state)

@@ -1,0 +1,113 @@
+"""`ftjob preview` and `ftjob validate --check-access`: look at the data and inputs without training.
+
+preview prints the first N examples (or packed rows) exactly as training would see them, with the
+tokens that carry loss highlighted, and statistics on standard error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from collections import Counter
+from typing import TextIO
+
+from job.data.pipeline import DataPipeline
+from job.data.sources import expand, read_rows
+from job.data.tokens import IGNORE_INDEX
+from job.errors import UserError
+from job.model import load_tokenizer, quiet_libraries
+from job.model_source import resolve_model_dir, source_kind
+from job.spec import Spec
+from job.storage import check_writable, filesystem, join
+
+STATS_ROWS = 1000  # statistics cover at least this many examples, even when fewer are shown
+LOSS_ON, LOSS_OFF = "\033[1;32m", "\033[0m"
+
+
+def spans(tokenizer, input_ids: list[int], labels: list[int], tty: bool) -> str:
+    """The row's text, loss-bearing spans in green on a terminal, else between « and »."""
+    start, end = (LOSS_ON, LOSS_OFF) if tty else ("«", "»")
+    text = []
+    for loss, group in itertools.groupby(
+        zip(input_ids, labels, strict=True), key=lambda p: p[1] != IGNORE_INDEX
+    ):
+        piece = tokenizer.decode([token for token, _ in group])
+        text.append(f"{start}{piece}{end}" if loss else piece)
+    return "".join(text)
+
+
+def histogram(lengths: list[int], max_len: int, buckets: int = 8) -> list[str]:
+    width = max(1, -(-max_len // buckets))
+    counts = Counter(min(n // width, buckets - 1) for n in lengths)
+    most = max(counts.values(), default=1)
+    return [
+        f"  {b * width:>6}-{(b + 1) * width - 1:<6} {counts[b]:>6} {'#' * round(40 * counts[b] / most)}"
+        for b in range(buckets)
+    ]
+
+
+def preview(spec: Spec, n: int, as_json: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+    quiet_libraries()
+    tokenizer = load_tokenizer(
+        resolve_model_dir(spec.model.source, spec.model.revision, spec.storage_options), spec.model
+    )
+    one_epoch = spec.model_copy(
+        update={"train": spec.train.model_copy(update={"epochs": 1, "max_steps": None})}
+    )
+    data = DataPipeline(one_epoch, tokenizer)
+    stage = data.packer if data.packer else data.examples
+    items = list(itertools.islice(iter(stage), max(n, STATS_ROWS)))
+    tty = out.isatty() and not as_json
+    for item in items[:n]:
+        ids, labels = (item["input_ids"], item["labels"]) if data.packer else (item.input_ids, item.labels)
+        if data.packer:
+            ids, labels = ids[: item["real_tokens"]], labels[: item["real_tokens"]]
+        if as_json:
+            record = {"input_ids": ids, "labels": labels, "text": tokenizer.decode(ids)}
+            if data.packer:
+                record["position_ids"] = item["position_ids"][: item["real_tokens"]]
+            print(json.dumps(record), file=out)
+        else:
+            loss = sum(label != IGNORE_INDEX for label in labels)
+            print(f"--- {len(ids)} tokens, {loss} with loss", file=out)
+            print(spans(tokenizer, ids, labels, tty), file=out)
+    stats = data.stats()
+    lengths = [len(e.input_ids) for e in items] if not data.packer else [row["real_tokens"] for row in items]
+    print(
+        f"preview: {len(items)} {'packed rows' if data.packer else 'examples'} from {stats['data/rows_read']} rows; "
+        f"{stats['data/bad_rows']} bad, {stats['data/truncated']} truncated, {stats['data/dropped']} dropped"
+        + (f"; packing efficiency {data.packer.efficiency:.1%}" if data.packer else ""),
+        file=err,
+    )
+    print(f"lengths (tokens, max_seq_len {spec.data.max_seq_len}):", file=err)
+    for line in histogram(lengths, spec.data.max_seq_len):
+        print(line, file=err)
+    for bad in data.budget.first_bad:
+        print(f"bad row {bad}", file=err)
+
+
+def check_access(spec: Spec, out: TextIO = sys.stdout) -> None:
+    """Reach every input and the output: model config, the first row of every data file, a write probe."""
+    source = spec.model.source
+    if source_kind(source) == "object-store":  # only the config: the weights are fetched by the job
+        fs, path = filesystem(join(source, "config.json"), spec.storage_options)
+        if not fs.exists(path):
+            raise UserError(f"model.source: no config.json under {source}")
+    else:
+        resolve_model_dir(source, spec.model.revision, spec.storage_options)
+    print(f"ok  model.source {source}", file=out)
+    train_patterns = [p for patterns, _ in spec.data.train_groups() for p in patterns]
+    for key, patterns in (("data.train", train_patterns), ("data.eval", spec.data.eval)):
+        for url in expand(patterns, spec.storage_options, key):
+            first = next(read_rows(url, spec.storage_options), None)
+            state = (
+                "empty"
+                if first is None
+                else (f"first row unreadable: {first[0].error}" if first[0].error else "ok")
+            )
+            print(f"{'ok ' if state == 'ok' else 'BAD'} {key} {url}: {state}", file=out)
+            if state != "ok":
+                raise UserError(f"{key}: {url}: {state}")
+    check_writable(spec.output_uri, spec.storage_options)
+    print(f"ok  output.uri {spec.output_uri} is writable", file=out)

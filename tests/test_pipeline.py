@@ -1,0 +1,389 @@
+"""The streaming pipeline: chat masking, packing, sharding, exact resume, mixing, eval split, preview."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+
+import pytest
+import torch
+from conftest import write_jsonl
+
+from job.data import stream as stream_module
+from job.data.batching import pad_batch
+from job.data.formats import BadRow, Formatter
+from job.data.pipeline import DataPipeline
+from job.data.stream import SourceStream
+from job.data.tokens import IGNORE_INDEX, fit, tokenize
+from job.errors import UserError
+from job.spec import validate_spec
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "weather in Oslo?"},
+    {"role": "assistant", "content": "Let me look."},
+    {"role": "tool", "content": "rain, 4C"},
+    {"role": "assistant", "content": "Rainy and 4C."},
+    {"role": "user", "content": "thanks"},
+    {"role": "assistant", "content": "Welcome."},
+]
+
+
+def make_spec(files, endless: bool = False, **data) -> object:
+    """A text-format spec over files: one epoch of data, or endless (max_steps) to cross epochs."""
+    length = {"max_steps": 1} if endless else {"epochs": 1}
+    return validate_spec(
+        {
+            "model": {"source": "unused"},
+            "data": {"train": [str(f) for f in files], "format": "text", "shuffle_buffer": 0, **data},
+            "train": {**length, "seed": 7},
+        }
+    )
+
+
+def text_rows(n: int, prefix: str = "row") -> list[dict]:
+    return [{"text": f"{prefix} {i} " + "word " * (i % 7)} for i in range(n)]
+
+
+def decode_loss(tokenizer, ids, labels) -> list[str]:
+    """The decoded runs of loss-bearing tokens."""
+    runs, current = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+# --- chat ---------------------------------------------------------------------------------------
+
+
+def test_chat_loss_on_every_assistant_turn_and_its_end_marker_only(tokenizer):
+    formatter = Formatter("chat", {}, "completion", tokenizer, CHATML)
+    example = tokenize(formatter({"messages": CONVERSATION}), tokenizer)
+    assert decode_loss(tokenizer, example.input_ids, example.labels) == [
+        "Let me look.<|im_end|>\n",
+        "Rainy and 4C.<|im_end|>\n",
+        "Welcome.<|im_end|>\n",
+    ]
+    whole = tokenizer.decode(example.input_ids)
+    rendered = tokenizer.apply_chat_template(CONVERSATION, chat_template=CHATML, tokenize=False)
+    assert whole == rendered  # nothing added or lost around the template
+
+
+def test_chat_train_on_all_puts_loss_everywhere(tokenizer):
+    formatter = Formatter("chat", {}, "all", tokenizer, CHATML)
+    example = tokenize(formatter({"messages": CONVERSATION}), tokenizer)
+    assert example.labels == example.input_ids
+
+
+def test_chat_with_mapped_column_and_bad_conversations(tokenizer):
+    formatter = Formatter("chat", {"messages": "conv"}, "completion", tokenizer, CHATML)
+    assert formatter({"conv": CONVERSATION[1:3]}).segments[-1] == ("Let me look.<|im_end|>\n", True)
+    with pytest.raises(BadRow, match="no assistant turn"):
+        formatter({"conv": CONVERSATION[:2]})
+    with pytest.raises(BadRow, match=r"conv\[0\]: needs a role"):
+        formatter({"conv": [{"role": "wizard", "content": "x"}]})
+    with pytest.raises(BadRow, match="non-empty list"):
+        formatter({"conv": "hello"})
+
+
+def test_chat_without_template_is_a_spec_error(tokenizer):
+    assert not tokenizer.chat_template
+    with pytest.raises(UserError, match="no chat template; set data.chat_template"):
+        Formatter("chat", {}, "completion", tokenizer)
+
+
+def test_chat_generate_prompt_ends_with_assistant_header(tokenizer):
+    formatter = Formatter("chat", {}, "completion", tokenizer, CHATML)
+    assert formatter.render_prompt("hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+# --- text, truncation ---------------------------------------------------------------------------
+
+
+def test_text_long_documents_become_pieces_with_loss_everywhere(tokenizer):
+    example = Formatter("text", {}, "completion", tokenizer)({"text": "Say hi " * 40})
+    fitted = fit(tokenize(example, tokenizer), 16, example.split_long, "truncate")
+    assert len(fitted.pieces) > 2 and not fitted.truncated
+    assert all(len(p.input_ids) <= 16 and p.labels == p.input_ids for p in fitted.pieces)
+    joined = [t for p in fitted.pieces for t in p.input_ids]
+    assert joined == tokenize(example, tokenizer).input_ids
+
+
+def test_truncate_keeps_head_drop_drops(tokenizer):
+    example = Formatter("completion", {}, "completion", tokenizer)(
+        {"prompt": "Say hi", "completion": "hi " * 50}
+    )
+    tokenized = tokenize(example, tokenizer)
+    kept = fit(tokenized, 12, False, "truncate")
+    assert kept.truncated and kept.pieces[0].input_ids == tokenized.input_ids[:12]
+    assert fit(tokenized, 12, False, "drop").dropped
+    prompt_only = fit(tokenized, 2, False, "truncate")  # no completion token fits: nothing to learn
+    assert prompt_only.dropped and not prompt_only.pieces
+
+
+def test_pipeline_counts_truncated_and_dropped(tokenizer, isolated):
+    rows = [{"prompt": "Say hi", "completion": "hi " * n} for n in (1, 30, 2, 40)]
+    data = write_jsonl(isolated / "c.jsonl", rows)
+    for policy, expected in (("truncate", (2, 0, 4)), ("drop", (0, 2, 2))):
+        spec = make_spec([data], format="completion", max_seq_len=16, truncation=policy)
+        pipeline = DataPipeline(spec, tokenizer)
+        batches = list(pipeline.train_batches(8))
+        counts = pipeline.examples.counts
+        assert (counts.truncated, counts.dropped, counts.examples) == expected
+        assert sum(b["input_ids"].shape[0] for b in batches) == expected[2]
+
+
+# --- packing ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_row_loss_equals_the_examples_one_by_one(tiny_model_dir, tokenizer, isolated, attn):
+    from transformers import AutoModelForCausalLM
+
+    from job.data.batching import pack_row, stack_packed
+    from job.train import loss_sum, loss_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).eval()
+    formatter = Formatter("alpaca", {}, "all", tokenizer)
+    texts = [("Say hi", "hi"), ("Reverse the words: one two", "two one"), ("Add one", "42 is the answer")]
+    examples = [tokenize(formatter({"instruction": i, "output": o}), tokenizer) for i, o in texts]
+    with torch.no_grad():
+        one_by_one = sum(loss_sum(model, pad_batch([e], tokenizer.pad_token_id)) for e in examples)
+        packed = stack_packed([pack_row(examples, 64, tokenizer.pad_token_id)])
+        packed_loss = loss_sum(model, packed)
+    assert loss_tokens(packed) == sum(len(e.input_ids) - 1 for e in examples)
+    torch.testing.assert_close(packed_loss, one_by_one, rtol=1e-5, atol=1e-4)
+
+
+def test_packing_fills_rows_and_reports_efficiency(tokenizer, isolated):
+    data = write_jsonl(isolated / "t.jsonl", text_rows(40))
+    spec = make_spec([data], packing=True, max_seq_len=32)
+    pipeline = DataPipeline(spec, tokenizer)
+    batches = list(pipeline.train_batches(4))
+    assert all(b["input_ids"].shape[1] == 32 for b in batches)
+    positions = torch.cat([b["position_ids"] for b in batches])
+    assert (positions[:, 0] == 0).all()
+    assert pipeline.examples.counts.examples == 40
+    assert (positions == 0).sum() >= 40  # one restart per example (plus padding tails)
+    assert 0.5 < pipeline.packer.efficiency <= 1.0
+    real = sum(int(b["real_tokens"]) for b in batches)
+    assert pipeline.packer.efficiency == pytest.approx(real / (pipeline.packer.rows * 32))
+
+
+# --- sharding and epochs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("n_files", [1, 5])
+def test_every_row_exactly_once_per_epoch_across_ranks(tokenizer, isolated, world_size, n_files):
+    files = [write_jsonl(isolated / f"part-{k}.jsonl", text_rows(7, prefix=f"f{k}")) for k in range(n_files)]
+    seen = Counter()
+    for rank in range(world_size):
+        spec = make_spec(files, shuffle_buffer=4)
+        spec = spec.model_copy(
+            update={"train": spec.train.model_copy(update={"epochs": 1, "max_steps": None})}
+        )
+        pipeline = DataPipeline(spec, tokenizer, rank=rank, world_size=world_size)
+        for batch in pipeline.train_batches(3):
+            for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+                seen[tokenizer.decode(row[mask.bool()])] += 1
+    expected = {f"f{k} {i} " + "word " * (i % 7) for k in range(n_files) for i in range(7)}
+    assert {text.removesuffix("<|eos|>") for text in seen} == expected
+    assert set(seen.values()) == {1}
+
+
+def test_file_order_is_reshuffled_each_epoch_and_the_same_on_every_rank():
+    stream_a = SourceStream([f"f{i}" for i in range(8)], {}, seed=1, rank=0, world_size=2)
+    stream_b = SourceStream([f"f{i}" for i in range(8)], {}, seed=1, rank=1, world_size=2)
+    assert stream_a.file_order(0) == stream_b.file_order(0)
+    assert stream_a.file_order(0) != stream_a.file_order(1)
+    assert sorted(stream_a.file_order(1)) == [f"f{i}" for i in range(8)]
+
+
+# --- exact resume -------------------------------------------------------------------------------
+
+
+def batches_as_lists(batches) -> list[dict]:
+    return [{k: v.tolist() for k, v in b.items()} for b in batches]
+
+
+@pytest.mark.parametrize(
+    "options,compress",
+    [
+        ({"shuffle_buffer": 5}, False),
+        ({"shuffle_buffer": 5}, True),
+        ({"shuffle_buffer": 5, "packing": True, "max_seq_len": 24}, False),
+        ({"shuffle_buffer": 0, "packing": True, "max_seq_len": 8}, True),  # long texts split into pieces
+    ],
+    ids=["jsonl-shuffle", "gz-shuffle", "packed", "packed-split-gz"],
+)
+@pytest.mark.parametrize("cut", [1, 3, 7, 12])
+def test_resume_yields_exactly_what_an_uninterrupted_run_yields(tokenizer, isolated, options, compress, cut):
+    files = []
+    for k in range(2):
+        rows = "".join(json.dumps(r) + "\n" for r in text_rows(9, prefix=f"f{k}"))
+        path = isolated / f"p{k}.jsonl{'.gz' if compress else ''}"
+        path.write_bytes(gzip.compress(rows.encode()) if compress else rows.encode())
+        files.append(path)
+    spec = make_spec(files, endless=True, **options)
+    reference = DataPipeline(spec, tokenizer)
+    batches = reference.train_batches(2)
+    first = [next(batches) for _ in range(cut)]
+    state = json.loads(json.dumps(reference.state_dict()))  # it travels as JSON in a checkpoint
+    expected = batches_as_lists(next(batches) for _ in range(10))  # crosses into the next epochs
+
+    resumed = DataPipeline(spec, tokenizer)
+    resumed.load_state_dict(state)
+    assert batches_as_lists(next(resumed.train_batches(2)) for _ in range(10)) == expected
+    assert first  # the cut really was after some batches
+
+
+def test_resume_continues_reading_where_it_stopped(tokenizer, isolated, monkeypatch):
+    """No re-reading: the resumed stream opens the file at the saved offset, not at its start."""
+    data = write_jsonl(isolated / "big.jsonl", text_rows(50))
+    spec = make_spec([data], endless=True)
+    reference = DataPipeline(spec, tokenizer)
+    batches = reference.train_batches(4)
+    for _ in range(5):
+        next(batches)
+    state = reference.state_dict()
+    starts = []
+    real_read_rows = stream_module.read_rows
+    monkeypatch.setattr(
+        stream_module,
+        "read_rows",
+        lambda url, opts, start, keep: starts.append(start) or real_read_rows(url, opts, start, keep),
+    )
+    resumed = DataPipeline(spec, tokenizer)
+    resumed.load_state_dict(state)
+    next(resumed.train_batches(4))
+    assert starts[0].row == 20 and starts[0].offset == len(
+        "".join(json.dumps(r) + "\n" for r in text_rows(20))
+    )
+
+
+def test_resume_refuses_other_files(tokenizer, isolated):
+    a = write_jsonl(isolated / "a.jsonl", text_rows(5))
+    b = write_jsonl(isolated / "b.jsonl", text_rows(5))
+    pipeline = DataPipeline(make_spec([a]), tokenizer)
+    next(pipeline.train_batches(2))
+    with pytest.raises(Exception, match="data files differ"):
+        DataPipeline(make_spec([b]), tokenizer).load_state_dict(pipeline.state_dict())
+
+
+# --- mixing, eval split ------------------------------------------------------------------------
+
+
+def test_weighted_sources_are_drawn_by_weight_and_cycle(tokenizer, isolated):
+    big = write_jsonl(isolated / "big.jsonl", text_rows(30, prefix="big"))
+    small = write_jsonl(isolated / "small.jsonl", text_rows(3, prefix="small"))
+    spec = validate_spec(
+        {
+            "model": {"source": "unused"},
+            "data": {
+                "train": [{"path": str(big), "weight": 3}, {"path": [str(small)], "weight": 1}],
+                "format": "text",
+                "shuffle_buffer": 0,
+            },
+            "train": {"max_steps": 1},
+        }
+    )
+    pipeline = DataPipeline(spec, tokenizer)
+    batches = pipeline.train_batches(10)
+    texts = [tokenizer.decode(row) for _ in range(40) for row in next(batches)["input_ids"]]
+    share = sum(t.startswith("small") for t in texts) / len(texts)
+    assert 0.18 < share < 0.32  # 1/4 by weight, over 400 draws
+    assert sum(t.startswith("small 0 ") for t in texts) > 5  # the small source went round many times
+
+
+def test_epochs_with_weighted_sources_is_refused():
+    with pytest.raises(UserError, match="train.epochs: sources mixed by weight"):
+        validate_spec(
+            {
+                "model": {"source": "m"},
+                "data": {"train": [{"path": "a", "weight": 2}]},
+                "train": {"epochs": 1},
+            }
+        )
+
+
+def test_eval_fraction_holds_out_the_same_rows_on_every_rank(tokenizer, isolated):
+    data = write_jsonl(isolated / "d.jsonl", text_rows(200))
+    spec = make_spec([data], eval_fraction=0.2)
+
+    def texts(batches):
+        return {
+            tokenizer.decode(r[m.bool()])
+            for b in batches
+            for r, m in zip(b["input_ids"], b["attention_mask"], strict=True)
+        }
+
+    train, held = set(), set()
+    for rank in range(2):
+        pipeline = DataPipeline(spec, tokenizer, rank=rank, world_size=2)
+        train |= texts(pipeline.train_batches(8))
+        held |= texts(pipeline.eval_batches(8))
+    assert not train & held
+    assert len(train) + len(held) == 200
+    assert 20 < len(held) < 60
+    again = DataPipeline(spec, tokenizer, rank=0, world_size=1)
+    assert texts(again.eval_batches(8)) == held  # stable across restarts and world sizes
+
+
+# --- preview ------------------------------------------------------------------------------------
+
+
+def test_preview_json_lines_and_statistics(tiny_model_dir, isolated):
+    from conftest import ALPACA_ROWS, run_ftjob
+
+    data = write_jsonl(isolated / "a.jsonl", ALPACA_ROWS + ["{not json"])
+    spec = {
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"train": [str(data)], "shuffle_buffer": 0, "bad_rows": {"max_fraction": 0.5}},
+        "train": {"max_steps": 1},
+    }
+    (isolated / "spec.json").write_text(json.dumps(spec))
+    result = run_ftjob("preview", "spec.json", "-n", "2", "--json", cwd=isolated)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 2
+    first = lines[0]
+    assert len(first["input_ids"]) == len(first["labels"])
+    assert first["text"].startswith("### Instruction:\nReverse the words: red green blue")
+    assert IGNORE_INDEX in first["labels"] and first["labels"][-1] != IGNORE_INDEX
+    assert "4 examples from 5 rows; 1 bad, 0 truncated, 0 dropped" in result.stderr
+    assert f"bad row {data}:5: invalid JSON" in result.stderr
+
+    plain = run_ftjob("preview", "spec.json", "-n", "1", cwd=isolated)
+    assert "«blue green red<|eos|>»" in plain.stdout
+
+
+def test_validate_check_access_reads_every_source(tiny_model_dir, isolated, s3):
+    from conftest import ALPACA_ROWS
+
+    from job.cli import main
+
+    s3.pipe(f"{s3.bucket}/data/a.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in ALPACA_ROWS))
+    s3.pipe(f"{s3.bucket}/data/b.jsonl", b"{broken\n")
+    spec = {
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"train": [f"s3://{s3.bucket}/data/a.jsonl"]},
+        "train": {"max_steps": 1},
+        "output": {"uri": f"s3://{s3.bucket}/runs/x"},
+    }
+    (isolated / "spec.json").write_text(json.dumps(spec))
+    assert main(["validate", "spec.json", "--check-access"]) == 0
+    spec["data"]["train"].append(f"s3://{s3.bucket}/data/b.jsonl")
+    (isolated / "spec.json").write_text(json.dumps(spec))
+    assert main(["validate", "spec.json", "--check-access"]) == 2

@@ -1,0 +1,476 @@
+"""Sources: file formats, resumable positions, unparsed skipping, expansion of globs, S3."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_jsonl
+
+from job.data.sources import Position, Row, expand, file_format, read_rows
+from job.errors import DataError, UserError
+
+ROWS = [{"id": str(i), "text": f"row {i}"} for i in range(10)]
+CSV_ROWS = [*ROWS[:3], {"id": "3", "text": 'two\nlines, "quoted"'}, *ROWS[4:]]
+TEXT_ROWS = [{"text": f"line {i}"} for i in range(10)]
+
+
+def jsonl_bytes(rows: list) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def write_zst(path: Path, data: bytes) -> None:
+    zstandard = pytest.importorskip("zstandard")
+    path.write_bytes(zstandard.ZstdCompressor().compress(data))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_file(path: Path) -> list:
+    """Write the test rows in the format path's name says; returns the values a reader must give."""
+    name = path.name
+    if name.endswith(".jsonl"):
+        path.write_bytes(jsonl_bytes(ROWS))
+    elif name.endswith(".jsonl.gz"):
+        path.write_bytes(gzip.compress(jsonl_bytes(ROWS)))
+    elif name.endswith(".jsonl.bz2"):
+        path.write_bytes(bz2.compress(jsonl_bytes(ROWS)))
+    elif name.endswith(".jsonl.zst"):
+        write_zst(path, jsonl_bytes(ROWS))
+    elif name.endswith(".json"):
+        path.write_text(json.dumps(ROWS, indent=1))
+    elif name.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pylist(ROWS), path, row_group_size=3)
+    elif name.endswith(".csv"):
+        write_csv(path, CSV_ROWS)
+        return CSV_ROWS
+    elif name.endswith(".txt"):
+        path.write_text("".join(r["text"] + "\n" for r in TEXT_ROWS))
+        return TEXT_ROWS
+    return ROWS
+
+
+NAMES = ["d.jsonl", "d.jsonl.gz", "d.jsonl.bz2", "d.jsonl.zst", "d.json", "d.parquet", "d.csv", "d.txt"]
+
+
+@pytest.fixture(params=NAMES)
+def written(request, tmp_path) -> tuple[str, list]:
+    path = tmp_path / request.param
+    return str(path), write_file(path)
+
+
+def even(i: int) -> bool:
+    return i % 2 == 0
+
+
+def values(pairs) -> list:
+    return [row.value for row, _ in pairs]
+
+
+# ---------------------------------------------------------------------------------------------
+# every format
+
+
+def test_reads_what_was_written(written):
+    url, expected = written
+    pairs = list(read_rows(url, {}))
+    assert values(pairs) == expected
+    assert all(row.error is None and row.source == url for row, _ in pairs)
+    assert [pos.row for _, pos in pairs] == list(range(1, len(expected) + 1))
+
+
+def test_resume_from_every_position(written):
+    url, _ = written
+    full = list(read_rows(url, {}))
+    for cut in range(len(full)):
+        saved = Position.from_dict(json.loads(json.dumps(full[cut][1].to_dict())))
+        assert full[: cut + 1] + list(read_rows(url, {}, saved)) == full, f"resumed after row {cut}"
+    assert list(read_rows(url, {}, full[-1][1])) == []
+
+
+def test_keep_selects_rows_and_resume_still_works(written):
+    url, expected = written
+    kept = list(read_rows(url, {}, keep=even))
+    assert values(kept) == expected[::2]
+    assert [pos.row for _, pos in kept] == list(range(1, len(expected) + 1, 2))
+    for cut in range(len(kept)):
+        assert kept[: cut + 1] + list(read_rows(url, {}, kept[cut][1], keep=even)) == kept
+    odd = list(read_rows(url, {}, kept[0][1], keep=lambda i: not even(i)))
+    assert values(odd) == expected[1::2]  # ranks resuming from a shared position: no row twice
+
+
+def test_keep_is_asked_about_every_row_once_in_order(written):
+    url, expected = written
+    asked: list[int] = []
+    list(read_rows(url, {}, Position(2), keep=lambda i: asked.append(i) or even(i)))
+    assert asked == list(range(2, len(expected)))
+
+
+def test_row_numbers_of_array_formats(tmp_path):
+    for name in ["d.json", "d.parquet"]:
+        url = str(tmp_path / name)
+        write_file(tmp_path / name)
+        rows = [row for row, _ in read_rows(url, {}, Position(4), keep=even)]
+        assert [row.line for row in rows] == [5, 7, 9]
+        assert rows[0].where == f"{url}:5"
+
+
+def test_position_round_trip():
+    assert Position.from_dict(Position(3, 120).to_dict()) == Position(3, 120)
+    assert Position.from_dict({"row": 7}) == Position(7)
+    assert Position().to_dict() == {"row": 0, "offset": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON Lines and text
+
+
+def test_read_jsonl_line_numbers_and_errors(tmp_path):
+    path = write_jsonl(
+        tmp_path / "rows.jsonl",
+        [{"n": 1}, "", {"n": 2}, "{not json", "   ", {"n": 3}],
+    )
+    rows = [row for row, _ in read_rows(str(path), {})]
+    assert [r.line for r in rows] == [1, 3, 4, 6]
+    assert [r.value for r in rows] == [{"n": 1}, {"n": 2}, None, {"n": 3}]
+    assert rows[2].error is not None and rows[2].error.startswith("invalid JSON")
+    assert all(r.error is None for r in rows if r.line != 4)
+    assert rows[2].where == f"{path}:4"
+    assert rows[3] == Row(str(path), 6, value={"n": 3})
+
+
+def test_jsonl_blank_lines_count_as_rows_and_resume(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"n": 1}, "", "", {"n": 2}, ""])
+    pairs = list(read_rows(str(path), {}))
+    assert [(row.line, pos.row) for row, pos in pairs] == [(1, 1), (4, 4)]
+    assert list(read_rows(str(path), {}, pairs[1][1])) == []
+    assert [r.line for r, _ in read_rows(str(path), {}, Position(1))] == [4]  # offset unknown: skip lines
+
+
+def test_jsonl_invalid_utf8_is_a_row_error(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"n": 1}\n{"s": "\xff"}\n{"n": 3}\n')
+    rows = [row for row, _ in read_rows(str(path), {})]
+    assert [(r.line, r.value) for r in rows] == [(1, {"n": 1}), (2, None), (3, {"n": 3})]
+    assert rows[1].error.startswith("invalid JSON")
+
+
+def test_jsonl_offsets_are_byte_offsets(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    # CRLF, a blank line, multibyte UTF-8, no final newline
+    lines = [b'{"n": 1}\r\n', b"\n", b'{"s": "\xc3\xa9t\xc3\xa9"}\n', b'{"n": 3}']
+    path.write_bytes(b"".join(lines))
+    pairs = list(read_rows(str(path), {}))
+    assert [pos for _, pos in pairs] == [
+        Position(1, len(lines[0])),
+        Position(3, len(b"".join(lines[:3]))),
+        Position(4, len(b"".join(lines))),
+    ]
+    assert [r.value for r, _ in pairs] == [{"n": 1}, {"s": "été"}, {"n": 3}]
+
+
+def test_jsonl_resume_seeks_without_rereading(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(jsonl_bytes(ROWS))
+    _, pos = next(iter(read_rows(str(path), {}, Position(3))))
+    assert pos.offset == len(jsonl_bytes(ROWS[:4]))
+    with path.open("r+b") as f:  # rows before the offset become unreadable: a resumed read never sees them
+        f.write(b"\xff" * pos.offset)
+    rows = [row for row, _ in read_rows(str(path), {}, pos)]
+    assert [r.value for r in rows] == ROWS[4:] and rows[0].line == 5
+
+
+def test_compressed_positions_have_no_offset(tmp_path):
+    path = tmp_path / "d.jsonl.gz"
+    write_file(path)
+    assert {pos.offset for _, pos in read_rows(str(path), {})} == {None}
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz"])
+def test_rows_not_kept_or_before_start_are_not_parsed(tmp_path, name):
+    data = jsonl_bytes(ROWS[:2]).replace(b'{"id": "1"', b'{not json "1"') + jsonl_bytes(ROWS[2:4])
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    assert [row.error is not None for row, _ in read_rows(str(path), {})] == [False, True, False, False]
+    assert values(read_rows(str(path), {}, keep=lambda i: i != 1)) == [ROWS[0], ROWS[2], ROWS[3]]
+    assert values(read_rows(str(path), {}, Position(2))) == ROWS[2:4]
+
+
+def test_read_jsonl_gzip_inferred(tmp_path):
+    path = tmp_path / "rows.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write('{"n": 1}\n\n{"n": 2}\n')
+    rows = [row for row, _ in read_rows(str(path), {})]
+    assert [(r.line, r.value, r.error) for r in rows] == [(1, {"n": 1}, None), (3, {"n": 2}, None)]
+
+
+def test_read_jsonl_truncated_gzip_is_a_data_error(tmp_path):
+    data = gzip.compress(b"".join(b'{"n": %d}\n' % i for i in range(2000)))
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz:\d+: cannot read: EOFError") as info:
+        list(read_rows(str(path), {}))
+    assert info.value.exit_code == 3
+
+
+def test_text_lines(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"\xef\xbb\xbffirst\r\n\n  \n  indented  \nbad \xff\nlast")
+    rows = [row for row, _ in read_rows(str(path), {})]
+    assert [(r.line, r.value) for r in rows] == [
+        (1, {"text": "first"}),
+        (4, {"text": "  indented  "}),
+        (5, None),
+        (6, {"text": "last"}),
+    ]
+    assert rows[2].error.startswith("invalid UTF-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV
+
+
+def test_csv_line_numbers_multiline_fields_and_bad_rows(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('id,text\n1,a\n2,"two\nlines"\n\n3,c,extra\n4\n5,"x, ""y"""\n', newline="")
+    rows = [row for row, _ in read_rows(str(path), {})]
+    assert [(r.line, r.value, r.error) for r in rows] == [
+        (2, {"id": "1", "text": "a"}, None),
+        (3, {"id": "2", "text": "two\nlines"}, None),
+        (6, None, "expected 2 fields, got 3"),
+        (7, None, "expected 2 fields, got 1"),
+        (8, {"id": "5", "text": 'x, "y"'}, None),
+    ]
+    resumed = [row for row, _ in read_rows(str(path), {}, Position(2), keep=lambda i: i != 3)]
+    assert [r.line for r in resumed] == [6, 8]
+
+
+def test_csv_header_only_or_empty(tmp_path):
+    (tmp_path / "h.csv").write_text("a,b\n")
+    (tmp_path / "e.csv").write_text("")
+    assert list(read_rows(str(tmp_path / "h.csv"), {})) == []
+    assert list(read_rows(str(tmp_path / "e.csv"), {})) == []
+
+
+def test_csv_gzip(tmp_path):
+    path = tmp_path / "d.csv.gz"
+    write_csv(tmp_path / "plain.csv", CSV_ROWS)
+    path.write_bytes(gzip.compress((tmp_path / "plain.csv").read_bytes()))
+    assert values(read_rows(str(path), {}, Position(3))) == CSV_ROWS[3:]
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON arrays
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('[{"a": 1},\n {"a": 2,}]', r"d\.json:2:10: invalid JSON: Expecting property name"),
+        (
+            '{"a": 1}\n{"a": 2}\n',
+            r"d\.json:2:1: invalid JSON: Extra data \(JSON Lines\? name the file \.jsonl\)",
+        ),
+        ('{"rows": [{"a": 1}]}', r"d\.json:1:1: expected a JSON array of rows, got dict"),
+    ],
+)
+def test_invalid_json_file_is_a_data_error(tmp_path, text, match):
+    (tmp_path / "d.json").write_text(text)
+    with pytest.raises(DataError, match=match) as info:
+        list(read_rows(str(tmp_path / "d.json"), {}))
+    assert info.value.exit_code == 3
+
+
+def test_json_invalid_utf8_names_line_and_column(tmp_path):
+    (tmp_path / "d.json").write_bytes(b'[\n {"a": "ok"},\n {"a": "\xff"}]')
+    with pytest.raises(DataError, match=r"d\.json:3:9: invalid UTF-8"):
+        list(read_rows(str(tmp_path / "d.json"), {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet
+
+
+@pytest.fixture
+def groups_read(monkeypatch) -> list:
+    """The row groups each ParquetFile.iter_batches call reads."""
+    calls: list = []
+    original = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("row_groups"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    return calls
+
+
+def test_parquet_reads_one_row_group_at_a_time(tmp_path, groups_read):
+    path = tmp_path / "d.parquet"
+    write_file(path)  # 10 rows in groups of 3: [0-2] [3-5] [6-8] [9]
+    assert values(read_rows(str(path), {})) == ROWS
+    assert groups_read == [[0], [1], [2], [3]]
+
+    groups_read.clear()
+    assert values(read_rows(str(path), {}, Position(7))) == ROWS[7:]
+    assert groups_read == [[2], [3]]  # groups before the start are not read
+
+    groups_read.clear()
+    assert values(read_rows(str(path), {}, keep=lambda i: i in (1, 9))) == [ROWS[1], ROWS[9]]
+    assert groups_read == [[0], [3]]  # nor groups without a row kept
+
+
+def test_parquet_batches_within_a_group(tmp_path, monkeypatch):
+    monkeypatch.setattr("job.data.sources.PARQUET_BATCH_ROWS", 2)
+    rows = [{"n": i} for i in range(25)]
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=7)
+    pairs = list(read_rows(str(path), {}, Position(4), keep=lambda i: i % 3 == 0))
+    assert [(row.line, row.value, pos.row) for row, pos in pairs] == [
+        (i + 1, {"n": i}, i + 1) for i in range(6, 25, 3)
+    ]
+
+
+def test_not_parquet_is_a_data_error(tmp_path):
+    (tmp_path / "d.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match=r"d\.parquet:1: cannot read: ArrowInvalid"):
+        list(read_rows(str(tmp_path / "d.parquet"), {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# formats from names, expansion
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [
+        ("a.jsonl", "jsonl"),
+        ("s3://b/x/a.NDJSON.gz", "jsonl"),
+        ("a.jsonl.zst", "jsonl"),
+        ("a.json.bz2", "json"),
+        ("a.parquet", "parquet"),
+        ("a.pq", "parquet"),
+        ("a.csv.xz", "csv"),
+        ("a.txt", "text"),
+        ("a.text.gz", "text"),
+    ],
+)
+def test_file_format(name, fmt):
+    assert file_format(name) == fmt
+
+
+@pytest.mark.parametrize("name", ["a.md", "README", "a.gz", "a.jsonl.tar", "dir.jsonl/a.avro"])
+def test_unsupported_file_format(name):
+    with pytest.raises(UserError, match=r"unsupported file type; supported: \.jsonl, \.ndjson, \.json"):
+        file_format(name)
+
+
+def test_compressed_parquet_is_refused():
+    with pytest.raises(UserError, match=r"a\.parquet\.gz: a Parquet file cannot be read through gzip"):
+        file_format("a.parquet.gz")
+
+
+def test_expand_unsupported_file_names_the_key_and_file(tmp_path):
+    write_jsonl(tmp_path / "d" / "a.jsonl", [{"n": 1}])
+    (tmp_path / "d" / "notes.md").write_text("hi")
+    with pytest.raises(UserError, match=r"^data\.train\[1\]: \S*/d/notes\.md: unsupported file type") as info:
+        expand(["d/a.jsonl", "d/*"], {}, "data.train")
+    assert info.value.exit_code == 2
+
+
+def test_expand_glob_sorted(tmp_path):
+    for name in ["c.jsonl", "a.jsonl", "b.jsonl", "skip.txt"]:
+        write_jsonl(tmp_path / "d" / name, [{"n": 1}])
+    (tmp_path / "d" / "dir.jsonl").mkdir()  # a directory is not a file
+    files = expand(["d/*.jsonl"], {}, "data.train")
+    assert [Path(f).name for f in files] == ["a.jsonl", "b.jsonl", "c.jsonl"]
+    assert all(Path(f).resolve() == (tmp_path / "d" / Path(f).name).resolve() for f in files)
+
+
+def test_expand_keeps_pattern_order(tmp_path):
+    write_jsonl(tmp_path / "z.jsonl", [{"n": 1}])
+    write_jsonl(tmp_path / "a.jsonl", [{"n": 1}])
+    files = expand(["z.jsonl", "a.jsonl"], {}, "data.train")
+    assert [Path(f).name for f in files] == ["z.jsonl", "a.jsonl"]
+
+
+def test_expand_missing_file_names_the_key(tmp_path):
+    with pytest.raises(UserError) as info:
+        expand(["missing.jsonl"], {}, "data.train")
+    assert info.value.exit_code == 2
+    assert str(info.value).startswith("data.train[0]: no such file: missing.jsonl")
+
+    write_jsonl(tmp_path / "ok.jsonl", [{"n": 1}])
+    with pytest.raises(UserError, match=r"^data\.eval\[1\]: no such file: none-\*\.jsonl"):
+        expand(["ok.jsonl", "none-*.jsonl"], {}, "data.eval")
+
+
+# ---------------------------------------------------------------------------------------------
+# S3 (moto server over HTTP, reached through AWS_ENDPOINT_URL)
+
+
+def put(fs, key: str, body: bytes) -> str:
+    fs.pipe(f"{fs.bucket}/{key}", body)
+    return f"s3://{fs.bucket}/{key}"
+
+
+def test_s3_read_gzipped_jsonl(s3):
+    url = put(s3, "data/train.jsonl.gz", gzip.compress(jsonl_bytes([{"n": 1}, {"n": 2}])))
+    rows = [row for row, _ in read_rows(url, {})]
+    assert [r.value for r in rows] == [{"n": 1}, {"n": 2}]
+    assert rows[1].where == f"{url}:2"
+
+
+def test_s3_jsonl_resumes_at_byte_offsets(s3, monkeypatch):
+    monkeypatch.setattr("job.data.sources.BUFFER_SIZE", 64)  # many reads per file, not one
+    url = put(s3, "data/train.jsonl", jsonl_bytes(ROWS))
+    full = list(read_rows(url, {}))
+    assert values(full) == ROWS
+    assert [pos.offset for _, pos in full] == [len(jsonl_bytes(ROWS[: i + 1])) for i in range(len(ROWS))]
+    for cut in (0, 4, 8):
+        assert full[: cut + 1] + list(read_rows(url, {}, full[cut][1])) == full
+
+
+def test_s3_parquet(s3, tmp_path, groups_read):
+    write_file(tmp_path / "d.parquet")
+    url = put(s3, "data/train.parquet", (tmp_path / "d.parquet").read_bytes())
+    assert values(read_rows(url, {})) == ROWS
+    assert values(read_rows(url, {}, Position(9))) == ROWS[9:]
+    assert groups_read[-1:] == [[3]]
+
+
+def test_s3_expand_glob(s3):
+    put(s3, "data/train.jsonl.gz", gzip.compress(jsonl_bytes([{"n": 1}])))
+    put(s3, "data/a-extra.jsonl.gz", gzip.compress(jsonl_bytes([{"n": 2}])))
+    put(s3, "data/c.csv", b"n\n3\n")
+    put(s3, "other/b.jsonl.gz", gzip.compress(jsonl_bytes([{"n": 4}])))
+    files = expand([f"s3://{s3.bucket}/data/*.jsonl.gz"], {}, "data.train")
+    assert files == [f"s3://{s3.bucket}/data/a-extra.jsonl.gz", f"s3://{s3.bucket}/data/train.jsonl.gz"]
+    assert [r.value for f in files for r, _ in read_rows(f, {})] == [{"n": 2}, {"n": 1}]
+    files = expand([f"s3://{s3.bucket}/data/*"], {}, "data.train")
+    assert [r.value for f in files for r, _ in read_rows(f, {})] == [{"n": 2}, {"n": "3"}, {"n": 1}]
+
+
+def test_s3_missing_object_names_the_key(s3):
+    with pytest.raises(UserError, match=r"^data\.train\[0\]: no such file: s3://"):
+        expand([f"s3://{s3.bucket}/data/nope.jsonl"], {}, "data.train")
+
+
+def test_s3_storage_options_endpoint(s3, s3_server, monkeypatch):
+    """storage_options per protocol reach s3fs (here: the endpoint without AWS_ENDPOINT_URL)."""
+    url = put(s3, "data/train.jsonl.gz", gzip.compress(jsonl_bytes([{"n": 1}])))
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    options = {"s3": {"endpoint_url": s3_server}}
+    assert expand([f"s3://{s3.bucket}/data/*.jsonl.gz"], options, "data.train") == [url]
+    assert values(read_rows(url, options)) == [{"n": 1}]
