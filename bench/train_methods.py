@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from memory import proc_status_mb
 
 METHODS = {
     "lora": ({"method": "lora"}, {}),
@@ -65,7 +66,7 @@ def run_one(method: str, model: Path, data: Path, steps: int, root: Path) -> dic
     )
     history = train(spec).history
     speeds = [h["train/tokens_per_second"] for h in history[WARMUP_STEPS:]]
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = proc_status_mb("VmHWM")
     return {"tokens_per_second": statistics.median(speeds), "peak_rss_mb": peak_mb}
 
 

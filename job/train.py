@@ -124,7 +124,9 @@ def evaluate(model, batches: list[dict[str, torch.Tensor]], accelerator: Acceler
 def train(spec: Spec) -> TrainResult:
     quiet_libraries()
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(spec.train.mixed_precision, cuda))
+    accelerator = Accelerator(
+        cpu=not cuda, mixed_precision=resolve_mixed_precision(spec.train.mixed_precision, cuda)
+    )
     is_main = accelerator.is_main_process
     set_seed(spec.train.seed)
     cfg = spec.train

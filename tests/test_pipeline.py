@@ -387,3 +387,36 @@ def test_validate_check_access_reads_every_source(tiny_model_dir, isolated, s3):
     spec["data"]["train"].append(f"s3://{s3.bucket}/data/b.jsonl")
     (isolated / "spec.json").write_text(json.dumps(spec))
     assert main(["validate", "spec.json", "--check-access"]) == 2
+
+
+def test_two_processes_with_uneven_shards_finish_the_epoch_together(tiny_model_dir, isolated):
+    """5 rows over 2 ranks (3 and 2): the rank that runs out first joins the last step with an empty
+    batch, both stop at the epoch's end, and every row was trained on once."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import ALPACA_ROWS
+
+    data = write_jsonl(isolated / "d.jsonl", (ALPACA_ROWS * 2)[:5])
+    spec = {
+        "name": "ddp",
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"train": [str(data)], "shuffle_buffer": 0},
+        "train": {"epochs": 1, "micro_batch_size": 1, "grad_accum": 2, "log_every": 1},
+        "tracking": {"enabled": False},
+    }
+    (isolated / "spec.json").write_text(json.dumps(spec))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    run = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "-m", "job", "run", "spec.json"],
+        cwd=isolated,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "x 2 process(es)" in run.stdout
+    metrics = json.loads((isolated / "runs" / "ddp" / "adapter" / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["history"]] == [1, 2]
+    assert metrics["final"]["data/rows_read"] == 5

@@ -25,6 +25,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.utils import infer_compression
+from zstandard import ZstdError
 
 from job.errors import DataError, UserError
 from job.storage import StorageOptions, filesystem
@@ -51,13 +52,8 @@ READ_ERRORS: tuple[type[Exception], ...] = (
     UnicodeDecodeError,
     csv.Error,
     pa.ArrowException,
+    ZstdError,
 )
-try:  # fsspec reads .zst through zstandard when it is installed
-    from zstandard import ZstdError
-
-    READ_ERRORS += (ZstdError,)
-except ImportError:
-    pass
 
 Keep = Callable[[int], bool]
 

@@ -197,7 +197,10 @@ class Mixture:
         iterators = [iter(stream) for stream in self.streams]
         while True:
             (chosen,) = self.rng.choices(range(len(iterators)), weights=self.weights)
-            yield next(iterators[chosen])
+            row = next(iterators[chosen], None)
+            if row is None:  # sources cycle forever; only a source limited to some epochs ends
+                return
+            yield row
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": rng_state(self.rng), "streams": [s.state_dict() for s in self.streams]}
