@@ -1,9 +1,10 @@
-"""The data pipeline: files -> rows -> examples (prompt, completion) -> token ids + labels -> batches.
+"""The data pipeline: files -> rows -> examples -> token ids + labels -> (packed rows) -> batches.
 
-Each stage is a small function or generator in its own module so that it can be tested alone:
-  sources.py   list and read files through fsspec (rows with file:line)
-  formats.py   a row of a given format -> prompt and completion text
-  tokens.py    prompt and completion -> input_ids and labels (-100 where no loss)
-  batching.py  examples -> padded tensors
-  pipeline.py  the stages put together: sharding by rank, shuffling, bad-row budget, epochs
+Each stage is a small function or class in its own module so that it can be tested alone:
+  sources.py   list files and stream their rows (JSONL, JSON, Parquet, CSV, text), resumably
+  stream.py    per-rank row streams with a cursor: epochs, file order, sharding, shuffle, mixing
+  formats.py   a row of a given format -> text segments, each with or without loss
+  tokens.py    segments -> input_ids and labels (-100 where no loss), fitted to max_seq_len
+  batching.py  examples -> padded batches, or packed rows
+  pipeline.py  the stages put together, with one state_dict for exact resume
 """
