@@ -420,3 +420,11 @@ def test_two_processes_with_uneven_shards_finish_the_epoch_together(tiny_model_d
     metrics = json.loads((isolated / "runs" / "ddp" / "adapter" / "metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == [1, 2]
     assert metrics["final"]["data/rows_read"] == 5
+
+
+def test_unreadable_bucket_is_exit_2_without_credentials(tokenizer, s3, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SECRET-MARKER-123")
+    with pytest.raises(UserError) as error:
+        DataPipeline(make_spec(["s3://no-such-bucket-xyz/data/*.jsonl"]), tokenizer)
+    assert error.value.exit_code == 2
+    assert "data.train[0]" in str(error.value) and "SECRET-MARKER" not in str(error.value)

@@ -41,6 +41,9 @@ FORMATS = {
     ".text": "text",
 }
 BUFFER_SIZE = 1 << 20  # fsspec's own readline re-reads a whole block per line: read through a buffer
+# Bytes fetched per request from object stores. s3fs's default (50 MB) would make the first batch of a
+# large file wait for 50 MB and hold them in memory; small blocks keep both flat in the file's size.
+REMOTE_BLOCK_SIZE = 4 << 20
 PARQUET_BATCH_ROWS = 1024
 # What a damaged or vanishing file raises while it is read: truncated or corrupt compression, a
 # connection lost for good, bytes that are not UTF-8 (CSV), a CSV field over the size limit, not Parquet.
@@ -157,7 +160,8 @@ def _reading(url: str, where: Callable[[], int]) -> Iterator[None]:
 
 def _open(fs: fsspec.AbstractFileSystem, path: str) -> io.BufferedReader:
     """The file's bytes, decompressed as its name says."""
-    return io.BufferedReader(fs.open(path, "rb", compression=infer_compression(path)), BUFFER_SIZE)
+    raw = fs.open(path, "rb", block_size=REMOTE_BLOCK_SIZE, compression=infer_compression(path))
+    return io.BufferedReader(raw, BUFFER_SIZE)
 
 
 def _lines(
@@ -254,7 +258,7 @@ def _read_parquet(
 ) -> Iterator[tuple[Row, Position]]:
     """One row group in memory at most; groups before start.row, or with no row kept, are not read."""
     row = start.row  # the first row of the batch being read, for messages
-    with _reading(url, lambda: row + 1), fs.open(path, "rb") as f:
+    with _reading(url, lambda: row + 1), fs.open(path, "rb", block_size=REMOTE_BLOCK_SIZE) as f:
         parquet = pq.ParquetFile(f)
         first = 0  # the group's first row
         for group in range(parquet.metadata.num_row_groups):
