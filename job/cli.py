@@ -21,7 +21,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.set)
     from job.train import train
 
-    train(spec)
+    if train(spec, restart=args.restart) is None:
+        print(f"{spec.output_uri}/adapter is already published; nothing to do (--restart trains again)")
     return 0
 
 
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="train and publish the adapter")
     with_spec(run)
+    run.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over: ignore and delete checkpoints and a published adapter",
+    )
     run.set_defaults(handler=cmd_run)
 
     validate = commands.add_parser("validate", help="check a spec without training")

@@ -26,8 +26,16 @@ def format_metrics(step: int, total: int, metrics: dict[str, float], eta_seconds
 class Progress:
     """tqdm on a TTY; otherwise a line every `log_every` steps (and at the last one). Silent off rank 0."""
 
-    def __init__(self, total_steps: int, log_every: int, enabled: bool, stream: TextIO | None = None):
+    def __init__(
+        self,
+        total_steps: int,
+        log_every: int,
+        enabled: bool,
+        stream: TextIO | None = None,
+        first_step: int = 1,
+    ):
         self.total = total_steps
+        self.first_step = first_step
         self.log_every = log_every
         self.enabled = enabled
         self.stream = stream = stream or sys.stdout
@@ -36,7 +44,9 @@ class Progress:
         if enabled and stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, file=stream, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_steps, initial=first_step - 1, file=stream, unit="step", dynamic_ncols=True
+            )
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -49,7 +59,7 @@ class Progress:
             return
         if step % self.log_every == 0 or step == self.total:
             elapsed = time.monotonic() - self.started
-            eta = elapsed / step * (self.total - step)
+            eta = elapsed / (step - self.first_step + 1) * max(self.total - step, 0)
             print(format_metrics(step, self.total, metrics, eta), file=self.stream, flush=True)
 
     def message(self, text: str) -> None:

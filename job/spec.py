@@ -140,6 +140,12 @@ class TrainSpec(_Section):
         return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
 
     seed: int = 42
+    checkpoint_every: int = Field(
+        100, ge=0, description="Checkpoint every N steps (0: only when stopped by a signal)."
+    )
+    stop_grace_seconds: float = Field(
+        90, gt=0, description="After a stop signal, exit within this time even if the checkpoint is not done."
+    )
     eval_every: int = Field(
         100, ge=0, description="Eval loss every N steps (and at the end); 0: only at the end."
     )
@@ -155,6 +161,7 @@ class TrackingSpec(_Section):
 
 class OutputSpec(_Section):
     uri: str = Field("./runs/{name}", description="Any fsspec URL; {name} is replaced by the spec's name.")
+    keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints kept; older ones are deleted.")
     merge: bool = Field(False, description="Also write merged/: the base model with the adapter merged in.")
 
 

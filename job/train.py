@@ -21,15 +21,18 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.optim.lr_scheduler import LambdaLR
 
+from job.checkpoint import Checkpointer, fingerprint, remove_all, remove_uncommitted, set_rng_state
 from job.data.batching import Batch, empty_batch
 from job.data.pipeline import DataPipeline
 from job.data.tokens import IGNORE_INDEX
-from job.export import publish
+from job.errors import JobError
+from job.export import MANIFEST, publish
 from job.model import apply_adapter, count_parameters, load_model, load_tokenizer, quiet_libraries
 from job.model_source import resolve_model_dir
 from job.progress import Progress
+from job.signals import EXIT_REQUEUE, StopRequest
 from job.spec import Spec
-from job.storage import check_writable
+from job.storage import check_writable, filesystem, join
 from job.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -121,7 +124,14 @@ def evaluate(model, batches: list[dict[str, torch.Tensor]], accelerator: Acceler
     return float(total[0] / max(total[1], 1))
 
 
-def train(spec: Spec) -> TrainResult:
+class Preempted(JobError):
+    """Stopped by a signal after publishing a checkpoint: requeue me, I will resume."""
+
+    exit_code = EXIT_REQUEUE
+
+
+def train(spec: Spec, restart: bool = False) -> TrainResult | None:
+    """Train and publish; None when the run had already finished (its adapter is published)."""
     quiet_libraries()
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(
@@ -132,11 +142,20 @@ def train(spec: Spec) -> TrainResult:
     cfg = spec.train
 
     # 1. Checks that need no model: inputs exist, output is writable. Nothing is written before this.
+    if not restart and is_published(spec):
+        log.info("%s is already published: nothing to do (ftjob run --restart trains again)", spec.output_uri)
+        return None
     model_dir = resolve_model_dir(spec.model.source, spec.model.revision, spec.storage_options)
     tokenizer = load_tokenizer(model_dir, spec.model)
     data = DataPipeline(spec, tokenizer, accelerator.process_index, accelerator.num_processes)
     if is_main:
         check_writable(spec.output_uri, spec.storage_options)
+        remove_all(spec) if restart else remove_uncommitted(spec)
+    accelerator.wait_for_everyone()
+    checkpointer = Checkpointer(
+        spec, accelerator.process_index, accelerator.num_processes, spec.output.keep_checkpoints
+    )
+    saved = checkpointer.load_latest()
     total_steps = cfg.max_steps or epoch_run_steps(
         data, accelerator, cfg.epochs, cfg.micro_batch_size, cfg.grad_accum
     )
@@ -162,22 +181,29 @@ def train(spec: Spec) -> TrainResult:
     )
     scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.warmup_steps, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    first_step, history = 1, []
+    if saved:  # continue exactly where the checkpoint left off: weights, optimizer, data, RNG
+        rank_state = checkpointer.restore(saved, model, optimizer, scheduler, accelerator)
+        data.load_state_dict(rank_state["data"])
+        set_rng_state(rank_state["rng"])
+        first_step, history = saved["step"] + 1, saved["history"]
+        log.info("resuming from the checkpoint at step %d", saved["step"])
 
     tracker = Tracker(spec, active=is_main)
-    progress = Progress(total_steps, cfg.log_every, enabled=is_main)
+    progress = Progress(total_steps, cfg.log_every, enabled=is_main, first_step=first_step)
     progress.message(
         f"training {spec.name}: {total_steps} steps, micro batch {cfg.micro_batch_size} x grad_accum "
         f"{cfg.grad_accum} x {accelerator.num_processes} process(es), {accelerator.device}, "
         f"mixed precision {accelerator.mixed_precision}"
     )
-    with tracker.run({"world_size": str(accelerator.num_processes), "adapter.method": spec.adapter.method}):
+    tags = {"world_size": str(accelerator.num_processes), "adapter.method": spec.adapter.method}
+    with tracker.run(tags), StopRequest(cfg.stop_grace_seconds) as stop:
         # 3. The loop: each optimizer step consumes grad_accum micro-batches. With train.epochs the data
         # ends after the last epoch; the loop ends when it has ended on every rank.
         train_batches = data.train_batches(cfg.micro_batch_size)
         eval_batches = data.eval_batches(cfg.micro_batch_size) if data.eval_files else []
-        history: list[dict[str, float]] = []
         model.train()
-        for step in itertools.count(1):
+        for step in itertools.count(first_step):
             if cfg.max_steps and step > cfg.max_steps:
                 break
             window = list(itertools.islice(train_batches, cfg.grad_accum))
@@ -194,6 +220,20 @@ def train(spec: Spec) -> TrainResult:
             history.append({"step": step, **metrics})
             tracker.log_metrics(metrics, step)
             progress.update(step, metrics)
+            stopping = stop_agreed(stop, accelerator)
+            if stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                run = {
+                    "history": history,
+                    "run_id": tracker.run_id,
+                    "fingerprint": fingerprint(spec, accelerator.num_processes),
+                }
+                checkpointer.save(step, model, optimizer, scheduler, accelerator, data.state_dict(), run)
+            if stopping:
+                checkpointer.wait()
+                raise Preempted(
+                    f"stopped by a signal at step {step}: checkpoint committed {stop.seconds_since():.1f} s after the signal; exit 75 to be requeued"
+                )
+        checkpointer.wait()
         progress.close()
         final = {**data_metrics(data, accelerator)}
         if eval_batches and "eval/loss" not in history[-1]:
@@ -216,6 +256,19 @@ def train(spec: Spec) -> TrainResult:
                 progress.message(f"MLflow run {tracker.run_id} in {tracker.uri}")
         accelerator.wait_for_everyone()
     return TrainResult(unwrapped, tokenizer, adapter_uri, history, tracker.run_id)
+
+
+def is_published(spec: Spec) -> bool:
+    fs, path = filesystem(join(spec.output_uri, "adapter", MANIFEST), spec.storage_options)
+    return fs.exists(path)
+
+
+def stop_agreed(stop: StopRequest, accelerator: Accelerator) -> bool:
+    """Whether any rank got a stop signal: all ranks stop after the same step."""
+    flag = torch.tensor([int(stop.requested)], device=accelerator.device)
+    return (
+        bool(accelerator.reduce(flag, reduction="max")) if accelerator.num_processes > 1 else stop.requested
+    )
 
 
 def optimizer_step(

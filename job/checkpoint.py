@@ -1,0 +1,229 @@
+"""Checkpoints under output.uri/checkpoints/step-NNNNNN/: everything needed to continue a run exactly.
+
+    trainable.safetensors   the trainable weights (adapter, or the whole model for `full`)      rank 0
+    optimizer.pt            optimizer, schedule and grad-scaler states (read with weights_only)  rank 0
+    run.json                step, metric history, MLflow run id, what the run depends on         rank 0
+    rank-00000.json         that rank's RNG states and data cursor                               each rank
+    COMMITTED               written last by rank 0, after every other file is uploaded
+
+A reader trusts only a checkpoint with COMMITTED. Rank files are uploaded before a barrier; rank 0
+then uploads its files from a background thread and writes COMMITTED, so training goes on meanwhile.
+At most one upload is in flight: a checkpoint that comes while one is uploading waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from job.errors import JobError, UserError
+from job.spec import Spec
+from job.storage import download_dir, filesystem, join, upload_dir
+
+log = logging.getLogger(__name__)
+COMMITTED = "COMMITTED"
+STEP_DIR = re.compile(r"step-(\d+)$")
+
+
+def checkpoints_uri(spec: Spec) -> str:
+    return join(spec.output_uri, "checkpoints")
+
+
+def fingerprint(spec: Spec, world_size: int) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    return {
+        "model.source": spec.model.source,
+        "model.quantization": spec.model.quantization,
+        "adapter": spec.adapter.model_dump(mode="json"),
+        "data.train": [list(patterns) + [weight] for patterns, weight in spec.data.train_groups()],
+        "data.format": spec.data.format,
+        "data.fields": spec.data.fields,
+        "data.max_seq_len": spec.data.max_seq_len,
+        "data.packing": spec.data.packing,
+        "data.shuffle_buffer": spec.data.shuffle_buffer,
+        "data.eval_fraction": spec.data.eval_fraction,
+        "train.seed": spec.train.seed,
+        "train.micro_batch_size": spec.train.micro_batch_size,
+        "train.grad_accum": spec.train.grad_accum,
+        "world_size": world_size,
+    }
+
+
+def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [
+        f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in current.items() if saved.get(key) != value
+    ]
+
+
+def committed_steps(spec: Spec) -> list[int]:
+    """Steps of the committed checkpoints under output.uri, oldest first."""
+    fs, root = filesystem(checkpoints_uri(spec), spec.storage_options)
+    if not fs.exists(root):
+        return []
+    steps = []
+    for path in fs.ls(root, detail=False):
+        match = STEP_DIR.search(path.rstrip("/"))
+        if match and fs.exists(f"{path.rstrip('/')}/{COMMITTED}"):
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def remove_uncommitted(spec: Spec) -> None:
+    """Checkpoints without COMMITTED are leftovers of an interrupted upload: never trusted, removed."""
+    fs, root = filesystem(checkpoints_uri(spec), spec.storage_options)
+    if not fs.exists(root):
+        return
+    for path in fs.ls(root, detail=False):
+        path = path.rstrip("/")
+        if STEP_DIR.search(path) and not fs.exists(f"{path}/{COMMITTED}"):
+            log.info("removing incomplete checkpoint %s", path)
+            fs.rm(path, recursive=True)
+
+
+def remove_all(spec: Spec) -> None:
+    fs, root = filesystem(checkpoints_uri(spec), spec.storage_options)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+class Checkpointer:
+    """Writes checkpoints (one upload in flight at most) and reads the newest committed one."""
+
+    def __init__(self, spec: Spec, rank: int, world_size: int, keep: int):
+        self.spec = spec
+        self.rank = rank
+        self.world_size = world_size
+        self.keep = keep
+        self.upload: threading.Thread | None = None
+        self.upload_error: BaseException | None = None
+
+    def step_uri(self, step: int) -> str:
+        return join(checkpoints_uri(self.spec), f"step-{step:06d}")
+
+    def save(self, step: int, model, optimizer, scheduler, accelerator, data_state: dict, run: dict) -> None:
+        """Upload this rank's file now; rank 0 then uploads the rest in the background and commits."""
+        self.wait()
+        uri = self.step_uri(step)
+        with tempfile.TemporaryDirectory(prefix="ftjob-rank-") as tmp:
+            rank_file = Path(tmp) / f"rank-{self.rank:05d}.json"
+            rank_file.write_text(json.dumps({"rng": rng_state(), "data": data_state}))
+            upload_dir(Path(tmp), uri, self.spec.storage_options)
+        accelerator.wait_for_everyone()  # every rank's file is up before rank 0 can commit
+        if self.rank != 0:
+            return
+        staging = Path(tempfile.mkdtemp(prefix="ftjob-checkpoint-"))
+        save_file(trainable_state(accelerator.unwrap_model(model)), staging / "trainable.safetensors")
+        states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if accelerator.scaler is not None:
+            states["scaler"] = accelerator.scaler.state_dict()
+        torch.save(states, staging / "optimizer.pt")
+        (staging / "run.json").write_text(json.dumps({"step": step, **run}))
+        (staging / COMMITTED).write_text(f"step {step}\n")
+        self.upload = threading.Thread(
+            target=self._upload, args=(staging, uri, step), name="ftjob-checkpoint"
+        )
+        self.upload.start()
+
+    def _upload(self, staging: Path, uri: str, step: int) -> None:
+        try:
+            upload_dir(staging, uri, self.spec.storage_options, last=COMMITTED)
+            log.info("checkpoint step %d committed to %s", step, uri)
+            self._apply_retention()
+        except BaseException as e:  # surfaced to the training thread by wait()
+            self.upload_error = e
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _apply_retention(self) -> None:
+        """Older committed checkpoints go only once a newer one is committed."""
+        steps = committed_steps(self.spec)
+        fs, _ = filesystem(checkpoints_uri(self.spec), self.spec.storage_options)
+        for old in steps[: max(0, len(steps) - self.keep)]:
+            _, path = filesystem(self.step_uri(old), self.spec.storage_options)
+            fs.rm(path, recursive=True)
+
+    def wait(self) -> None:
+        """Block until the upload in flight is done; an upload that failed for good ends the job."""
+        if self.upload is not None:
+            self.upload.join()
+            self.upload = None
+        if self.upload_error is not None:
+            error, self.upload_error = self.upload_error, None
+            raise JobError(
+                f"checkpoint upload to {checkpoints_uri(self.spec)} failed: {type(error).__name__}: {error}; "
+                "the previous committed checkpoint is intact"
+            ) from None
+
+    def load_latest(self) -> dict[str, Any] | None:
+        """The newest committed checkpoint, downloaded: run.json's content plus paths; None if there is none."""
+        steps = committed_steps(self.spec)
+        if not steps:
+            return None
+        local = Path(tempfile.mkdtemp(prefix="ftjob-resume-"))
+        download_dir(self.step_uri(steps[-1]), local, self.spec.storage_options)
+        run = json.loads((local / "run.json").read_text())
+        changes = fingerprint_changes(run["fingerprint"], fingerprint(self.spec, self.world_size))
+        if changes:
+            shutil.rmtree(local, ignore_errors=True)
+            raise UserError(
+                f"the spec differs from the one that wrote the checkpoint at step {steps[-1]} in "
+                f"{checkpoints_uri(self.spec)}, so resuming would not continue the same run: "
+                + "; ".join(changes)
+                + ". Run with --restart to start over (the checkpoints are deleted)."
+            )
+        return {**run, "dir": local}
+
+    def restore(self, saved: dict[str, Any], model, optimizer, scheduler, accelerator) -> dict[str, Any]:
+        """Load weights, optimizer and schedule into the prepared objects; returns this rank's state."""
+        directory: Path = saved["dir"]
+        weights = load_file(directory / "trainable.safetensors")
+        parameters = dict(accelerator.unwrap_model(model).named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                parameters[name].copy_(tensor)
+        states = torch.load(directory / "optimizer.pt", weights_only=True)
+        optimizer.load_state_dict(states["optimizer"])
+        scheduler.load_state_dict(states["scheduler"])
+        if "scaler" in states and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(states["scaler"])
+        rank_state = json.loads((directory / f"rank-{self.rank:05d}.json").read_text())
+        shutil.rmtree(directory, ignore_errors=True)
+        return rank_state

@@ -1,0 +1,68 @@
+"""Stop requests from the scheduler: SIGTERM (Kubernetes eviction, preemption), SIGUSR1/SIGUSR2 (Slurm
+`--signal`), SIGINT. The first one asks the loop to finish its step, publish a checkpoint and exit 75;
+a second one, or the grace period running out, exits at once (the last committed checkpoint stays).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+EXIT_REQUEUE = 75
+
+
+class StopRequest:
+    """Installed for the training loop; `requested` turns true at the first stop signal."""
+
+    def __init__(self, grace_seconds: float):
+        self.grace_seconds = grace_seconds
+        self.signal: int | None = None
+        self.received_at: float | None = None
+        self.previous = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def seconds_since(self) -> float:
+        return time.monotonic() - self.received_at if self.received_at else 0.0
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            log.warning("%s again: exiting now; the last committed checkpoint is kept", name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        self.signal, self.received_at = signum, time.monotonic()
+        log.warning(
+            "%s: finishing this step, then a checkpoint and exit %d (at most %.0f s)",
+            name,
+            EXIT_REQUEUE,
+            self.grace_seconds,
+        )
+        watchdog = threading.Timer(self.grace_seconds, self._out_of_time)
+        watchdog.daemon = True
+        watchdog.start()
+
+    def _out_of_time(self) -> None:
+        log.error(
+            "grace period of %.0f s over before the checkpoint was committed: exiting; the last committed "
+            "checkpoint is kept",
+            self.grace_seconds,
+        )
+        logging.shutdown()
+        os._exit(EXIT_REQUEUE)

@@ -1,0 +1,150 @@
+"""Checkpoints, signals and exact resume, with real processes killed by real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import ALPACA_ROWS, REPO, run_ftjob, write_jsonl
+from safetensors.torch import load_file
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("resume")
+
+
+@pytest.fixture(scope="module")
+def spec_path(tiny_model_dir, workdir):
+    rows = [dict(r, output=f"{r['output']} {i}") for i, r in enumerate(ALPACA_ROWS * 15)]
+    data = write_jsonl(workdir / "train.jsonl", rows)
+    spec = {
+        "name": "r",
+        "model": {"source": str(tiny_model_dir)},
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.1},  # dropout on: the RNG must resume too
+        "data": {"train": [str(data)], "packing": True, "max_seq_len": 48, "shuffle_buffer": 16},
+        "train": {
+            "max_steps": STEPS,
+            "micro_batch_size": 2,
+            "checkpoint_every": 5,
+            "log_every": 1,
+            "seed": 3,
+        },
+        "tracking": {"enabled": False},
+    }
+    path = workdir / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def start(spec_path, output: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "job", "run", str(spec_path), "--set", f"output.uri={output}"],
+        cwd=spec_path.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def run_until(process: subprocess.Popen, marker: str) -> list[str]:
+    """Read the job's output until a line contains marker."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if marker in line:
+            return lines
+    raise AssertionError(f"{marker!r} never appeared:\n{''.join(lines)}")
+
+
+def losses(output_dir) -> list[float]:
+    history = json.loads((output_dir / "adapter" / "metrics.json").read_text())["history"]
+    return [h["train/loss"] for h in history]
+
+
+def assert_same_run(workdir, uninterrupted: str, resumed: str) -> None:
+    assert losses(workdir / resumed) == losses(workdir / uninterrupted)
+    a = load_file(workdir / uninterrupted / "adapter" / "adapter_model.safetensors")
+    b = load_file(workdir / resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bitwise
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(spec_path, workdir):
+    result = run_ftjob("run", str(spec_path), "--set", "output.uri=./straight", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert len(losses(workdir / "straight")) == STEPS
+    return "straight"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_checkpoints_exits_75_and_resumes_exactly(spec_path, workdir, uninterrupted, signum):
+    output = f"./stopped-{signum.name}"
+    process = start(spec_path, output)
+    run_until(process, f"step 8/{STEPS}")
+    process.send_signal(signum)
+    out = process.stdout.read()
+    assert process.wait(timeout=120) == 75, out
+    assert "checkpoint committed" in out and "exit 75" in out
+    steps = sorted(p.name for p in (workdir / output / "checkpoints").iterdir())
+    assert steps[-1] >= "step-000008" and not (workdir / output / "adapter").exists()
+
+    resumed = run_ftjob("run", str(spec_path), "--set", f"output.uri={output}", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from the checkpoint at step" in resumed.stderr
+    assert_same_run(workdir, uninterrupted, output)
+
+
+def test_sigkill_after_a_checkpoint_resumes_exactly(spec_path, workdir, uninterrupted):
+    process = start(spec_path, "./killed")
+    run_until(process, "checkpoint step 10 committed")
+    run_until(process, f"step 12/{STEPS}")
+    process.kill()
+    process.wait(timeout=60)
+    assert not (workdir / "killed" / "adapter").exists()
+
+    resumed = run_ftjob("run", str(spec_path), "--set", "output.uri=./killed", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from the checkpoint at step 10" in resumed.stderr
+    assert_same_run(workdir, uninterrupted, "killed")
+
+
+def test_retention_incomplete_checkpoints_finished_runs_and_spec_changes(spec_path, workdir):
+    first = run_ftjob(
+        "run", str(spec_path), "--set", "train.max_steps=12", "--set", "output.uri=./o", cwd=workdir
+    )
+    assert first.returncode == 0, first.stderr
+    checkpoints = workdir / "o" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000005", "step-000010"]  # keep 2
+
+    again = run_ftjob(
+        "run", str(spec_path), "--set", "train.max_steps=12", "--set", "output.uri=./o", cwd=workdir
+    )
+    assert again.returncode == 0 and "already published; nothing to do" in again.stdout
+    assert "step 1/" not in again.stdout
+
+    # an upload that died before COMMITTED is neither trusted nor kept
+    (workdir / "o" / "adapter" / "MANIFEST.json").unlink()
+    (checkpoints / "step-000099").mkdir()
+    (checkpoints / "step-000099" / "run.json").write_text("{half written")
+    changed = run_ftjob(
+        "run", str(spec_path), "--set", "train.max_steps=12", "--set", "train.seed=4", "--set", "output.uri=./o",
+        cwd=workdir,
+    )  # fmt: skip
+    assert changed.returncode == 2
+    assert "train.seed: 3 -> 4" in changed.stderr and "--restart" in changed.stderr
+    assert not (checkpoints / "step-000099").exists()
+
+    restarted = run_ftjob(
+        "run", str(spec_path), "--restart", "--set", "train.max_steps=12", "--set", "train.seed=4",
+        "--set", "output.uri=./o", cwd=workdir,
+    )  # fmt: skip
+    assert restarted.returncode == 0, restarted.stderr
+    assert "resuming" not in restarted.stderr and "step 1/12" in restarted.stdout
