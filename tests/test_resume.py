@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ALPACA_ROWS, REPO, run_ftjob, write_jsonl
@@ -148,3 +149,40 @@ def test_retention_incomplete_checkpoints_finished_runs_and_spec_changes(spec_pa
     )  # fmt: skip
     assert restarted.returncode == 0, restarted.stderr
     assert "resuming" not in restarted.stderr and "step 1/12" in restarted.stdout
+
+
+def torchrun(spec_path, output: str, *extra: str) -> subprocess.Popen:
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "-m", "job", "run"]
+    return subprocess.Popen(
+        [*command, str(spec_path), "--set", f"output.uri={output}", *extra],
+        cwd=spec_path.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_two_processes_stop_together_when_one_rank_is_signalled_and_resume_exactly(spec_path, workdir):
+    import psutil
+
+    straight = torchrun(spec_path, "./ddp-straight")
+    out = straight.stdout.read()
+    assert straight.wait(timeout=300) == 0, out
+
+    stopped = torchrun(spec_path, "./ddp-stopped")
+    run_until(stopped, f"step 8/{STEPS}")
+    workers = psutil.Process(stopped.pid).children()
+    assert len(workers) == 2
+    non_main = max(workers, key=lambda p: p.pid)  # started second: rank 1, which prints nothing
+    non_main.send_signal(signal.SIGTERM)  # the signal reaches one rank only
+    out = stopped.stdout.read()
+    stopped.wait(timeout=300)
+    assert out.count("exit 75 to be requeued") == 2, out  # both ranks stopped after the same step
+    assert not (workdir / "ddp-stopped" / "adapter").exists()
+
+    resumed = torchrun(spec_path, "./ddp-stopped")
+    out = resumed.stdout.read()
+    assert resumed.wait(timeout=300) == 0, out
+    assert "resuming from the checkpoint at step" in out
+    assert_same_run(workdir, "ddp-straight", "ddp-stopped")

@@ -1,0 +1,55 @@
+"""StopRequest: the first signal asks, a second one or the grace period ends the process at once."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO
+
+SCRIPT = """
+import logging, os, signal, sys, time
+from job.signals import StopRequest
+logging.basicConfig()
+with StopRequest(grace_seconds={grace}) as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.requested and stop.signal == signal.SIGTERM
+    print("asked", flush=True)
+    {then}
+    time.sleep(30)
+"""
+
+
+def run(grace: float, then: str) -> tuple[int, float, str]:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(grace=grace, then=then)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result.returncode, time.monotonic() - started, result.stdout + result.stderr
+
+
+def test_grace_period_bounds_the_time_from_signal_to_exit():
+    code, seconds, output = run(grace=1, then="pass")
+    assert code == 75 and "asked" in output and "grace period of 1 s over" in output
+    assert seconds < 20  # far below the 30 s the process would otherwise sleep
+
+
+def test_second_signal_exits_at_once():
+    code, seconds, output = run(grace=60, then="os.kill(os.getpid(), signal.SIGUSR1)")
+    assert code == 128 + signal.SIGUSR1 and "SIGUSR1 again: exiting now" in output
+    assert seconds < 20
+
+
+def test_handlers_are_restored_after_the_loop():
+    from job.signals import StopRequest
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest(grace_seconds=5):
+        assert signal.getsignal(signal.SIGTERM) != before
+    assert signal.getsignal(signal.SIGTERM) == before
