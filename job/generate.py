@@ -33,8 +33,11 @@ def load_trained(adapter_dir: Path) -> tuple[object, object, Spec]:
     return PeftModel.from_pretrained(base, adapter_dir), tokenizer, spec
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float) -> str:
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+def generate_text(
+    model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, add_bos: bool = True
+) -> str:
+    """Decode a continuation of prompt; add_bos=False for text that already starts with it (chat templates)."""
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_bos).to(model.device)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         output = model.generate(
@@ -63,4 +66,5 @@ def generate(adapter_uri: str, prompt: str, max_new_tokens: int = 64, temperatur
         model.eval()
         data = spec.data
         formatter = Formatter(data.format, data.fields, data.train_on, tokenizer, data.chat_template)
-        return generate_text(model, tokenizer, formatter.render_prompt(prompt), max_new_tokens, temperature)
+        text = formatter.render_prompt(prompt)
+        return generate_text(model, tokenizer, text, max_new_tokens, temperature, add_bos=formatter.adds_bos)

@@ -12,14 +12,16 @@ import sys
 from collections import Counter
 from typing import TextIO
 
-from job.data.pipeline import DataPipeline
+from job.data.formats import BadRow, Formatter
+from job.data.pipeline import DataPipeline, train_sources
 from job.data.sources import expand, read_rows
-from job.data.tokens import IGNORE_INDEX
+from job.data.stream import EPOCH_END
+from job.data.tokens import IGNORE_INDEX, tokenize
 from job.errors import UserError
 from job.model import load_tokenizer, quiet_libraries
-from job.model_source import resolve_model_dir, source_kind
+from job.model_source import resolve_model_dir
 from job.spec import Spec
-from job.storage import check_writable, filesystem, join
+from job.storage import check_writable
 
 STATS_ROWS = 1000  # statistics cover at least this many examples, even when fewer are shown
 LOSS_ON, LOSS_OFF = "\033[1;32m", "\033[0m"
@@ -57,7 +59,7 @@ def preview(spec: Spec, n: int, as_json: bool, out: TextIO = sys.stdout, err: Te
     )
     data = DataPipeline(one_epoch, tokenizer)
     stage = data.packer if data.packer else data.examples
-    items = list(itertools.islice(iter(stage), max(n, STATS_ROWS)))
+    items = list(itertools.islice((i for i in stage if i is not EPOCH_END), max(n, STATS_ROWS)))
     tty = out.isatty() and not as_json
     for item in items[:n]:
         ids, labels = (item["input_ids"], item["labels"]) if data.packer else (item.input_ids, item.labels)
@@ -88,26 +90,38 @@ def preview(spec: Spec, n: int, as_json: bool, out: TextIO = sys.stdout, err: Te
 
 
 def check_access(spec: Spec, out: TextIO = sys.stdout) -> None:
-    """Reach every input and the output: model config, the first row of every data file, a write probe."""
-    source = spec.model.source
-    if source_kind(source) == "object-store":  # only the config: the weights are fetched by the job
-        fs, path = filesystem(join(source, "config.json"), spec.storage_options)
-        if not fs.exists(path):
-            raise UserError(f"model.source: no config.json under {source}")
-    else:
-        resolve_model_dir(source, spec.model.revision, spec.storage_options)
-    print(f"ok  model.source {source}", file=out)
-    train_patterns = [p for patterns, _ in spec.data.train_groups() for p in patterns]
-    for key, patterns in (("data.train", train_patterns), ("data.eval", spec.data.eval)):
-        for url in expand(patterns, spec.storage_options, key):
-            first = next(read_rows(url, spec.storage_options), None)
-            state = (
-                "empty"
-                if first is None
-                else (f"first row unreadable: {first[0].error}" if first[0].error else "ok")
-            )
-            print(f"{'ok ' if state == 'ok' else 'BAD'} {key} {url}: {state}", file=out)
-            if state != "ok":
-                raise UserError(f"{key}: {url}: {state}")
+    """Reach every input and the output: the model (fetched into the node's cache as for training) and
+    its tokenizer, the first row of every data file turned into an example, and a write probe."""
+    quiet_libraries()
+    model_dir = resolve_model_dir(spec.model.source, spec.model.revision, spec.storage_options)
+    tokenizer = load_tokenizer(model_dir, spec.model)
+    print(f"ok  model.source {spec.model.source}", file=out)
+    data = spec.data
+    formatter = Formatter(data.format, data.fields, data.train_on, tokenizer, data.chat_template)
+    train_files = [f for files, _ in train_sources(spec) for f in files]
+    for key, files in (
+        ("data.train", train_files),
+        ("data.eval", expand(data.eval, spec.storage_options, "data.eval")),
+    ):
+        for url in files:
+            problem = first_row_problem(url, spec, formatter, tokenizer)
+            print(f"{'BAD' if problem else 'ok '} {key} {url}{': ' + problem if problem else ''}", file=out)
+            if problem:
+                raise UserError(f"{key}: {problem}")
     check_writable(spec.output_uri, spec.storage_options)
     print(f"ok  output.uri {spec.output_uri} is writable", file=out)
+
+
+def first_row_problem(url: str, spec: Spec, formatter: Formatter, tokenizer) -> str | None:
+    """Why the file's first row cannot become an example, or None when it can."""
+    first = next(read_rows(url, spec.storage_options), None)
+    if first is None:
+        return f"{url}: no rows"
+    row = first[0]
+    try:
+        if row.error:
+            raise BadRow(row.error)
+        tokenize(formatter(row.value), tokenizer)
+    except BadRow as e:
+        return f"{row.where}: {e}"
+    return None

@@ -9,10 +9,13 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
+import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,14 +28,14 @@ from job.checkpoint import Checkpointer, fingerprint, remove_all, remove_uncommi
 from job.data.batching import Batch, empty_batch
 from job.data.pipeline import DataPipeline
 from job.data.tokens import IGNORE_INDEX
-from job.errors import JobError
-from job.export import MANIFEST, publish
+from job.errors import DataError, JobError
+from job.export import MANIFEST, publish, save_trained, write_manifest, write_run_files
 from job.model import apply_adapter, count_parameters, load_model, load_tokenizer, quiet_libraries
 from job.model_source import resolve_model_dir
 from job.progress import Progress
 from job.signals import EXIT_REQUEUE, StopRequest
 from job.spec import Spec
-from job.storage import check_writable, filesystem, join
+from job.storage import check_writable, filesystem, is_local, join
 from job.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -113,7 +116,12 @@ def loss_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 @torch.no_grad()
 def evaluate(model, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> float:
-    """Token-weighted mean loss over the eval split of every rank."""
+    """Token-weighted mean loss over the eval split of every rank.
+
+    Every rank calls it, with or without eval rows of its own (the reduce needs all). The unwrapped
+    model: DDP's forward would sync buffers per batch, and ranks may have different batch counts.
+    """
+    model = accelerator.unwrap_model(model)
     model.eval()
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for batch in batches:
@@ -189,19 +197,25 @@ def train(spec: Spec, restart: bool = False) -> TrainResult | None:
         first_step, history = saved["step"] + 1, saved["history"]
         log.info("resuming from the checkpoint at step %d", saved["step"])
 
-    tracker = Tracker(spec, active=is_main)
+    tracker = Tracker(spec, active=is_main, resume_run_id=saved.get("run_id") if saved else None)
+    model_flops, device_flops = flops_per_token(total, trainable), peak_flops(accelerator)
     progress = Progress(total_steps, cfg.log_every, enabled=is_main, first_step=first_step)
     progress.message(
         f"training {spec.name}: {total_steps} steps, micro batch {cfg.micro_batch_size} x grad_accum "
         f"{cfg.grad_accum} x {accelerator.num_processes} process(es), {accelerator.device}, "
         f"mixed precision {accelerator.mixed_precision}"
     )
-    tags = {"world_size": str(accelerator.num_processes), "adapter.method": spec.adapter.method}
+    tags = {
+        "world_size": str(accelerator.num_processes),
+        "adapter.method": spec.adapter.method,
+        "device": torch.cuda.get_device_name(accelerator.device) if cuda else "cpu",
+    }
     with tracker.run(tags), StopRequest(cfg.stop_grace_seconds) as stop:
         # 3. The loop: each optimizer step consumes grad_accum micro-batches. With train.epochs the data
         # ends after the last epoch; the loop ends when it has ended on every rank.
         train_batches = data.train_batches(cfg.micro_batch_size)
-        eval_batches = data.eval_batches(cfg.micro_batch_size) if data.eval_files else []
+        has_eval = bool(data.eval_files)  # the same on every rank, unlike a rank's own share of eval rows
+        eval_batches = data.eval_batches(cfg.micro_batch_size) if has_eval else []
         model.train()
         for step in itertools.count(first_step):
             if cfg.max_steps and step > cfg.max_steps:
@@ -213,9 +227,13 @@ def train(spec: Spec, restart: bool = False) -> TrainResult | None:
             if metrics is None:
                 break
             metrics["train/epoch"] = data.epoch
+            if device_flops:
+                achieved = metrics["train/tokens_per_second"] * model_flops
+                metrics["train/mfu"] = achieved / (device_flops * accelerator.num_processes)
             if step % cfg.log_every == 0:
                 metrics.update(data_metrics(data, accelerator))
-            if eval_batches and cfg.eval_every and step % cfg.eval_every == 0:
+                metrics["train/peak_memory_gib"] = peak_memory_gib(accelerator)
+            if has_eval and cfg.eval_every and step % cfg.eval_every == 0:
                 metrics.update(eval_metrics(model, eval_batches, accelerator))
             history.append({"step": step, **metrics})
             tracker.log_metrics(metrics, step)
@@ -224,7 +242,7 @@ def train(spec: Spec, restart: bool = False) -> TrainResult | None:
             if stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 run = {
                     "history": history,
-                    "run_id": tracker.run_id,
+                    "run_id": tracker.resume_id,
                     "fingerprint": fingerprint(spec, accelerator.num_processes),
                 }
                 checkpointer.save(step, model, optimizer, scheduler, accelerator, data.state_dict(), run)
@@ -235,8 +253,9 @@ def train(spec: Spec, restart: bool = False) -> TrainResult | None:
                 )
         checkpointer.wait()
         progress.close()
+        data.budget.check()  # a run that ends before the data does still answers for its bad rows
         final = {**data_metrics(data, accelerator)}
-        if eval_batches and "eval/loss" not in history[-1]:
+        if has_eval and "eval/loss" not in history[-1]:
             final.update(eval_metrics(model, eval_batches, accelerator))
         history[-1].update(final)
         tracker.log_metrics(final, history[-1]["step"])
@@ -248,14 +267,79 @@ def train(spec: Spec, restart: bool = False) -> TrainResult | None:
         adapter_uri = ""
         if is_main:
             merged = merged_model(unwrapped, model_dir, spec) if spec.output.merge else None
-            adapter_uri = publish(
-                unwrapped, tokenizer, spec, {"history": history, "final": history[-1]}, merged
-            )
+            run_metrics = {"history": history, "final": history[-1]}
+            adapter_uri = publish(unwrapped, tokenizer, spec, run_metrics, merged)
             progress.message(f"adapter published to {adapter_uri}")
+            log_adapter(tracker, adapter_uri, unwrapped, tokenizer, spec, run_metrics)
             if tracker.run_id:
                 progress.message(f"MLflow run {tracker.run_id} in {tracker.uri}")
         accelerator.wait_for_everyone()
     return TrainResult(unwrapped, tokenizer, adapter_uri, history, tracker.run_id)
+
+
+def log_adapter(tracker: Tracker, adapter_uri: str, model, tokenizer, spec: Spec, metrics: dict) -> None:
+    """The published adapter as MLflow artifacts: the local directory itself or, when it went to an
+    object store, a local copy written the same way (nothing is downloaded)."""
+    if is_local(adapter_uri):
+        tracker.log_adapter(Path(filesystem(adapter_uri)[1]))
+        return
+    directory = tracker.artifact_dir("adapter")
+    if directory is not None:
+        save_trained(model, tokenizer, directory)
+        write_run_files(directory, spec, metrics)
+        write_manifest(directory)
+        tracker.log_adapter(directory)
+
+
+# Dense bf16/fp16 tensor-core peak of one GPU in FLOP/s (NVIDIA datasheets): (model, variant, peak).
+GPU_PEAK_FLOPS = [
+    ("H200", "NVL", 835e12),
+    ("H200", None, 989e12),
+    ("H100", "PCIe", 756e12),
+    ("H100", "NVL", 835e12),
+    ("H100", None, 989e12),
+    ("A100", None, 312e12),
+    ("L40S", None, 362e12),
+    ("L4", None, 121e12),
+    ("A10", None, 125e12),
+    ("V100", None, 125e12),
+    ("T4", None, 65e12),
+]
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """'NVIDIA H100 80GB HBM3' -> 989e12; None for a GPU not in GPU_PEAK_FLOPS."""
+    words = set(re.split(r"[\s-]+", device_name))
+    for model, variant, flops in GPU_PEAK_FLOPS:
+        if model in words and (variant is None or variant in words):
+            return flops
+    return None
+
+
+def peak_flops(accelerator: Accelerator) -> float | None:
+    """The device's peak FLOP/s for 16-bit mixed precision; None on CPUs, in float32 and for unknown GPUs."""
+    if accelerator.device.type != "cuda" or accelerator.mixed_precision not in ("bf16", "fp16"):
+        return None
+    return gpu_peak_flops(torch.cuda.get_device_name(accelerator.device))
+
+
+def flops_per_token(total_params: int, trainable_params: int) -> float:
+    """Model FLOPs per trained token: 2N forward, 2N backward through all N weights, and 2N' for the
+    gradients of the N' trainable ones (6N for a full fine-tune). Attention's sequence-length term is
+    left out, so MFU reads a little low for long sequences."""
+    return 2.0 * (2 * total_params + trainable_params)
+
+
+def peak_memory_gib(accelerator: Accelerator) -> float:
+    """Peak memory of the busiest rank: allocated GPU memory, or on CPUs the process's peak RSS."""
+    if accelerator.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(accelerator.device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = torch.tensor(float(peak), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        peak = accelerator.reduce(peak, reduction="max")
+    return float(peak) / 2**30
 
 
 def is_published(spec: Spec) -> bool:
@@ -317,12 +401,13 @@ def epoch_run_steps(
     data: DataPipeline, accelerator: Accelerator, epochs: int, micro_batch_size: int, grad_accum: int
 ) -> int:
     """Optimizer steps of an epoch-based run: from one counting pass, the largest rank's share."""
-    count = torch.tensor(data.count_micro_batches(micro_batch_size), device=accelerator.device)
-    return steps_for_epochs(
-        epochs,
-        int(accelerator.reduce(count, reduction="max") if accelerator.num_processes > 1 else count),
-        grad_accum,
-    )
+    micro_batches, stats = data.count_micro_batches(micro_batch_size)
+    count = torch.tensor(micro_batches, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        count = accelerator.reduce(count, reduction="max")
+    if int(count) == 0:
+        raise DataError(f"data.train: no example to train on; {data_summary(stats)}")
+    return steps_for_epochs(epochs, int(count), grad_accum)
 
 
 def eval_metrics(model, batches: list[Batch], accelerator: Accelerator) -> dict[str, float]:

@@ -227,12 +227,18 @@ def numbered_files(tmp_path, n: int, per_file: int = 50) -> list[str]:
     return files
 
 
-def shuffled(files: list[str], buffer_size: int, seed: int, epochs: int = 1) -> list[int | None]:
-    """What a ShuffleBuffer yields over files read in the order given."""
+def shuffled(files: list[str], buffer_size: int, seed: int, epochs: int = 1) -> list[int]:
+    """What a ShuffleBuffer yields over files read in the order given, less the EPOCH_END markers,
+    after checking that exactly one closes each epoch."""
     source = SourceStream(files, {}, seed=0, epochs=epochs, shuffle_files=False)
-    return [
+    out = [
         None if row is None else row.value["n"] for row in ShuffleBuffer(source, buffer_size, seed, rank=0)
     ]
+    per_epoch = (len(out) - epochs) // epochs
+    assert [i for i, v in enumerate(out) if v is None] == [
+        (k + 1) * (per_epoch + 1) - 1 for k in range(epochs)
+    ]
+    return [v for v in out if v is not None]
 
 
 def test_shuffle_buffer_is_a_seeded_permutation(tmp_path):
@@ -241,7 +247,7 @@ def test_shuffle_buffer_is_a_seeded_permutation(tmp_path):
     first = shuffled(files, 16, seed=1)
     again = shuffled(files, 16, seed=1)
     other = shuffled(files, 16, seed=2)
-    assert sorted(first) == items  # no EPOCH_END (None) comes out of the buffer
+    assert sorted(first) == items
     assert first != items
     assert first == again
     assert other != first
@@ -357,7 +363,9 @@ def test_pipeline_skip_policy_counts_and_checks(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     within = DataPipeline(make_spec([str(path)], bad_rows={"max_fraction": 0.1}, shuffle_buffer=0), tokenizer)
     within.budget.quiet = True
-    assert [completion_text(tokenizer, e) for e in within.examples] == [f"o{i}" for i in range(9)]
+    assert [completion_text(tokenizer, e) for e in within.examples if e is not None] == [
+        f"o{i}" for i in range(9)
+    ]
     assert (within.budget.rows, within.budget.bad) == (10, 1)
     assert within.examples.counts.examples == 9
     within.budget.check()
@@ -379,7 +387,7 @@ def test_sharding_is_balanced_and_counts_rows_per_rank(tmp_path, tokenizer, worl
     per_rank = []
     for rank in range(world_size):
         pipeline = DataPipeline(spec, tokenizer, rank, world_size)
-        per_rank.append([completion_text(tokenizer, e) for e in pipeline.examples])
+        per_rank.append([completion_text(tokenizer, e) for e in pipeline.examples if e is not None])
         assert pipeline.budget.rows == pipeline.examples.counts.examples == len(per_rank[-1])
     sizes = [len(r) for r in per_rank]
     assert sum(sizes) == 11
@@ -399,7 +407,7 @@ def test_sharding_over_s3(s3, tokenizer):
     seen = []
     for rank in range(2):
         pipeline = DataPipeline(spec, tokenizer, rank, 2)
-        seen += [completion_text(tokenizer, e) for e in pipeline.examples]
+        seen += [completion_text(tokenizer, e) for e in pipeline.examples if e is not None]
     assert sorted(seen) == sorted([f"c{i}" for i in range(5)] + [f"d{i}" for i in range(4)])
 
 

@@ -399,11 +399,12 @@ def test_two_processes_with_uneven_shards_finish_the_epoch_together(tiny_model_d
     from conftest import ALPACA_ROWS
 
     data = write_jsonl(isolated / "d.jsonl", (ALPACA_ROWS * 2)[:5])
+    one_eval_row = write_jsonl(isolated / "e.jsonl", ALPACA_ROWS[:1])  # rank 1 has no eval batch
     spec = {
         "name": "ddp",
         "model": {"source": str(tiny_model_dir)},
-        "data": {"train": [str(data)], "shuffle_buffer": 0},
-        "train": {"epochs": 1, "micro_batch_size": 1, "grad_accum": 2, "log_every": 1},
+        "data": {"train": [str(data)], "eval": [str(one_eval_row)], "shuffle_buffer": 0},
+        "train": {"epochs": 1, "micro_batch_size": 1, "grad_accum": 2, "log_every": 1, "eval_every": 1},
         "tracking": {"enabled": False},
     }
     (isolated / "spec.json").write_text(json.dumps(spec))
@@ -420,6 +421,43 @@ def test_two_processes_with_uneven_shards_finish_the_epoch_together(tiny_model_d
     metrics = json.loads((isolated / "runs" / "ddp" / "adapter" / "metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == [1, 2]
     assert metrics["final"]["data/rows_read"] == 5
+    assert all("eval/loss" in h for h in metrics["history"])
+
+
+def test_two_ranks_compute_the_same_step_as_one_rank_accumulating(tiny_model_dir, isolated):
+    """Rows 0-3 in one step: 2 ranks x micro batch 2 (rank r gets rows r, r+2) or 1 rank x 2 micro
+    batches of 2. The loss is a mean over the step's tokens on all ranks, so both give the same loss
+    and gradient norm."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import ALPACA_ROWS, run_ftjob
+
+    data = write_jsonl(isolated / "d.jsonl", ALPACA_ROWS)
+    spec = {
+        "model": {"source": str(tiny_model_dir)},
+        "adapter": {"dropout": 0.0},
+        "data": {"train": [str(data)], "shuffle_buffer": 0},
+        "train": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 2},
+        "tracking": {"enabled": False},
+    }
+    (isolated / "spec.json").write_text(json.dumps(spec))
+    one = run_ftjob("run", "spec.json", "--set", "output.uri=./one", cwd=isolated)
+    assert one.returncode == 0, one.stderr
+    torchrun = Path(sys.executable).parent / "torchrun"
+    two = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "-m", "job", "run", "spec.json", "--set", "output.uri=./two",
+         "--set", "train.grad_accum=1"],
+        cwd=isolated, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    first = [
+        json.loads((isolated / d / "adapter" / "metrics.json").read_text())["history"][0]
+        for d in ("one", "two")
+    ]
+    assert first[1]["train/loss"] == pytest.approx(first[0]["train/loss"], rel=1e-5)
+    assert first[1]["train/grad_norm"] == pytest.approx(first[0]["train/grad_norm"], rel=1e-4)
 
 
 def test_unreadable_bucket_is_exit_2_without_credentials(tokenizer, s3, monkeypatch):
@@ -428,3 +466,20 @@ def test_unreadable_bucket_is_exit_2_without_credentials(tokenizer, s3, monkeypa
         DataPipeline(make_spec(["s3://no-such-bucket-xyz/data/*.jsonl"]), tokenizer)
     assert error.value.exit_code == 2
     assert "data.train[0]" in str(error.value) and "SECRET-MARKER" not in str(error.value)
+
+
+STRICT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_template_errors_are_bad_rows_or_spec_errors(tokenizer):
+    formatter = Formatter("chat", {}, "completion", tokenizer, STRICT_TEMPLATE)
+    with pytest.raises(BadRow, match="chat template: no system role"):
+        formatter({"messages": CONVERSATION})
+    with pytest.raises(BadRow, match="starts with an assistant turn"):
+        Formatter("chat", {}, "completion", tokenizer, CHATML)({"messages": CONVERSATION[2:3]})
+    with pytest.raises(UserError, match="data.chat_template .*cannot render"):
+        Formatter("chat", {}, "completion", tokenizer, "{% for m in messages %}{{ m['content'] }")

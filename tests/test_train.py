@@ -353,3 +353,53 @@ def test_same_seed_same_run_other_seed_other_run(tiny_model_dir, data_files):
     first = losses(1)
     assert losses(1) == first
     assert losses(2) != first
+
+
+def test_epoch_runs_plan_exactly_the_steps_they_take(tiny_model_dir, data_files, isolated):
+    """5 rows, micro batch 4: each epoch is 2 micro-batches (4 + 1; no batch spans two epochs), so 3
+    epochs are 6 steps, and the schedule reaches its end on the last one."""
+    five = write_jsonl(isolated / "five.jsonl", (ALPACA_ROWS * 2)[:5])
+    spec = spec_dict(
+        tiny_model_dir,
+        data_files,
+        data={"train": [str(five)], "eval": []},
+        train={"max_steps": None, "epochs": 3, "micro_batch_size": 4, "scheduler": "linear"},
+    )
+    history = run_in_process(spec).history
+    assert len(history) == 6
+    assert history[-1]["train/learning_rate"] == 0.0
+    assert history[-1]["data/rows_read"] == 15
+
+
+@pytest.mark.parametrize(
+    "train,expected",
+    [({"max_steps": 3}, "a whole epoch gave no example"), ({"epochs": 1}, "no example to train on")],
+)
+def test_data_with_no_usable_example_is_exit_3_not_a_hang(
+    tiny_model_dir, data_files, isolated, train, expected
+):
+    spec = spec_dict(tiny_model_dir, data_files, data={"max_seq_len": 4}, train={"max_steps": None, **train})
+    (isolated / "spec.json").write_text(json.dumps(spec))
+    run = run_ftjob("run", "spec.json", cwd=isolated, timeout=180)
+    assert run.returncode == 3, run.stderr
+    assert expected in run.stderr and "dropped" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_bad_rows_over_budget_fail_a_short_max_steps_run(tiny_model_dir, data_files, isolated):
+    rows = [json.dumps(ALPACA_ROWS[0]), "{broken"] * 4
+    bad = write_jsonl(isolated / "half-bad.jsonl", rows)
+    spec = spec_dict(tiny_model_dir, data_files, data={"train": [str(bad)]}, train={"max_steps": 2})
+    (isolated / "spec.json").write_text(json.dumps(spec))
+    run = run_ftjob("run", "spec.json", cwd=isolated)
+    assert run.returncode == 3, run.stderr
+    assert "rows are bad, over data.bad_rows.max_fraction=0.01" in run.stderr
+    assert not (isolated / "runs" / "t" / "adapter" / MANIFEST).exists()
+
+
+def test_second_spec_entry_is_named_in_errors(tiny_model_dir, data_files, isolated, capsys):
+    from job.cli import main
+
+    spec = spec_dict(tiny_model_dir, data_files, data={"train": [str(data_files[0]), "missing-*.jsonl"]})
+    (isolated / "spec.json").write_text(json.dumps(spec))
+    assert main(["run", "spec.json"]) == 2
+    assert "data.train[1]: no such file: missing-*.jsonl" in capsys.readouterr().err

@@ -23,6 +23,7 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
 }
 OPTIONAL_FIELDS = {"input"}
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+SAMPLE_CONVERSATION = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
 
 class BadRow(ValueError):
@@ -71,6 +72,13 @@ class Formatter:
                 "data.format 'chat': the model's tokenizer has no chat template; set data.chat_template "
                 "to a Jinja template (or use the alpaca, completion or text format)"
             )
+        if data_format == "chat":
+            try:
+                self._render(SAMPLE_CONVERSATION, add_generation_prompt=False)
+            except BadRow as e:
+                raise UserError(
+                    f"data.chat_template (or the tokenizer's): cannot render a conversation: {e}"
+                ) from None
 
     def __call__(self, row: Any) -> Example:
         if not isinstance(row, Mapping):
@@ -103,12 +111,22 @@ class Formatter:
         return text
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages,
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except (TemplateError, ValueError) as e:  # e.g. templates that insist on alternating roles
+            raise BadRow(f"chat template: {e}") from None
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether the tokenizer should add its BOS to the text: not for chat, whose template writes it."""
+        return self.format != "chat"
 
     def _chat(self, row: Mapping[str, Any]) -> Example:
         """Segments by rendering growing prefixes of the conversation: what each assistant turn adds
@@ -117,6 +135,8 @@ class Formatter:
         messages = self._messages(row)
         segments: list[tuple[str, bool]] = []
         done = ""
+        if messages[0]["role"] == "assistant":
+            raise BadRow("the conversation starts with an assistant turn: there is nothing to respond to")
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue

@@ -14,7 +14,6 @@ next, without re-reading or re-tokenizing what came before.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -22,8 +21,8 @@ from typing import Any
 
 from job.data.batching import Batch, pack_row, pad_batch, stack_packed
 from job.data.formats import BadRow, Formatter
-from job.data.sources import Row, expand
-from job.data.stream import Mixture, ShuffleBuffer, SourceStream, held_out
+from job.data.sources import Row, expand, expand_pattern
+from job.data.stream import EPOCH_END, Mixture, ShuffleBuffer, SourceStream, held_out
 from job.data.tokens import TokenizedExample, fit, tokenize
 from job.errors import DataError
 from job.spec import BadRowsSpec, Spec
@@ -84,10 +83,22 @@ class ExampleStream:
         self.counts = FitCounts()
         self.pending: list[TokenizedExample] = []  # the rest of a long text's pieces
 
-    def __iter__(self) -> Iterator[TokenizedExample]:
+    def __iter__(self) -> Iterator[TokenizedExample | None]:
+        """Examples, and EPOCH_END where the rows' epoch ends."""
         while self.pending:
             yield self.pending.pop(0)
+        source = getattr(self.rows, "source", None)  # the cursor whose epochs we watch, for training
+        fruitful_epoch = source.epoch if source else 0
         for row in self.rows:
+            if row is EPOCH_END:
+                yield EPOCH_END
+                continue
+            if source and source.epoch > fruitful_epoch + 1:
+                raise DataError(
+                    f"data.train: a whole epoch gave no example to train on: {self.budget.rows} rows read, "
+                    f"{self.budget.bad} bad, {self.counts.dropped} dropped (longer than data.max_seq_len="
+                    f"{self.data.max_seq_len}, or no completion left after truncation)"
+                )
             self.budget.rows += 1
             try:
                 if row.error:
@@ -106,6 +117,8 @@ class ExampleStream:
             self.counts.dropped += fitted.dropped
             self.counts.examples += len(fitted.pieces)
             self.pending = list(fitted.pieces)
+            if self.pending and source:
+                fruitful_epoch = source.epoch
             while self.pending:
                 yield self.pending.pop(0)
         self.budget.check()
@@ -140,9 +153,18 @@ class Packer:
         """Real tokens / row capacity over the rows packed so far."""
         return self.real_tokens / (self.rows * self.length) if self.rows else 0.0
 
-    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+    def __iter__(self) -> Iterator[dict[str, list[int]] | None]:
+        """Packed rows; a row never spans two epochs (EPOCH_END closes it and is passed on)."""
         for example in self.examples:
-            if self.open and sum(len(e.input_ids) for e in self.open) + len(example.input_ids) > self.length:
+            if example is EPOCH_END:
+                if self.open:
+                    row = self._close()
+                    self.open = []
+                    yield row
+                yield EPOCH_END
+            elif (
+                self.open and sum(len(e.input_ids) for e in self.open) + len(example.input_ids) > self.length
+            ):
                 row = self._close()
                 self.open = [example]
                 yield row
@@ -169,20 +191,30 @@ class Packer:
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:
-    iterator = iter(items)
-    while batch := list(itertools.islice(iterator, size)):
+    """Lists of `size` items; a shorter one at the end and at each EPOCH_END, so no batch spans epochs."""
+    batch = []
+    for item in items:
+        if item is not EPOCH_END:
+            batch.append(item)
+        if batch and (len(batch) == size or item is EPOCH_END):
+            full, batch = batch, []
+            yield full
+    if batch:
         yield batch
 
 
 def train_sources(spec: Spec) -> list[tuple[list[str], float]]:
     """data.train as (files, weight) sources: one source of every file, or one per entry when weighted."""
-    groups = [
-        (expand(patterns, spec.storage_options, f"data.train[{i}]"), weight)
-        for i, (patterns, weight) in enumerate(spec.data.train_groups())
-    ]
     if not spec.data.weighted:
-        groups = [([f for files, _ in groups for f in files], 1.0)]
-    return groups
+        return [(expand(spec.data.train, spec.storage_options, "data.train"), 1.0)]
+    sources = []
+    for i, entry in enumerate(spec.data.train):
+        if isinstance(entry, str):
+            sources.append((expand_pattern(entry, spec.storage_options, f"data.train[{i}]"), 1.0))
+        else:
+            paths = [entry.path] if isinstance(entry.path, str) else entry.path
+            sources.append((expand(paths, spec.storage_options, f"data.train[{i}].path"), entry.weight))
+    return sources
 
 
 class DataPipeline:
@@ -273,12 +305,13 @@ class DataPipeline:
         if self.packer:
             self.packer.load_state_dict(state["packer"])
 
-    def count_micro_batches(self, micro_batch_size: int) -> int:
-        """Micro-batches of one epoch on this rank (a separate pass), to size an epoch-based run."""
+    def count_micro_batches(self, micro_batch_size: int) -> tuple[int, dict[str, float]]:
+        """Micro-batches of one epoch on this rank (a separate pass), to size an epoch-based run; and
+        that pass's data counters."""
         one_epoch = self.spec.model_copy(update={"train": self.spec.train.model_copy(update={"epochs": 1})})
         counter = DataPipeline(one_epoch, self.tokenizer, self.rank, self.world_size)
         counter.budget.quiet = True
-        return sum(1 for _ in counter.train_batches(micro_batch_size))
+        return sum(1 for _ in counter.train_batches(micro_batch_size)), counter.stats()
 
     def eval_batches(self, micro_batch_size: int) -> list[Batch]:
         """The eval split of this rank (data.eval, or the held-out data.eval_fraction), read once and kept."""

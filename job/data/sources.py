@@ -110,27 +110,35 @@ def file_format(url: str) -> str:
 
 
 def expand(patterns: Sequence[str], storage_options: StorageOptions, key: str) -> list[str]:
-    """URLs and globs -> the files they name (sorted within a glob). Missing input, or a file of a
-    format that cannot be read, is exit 2, now."""
-    files: list[str] = []
-    for i, pattern in enumerate(patterns):
+    """URLs and globs -> the files they name; errors name the entry as key[i]."""
+    return [
+        url
+        for i, pattern in enumerate(patterns)
+        for url in expand_pattern(pattern, storage_options, f"{key}[{i}]")
+    ]
+
+
+def expand_pattern(pattern: str, storage_options: StorageOptions, name: str) -> list[str]:
+    """One URL or glob -> the files it names (sorted). Missing input, or a file of a format that
+    cannot be read, is exit 2, now; `name` says where the pattern is in the spec."""
+    try:
+        fs, path = filesystem(pattern, storage_options)
+        if fsspec.core.has_magic(path):
+            matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
+        else:
+            matches = [path] if fs.isfile(path) else []
+    except Exception as e:  # unreachable bucket, bad credentials, bad URL: all "cannot read"
+        raise UserError(f"{name}: cannot read {pattern}: {type(e).__name__}: {e}") from None
+    if not matches:
+        raise UserError(f"{name}: no such file: {pattern}")
+    files = []
+    for match in matches:
+        url = fs.unstrip_protocol(match) if "://" in pattern else match
         try:
-            fs, path = filesystem(pattern, storage_options)
-            if fsspec.core.has_magic(path):
-                matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
-            else:
-                matches = [path] if fs.isfile(path) else []
-        except Exception as e:  # unreachable bucket, bad credentials, bad URL: all "cannot read"
-            raise UserError(f"{key}[{i}]: cannot read {pattern}: {type(e).__name__}: {e}") from None
-        if not matches:
-            raise UserError(f"{key}[{i}]: no such file: {pattern}")
-        for match in matches:
-            url = fs.unstrip_protocol(match) if "://" in pattern else match
-            try:
-                file_format(url)
-            except UserError as e:
-                raise UserError(f"{key}[{i}]: {e}") from None
-            files.append(url)
+            file_format(url)
+        except UserError as e:
+            raise UserError(f"{name}: {e}") from None
+        files.append(url)
     return files
 
 

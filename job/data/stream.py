@@ -13,6 +13,7 @@ exactly one rank once per epoch, whether there are fewer files than ranks or mor
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,10 +26,12 @@ EPOCH_END = None  # what a SourceStream yields between epochs
 
 
 def held_out(url: str, row: int, fraction: float) -> bool:
-    """The stable eval split: the same rows on every rank and every restart."""
+    """The stable eval split: the same rows on every rank and every restart, and wherever the file
+    lies (the file's name, not its full URL, goes into the hash: ./d.jsonl, /abs/d.jsonl and
+    s3://bucket/d.jsonl split alike)."""
     if fraction <= 0:
         return False
-    digest = hashlib.blake2b(f"{url}\0{row}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{posixpath.basename(url)}\0{row}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
@@ -83,7 +86,7 @@ class SourceStream:
     def __iter__(self) -> Iterator[Row | None]:
         """Rows; EPOCH_END after each epoch (the cursor already points at the next one)."""
         while self.epochs is None or self.epoch < self.epochs:
-            produced = False
+            produced, whole_epoch = False, self.file_index == 0 and self.position.row == 0
             order = self.file_order(self.epoch)
             while self.file_index < len(order):
                 url = order[self.file_index]
@@ -101,10 +104,10 @@ class SourceStream:
                 self.rows_before += max(seen[0], self.position.row)
                 self.file_index += 1
                 self.position = Position()
-            if not produced and self.epochs is None and self.rows_before < self.world_size:
+            if whole_epoch and not produced and self.epochs is None:  # an endless stream would wait forever
                 raise DataError(
-                    f"rank {self.rank} got no rows: {self.rows_before} row(s) in {len(self.files)} file(s) "
-                    f"for {self.world_size} processes"
+                    f"rank {self.rank} of {self.world_size} got no rows in a whole epoch over "
+                    f"{', '.join(self.files)} ({self.rows_before} lines or rows in all)"
                 )
             self.epoch += 1
             self.file_index = 0
@@ -141,12 +144,15 @@ class ShuffleBuffer:
         self.buffer: list[Row] = []
         self.draining = False  # an epoch ended: empty the buffer before reading on
 
-    def __iter__(self) -> Iterator[Row]:
+    def __iter__(self) -> Iterator[Row | None]:
+        """Shuffled rows; EPOCH_END after the last row of each epoch, so later stages can flush."""
         rows = iter(self.source)
         while True:
             while self.draining and self.buffer:
                 yield self._pop_random()
-            self.draining = False
+            if self.draining:
+                self.draining = False
+                yield EPOCH_END
             row = next(rows, StopIteration)
             if row is StopIteration:
                 return
@@ -197,8 +203,10 @@ class Mixture:
         iterators = [iter(stream) for stream in self.streams]
         while True:
             (chosen,) = self.rng.choices(range(len(iterators)), weights=self.weights)
-            row = next(iterators[chosen], None)
-            if row is None:  # sources cycle forever; only a source limited to some epochs ends
+            row = EPOCH_END
+            while row is EPOCH_END:  # each source has its own epochs; the mixture has none
+                row = next(iterators[chosen], StopIteration)
+            if row is StopIteration:  # sources cycle forever; only a source limited to some epochs ends
                 return
             yield row
 
