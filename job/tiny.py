@@ -13,7 +13,7 @@ SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
 
 def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
     """A byte-level BPE tokenizer trained on corpus (any text still encodes, byte by byte)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
@@ -26,6 +26,10 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
+    bos = tokenizer.token_to_id("<|bos|>")  # like Llama's: BOS before every encoded text
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", bos)]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>"
     )

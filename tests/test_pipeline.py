@@ -197,9 +197,9 @@ def test_every_row_exactly_once_per_epoch_across_ranks(tokenizer, isolated, worl
         pipeline = DataPipeline(spec, tokenizer, rank=rank, world_size=world_size)
         for batch in pipeline.train_batches(3):
             for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
-                seen[tokenizer.decode(row[mask.bool()])] += 1
+                seen[tokenizer.decode(row[mask.bool()], skip_special_tokens=True)] += 1
     expected = {f"f{k} {i} " + "word " * (i % 7) for k in range(n_files) for i in range(7)}
-    assert {text.removesuffix("<|eos|>") for text in seen} == expected
+    assert set(seen) == expected
     assert set(seen.values()) == {1}
 
 
@@ -301,7 +301,7 @@ def test_weighted_sources_are_drawn_by_weight_and_cycle(tokenizer, isolated):
     )
     pipeline = DataPipeline(spec, tokenizer)
     batches = pipeline.train_batches(10)
-    texts = [tokenizer.decode(row) for _ in range(40) for row in next(batches)["input_ids"]]
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for _ in range(40) for row in next(batches)["input_ids"]]
     share = sum(t.startswith("small") for t in texts) / len(texts)
     assert 0.18 < share < 0.32  # 1/4 by weight, over 400 draws
     assert sum(t.startswith("small 0 ") for t in texts) > 5  # the small source went round many times
@@ -324,7 +324,7 @@ def test_eval_fraction_holds_out_the_same_rows_on_every_rank(tokenizer, isolated
 
     def texts(batches):
         return {
-            tokenizer.decode(r[m.bool()])
+            tokenizer.decode(r[m.bool()], skip_special_tokens=True)
             for b in batches
             for r, m in zip(b["input_ids"], b["attention_mask"], strict=True)
         }
@@ -360,7 +360,7 @@ def test_preview_json_lines_and_statistics(tiny_model_dir, isolated):
     assert len(lines) == 2
     first = lines[0]
     assert len(first["input_ids"]) == len(first["labels"])
-    assert first["text"].startswith("### Instruction:\nReverse the words: red green blue")
+    assert first["text"].startswith("<|bos|>### Instruction:\nReverse the words: red green blue")
     assert IGNORE_INDEX in first["labels"] and first["labels"][-1] != IGNORE_INDEX
     assert "4 examples from 5 rows; 1 bad, 0 truncated, 0 dropped" in result.stderr
     assert f"bad row {data}:5: invalid JSON" in result.stderr
@@ -483,3 +483,23 @@ def test_chat_template_errors_are_bad_rows_or_spec_errors(tokenizer):
         Formatter("chat", {}, "completion", tokenizer, CHATML)({"messages": CONVERSATION[2:3]})
     with pytest.raises(UserError, match="data.chat_template .*cannot render"):
         Formatter("chat", {}, "completion", tokenizer, "{% for m in messages %}{{ m['content'] }")
+
+
+def test_one_bos_in_chat_training_and_generation_when_the_template_writes_it(tokenizer):
+    template = "{{ bos_token }}" + CHATML
+    formatter = Formatter("chat", {}, "completion", tokenizer, template)
+    example = tokenize(formatter({"messages": CONVERSATION[1:3]}), tokenizer)
+    assert example.input_ids[:2].count(tokenizer.bos_token_id) == 1
+    prompt = formatter.render_prompt("hi")
+    ids = tokenizer(prompt, add_special_tokens=formatter.adds_bos)["input_ids"]
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+
+
+def test_completion_formats_start_with_the_tokenizers_bos(tokenizer):
+    example = tokenize(
+        Formatter("completion", {}, "completion", tokenizer)({"prompt": "a", "completion": "b"}), tokenizer
+    )
+    assert (
+        example.input_ids[0] == tokenizer.bos_token_id
+        and example.input_ids.count(tokenizer.bos_token_id) == 1
+    )
