@@ -2,10 +2,25 @@
 
 S3-compatible stores are reached through the standard AWS variables (AWS_ENDPOINT_URL, keys, region),
 which s3fs/botocore read themselves, or through `storage_options` per protocol in the spec.
+
+Transient S3 faults (503 SlowDown, 500/502/504, connection resets, timeouts) are retried with
+jittered exponential backoff, in two layers:
+
+- botocore, in its "standard" retry mode, retries each request up to S3_MAX_ATTEMPTS times (waits of
+  rand(0, 1) * 2**i seconds, i = 0, 1, ...), and stops retrying early when its per-client retry quota
+  runs dry (a circuit breaker for a store that is down);
+- s3fs repeats the whole call up to S3FS_RETRIES times when botocore gave up on a transient error
+  (5xx, connection lost), and re-reads a response body that broke off mid-stream (botocore does not).
+
+A persistent outage therefore surfaces as an exception after at most S3FS_RETRIES * S3_MAX_ATTEMPTS
+attempts and about s3_retry_budget_seconds() of waiting (plus the timeouts of attempts that hang),
+instead of hanging. The spec's storage_options["s3"]["config_kwargs"] (connect_timeout, read_timeout,
+retries) and the AWS_RETRY_MODE / AWS_MAX_ATTEMPTS variables take precedence over these defaults.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections.abc import Mapping
@@ -15,9 +30,27 @@ from typing import Any
 import fsspec
 from fsspec.core import split_protocol
 
-from job.errors import UserError
+from job.errors import JobError, UserError
 
 StorageOptions = Mapping[str, Mapping[str, Any]]
+
+S3_PROTOCOLS = ("s3", "s3a")
+# Stores without directories: nothing to create before writing a key (s3fs's makedirs would probe the
+# bucket, and create it when the probe fails).
+OBJECT_STORE_PROTOCOLS = (*S3_PROTOCOLS, "gs", "gcs", "az", "abfs", "abfss")
+
+S3_RETRY_MODE = "standard"  # retries 500/502/503/504, throttling codes and connection errors
+S3_MAX_ATTEMPTS = 5  # botocore attempts per request, the first one included
+S3FS_RETRIES = 3  # s3fs rounds of those attempts per call (and body re-reads per download)
+S3_CONNECT_TIMEOUT = 5  # seconds
+S3_READ_TIMEOUT = 15  # seconds without a byte of the response
+S3_MAX_BACKOFF = 20  # botocore's cap on one wait, seconds
+S3_SERVER_ERRORS = (500, 502, 503, 504)
+# Multipart upload part size (and the size from which put_file uses multipart, times two). s3fs's
+# default of 50 MiB holds up to 10 parts (500 MiB) in memory at once and resends 50 MiB per failed
+# part; 8 MiB is the AWS CLI's default. Raised for files that would need over 10,000 parts.
+UPLOAD_PART_SIZE = 8 << 20
+MAX_UPLOAD_PARTS = 10_000
 
 
 def protocol_of(url: str) -> str:
@@ -28,8 +61,71 @@ def filesystem(
     url: str, storage_options: StorageOptions | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a URL or local path, with the options of its protocol."""
-    options = dict((storage_options or {}).get(protocol_of(url), {}))
-    return fsspec.core.url_to_fs(url, **options)
+    protocol = protocol_of(url)
+    options = dict((storage_options or {}).get(protocol, {}))
+    if protocol in S3_PROTOCOLS:
+        options = s3_options(options)
+        _retry_server_errors_in_s3fs()
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    if protocol in S3_PROTOCOLS:
+        # s3fs takes its own retry count only as an attribute; instances are cached per options, so
+        # this is the same value on every call.
+        fs.retries = S3FS_RETRIES
+    return fs, path
+
+
+def s3_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """s3fs options with ftjob's retry and timeout defaults under the ones given.
+
+    Given config_kwargs keys win; so do AWS_RETRY_MODE and AWS_MAX_ATTEMPTS from the environment.
+    """
+    options = dict(options)
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", S3_CONNECT_TIMEOUT)
+    config.setdefault("read_timeout", S3_READ_TIMEOUT)
+    retries = dict(config.get("retries") or {})
+    if "mode" not in retries and "AWS_RETRY_MODE" not in os.environ:
+        retries["mode"] = S3_RETRY_MODE
+    attempts_given = "max_attempts" in retries or "total_max_attempts" in retries
+    if not attempts_given and "AWS_MAX_ATTEMPTS" not in os.environ:
+        retries["total_max_attempts"] = S3_MAX_ATTEMPTS
+    if retries:
+        config["retries"] = retries
+    options["config_kwargs"] = config
+    return options
+
+
+def s3_retry_budget_seconds(
+    max_attempts: int = S3_MAX_ATTEMPTS, rounds: int = S3FS_RETRIES, max_backoff: float = S3_MAX_BACKOFF
+) -> float:
+    """The longest an S3 call waits between attempts before a persistent fault surfaces.
+
+    botocore (standard mode) waits at most min(2**i, max_backoff) before attempt i + 2; s3fs waits
+    min(0.1 * 1.7**j, 15) after its round j. Time spent in the attempts themselves (up to the
+    connect or read timeout each, when the store hangs) comes on top.
+    """
+    botocore = sum(min(2**i, max_backoff) for i in range(max_attempts - 1))
+    s3fs = sum(min(0.1 * 1.7**j, 15) for j in range(rounds))
+    return rounds * botocore + s3fs
+
+
+def _is_server_error(error: Exception) -> bool:
+    """A 5xx answer from S3 that botocore gave up on: worth another round in s3fs."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(error, ClientError):
+        return False
+    return error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in S3_SERVER_ERRORS
+
+
+def _retry_server_errors_in_s3fs() -> None:
+    """s3fs repeats a call only for SlowDown among S3's error answers; make it every 5xx.
+
+    The handler is process-wide in s3fs; ftjob owns its process and sets only this one.
+    """
+    import s3fs
+
+    s3fs.set_custom_error_handler(_is_server_error)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -61,17 +157,32 @@ def upload_dir(
     """Copy local_dir's files to uri; the file named `last` (a completion marker) goes after all others.
 
     A marker left by an earlier upload to the same place is removed first, so a reader never sees an
-    old marker beside new, half-written files.
+    old marker beside new, half-written files. A failure that outlasts the retries raises JobError
+    naming the object, with the storage error as its cause; what was uploaded before stays.
     """
     fs, root = filesystem(uri, storage_options)
-    if last and fs.exists(f"{root}/{last}"):
-        fs.rm(f"{root}/{last}")
     files = sorted(p for p in local_dir.rglob("*") if p.is_file())
     files.sort(key=lambda p: p.name == last)
-    for file in files:
-        target = f"{root}/{file.relative_to(local_dir).as_posix()}"
-        fs.makedirs(os.path.dirname(target), exist_ok=True)
-        fs.put_file(str(file), target)
+    protocol = protocol_of(uri)
+    target = f"{root}/{last}"
+    try:
+        if last and fs.exists(target):
+            fs.rm(target)
+        for file in files:
+            target = f"{root}/{file.relative_to(local_dir).as_posix()}"
+            if protocol not in OBJECT_STORE_PROTOCOLS:
+                fs.makedirs(os.path.dirname(target), exist_ok=True)
+            fs.put_file(str(file), target, **_put_options(protocol, file.stat().st_size))
+    except Exception as e:  # every backend raises its own types; after retries, all mean the upload failed
+        where = fs.unstrip_protocol(target) if not is_local(uri) else target
+        raise JobError(f"cannot upload to {where}: {type(e).__name__}: {e}") from e
+
+
+def _put_options(protocol: str, size: int) -> dict[str, Any]:
+    """put_file options: S3 multipart part size (see UPLOAD_PART_SIZE)."""
+    if protocol not in S3_PROTOCOLS:
+        return {}
+    return {"chunksize": max(UPLOAD_PART_SIZE, math.ceil(size / MAX_UPLOAD_PARTS))}
 
 
 def download_dir(uri: str, local_dir: Path, storage_options: StorageOptions | None = None) -> list[str]:

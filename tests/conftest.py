@@ -111,3 +111,22 @@ def s3(s3_server, monkeypatch):
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
     fs.bucket = bucket
     return fs
+
+
+@pytest.fixture
+def fault_proxy(s3_server):
+    """A fault-injecting HTTP proxy (tests/fault_proxy.py) in front of moto's S3, healthy until told
+    otherwise (`fault_proxy.fail_fraction = 0.3`, `.mode = "reset"`, `.outage()`, `.heal()`).
+
+    Point clients at `fault_proxy.url` (storage_options {"s3": {"endpoint_url": ...}} or
+    AWS_ENDPOINT_URL). Seeded: the same requests in the same order get the same faults. Seed 31 fails
+    the first request, and never more than 3 in a row among the first 100 at a fraction of 0.3, so
+    that tests exercise backoff without waiting on botocore's long waits.
+    """
+    import s3fs
+    from fault_proxy import FaultProxy
+
+    s3fs.S3FileSystem.clear_instance_cache()  # no cached filesystem keeps talking to an old endpoint
+    with FaultProxy(s3_server, seed=31) as proxy:
+        yield proxy
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -52,7 +52,7 @@ def spec_dict(model_dir, data_files, **sections) -> dict:
 def run_in_process(spec: dict):
     from job.train import train
 
-    return train(validate_spec(spec))
+    return train(validate_spec(spec), restart=True)  # tests run several specs into one output
 
 
 PROBE = "### Instruction:\nReverse the words: red green blue\n\n### Response:\n"
