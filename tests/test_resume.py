@@ -186,3 +186,72 @@ def test_two_processes_stop_together_when_one_rank_is_signalled_and_resume_exact
     assert resumed.wait(timeout=300) == 0, out
     assert "resuming from the checkpoint at step" in out
     assert_same_run(workdir, "ddp-straight", "ddp-stopped")
+
+
+def s3_spec(tiny_model_dir, workdir, proxy, bucket: str, **retries) -> dict:
+    """The resume spec with checkpoints and output on S3 through the fault proxy."""
+    spec = json.loads((workdir / "spec.json").read_text())
+    options = {"endpoint_url": proxy.url, **({"config_kwargs": {"retries": retries}} if retries else {})}
+    spec["output"] = {"uri": f"s3://{bucket}/runs/{{name}}"}
+    spec["storage_options"] = {"s3": options}
+    spec["train"].update(max_steps=8, checkpoint_every=2)
+    return spec
+
+
+def train_in_process(spec: dict):
+    from accelerate.state import AcceleratorState
+
+    from job.spec import validate_spec
+    from job.train import train
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return train(validate_spec(spec))
+
+
+def test_transient_storage_faults_leave_the_run_unchanged(
+    tiny_model_dir, spec_path, workdir, s3, fault_proxy
+):
+    clean = train_in_process(s3_spec(tiny_model_dir, workdir, fault_proxy, s3.bucket) | {"name": "clean"})
+    fault_proxy.fail_fraction = 0.3  # 503 SlowDown / ServiceUnavailable on 30% of requests
+    faulty = train_in_process(s3_spec(tiny_model_dir, workdir, fault_proxy, s3.bucket) | {"name": "faulty"})
+    assert fault_proxy.faults_injected > 0
+    assert [h["train/loss"] for h in faulty.history] == [h["train/loss"] for h in clean.history]
+    weights = "adapter/adapter_model.safetensors"
+    assert s3.cat(f"{s3.bucket}/runs/faulty/{weights}") == s3.cat(f"{s3.bucket}/runs/clean/{weights}")
+    assert sorted(p.rsplit("/", 1)[1] for p in s3.ls(f"{s3.bucket}/runs/faulty/checkpoints")) == [
+        "step-000006",
+        "step-000008",
+    ]
+
+
+def test_an_upload_that_keeps_failing_ends_the_job_and_keeps_the_last_commit(
+    tiny_model_dir, spec_path, workdir, s3, fault_proxy, caplog
+):
+    import threading
+    import time
+
+    from job.errors import JobError
+
+    spec = s3_spec(tiny_model_dir, workdir, fault_proxy, s3.bucket, total_max_attempts=2)
+    first_commit = f"{s3.bucket}/runs/r/checkpoints/step-000002/COMMITTED"
+
+    def cut_the_line_after_the_first_commit():
+        deadline = time.monotonic() + 120
+        while not s3.exists(first_commit) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        fault_proxy.outage("503")
+
+    threading.Thread(target=cut_the_line_after_the_first_commit, daemon=True).start()
+    with pytest.raises(JobError) as failure:
+        train_in_process(spec)
+    assert failure.value.exit_code == 1
+    assert "cannot upload" in str(failure.value) or "checkpoint upload" in str(failure.value)
+
+    fault_proxy.heal()
+    s3.invalidate_cache()
+    committed = [p for p in s3.ls(f"{s3.bucket}/runs/r/checkpoints") if s3.exists(f"{p}/COMMITTED")]
+    assert committed  # the committed checkpoint survived the outage...
+    with caplog.at_level("INFO", logger="job"):
+        resumed = train_in_process(spec)  # ...and a new attempt resumes from it and finishes
+    assert len(resumed.history) == 8
+    assert any("resuming from the checkpoint at step" in r.getMessage() for r in caplog.records)
