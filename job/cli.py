@@ -62,6 +62,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from launch.compare import compare
+
+    compare(args.experiment, args.metric, args.json, args.plot)
+    return 0
+
+
 def setup_logging() -> None:
     """ftjob's own messages at INFO on stderr; libraries keep their own settings."""
     handler = logging.StreamHandler(sys.stderr)
@@ -112,6 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = commands.add_parser("schema", help="print the spec's JSON Schema")
     schema.set_defaults(handler=cmd_schema)
+
+    compare = commands.add_parser(
+        "compare",
+        help="MLflow runs of an experiment side by side",
+        description="The runs of an MLflow experiment side by side: status, duration, the params that "
+        "differ, final and best value of a metric, best first. The store is MLFLOW_TRACKING_URI, "
+        "or ./mlruns when it is unset.",
+    )
+    compare.add_argument(
+        "--experiment", help="experiment name (default: the experiment of the most recent run)"
+    )
+    compare.add_argument(
+        "--metric", help="metric to compare and sort by (default: eval/loss, else train/loss)"
+    )
+    compare.add_argument("--json", action="store_true", help="a JSON list instead of the table")
+    compare.add_argument("--plot", metavar="FILE", help="also write the runs' loss curves to this PNG")
+    compare.set_defaults(handler=cmd_compare)
 
     generate = commands.add_parser("generate", help="generate with a published adapter")
     generate.add_argument("--adapter", required=True, help="adapter/ directory or URL published by a run")

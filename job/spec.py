@@ -157,6 +157,14 @@ class TrackingSpec(_Section):
     experiment: str = "ftjob"
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    system_metrics: bool = Field(
+        True,
+        description="Log CPU, memory, disk, network (and GPU) use as system/* metrics; the sampling "
+        "interval is MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL (seconds, default 10).",
+    )
+    register_as: str | None = Field(
+        None, description="Register the final adapter as a new version of this MLflow model."
+    )
 
 
 class OutputSpec(_Section):

@@ -1,26 +1,55 @@
-"""MLflow tracking of one run, on rank 0 only.
+"""MLflow tracking of one run, on rank 0 only, that loses nothing when the tracking server does.
 
-With MLFLOW_TRACKING_URI unset, runs go to a local sqlite store under ./mlruns
-(`mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db` opens it). A tracking server that
-fails never stops training: one warning, and the run goes on untracked.
+What a run records: the flattened public spec as params, tags that say where and what ran (ftjob
+version, git commit, image, host, world size, Slurm and Kubernetes ids, sweep parent), metrics with
+the optimizer step as step, MLflow's system metrics, the data sources as dataset inputs, the spec
+and the final adapter as artifacts, and optionally a registered model version.
+
+Everything goes through the spool (job/spool.py): written to local disk, then delivered. When the
+server is unreachable, at start or mid-run, training goes on: one warning, records pile up in the
+spool, and each later log call after a backoff tries again (one info when the server is back); the
+end of the run tries once more, and what is still undelivered waits for the next ftjob run that
+uses the same spool directory. With MLFLOW_TRACKING_URI unset, runs go to a local sqlite store under
+./mlruns (`mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db` opens it).
 """
 
 from __future__ import annotations
 
+import getpass
+import hashlib
+import json
 import logging
 import os
+import posixpath
+import re
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
 from job import __version__
+from job.data.sources import expand
+from job.signals import EXIT_REQUEUE
 from job.spec import Spec, flatten, public_dict
+from job.spool import RUN_KEY_TAG, Spool, deliver, find_spool, now_ms, spool_root
+from job.storage import filesystem, protocol_of
 
 log = logging.getLogger(__name__)
 LOCAL_STORE_DIR = "mlruns"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value
+MAX_TAG_LENGTH = 8000  # and for a tag value
+# MLflow's client retries a failed request for minutes by default; the spool retries instead, so
+# an outage costs a failed request now and then, not minutes of training. The user's values win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+RETRY_SECONDS = (2.0, 60.0)  # wait after a failed delivery: first, and at most (doubling in between)
+_URL_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
 def default_tracking_uri() -> str:
@@ -29,64 +58,349 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+def redact_url(text: str) -> str:
+    """scheme://user:password@host/... -> scheme://***@host/... anywhere in text."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
 def spec_params(spec: Spec) -> dict[str, str]:
     """The flattened public spec as MLflow params (dotted keys, secrets removed)."""
-    return {key: str(value)[:MAX_PARAM_LENGTH] for key, value in flatten(public_dict(spec)).items()}
+    return {
+        key: redact_url(str(value))[:MAX_PARAM_LENGTH] for key, value in flatten(public_dict(spec)).items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Tags: what ran, where
+
+
+def git_commit(environ: Mapping[str, str]) -> str | None:
+    """FTJOB_GIT_COMMIT (set in images), else the commit of the checkout ftjob runs from, if any."""
+    if environ.get("FTJOB_GIT_COMMIT"):
+        return environ["FTJOB_GIT_COMMIT"]
+    source = Path(__file__).resolve().parent.parent
+    if not (source / ".git").exists():
+        return None
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else None
+
+
+def environment_tags(environ: Mapping[str, str]) -> dict[str, str]:
+    """Tags from the environment: image, git commit, Slurm and Kubernetes ids, a sweep's parent run."""
+    tags = {"ftjob.version": __version__, "host": socket.gethostname()}
+    from_env = {
+        "ftjob.image": "FTJOB_IMAGE",
+        "slurm.job_id": "SLURM_JOB_ID",
+        "slurm.array_job_id": "SLURM_ARRAY_JOB_ID",
+        "slurm.array_task_id": "SLURM_ARRAY_TASK_ID",
+        "mlflow.parentRunId": "FTJOB_PARENT_RUN_ID",
+    }
+    if environ.get("KUBERNETES_SERVICE_HOST"):  # inside a pod; the manifest passes JOB_NAME and POD_NAMESPACE
+        from_env |= {"k8s.job_name": "JOB_NAME", "k8s.namespace": "POD_NAMESPACE", "k8s.pod": "HOSTNAME"}
+        if not environ.get("POD_NAMESPACE"):
+            from_env["k8s.namespace"] = "KUBERNETES_NAMESPACE"
+    tags |= {tag: environ[name] for tag, name in from_env.items() if environ.get(name)}
+    commit = git_commit(environ)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def run_tags(spec: Spec, extra_tags: Mapping[str, str], key: str) -> dict[str, str]:
+    tags = {
+        "mlflow.source.name": "ftjob",
+        "mlflow.source.type": "JOB",
+        RUN_KEY_TAG: key,
+        **environment_tags(os.environ),
+        **extra_tags,
+        **spec.tracking.tags,
+    }
+    with suppress(KeyError, OSError):  # a container user without a passwd entry has no name
+        tags["mlflow.user"] = getpass.getuser()
+    return {k: redact_url(str(v))[:MAX_TAG_LENGTH] for k, v in tags.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset inputs: where the data came from, and a digest that changes when the files do
+
+
+def file_dataset(name: str, pattern: str, storage_options: Mapping[str, Any]) -> dict[str, str]:
+    """An MLflow dataset (entity fields) for the files a URL or glob names: its source URI, and a
+    digest of their names, sizes and ETags (modification times where the store has no ETags)."""
+    entries = []
+    for url in expand([pattern], storage_options, name):
+        fs, path = filesystem(url, storage_options)
+        info = fs.info(path)
+        change = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        entries.append([posixpath.basename(path), info.get("size"), str(change)])
+    digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+    protocol = protocol_of(pattern)
+    uri = str(Path(pattern).resolve()) if protocol == "file" and "://" not in pattern else redact_url(pattern)
+    return {
+        "name": name,
+        "digest": digest,
+        "source_type": "local" if protocol == "file" else protocol,
+        "source": json.dumps({"uri": uri}),
+        "profile": json.dumps({"files": len(entries), "bytes": sum(e[1] or 0 for e in entries)}),
+    }
+
+
+def dataset_inputs(spec: Spec) -> list[dict[str, Any]]:
+    """data.train and data.eval as MLflow dataset inputs, one per URL or glob, named by spec key."""
+    inputs = []
+    for i, (patterns, _) in enumerate(spec.data.train_groups()):
+        for j, pattern in enumerate(patterns):
+            name = f"data.train[{i}]" + (f".path[{j}]" if len(patterns) > 1 else "")
+            inputs.append({"dataset": file_dataset(name, pattern, spec.storage_options), "context": "train"})
+    for i, pattern in enumerate(spec.data.eval):
+        inputs.append(
+            {"dataset": file_dataset(f"data.eval[{i}]", pattern, spec.storage_options), "context": "eval"}
+        )
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# System metrics
+
+
+class SystemMetrics(SystemMetricsMonitor):
+    """MLflow's system metrics monitor (CPU, memory, disk, network; GPUs with nvidia-ml-py installed),
+    sending its samples through the Tracker so that they are spooled like everything else.
+
+    One sample every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10), logged as system/*
+    with a step that counts samples (continued from the run's last sample when a run is resumed).
+    """
+
+    def __init__(self, tracker: Tracker, tracking_uri: str):
+        resume = tracker.resume_run_id
+        super().__init__(run_id=resume, resume_logging=bool(resume), tracking_uri=tracking_uri)
+        self.tracker = tracker
+
+    def monitor(self) -> None:
+        try:
+            while not self._shutdown_event.is_set():
+                for _ in range(self.samples_before_logging):
+                    self.collect_metrics()
+                    if self._shutdown_event.wait(self.sampling_interval):
+                        break
+                self.publish_metrics(self.aggregate_metrics())
+        except Exception as e:  # a sensor that fails ends the sampling, not the run
+            log.warning("system metrics stopped: %s: %s", type(e).__name__, e)
+
+    def publish_metrics(self, metrics: dict[str, float]) -> None:
+        self.tracker.log_metrics(
+            {self._metrics_prefix + k: v for k, v in metrics.items()}, self._logging_step
+        )
+        self._logging_step += 1
+        for monitor in self.monitors:
+            monitor.clear_metrics()
+
+    def finish(self) -> None:
+        """Stop sampling; the samples since the last one logged are logged."""
+        self._shutdown_event.set()
+        if self._process is not None:
+            self._process.join()
+            self._process = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The tracker
+
+
+def end_status(error: BaseException) -> str:
+    """KILLED for a stop that will be resumed (exit 75) or an interrupt, FAILED for anything else."""
+    if isinstance(error, KeyboardInterrupt) or getattr(error, "exit_code", None) == EXIT_REQUEUE:
+        return "KILLED"
+    return "FAILED"
 
 
 class Tracker:
-    """Logs params and metrics to MLflow; does nothing when disabled or after the server failed."""
+    """One MLflow run around the training loop. Does nothing when inactive (ranks other than 0,
+    tracking.enabled false); never raises into training.
 
-    def __init__(self, spec: Spec, active: bool):
+    resume_run_id continues a run instead of starting one: what `resume_id` returned for the run
+    (kept in checkpoints), so that a restart logs to the same run, from the step it resumes at.
+    """
+
+    def __init__(self, spec: Spec, active: bool, resume_run_id: str | None = None):
         self.spec = spec
         self.active = active and spec.tracking.enabled
-        self.run_id: str | None = None
-        self.uri: str | None = None
+        self.resume_run_id = resume_run_id
+        self.uri: str | None = None  # for messages: credentials removed
+        self.client = None
+        self.spool: Spool | None = None
+        self.system_metrics: SystemMetrics | None = None
+        self.reachable = True
+        self.retry_delay = RETRY_SECONDS[0]
+        self.retry_at = 0.0
+        self._lock = threading.RLock()  # the system metrics thread logs too
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id; None until the run is created (later, when the server was unreachable)."""
+        return self.spool.state.run_id if self.spool else None
+
+    @property
+    def resume_id(self) -> str | None:
+        """What a checkpoint keeps for `resume_run_id`: the run id, or, while the run does not exist
+        yet, the spool key that the run will be created with (and found by)."""
+        return self.run_id or (self.spool.key if self.spool else None)
 
     @contextmanager
-    def run(self, extra_tags: dict[str, str]) -> Iterator[Tracker]:
-        """An MLflow run around the block: FINISHED when it completes, FAILED when it raises."""
+    def run(self, extra_tags: Mapping[str, str]) -> Iterator[Tracker]:
+        """The MLflow run around the block: FINISHED when it completes, KILLED or FAILED when it raises."""
         if self.active:
             self._guard(self._start, extra_tags)
         try:
             yield self
-        except BaseException:
-            self.finish("FAILED")
+        except BaseException as e:
+            self.finish(end_status(e))
             raise
         self.finish("FINISHED")
 
-    def _start(self, extra_tags: dict[str, str]) -> None:
-        import mlflow
+    def _start(self, extra_tags: Mapping[str, str]) -> None:
+        from mlflow import MlflowClient
 
-        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(self.spec.tracking.experiment)
-        tags = {
-            "ftjob.version": __version__,
-            "host": socket.gethostname(),
-            **extra_tags,
-            **self.spec.tracking.tags,
-        }
-        run = mlflow.start_run(run_name=self.spec.tracking.run_name or self.spec.name, tags=tags)
-        self.run_id = run.info.run_id
-        mlflow.log_params(spec_params(self.spec))
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+        self.uri = redact_url(uri)
+        self.client = MlflowClient(uri)
+        root = spool_root()
+        self.spool = self._open_spool(root)
+        cfg = self.spec.tracking
+        self._record(
+            kind="open",
+            key=self.spool.key,
+            resume_run_id=self.resume_run_id,
+            experiment=cfg.experiment,
+            run_name=cfg.run_name or self.spec.name,
+            tags=run_tags(self.spec, extra_tags, self.spool.key),
+        )
+        self._record(kind="params", params=spec_params(self.spec))
+        spec_dir = self.spool.files("spec")
+        (spec_dir / "spec.json").write_text(json.dumps(public_dict(self.spec), indent=2) + "\n")
+        self._record(kind="artifacts", dir=str(spec_dir), path=None)
+        try:
+            self._record(kind="inputs", datasets=dataset_inputs(self.spec))
+        except Exception as e:  # a source listed a moment ago and gone now: the run goes on without it
+            log.warning("data sources not logged to MLflow: %s: %s", type(e).__name__, e)
+        self._deliver(force=True)
+        if self.reachable:
+            self._deliver_leftovers(root)
+        if cfg.system_metrics:
+            self.system_metrics = SystemMetrics(self, uri)
+            self.system_metrics.start()
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def _open_spool(self, root: Path) -> Spool:
+        """The spool of the run to resume when it is still here (its undelivered records go first), else a new one."""
+        if self.resume_run_id:
+            directory = find_spool(root, self.resume_run_id)
+            spool = Spool.acquire(directory) if directory else None
+            if spool:
+                return spool
+        return Spool.acquire(root / uuid.uuid4().hex)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.active:
-            import mlflow
+            self._guard(
+                self._log, kind="metrics", step=step, metrics={k: float(v) for k, v in metrics.items()}
+            )
 
-            self._guard(mlflow.log_metrics, metrics, step=step)
+    def artifact_dir(self, name: str) -> Path | None:
+        """A local directory to write files into for log_adapter, kept until they are delivered."""
+        return self.spool.files(name) if self.active and self.spool else None
+
+    def log_adapter(self, directory: Path) -> None:
+        """The final adapter's files as artifacts under adapter/, and a registered model version from
+        them when tracking.register_as is set."""
+        if not self.active:
+            return
+        self._guard(self._record, kind="artifacts", dir=str(directory.resolve()), path="adapter")
+        if self.spec.tracking.register_as:
+            self._guard(self._record, kind="register", name=self.spec.tracking.register_as, path="adapter")
+        self._guard(self._deliver)
 
     def finish(self, status: str) -> None:
-        if self.active:
-            import mlflow
+        """End the run (FINISHED, FAILED, KILLED): last system sample, status, one more delivery."""
+        if not self.active:
+            return
+        self._guard(self._finish, status)
+        self.active = False
 
-            self._guard(mlflow.end_run, status=status)
+    def _finish(self, status: str) -> None:
+        if self.system_metrics:
+            self.system_metrics.finish()
+        self._record(kind="status", status=status)
+        self._deliver(force=True)
+        if not self.spool.delivered:
+            log.warning(
+                "MLflow run %s: records not delivered yet are kept in %s; the next ftjob run with this "
+                "spool directory (FTJOB_SPOOL_DIR) delivers them",
+                self.run_id or "(not created yet)",
+                self.spool.directory,
+            )
+        self.spool.release()
 
-    def _guard(self, call, *args: Any, **kwargs: Any) -> None:
+    def _log(self, **record: Any) -> None:
+        self._record(**record)
+        self._deliver()
+
+    def _record(self, **record: Any) -> None:
+        with self._lock:
+            self.spool.append({**record, "time": now_ms()})
+
+    def _deliver(self, force: bool = False) -> None:
+        """Send what is pending, unless a recent failure says to wait (force: try anyway)."""
+        with self._lock:
+            if not force and time.monotonic() < self.retry_at:
+                return
+            try:
+                sent = deliver(self.spool, self.client)
+            except Exception as e:
+                self.retry_at = time.monotonic() + self.retry_delay
+                self.retry_delay = min(2 * self.retry_delay, RETRY_SECONDS[1])
+                if self.reachable:
+                    self.reachable = False
+                    log.warning(
+                        "MLflow tracking at %s is unreachable (%s); training goes on, and what it logs "
+                        "is kept in %s and sent when the server is back",
+                        self.uri,
+                        redact_url(f"{type(e).__name__}: {e}"),
+                        self.spool.directory,
+                    )
+                return
+            self.retry_at, self.retry_delay = 0.0, RETRY_SECONDS[0]
+            if not self.reachable:
+                self.reachable = True
+                log.info("MLflow tracking at %s is back: %d spooled records delivered", self.uri, sent)
+
+    def _deliver_leftovers(self, root: Path) -> None:
+        """Deliver spools that earlier jobs left behind (a job that is still running holds its lock)."""
+        for directory in sorted(p for p in root.iterdir() if p.is_dir() and p != self.spool.directory):
+            spool = Spool.acquire(directory)
+            if spool is None:
+                continue
+            try:
+                sent = deliver(spool, self.client)
+            except Exception as e:
+                log.debug("spool %s not delivered: %s", directory, e)
+                return
+            finally:
+                spool.release()
+            if sent:
+                log.info("delivered %d MLflow records left in %s by an earlier job", sent, directory)
+
+    def _guard(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         try:
             call(*args, **kwargs)
-        except Exception as e:  # the tracking server is not worth a lost training run
+        except Exception as e:  # tracking is not worth a lost training run
             log.warning(
                 "MLflow tracking failed (%s: %s); training goes on without tracking", type(e).__name__, e
             )

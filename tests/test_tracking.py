@@ -1,0 +1,615 @@
+"""MLflow tracking against a real `mlflow server`: the record a run leaves, outages, restarts, secrets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ALPACA_ROWS, REPO, free_port, run_ftjob, write_jsonl
+from test_train import run_in_process, spec_dict
+
+from job import tracking
+from job.spec import validate_spec
+from job.spool import Spool, SpoolState, deliver
+from job.tracking import (
+    Tracker,
+    end_status,
+    environment_tags,
+    file_dataset,
+    git_commit,
+    redact_url,
+    spec_params,
+)
+from job.train import flops_per_token, gpu_peak_flops
+
+MLFLOW = Path(sys.executable).with_name("mlflow")
+MARKERS = {
+    "AWS_SECRET_ACCESS_KEY": "AWS-SECRET-MARKER",
+    "HF_TOKEN": "HF-TOKEN-MARKER",
+    "MLFLOW_TRACKING_TOKEN": "MLFLOW-TOKEN-MARKER",
+}
+TRAIN_KEYS = (
+    "train/loss",
+    "train/learning_rate",
+    "train/grad_norm",
+    "train/tokens_per_second",
+    "train/epoch",
+)
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1: sqlite store, artifacts served by the server, in root."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [
+            str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts"),
+        ]  # fmt: skip
+        with open(self.root / "server.log", "a") as log_file:
+            self.process = subprocess.Popen(
+                command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() ends the workers too
+                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            )
+        deadline = time.monotonic() + 90
+        while not self.healthy():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start:\n{(self.root / 'server.log').read_text()}")
+            time.sleep(0.1)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        while self.healthy():  # a worker may outlive the parent by a moment
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(server):
+    from mlflow import MlflowClient
+
+    return MlflowClient(server.url)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def data_files(isolated):
+    train = write_jsonl(isolated / "data" / "train.jsonl", ALPACA_ROWS * 8)
+    evaluation = write_jsonl(isolated / "data" / "eval.jsonl", ALPACA_ROWS)
+    return train, evaluation
+
+
+@pytest.fixture
+def spool_dir(isolated, monkeypatch):
+    path = isolated / "spool"
+    monkeypatch.setenv("FTJOB_SPOOL_DIR", str(path))
+    return path
+
+
+def steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def messages(caplog, level: int, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == level and text in r.getMessage()]
+
+
+def tracker_spec(tiny_model_dir, data_files, experiment: str, **tracking_cfg):
+    return validate_spec(
+        spec_dict(
+            tiny_model_dir,
+            data_files,
+            tracking={"experiment": experiment, "system_metrics": False, **tracking_cfg},
+        )
+    )
+
+
+class Preempted(Exception):
+    exit_code = 75  # what job.train raises after a stop signal's checkpoint
+
+
+def log_steps(tracker: Tracker, steps_to_log) -> None:
+    for step in steps_to_log:
+        tracker.log_metrics({"train/loss": 10.0 / step, "train/epoch": step / 10}, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# One complete run through the CLI, as a batch job runs: what it records, and no secrets anywhere
+
+
+@pytest.fixture(scope="module")
+def finished_run(server, tiny_model_dir, tmp_path_factory):
+    from mlflow import MlflowClient
+
+    workdir = tmp_path_factory.mktemp("finished-run")
+    data = (
+        write_jsonl(workdir / "data" / "train.jsonl", ALPACA_ROWS * 8),
+        write_jsonl(workdir / "data" / "eval.jsonl", ALPACA_ROWS),
+    )
+    spec = spec_dict(
+        tiny_model_dir,
+        data,
+        train={"max_steps": 6, "eval_every": 3, "log_every": 2},
+        tracking={"experiment": "complete", "tags": {"team": "nlp"}, "register_as": "tiny-adapter"},
+        storage_options={"s3": {"secret": "SPEC-SECRET-MARKER", "key": "SPEC-KEY-MARKER"}},
+    )
+    (workdir / "spec.json").write_text(json.dumps(spec))
+    client = MlflowClient(server.url)
+    parent = client.create_run(client.create_experiment("sweeps")).info.run_id
+    env = {
+        **MARKERS,
+        "MLFLOW_TRACKING_URI": server.url,
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2",
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "FTJOB_CACHE": str(workdir / "cache"),
+        "FTJOB_IMAGE": "registry.example/ftjob:1.2",
+        "FTJOB_GIT_COMMIT": "0123abcd",
+        "FTJOB_PARENT_RUN_ID": parent,
+        "SLURM_JOB_ID": "4242",
+        "SLURM_ARRAY_TASK_ID": "3",
+        "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+        "POD_NAMESPACE": "ml-team",
+        "HOSTNAME": "ftjob-0-abcde",
+        "JOB_NAME": "ftjob-sweep-3",
+    }
+    result = run_ftjob("run", "spec.json", cwd=workdir, env=env)
+    assert result.returncode == 0, result.stderr
+    run = client.search_runs([client.get_experiment_by_name("complete").experiment_id])[0]
+    return {"run": run, "result": result, "spec": validate_spec(spec), "workdir": workdir, "parent": parent}
+
+
+def test_run_has_spec_params_and_where_it_ran_tags(finished_run):
+    run = finished_run["run"]
+    assert run.info.status == "FINISHED"
+    assert run.data.params == spec_params(finished_run["spec"])
+    assert run.data.params["train.learning_rate"] == "0.005"
+    assert run.data.params["storage_options.s3.secret"] == "***"
+    expected = {
+        "ftjob.version": "0.1.0",
+        "mlflow.source.git.commit": "0123abcd",
+        "ftjob.image": "registry.example/ftjob:1.2",
+        "world_size": "1",
+        "device": "cpu",
+        "adapter.method": "lora",
+        "slurm.job_id": "4242",
+        "slurm.array_task_id": "3",
+        "k8s.namespace": "ml-team",
+        "k8s.pod": "ftjob-0-abcde",
+        "k8s.job_name": "ftjob-sweep-3",
+        "mlflow.parentRunId": finished_run["parent"],
+        "team": "nlp",
+    }
+    assert expected.items() <= run.data.tags.items()
+    assert run.data.tags["host"]
+    assert f"MLflow run {run.info.run_id}" in finished_run["result"].stdout
+
+
+def test_metrics_each_step_once_with_memory_and_system_metrics(finished_run, client):
+    run_id = finished_run["run"].info.run_id
+    for key in TRAIN_KEYS:
+        assert steps(client, run_id, key) == [1, 2, 3, 4, 5, 6], key
+    assert steps(client, run_id, "eval/loss") == [3, 6]
+    assert steps(client, run_id, "eval/perplexity") == [3, 6]
+    assert steps(client, run_id, "data/rows_read") == [2, 4, 6]  # log_every; the final values are step 6's
+    assert steps(client, run_id, "train/peak_memory_gib") == [2, 4, 6]
+    assert 0.05 < client.get_metric_history(run_id, "train/peak_memory_gib")[0].value < 64
+    metrics = finished_run["run"].data.metrics
+    assert "train/mfu" not in metrics  # no known peak FLOP/s on a CPU
+    assert "system/cpu_utilization_percentage" in metrics
+    assert "system/system_memory_usage_megabytes" in metrics
+
+
+def test_data_sources_spec_adapter_and_model_version(finished_run, client, tmp_path):
+    run = finished_run["run"]
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"data.train[0]", "data.eval[0]"}
+    train = inputs["data.train[0]"]
+    assert {t.key: t.value for t in train.tags}["mlflow.data.context"] == "train"
+    assert train.dataset.source_type == "local"
+    assert json.loads(train.dataset.source)["uri"] == str(finished_run["workdir"] / "data" / "train.jsonl")
+    assert json.loads(train.dataset.profile)["files"] == 1
+    assert train.dataset.digest != inputs["data.eval[0]"].dataset.digest
+
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path)))
+    assert json.loads((local / "spec.json").read_text())["name"] == "t"
+    published = finished_run["workdir"] / "runs" / "t" / "adapter"
+    assert {p.name for p in (local / "adapter").iterdir()} == {p.name for p in published.iterdir()}
+    assert (local / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        published / "adapter_model.safetensors"
+    ).read_bytes()
+
+    versions = client.search_model_versions("name = 'tiny-adapter'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+    assert versions[0].source.endswith("/adapter")
+    assert not list((finished_run["workdir"] / ".ftjob-spool").iterdir())  # delivered, removed
+
+
+def test_no_secret_in_params_tags_inputs_artifacts_or_logs(finished_run, client, tmp_path):
+    run = finished_run["run"]
+    secrets = [*MARKERS.values(), "SPEC-SECRET-MARKER", "SPEC-KEY-MARKER"]
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path)))
+    artifact_files = [p for p in local.rglob("*") if p.is_file()]
+    assert len(artifact_files) >= 5
+    places = {
+        "params": json.dumps(run.data.params),
+        "tags": json.dumps(run.data.tags),
+        "inputs": json.dumps([i.dataset.to_dictionary() for i in run.inputs.dataset_inputs]),
+        "stdout": finished_run["result"].stdout,
+        "stderr": finished_run["result"].stderr,
+        **{str(p): p.read_bytes().decode("latin-1") for p in artifact_files},
+    }
+    assert places["stdout"] and places["params"]
+    leaks = [(where, s) for where, text in places.items() for s in secrets if s in text]
+    assert not leaks
+
+
+# ---------------------------------------------------------------------------------------------
+# Outages
+
+
+def test_server_outage_mid_run_loses_and_duplicates_nothing(
+    server, client, tiny_model_dir, data_files, spool_dir, monkeypatch, caplog
+):
+    """The server is stopped after step 4 and started again (same port, same store) after step 10."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setattr(tracking, "RETRY_SECONDS", (0.2, 0.5))
+    reachable_at = {}
+    log_metrics = Tracker.log_metrics
+
+    def log_then_disturb(self, metrics, step):
+        log_metrics(self, metrics, step)
+        if "train/loss" not in metrics:
+            return
+        if step == 4:
+            server.stop()
+        elif step == 10:
+            server.start()
+        elif step == 11:
+            time.sleep(0.6)  # past any backoff: step 12 tries again even if step 11 hit a stale connection
+        elif step == 16:
+            reachable_at[step] = self.reachable
+
+    monkeypatch.setattr(Tracker, "log_metrics", log_then_disturb)
+    spec = spec_dict(
+        tiny_model_dir,
+        data_files,
+        train={"max_steps": 16, "log_every": 1, "eval_every": 4},
+        tracking={"experiment": "outage", "system_metrics": False},
+    )
+    with caplog.at_level(logging.INFO, logger="job"):
+        result = run_in_process(spec)
+
+    assert reachable_at == {16: True}  # delivered during the run, on a log call, not only at the end
+    assert len(messages(caplog, logging.WARNING, "is unreachable")) == 1
+    assert len(messages(caplog, logging.INFO, "is back")) == 1
+    assert not [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "is unreachable" not in r.getMessage()
+    ]
+    for key in (*TRAIN_KEYS, "data/rows_read", "train/peak_memory_gib"):
+        assert steps(client, result.run_id, key) == list(range(1, 17)), key
+    assert steps(client, result.run_id, "eval/loss") == [4, 8, 12, 16]
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert not list(spool_dir.iterdir())
+
+
+def test_unreachable_at_start_run_created_by_the_next_job(
+    server, client, tiny_model_dir, data_files, spool_dir, monkeypatch, caplog
+):
+    spec = tracker_spec(tiny_model_dir, data_files, "offline", tags={"team": "nlp"})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    started = time.time()
+    with caplog.at_level(logging.INFO, logger="job"):
+        first = Tracker(spec, active=True)
+        with first.run({"world_size": "1"}):
+            log_steps(first, range(1, 6))
+    assert time.time() - started < 20  # an outage costs failed requests, not MLflow's minutes of retries
+    assert first.run_id is None and first.resume_id
+    assert len(messages(caplog, logging.WARNING, "is unreachable")) == 1
+    assert len(messages(caplog, logging.WARNING, "not delivered yet")) == 1
+    assert len(list(spool_dir.iterdir())) == 1
+
+    caplog.clear()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    next_job = Tracker(tracker_spec(tiny_model_dir, data_files, "offline-next"), active=True)
+    with caplog.at_level(logging.INFO, logger="job"), next_job.run({}):
+        pass
+    experiment = client.get_experiment_by_name("offline")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert messages(caplog, logging.INFO, f"MLflow run {run.info.run_id} created")
+    assert messages(caplog, logging.INFO, "left in")
+    assert run.data.params == spec_params(spec)
+    assert run.data.tags["team"] == "nlp" and run.data.tags["world_size"] == "1"
+    assert run.info.start_time <= started * 1000 + 1000  # created with the time the job started
+    assert steps(client, run.info.run_id, "train/loss") == [1, 2, 3, 4, 5]
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"data.train[0]", "data.eval[0]"}
+    assert run.info.status == "FINISHED"
+    assert not list(spool_dir.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Restarts continue the run (the id travels in the checkpoint: Tracker.resume_id)
+
+
+def test_killed_job_restarted_from_its_checkpoint_continues_its_run(server, client, tiny_model_dir, isolated):
+    """Real processes: SIGKILL after the checkpoint at step 10 and step 12's log, then the same command."""
+    data = (
+        write_jsonl(isolated / "train.jsonl", ALPACA_ROWS * 8),
+        write_jsonl(isolated / "eval.jsonl", ALPACA_ROWS),
+    )
+    spec = spec_dict(
+        tiny_model_dir,
+        data,
+        train={"max_steps": 20, "checkpoint_every": 5, "log_every": 1, "eval_every": 0},
+        tracking={"experiment": "killed"},
+    )
+    (isolated / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}
+    command = [sys.executable, "-m", "job", "run", "spec.json"]
+    first = subprocess.Popen(
+        command, cwd=isolated, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    output = []
+    for line in first.stdout:
+        output.append(line)
+        if "checkpoint step 10 committed" in "".join(output) and line.startswith("step 12/20"):
+            break
+    first.kill()
+    first.wait()
+    assert any(line.startswith("step 12/20") for line in output), "".join(output)
+
+    second = subprocess.run(command, cwd=isolated, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "resuming from the checkpoint at step 10" in second.stderr
+    [run] = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
+    assert f"MLflow run {run.info.run_id}" in second.stdout
+    assert steps(client, run.info.run_id, "train/loss") == list(range(1, 21))  # 11 and 12 once
+    assert run.info.status == "FINISHED"
+    system = steps(client, run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(system) == len(set(system)) > 0  # the restart continues the samples' steps too
+
+
+def test_restart_continues_the_same_run_at_the_next_step(
+    server, client, tiny_model_dir, data_files, spool_dir, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    spec = tracker_spec(tiny_model_dir, data_files, "restart")
+    first = Tracker(spec, active=True)
+    with pytest.raises(Preempted), first.run({}):
+        log_steps(first, range(1, 5))
+        checkpointed = first.resume_id  # the checkpoint at step 4 keeps it
+        log_steps(first, range(5, 7))  # steps 5 and 6 are trained again after the restart
+        raise Preempted
+    assert checkpointed == first.run_id
+    assert client.get_run(first.run_id).info.status == "KILLED"
+
+    second = Tracker(spec, active=True, resume_run_id=checkpointed)
+    with second.run({}):
+        log_steps(second, range(5, 11))
+    assert second.run_id == first.run_id
+    assert steps(client, first.run_id, "train/loss") == list(range(1, 11))
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_experiment_by_name("restart").experiment_id])) == 1
+
+
+def test_restart_while_unreachable_is_delivered_later_without_duplicates(
+    server, client, tiny_model_dir, data_files, spool_dir, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    spec = tracker_spec(tiny_model_dir, data_files, "restart-offline")
+    first = Tracker(spec, active=True)
+    with pytest.raises(Preempted), first.run({}):
+        log_steps(first, range(1, 7))
+        raise Preempted
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    second = Tracker(spec, active=True, resume_run_id=first.run_id)  # checkpoint at step 4
+    with second.run({}):
+        log_steps(second, range(5, 11))
+    assert steps(client, first.run_id, "train/loss") == list(range(1, 7))
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    with Tracker(tracker_spec(tiny_model_dir, data_files, "restart-offline-next"), active=True).run({}):
+        pass
+    assert steps(client, first.run_id, "train/loss") == list(range(1, 11))
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_restart_of_a_run_never_created_adopts_its_spool(
+    server, client, tiny_model_dir, data_files, spool_dir, monkeypatch
+):
+    """Unreachable from the start: the checkpoint keeps the spool key; the restart delivers the first
+    attempt's records, then its own, to one run."""
+    spec = tracker_spec(tiny_model_dir, data_files, "never-created")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    first = Tracker(spec, active=True)
+    with pytest.raises(Preempted), first.run({}):
+        log_steps(first, range(1, 4))
+        raise Preempted
+    assert first.run_id is None
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    second = Tracker(spec, active=True, resume_run_id=first.resume_id)
+    with second.run({}):
+        log_steps(second, range(3, 7))
+    [run] = client.search_runs([client.get_experiment_by_name("never-created").experiment_id])
+    assert second.run_id == run.info.run_id
+    assert steps(client, run.info.run_id, "train/loss") == list(range(1, 7))
+    assert run.info.status == "FINISHED"
+
+
+# ---------------------------------------------------------------------------------------------
+# The spool, directly
+
+
+def spool_records(key: str, experiment: str) -> list[dict]:
+    now = int(time.time() * 1000)
+    return [
+        {"kind": "open", "key": key, "resume_run_id": None, "experiment": experiment, "run_name": "r",
+         "tags": {"ftjob.run_key": key}, "time": now},
+        {"kind": "params", "params": {"a": "1"}, "time": now},
+        *({"kind": "metrics", "step": s, "metrics": {"train/loss": 1.0 / s}, "time": now + s} for s in (1, 2, 3)),
+        {"kind": "status", "status": "FINISHED", "time": now + 4},
+    ]  # fmt: skip
+
+
+def test_delivering_again_after_lost_acknowledgements_duplicates_nothing(client, spool_dir):
+    spool = Spool.acquire(spool_dir / "k-lost-acks")
+    for record in spool_records("k-lost-acks", "lost-acks"):
+        spool.append(record)
+    assert deliver(spool, client) == 6
+    run_id = spool.state.run_id
+
+    spool.state = SpoolState()  # as if the process died after MLflow's answers and before state.json
+    spool.acknowledge(0)
+    assert deliver(spool, client) == 6
+    assert spool.state.run_id == run_id  # found by its ftjob.run_key tag, not created twice
+    assert len(client.search_runs([client.get_experiment_by_name("lost-acks").experiment_id])) == 1
+    assert steps(client, run_id, "train/loss") == [1, 2, 3]
+    spool.release()
+    assert not (spool_dir / "k-lost-acks").exists()
+
+
+def test_a_record_mlflow_refuses_is_skipped_and_holds_nothing_back(client, spool_dir, caplog):
+    records = spool_records("k-refused", "refused")
+    changed = {"kind": "params", "params": {"a": "2"}, "time": records[1]["time"]}  # params never change
+    spool = Spool.acquire(spool_dir / "k-refused")
+    for record in [*records[:2], changed, *records[2:]]:
+        spool.append(record)
+    with caplog.at_level(logging.WARNING, logger="job"):
+        assert deliver(spool, client) == 7
+    assert len(messages(caplog, logging.WARNING, "refused a params record")) == 1
+    assert client.get_run(spool.state.run_id).data.params == {"a": "1"}
+    assert steps(client, spool.state.run_id, "train/loss") == [1, 2, 3]
+    spool.release()
+
+
+def test_spool_cuts_a_torn_last_line_and_is_held_by_one_process(spool_dir):
+    spool = Spool.acquire(spool_dir / "k")
+    spool.append({"kind": "params", "params": {"a": "1"}})
+    with open(spool.records_path, "a") as f:
+        f.write('{"kind": "metr')  # killed mid-write
+    assert Spool.acquire(spool_dir / "k") is None  # locked by its writer
+    os.close(spool.lock_fd)
+
+    again = Spool.acquire(spool_dir / "k")
+    again.append({"kind": "params", "params": {"b": "2"}})
+    assert [r["params"] for r, _ in again.pending()] == [{"a": "1"}, {"b": "2"}]
+    again.release()
+    assert (spool_dir / "k").exists()  # undelivered records stay
+
+
+def test_inactive_tracker_writes_nothing(tiny_model_dir, data_files, isolated):
+    tracker = Tracker(tracker_spec(tiny_model_dir, data_files, "x"), active=False)  # a rank other than 0
+    with tracker.run({}):
+        tracker.log_metrics({"train/loss": 1.0}, 1)
+    assert tracker.run_id is None and tracker.resume_id is None
+    assert not (isolated / "mlruns").exists() and not (isolated / ".ftjob-spool").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_environment_tags_read_slurm_kubernetes_and_sweep_ids():
+    env = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_ARRAY_JOB_ID": "6",
+        "SLURM_ARRAY_TASK_ID": "1",
+        "FTJOB_PARENT_RUN_ID": "p",
+        "FTJOB_GIT_COMMIT": "c",
+        "JOB_NAME": "jenkins-job",
+    }
+    tags = environment_tags(env)
+    assert tags["slurm.job_id"] == "7" and tags["slurm.array_task_id"] == "1"
+    assert tags["mlflow.parentRunId"] == "p" and tags["mlflow.source.git.commit"] == "c"
+    assert not any(k.startswith("k8s.") for k in tags)  # JOB_NAME outside a pod is someone else's
+
+    pod = environment_tags(
+        {
+            "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+            "KUBERNETES_NAMESPACE": "ns",
+            "HOSTNAME": "p-0",
+            "JOB_NAME": "j",
+        }
+    )
+    assert (pod["k8s.namespace"], pod["k8s.pod"], pod["k8s.job_name"]) == ("ns", "p-0", "j")
+
+
+def test_git_commit_from_the_environment_or_the_checkout():
+    assert git_commit({"FTJOB_GIT_COMMIT": "abc"}) == "abc"
+    if (REPO / ".git").exists():
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert git_commit({}) == head.stdout.strip()
+
+
+def test_credentials_in_urls_are_redacted():
+    assert redact_url("https://user:pw@mlflow.example/x") == "https://***@mlflow.example/x"
+    assert redact_url("see s3://KEY:SECRET@bucket/a and http://h/b") == "see s3://***@bucket/a and http://h/b"
+
+
+def test_dataset_digest_follows_file_names_sizes_and_changes(isolated):
+    path = write_jsonl(isolated / "d" / "a.jsonl", ALPACA_ROWS)
+    first = file_dataset("data.train[0]", str(isolated / "d" / "*.jsonl"), {})
+    assert file_dataset("data.train[0]", str(isolated / "d" / "*.jsonl"), {})["digest"] == first["digest"]
+    write_jsonl(path, ALPACA_ROWS * 2)
+    assert file_dataset("data.train[0]", str(isolated / "d" / "*.jsonl"), {})["digest"] != first["digest"]
+    assert json.loads(first["source"]) == {"uri": str(isolated / "d" / "*.jsonl")}
+
+
+def test_peak_flops_of_known_gpus_and_model_flops():
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_peak_flops("NVIDIA L4") == 121e12 and gpu_peak_flops("NVIDIA L40S") == 362e12
+    assert gpu_peak_flops("NVIDIA A10G") is None  # unknown: no MFU rather than a wrong one
+    assert flops_per_token(100, 100) == 600  # full fine-tune: 6N
+    assert flops_per_token(100, 0) == 400
+
+
+def test_end_status():
+    assert end_status(Preempted()) == "KILLED" and end_status(KeyboardInterrupt()) == "KILLED"
+    assert end_status(ValueError()) == "FAILED"
