@@ -301,7 +301,11 @@ def test_weighted_sources_are_drawn_by_weight_and_cycle(tokenizer, isolated):
     )
     pipeline = DataPipeline(spec, tokenizer)
     batches = pipeline.train_batches(10)
-    texts = [tokenizer.decode(row, skip_special_tokens=True) for _ in range(40) for row in next(batches)["input_ids"]]
+    texts = [
+        tokenizer.decode(row, skip_special_tokens=True)
+        for _ in range(40)
+        for row in next(batches)["input_ids"]
+    ]
     share = sum(t.startswith("small") for t in texts) / len(texts)
     assert 0.18 < share < 0.32  # 1/4 by weight, over 400 draws
     assert sum(t.startswith("small 0 ") for t in texts) > 5  # the small source went round many times
