@@ -86,7 +86,7 @@ def loader_tokens_per_second(spec, batches: int) -> tuple[float, float]:
 def training_tokens_per_second(spec) -> float:
     from job.train import train
 
-    history = train(spec).history
+    history = train(spec, restart=True).history
     return sorted(h["train/tokens_per_second"] for h in history[3:])[len(history[3:]) // 2]
 
 
@@ -158,7 +158,9 @@ def main() -> None:
 
         print("## 1. Loader throughput vs training consumption (tokens/s)\n")
         print("| what | tokens/s | vs training |\n| --- | --- | --- |")
-        training = training_tokens_per_second(spec_for(model, str(small), max_steps=15))
+        training = training_tokens_per_second(
+            spec_for(model, str(small), max_steps=15, output={"uri": str(root / "out-training")})
+        )
         local, _ = loader_tokens_per_second(spec_for(model, str(small)), 200)
         remote, _ = loader_tokens_per_second(spec_for(model, s3_small), 200)
         print(f"| training (LoRA, bench model, CPU) | {training:.0f} | 1.0x |")
@@ -185,7 +187,7 @@ def main() -> None:
             spec = spec_for(
                 model, str(skewed), packing=packing, max_steps=15, output={"uri": str(root / f"out{packing}")}
             )
-            history = train(spec).history
+            history = train(spec, restart=True).history
             speeds = sorted(h["train/tokens_per_second"] for h in history[3:])
             results[packing] = (speeds[len(speeds) // 2], history[-1].get("data/packing_efficiency"))
             from accelerate.state import AcceleratorState
