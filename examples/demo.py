@@ -82,8 +82,8 @@ def main() -> None:
     print("== building a tiny random Llama, a local tokenizer and the word-reversal data in examples/build/")
     build_assets()
     print(f"== before training: {PROMPT!r} -> {base_generation()!r}")
-    print("== ftjob run examples/demo.yaml")
-    subprocess.run([sys.executable, "-m", "job", "run", str(HERE / "demo.yaml")], check=True)
+    print("== ftjob run examples/demo.yaml --restart  (the demo always trains anew)")
+    subprocess.run([sys.executable, "-m", "job", "run", str(HERE / "demo.yaml"), "--restart"], check=True)
     after = ftjob(
         "generate", "--adapter", "runs/reverse-demo/adapter", "--prompt", PROMPT, "--max-new-tokens", "12"
     )
