@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import tempfile
 import time
 from pathlib import Path
+
+from moto_s3 import start_moto_bucket
 
 WORDS = [f"w{i}" for i in range(400)]
 
@@ -62,22 +63,7 @@ def timed_run(model: Path, data: Path, steps: int, every: int, output: str) -> f
 
 
 def moto_bucket() -> str:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    os.environ.update(
-        {
-            "AWS_ACCESS_KEY_ID": "b",
-            "AWS_SECRET_ACCESS_KEY": "b",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": endpoint,
-        }
-    )
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    start_moto_bucket()
     return "s3://bench"
 
 

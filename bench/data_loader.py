@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from memory import proc_status_mb
+from moto_s3 import start_moto_bucket
 
 WORDS = [f"w{i}" for i in range(400)]
 
@@ -103,26 +104,6 @@ def first_batch_case(model: str, data: str) -> None:
     print("RESULT " + json.dumps({"first_batch_s": first, "peak_rss_mb": peak, "tokens_per_s": speed}))
 
 
-def s3_server(root: Path):
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    os.environ.update(
-        {
-            "AWS_ACCESS_KEY_ID": "bench",
-            "AWS_SECRET_ACCESS_KEY": "bench",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": endpoint,
-        }
-    )
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-    return server, endpoint
-
-
 def upload(endpoint: str, path: Path, key: str) -> str:
     import boto3
 
@@ -153,7 +134,7 @@ def main() -> None:
         write_dataset(small, args.small_mb)
         write_dataset(large, args.large_mb, seed=1)
         write_dataset(skewed, 5, seed=2, skewed=True)
-        server, endpoint = s3_server(root)
+        server, endpoint = start_moto_bucket()
         s3_small, s3_large = upload(endpoint, small, "small.jsonl"), upload(endpoint, large, "large.jsonl")
 
         print("## 1. Loader throughput vs training consumption (tokens/s)\n")
