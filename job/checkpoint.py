@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from job.errors import JobError, UserError
-from job.spec import Spec
+from job.spec import Spec, flatten
 from job.storage import download_dir, filesystem, join, upload_dir
 
 log = logging.getLogger(__name__)
@@ -40,29 +40,39 @@ def checkpoints_uri(spec: Spec) -> str:
     return join(spec.output_uri, "checkpoints")
 
 
+# Spec keys a resumed run may change: they do not change what is trained, only how often it is
+# checkpointed, logged or evaluated, how long it may take to stop, and where things are reported. Any
+# other change (the learning rate or the chat template as much as the model) is refused on resume:
+# the published spec.json must be the spec the whole run trained with.
+MAY_CHANGE_ON_RESUME = (
+    "name",
+    "train.checkpoint_every",
+    "train.stop_grace_seconds",
+    "train.collective_timeout_seconds",
+    "train.eval_every",
+    "train.log_every",
+    "train.gradient_checkpointing",
+    "data.eval",
+    "data.bad_rows.",
+    "tracking.",
+    "output.",
+    "storage_options",
+)
+
+
 def fingerprint(spec: Spec, world_size: int) -> dict[str, Any]:
-    """What a resumed run must share with the run that wrote the checkpoint."""
-    return {
-        "model.source": spec.model.source,
-        "model.quantization": spec.model.quantization,
-        "adapter": spec.adapter.model_dump(mode="json"),
-        "data.train": [list(patterns) + [weight] for patterns, weight in spec.data.train_groups()],
-        "data.format": spec.data.format,
-        "data.fields": spec.data.fields,
-        "data.max_seq_len": spec.data.max_seq_len,
-        "data.packing": spec.data.packing,
-        "data.shuffle_buffer": spec.data.shuffle_buffer,
-        "data.eval_fraction": spec.data.eval_fraction,
-        "train.seed": spec.train.seed,
-        "train.micro_batch_size": spec.train.micro_batch_size,
-        "train.grad_accum": spec.train.grad_accum,
-        "world_size": world_size,
-    }
+    """What a resumed run must share with the run that wrote the checkpoint: every spec key (dotted)
+    but those in MAY_CHANGE_ON_RESUME, and the number of processes."""
+    keys = flatten(spec.model_dump(mode="json"))
+    kept = {k: v for k, v in keys.items() if not k.startswith(MAY_CHANGE_ON_RESUME)}
+    return {**kept, "world_size": world_size}
 
 
 def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return [
-        f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in current.items() if saved.get(key) != value
+        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in sorted(saved.keys() | current.keys())
+        if saved.get(key) != current.get(key)
     ]
 
 
@@ -139,8 +149,9 @@ class Checkpointer:
         return join(checkpoints_uri(self.spec), f"step-{step:06d}")
 
     def save(self, step: int, model, optimizer, scheduler, accelerator, data_state: dict, run: dict) -> None:
-        """Upload this rank's file now; rank 0 then uploads the rest in the background and commits."""
-        self.wait()
+        """Every rank, at the same step: each uploads its own file; rank 0 then uploads the rest in the
+        background and commits."""
+        self.wait_committed(accelerator)  # one upload in flight at most
         uri = self.step_uri(step)
         with tempfile.TemporaryDirectory(prefix="ftjob-rank-") as tmp:
             rank_file = Path(tmp) / f"rank-{self.rank:05d}.json"
@@ -162,6 +173,26 @@ class Checkpointer:
         )
         self.upload.start()
 
+    def wait_committed(self, accelerator) -> None:
+        """Every rank: wait until rank 0's upload in flight is committed. When it failed for good, every
+        rank ends the job (exit 1), not rank 0 alone while the others wait for it in a collective."""
+        error = None
+        if self.rank == 0:
+            try:
+                self.wait()
+            except JobError as e:
+                error = e
+        failed = torch.tensor([int(error is not None)], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            failed = accelerator.reduce(failed, reduction="max")
+        if error is not None:
+            raise error
+        if int(failed):
+            raise JobError(
+                f"checkpoint upload to {checkpoints_uri(self.spec)} failed on rank 0 (its log says why); "
+                "the previous committed checkpoint is intact"
+            )
+
     def _upload(self, staging: Path, uri: str, step: int) -> None:
         try:
             upload_dir(staging, uri, self.spec.storage_options, last=COMMITTED)
@@ -181,7 +212,7 @@ class Checkpointer:
             fs.rm(path, recursive=True)
 
     def wait(self) -> None:
-        """Block until the upload in flight is done; an upload that failed for good ends the job."""
+        """Rank 0: block until the upload in flight is done; an upload that failed for good ends the job."""
         if self.upload is not None:
             self.upload.join()
             self.upload = None
@@ -207,7 +238,7 @@ class Checkpointer:
                 f"the spec differs from the one that wrote the checkpoint at step {steps[-1]} in "
                 f"{checkpoints_uri(self.spec)}, so resuming would not continue the same run: "
                 + "; ".join(changes)
-                + ". Run with --restart to start over (the checkpoints are deleted)."
+                + ". Run with --restart to start over (checkpoints and published outputs are deleted)."
             )
         return {**run, "dir": local}
 

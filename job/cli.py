@@ -16,13 +16,16 @@ from job.errors import JobError
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from job.signals import StopRequest
     from job.spec import load_spec
 
     spec = load_spec(args.spec, args.set)
-    from job.train import train
+    # Before the heavy imports: a stop during them, the model download or the counting pass exits 75 too.
+    with StopRequest(spec.train.stop_grace_seconds) as stop:
+        from job.train import train
 
-    if train(spec, restart=args.restart) is None:
-        print(f"{spec.output_uri}/adapter is already published; nothing to do (--restart trains again)")
+        if train(spec, restart=args.restart, stop=stop) is None:
+            print(f"{spec.output_uri}/adapter is already published; nothing to do (--restart trains again)")
     return 0
 
 
@@ -98,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--restart",
         action="store_true",
-        help="start over: ignore and delete checkpoints and a published adapter",
+        help="start over: once the model has loaded, delete the checkpoints and the published adapter/ "
+        "and merged/. Once per scheduler job (FTJOB_RESTART_ID, else SLURM_JOB_ID): a requeued run of "
+        "the same job resumes instead",
     )
     run.set_defaults(handler=cmd_run)
 

@@ -3,6 +3,8 @@
 Raise these for anything a user can fix; the CLI prints the message without a traceback.
 """
 
+EXIT_REQUEUE = 75
+
 
 class JobError(Exception):
     """Anything else: exit 1."""
@@ -20,3 +22,10 @@ class DataError(JobError):
     """Data error beyond the bad-rows budget; the message names file and line. Exit 3."""
 
     exit_code = 3
+
+
+class Preempted(JobError):
+    """Stopped by a signal after the stop checkpoint was committed (or before training began, with
+    nothing new to save): requeue me, I will resume. Exit 75."""
+
+    exit_code = EXIT_REQUEUE

@@ -1,4 +1,4 @@
-"""Publishing the result under output.uri: adapter/ (and merged/), MANIFEST.json written last.
+"""Publishing the result under output.uri: adapter/, then merged/, each with MANIFEST.json written last.
 
 A reader trusts a directory only when its MANIFEST.json is there and the sha256 of each file matches.
 """
@@ -14,9 +14,10 @@ from typing import Any
 from job import __version__
 from job.errors import UserError
 from job.spec import Spec, public_dict
-from job.storage import StorageOptions, join, upload_dir
+from job.storage import StorageOptions, download_dir, filesystem, is_local, join, upload_dir
 
 MANIFEST = "MANIFEST.json"
+PUBLISHED = ("adapter", "merged")
 
 
 def sha256_file(path: Path) -> str:
@@ -70,19 +71,62 @@ def publish_dir(fill, uri: str, storage_options: StorageOptions) -> None:
         upload_dir(directory, uri, storage_options, last=MANIFEST)
 
 
-def publish(model, tokenizer, spec: Spec, metrics: dict[str, Any], merged_model=None) -> str:
-    """Publish adapter/ (and merged/ when given) under the spec's output URI; returns adapter/'s URI."""
-    adapter_uri = join(spec.output_uri, "adapter")
+def published_uri(spec: Spec, name: str) -> str:
+    """adapter/ or merged/ under output.uri."""
+    return join(spec.output_uri, name)
+
+
+def is_published(spec: Spec, name: str = "adapter") -> bool:
+    fs, path = filesystem(join(published_uri(spec, name), MANIFEST), spec.storage_options)
+    return fs.exists(path)
+
+
+def remove_published(spec: Spec) -> None:
+    """Delete adapter/ and merged/, each MANIFEST.json first: a reader never trusts half of one."""
+    for name in PUBLISHED:
+        fs, path = filesystem(published_uri(spec, name), spec.storage_options)
+        if fs.exists(f"{path}/{MANIFEST}"):
+            fs.rm(f"{path}/{MANIFEST}")
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def publish(model, tokenizer, spec: Spec, metrics: dict[str, Any]) -> str:
+    """Publish adapter/ under the spec's output URI; returns its URI."""
+    adapter_uri = published_uri(spec, "adapter")
 
     def fill_adapter(directory: Path) -> None:
         save_trained(model, tokenizer, directory)
         write_run_files(directory, spec, metrics)
 
     publish_dir(fill_adapter, adapter_uri, spec.storage_options)
-    if merged_model is not None:
-        publish_dir(
-            lambda d: save_trained(merged_model, tokenizer, d),
-            join(spec.output_uri, "merged"),
-            spec.storage_options,
-        )
     return adapter_uri
+
+
+def publish_merged(spec: Spec, model_dir: Path) -> str:
+    """Publish merged/: the published adapter merged into the base model as it was trained. Runs after
+    adapter/ is published, from what was published, so a merge that fails loses no adapter and the
+    next run (which finds adapter/ published and merged/ not) merges again."""
+    from transformers import AutoTokenizer
+
+    from job.model import merge_adapter
+
+    merged_uri = published_uri(spec, "merged")
+    with tempfile.TemporaryDirectory(prefix="ftjob-merge-") as tmp:
+        adapter_dir = fetch_published(published_uri(spec, "adapter"), Path(tmp), spec.storage_options)
+        merged = merge_adapter(model_dir, adapter_dir, spec.model)
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        publish_dir(lambda d: save_trained(merged, tokenizer, d), merged_uri, spec.storage_options)
+    return merged_uri
+
+
+def fetch_published(uri: str, tmp: Path, storage_options: StorageOptions | None = None) -> Path:
+    """A published directory as a local one (downloaded into tmp unless it is local), its MANIFEST
+    verified."""
+    if is_local(uri):
+        directory = Path(filesystem(uri)[1])
+    else:
+        directory = tmp / "published"
+        download_dir(uri, directory, storage_options)
+    verify_manifest(directory)
+    return directory

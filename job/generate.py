@@ -33,18 +33,45 @@ def load_trained(adapter_dir: Path) -> tuple[object, object, Spec]:
     return PeftModel.from_pretrained(base, adapter_dir), tokenizer, spec
 
 
+def stop_tokens(model, tokenizer, formatter: Formatter) -> tuple[list[int], list[str]]:
+    """(token ids, strings) that end a generation: EOS, the model's generation_config EOS list, and the
+    end-of-turn marker the chat template taught (an id when it is one token, else a stop string)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    marker = formatter.end_of_turn()
+    strings = []
+    if marker:
+        marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if len(marker_ids) == 1:
+            ids.add(marker_ids[0])
+        else:
+            strings.append(marker)
+    return sorted(ids), strings
+
+
 def generate_text(
-    model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, add_bos: bool = True
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    add_bos: bool = True,
+    stop: tuple[list[int], list[str]] | None = None,
 ) -> str:
-    """Decode a continuation of prompt; add_bos=False for text that already starts with it (chat templates)."""
+    """Decode a continuation of prompt; add_bos=False for text that already starts with it (chat
+    templates); `stop`: (ids, strings) that end it, EOS by default."""
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_bos).to(model.device)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    stop_ids, stop_strings = stop or ([tokenizer.eos_token_id], [])
+    if stop_strings:  # transformers matches stop strings through the tokenizer
+        sampling.update(stop_strings=stop_strings, tokenizer=tokenizer)
     with torch.no_grad():
         output = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_ids,
             **sampling,
         )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -67,4 +94,12 @@ def generate(adapter_uri: str, prompt: str, max_new_tokens: int = 64, temperatur
         data = spec.data
         formatter = Formatter(data.format, data.fields, data.train_on, tokenizer, data.chat_template)
         text = formatter.render_prompt(prompt)
-        return generate_text(model, tokenizer, text, max_new_tokens, temperature, add_bos=formatter.adds_bos)
+        return generate_text(
+            model,
+            tokenizer,
+            text,
+            max_new_tokens,
+            temperature,
+            add_bos=formatter.adds_bos,
+            stop=stop_tokens(model, tokenizer, formatter),
+        )

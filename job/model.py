@@ -39,7 +39,9 @@ def resolve_dtype(requested: str, device: torch.device, full_finetune: bool = Fa
     return torch.float32
 
 
-def load_tokenizer(model_dir: Path, model_spec: ModelSpec):
+def load_tokenizer(model_dir: Path, model_spec: ModelSpec, chat_template: str | None = None):
+    """The model's tokenizer; with data.chat_template it carries that template, so that what is
+    published with the adapter renders prompts exactly as training did."""
     from transformers import AutoTokenizer
 
     try:
@@ -50,6 +52,8 @@ def load_tokenizer(model_dir: Path, model_spec: ModelSpec):
         raise UserError(f"model.source: the tokenizer of {model_spec.source} has no EOS token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padded positions carry no loss, so any id will do
+    if chat_template:
+        tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -141,3 +145,31 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def stored_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype the model's weights are stored in (its config's), float32 when it says none."""
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype)
+    return dtype if dtype in DTYPES.values() else torch.float32
+
+
+def merge_adapter(model_dir: Path, adapter_dir: Path, model_spec: ModelSpec):
+    """The base model as it was trained, with the adapter merged into its weights, in the dtype the
+    base is stored in, on the CPU.
+
+    A quantized base is loaded quantized, exactly as for training, then dequantized: merging into
+    the original full-precision weights would give a model that was never trained (the adapter
+    learned to correct the quantized ones)."""
+    from peft import PeftModel
+
+    dtype = stored_dtype(model_dir)
+    name = next(n for n, d in DTYPES.items() if d == dtype)
+    base = load_model(model_dir, model_spec.model_copy(update={"dtype": name}), torch.device("cpu"))
+    if model_spec.quantization:
+        base = base.dequantize(dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    return merged.to(dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 from job.errors import UserError
 from job.storage import StorageOptions, download_dir, filesystem, is_local
 
+log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
@@ -124,6 +126,7 @@ def fetch_cached(url: str, storage_options: StorageOptions | None = None) -> Pat
         if target.is_dir():
             return target
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+        log.info("downloading the model from %s into the node cache %s", url, root)
         try:
             names = download_dir(url, staging, storage_options)
             (staging / ".ftjob-source.json").write_text(json.dumps({"url": url, "files": names}))

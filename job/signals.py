@@ -11,13 +11,15 @@ import signal
 import threading
 import time
 
+from job.errors import EXIT_REQUEUE
+
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
-EXIT_REQUEUE = 75
 
 
 class StopRequest:
-    """Installed for the training loop; `requested` turns true at the first stop signal."""
+    """Installed when `ftjob run` starts (a stop may come during the model download or the counting pass,
+    not only in the loop); `requested` turns true at the first stop signal."""
 
     def __init__(self, grace_seconds: float):
         self.grace_seconds = grace_seconds

@@ -146,6 +146,12 @@ class TrainSpec(_Section):
     stop_grace_seconds: float = Field(
         90, gt=0, description="After a stop signal, exit within this time even if the checkpoint is not done."
     )
+    collective_timeout_seconds: float = Field(
+        3600,
+        gt=0,
+        description="With several processes: how long a rank waits for the others in a collective (each "
+        "checkpoint waits for the previous upload to commit) before the job fails.",
+    )
     eval_every: int = Field(
         100, ge=0, description="Eval loss every N steps (and at the end); 0: only at the end."
     )

@@ -36,7 +36,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from job import __version__
 from job.data.sources import expand
-from job.signals import EXIT_REQUEUE
+from job.errors import EXIT_REQUEUE
 from job.spec import Spec, flatten, public_dict
 from job.spool import RUN_KEY_TAG, Spool, deliver, find_spool, now_ms, spool_root
 from job.storage import filesystem, protocol_of

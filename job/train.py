@@ -14,6 +14,7 @@ import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,21 +22,30 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 
 from job.checkpoint import Checkpointer, fingerprint, remove_all, remove_uncommitted, set_rng_state
-from job.data.batching import Batch, empty_batch
+from job.data.batching import Batch, empty_batch, flatten_packed
 from job.data.pipeline import DataPipeline
 from job.data.tokens import IGNORE_INDEX
-from job.errors import DataError, JobError
-from job.export import MANIFEST, publish, save_trained, write_manifest, write_run_files
+from job.errors import DataError, Preempted
+from job.export import (
+    is_published,
+    publish,
+    publish_merged,
+    remove_published,
+    save_trained,
+    write_manifest,
+    write_run_files,
+)
 from job.model import apply_adapter, count_parameters, load_model, load_tokenizer, quiet_libraries
 from job.model_source import resolve_model_dir
 from job.progress import Progress
-from job.signals import EXIT_REQUEUE, StopRequest
+from job.restart import record_restart, restart_pending
+from job.signals import StopRequest
 from job.spec import Spec
-from job.storage import check_writable, filesystem, is_local, join
+from job.storage import check_writable, filesystem, is_local
 from job.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -70,10 +80,6 @@ def resolve_mixed_precision(requested: str, cuda: bool) -> str:
         log.warning("train.mixed_precision fp16 needs a GPU; training in float32 on the CPU")
         return "no"
     return requested
-
-
-def steps_for_epochs(epochs: int, micro_batches_per_epoch: int, grad_accum: int) -> int:
-    return max(1, math.ceil(epochs * micro_batches_per_epoch / grad_accum))
 
 
 def lr_factor(step: int, name: str, warmup_steps: int, total_steps: int) -> float:
@@ -115,8 +121,9 @@ def loss_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> float:
-    """Token-weighted mean loss over the eval split of every rank.
+def evaluate(model, batches: list[dict[str, torch.Tensor]], accelerator: Accelerator) -> float | None:
+    """Token-weighted mean loss over the eval split of every rank; None when it has no loss-bearing
+    token at all (a small data.eval_fraction can leave it empty).
 
     Every rank calls it, with or without eval rows of its own (the reduce needs all). The unwrapped
     model: DDP's forward would sync buffers per batch, and ranks may have different batch counts.
@@ -129,49 +136,63 @@ def evaluate(model, batches: list[dict[str, torch.Tensor]], accelerator: Acceler
         total += torch.tensor([loss_sum(model, batch).item(), loss_tokens(batch)], device=accelerator.device)
     model.train()
     total = accelerator.reduce(total, reduction="sum")
-    return float(total[0] / max(total[1], 1))
+    return float(total[0] / total[1]) if total[1] else None
 
 
-class Preempted(JobError):
-    """Stopped by a signal after publishing a checkpoint: requeue me, I will resume."""
+def train(spec: Spec, restart: bool = False, stop: StopRequest | None = None) -> TrainResult | None:
+    """Train and publish; None when the run had already finished (its adapter is published).
 
-    exit_code = EXIT_REQUEUE
-
-
-def train(spec: Spec, restart: bool = False) -> TrainResult | None:
-    """Train and publish; None when the run had already finished (its adapter is published)."""
+    `stop` is the stop handling that `ftjob run` installs as it starts; without one, train installs
+    its own for its whole length (a stop during the model download is a stop too)."""
+    if stop is None:
+        with StopRequest(spec.train.stop_grace_seconds) as own:
+            return train(spec, restart, own)
     quiet_libraries()
     cuda = torch.cuda.is_available()
+    cfg = spec.train
     accelerator = Accelerator(
-        cpu=not cuda, mixed_precision=resolve_mixed_precision(spec.train.mixed_precision, cuda)
+        cpu=not cuda,
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision, cuda),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_seconds))],
     )
     is_main = accelerator.is_main_process
-    set_seed(spec.train.seed)
-    cfg = spec.train
+    set_seed(cfg.seed)
 
     # 1. Checks that need no model: inputs exist, output is writable. Nothing is written before this.
+    restart = restart and restart_pending(spec)  # once per scheduler job: a requeued restart resumes
     if not restart and is_published(spec):
+        if is_main and spec.output.merge and not is_published(spec, "merged"):
+            model_dir = resolve_model_dir(spec.model.source, spec.model.revision, spec.storage_options)
+            log.info("merged model published to %s", publish_merged(spec, model_dir))
         log.info("%s is already published: nothing to do (ftjob run --restart trains again)", spec.output_uri)
         return None
     model_dir = resolve_model_dir(spec.model.source, spec.model.revision, spec.storage_options)
-    tokenizer = load_tokenizer(model_dir, spec.model)
+    tokenizer = load_tokenizer(model_dir, spec.model, spec.data.chat_template)
     data = DataPipeline(spec, tokenizer, accelerator.process_index, accelerator.num_processes)
     if is_main:
         check_writable(spec.output_uri, spec.storage_options)
-        remove_all(spec) if restart else remove_uncommitted(spec)
+        if not restart:
+            remove_uncommitted(spec)
     accelerator.wait_for_everyone()
     checkpointer = Checkpointer(
         spec, accelerator.process_index, accelerator.num_processes, spec.output.keep_checkpoints
     )
-    saved = checkpointer.load_latest()
-    total_steps = cfg.max_steps or epoch_run_steps(
-        data, accelerator, cfg.epochs, cfg.micro_batch_size, cfg.grad_accum
-    )
+    saved = None if restart else checkpointer.load_latest()
+    total_steps = cfg.max_steps or epoch_run_steps(data, accelerator, cfg.micro_batch_size, cfg.grad_accum)
 
     # 2. Model and adapter.
     full = spec.adapter.method == "full"
     model = load_model(model_dir, spec.model, accelerator.device, full_finetune=full)
     model = apply_adapter(model, spec.adapter, bool(spec.model.quantization), cfg.gradient_checkpointing)
+    if restart:  # only now that the model and adapter load is anything deleted
+        if is_main:
+            remove_published(spec)
+            remove_all(spec)
+            record_restart(spec)
+        accelerator.wait_for_everyone()
+    if stop_agreed(stop, accelerator):
+        kept = f"the checkpoint at step {saved['step']} stays" if saved else "nothing to resume yet"
+        raise Preempted(f"stopped by a signal before training began ({kept}); exit 75 to be requeued")
     trainable, total = count_parameters(model)
     log.info(
         "model %s: %d of %d parameters trainable (%.2f%%)",
@@ -199,6 +220,7 @@ def train(spec: Spec, restart: bool = False) -> TrainResult | None:
 
     tracker = Tracker(spec, active=is_main, resume_run_id=saved.get("run_id") if saved else None)
     model_flops, device_flops = flops_per_token(total, trainable), peak_flops(accelerator)
+    flat_packing = spec.data.packing and spec.model.attn_implementation.startswith("flash")
     progress = Progress(total_steps, cfg.log_every, enabled=is_main, first_step=first_step)
     progress.message(
         f"training {spec.name}: {total_steps} steps, micro batch {cfg.micro_batch_size} x grad_accum "
@@ -210,7 +232,7 @@ def train(spec: Spec, restart: bool = False) -> TrainResult | None:
         "adapter.method": spec.adapter.method,
         "device": torch.cuda.get_device_name(accelerator.device) if cuda else "cpu",
     }
-    with tracker.run(tags), StopRequest(cfg.stop_grace_seconds) as stop:
+    with tracker.run(tags):
         # 3. The loop: each optimizer step consumes grad_accum micro-batches. With train.epochs the data
         # ends after the last epoch; the loop ends when it has ended on every rank.
         train_batches = data.train_batches(cfg.micro_batch_size)
@@ -221,6 +243,8 @@ def train(spec: Spec, restart: bool = False) -> TrainResult | None:
             if cfg.max_steps and step > cfg.max_steps:
                 break
             window = list(itertools.islice(train_batches, cfg.grad_accum))
+            if flat_packing:
+                window = [flatten_packed(batch) for batch in window]
             metrics = optimizer_step(
                 model, optimizer, scheduler, window, accelerator, cfg, tokenizer.pad_token_id
             )
@@ -234,7 +258,9 @@ def train(spec: Spec, restart: bool = False) -> TrainResult | None:
                 metrics.update(data_metrics(data, accelerator))
                 metrics["train/peak_memory_gib"] = peak_memory_gib(accelerator)
             if has_eval and cfg.eval_every and step % cfg.eval_every == 0:
-                metrics.update(eval_metrics(model, eval_batches, accelerator))
+                scores = eval_metrics(model, eval_batches, accelerator)
+                has_eval = bool(scores)  # an eval split with nothing to score stays so (warned once)
+                metrics.update(scores)
             history.append({"step": step, **metrics})
             tracker.log_metrics(metrics, step)
             progress.update(step, metrics)
@@ -247,11 +273,10 @@ def train(spec: Spec, restart: bool = False) -> TrainResult | None:
                 }
                 checkpointer.save(step, model, optimizer, scheduler, accelerator, data.state_dict(), run)
             if stopping:
-                checkpointer.wait()
+                checkpointer.wait_committed(accelerator)  # every rank: exit 75 only once it is committed
                 raise Preempted(
                     f"stopped by a signal at step {step}: checkpoint committed {stop.seconds_since():.1f} s after the signal; exit 75 to be requeued"
                 )
-        checkpointer.wait()
         progress.close()
         data.budget.check()  # a run that ends before the data does still answers for its bad rows
         final = {**data_metrics(data, accelerator)}
@@ -260,20 +285,22 @@ def train(spec: Spec, restart: bool = False) -> TrainResult | None:
         history[-1].update(final)
         tracker.log_metrics(final, history[-1]["step"])
         progress.message(data_summary(final))
-
-        # 4. Publish: adapter/ (and merged/), MANIFEST.json last.
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
-        adapter_uri = ""
-        if is_main:
-            merged = merged_model(unwrapped, model_dir, spec) if spec.output.merge else None
-            run_metrics = {"history": history, "final": history[-1]}
-            adapter_uri = publish(unwrapped, tokenizer, spec, run_metrics, merged)
-            progress.message(f"adapter published to {adapter_uri}")
-            log_adapter(tracker, adapter_uri, unwrapped, tokenizer, spec, run_metrics)
-            if tracker.run_id:
-                progress.message(f"MLflow run {tracker.run_id} in {tracker.uri}")
-        accelerator.wait_for_everyone()
+        if not is_main:
+            return TrainResult(unwrapped, tokenizer, "", history, None)
+
+        # 4. Publish, on rank 0 alone and outside any collective: the other ranks are done, so a slow
+        # upload or merge cannot run into the process group's timeout.
+        checkpointer.wait()
+        run_metrics = {"history": history, "final": history[-1]}
+        adapter_uri = publish(unwrapped, tokenizer, spec, run_metrics)
+        progress.message(f"adapter published to {adapter_uri}")
+        log_adapter(tracker, adapter_uri, unwrapped, tokenizer, spec, run_metrics)
+        if spec.output.merge:
+            progress.message(f"merged model published to {publish_merged(spec, model_dir)}")
+        if tracker.run_id:
+            progress.message(f"MLflow run {tracker.run_id} in {tracker.uri}")
     return TrainResult(unwrapped, tokenizer, adapter_uri, history, tracker.run_id)
 
 
@@ -342,11 +369,6 @@ def peak_memory_gib(accelerator: Accelerator) -> float:
     return float(peak) / 2**30
 
 
-def is_published(spec: Spec) -> bool:
-    fs, path = filesystem(join(spec.output_uri, "adapter", MANIFEST), spec.storage_options)
-    return fs.exists(path)
-
-
 def stop_agreed(stop: StopRequest, accelerator: Accelerator) -> bool:
     """Whether any rank got a stop signal: all ranks stop after the same step."""
     flag = torch.tensor([int(stop.requested)], device=accelerator.device)
@@ -398,20 +420,26 @@ def optimizer_step(
 
 
 def epoch_run_steps(
-    data: DataPipeline, accelerator: Accelerator, epochs: int, micro_batch_size: int, grad_accum: int
+    data: DataPipeline, accelerator: Accelerator, micro_batch_size: int, grad_accum: int
 ) -> int:
-    """Optimizer steps of an epoch-based run: from one counting pass, the largest rank's share."""
+    """Optimizer steps of an epoch-based run, exactly: a counting pass over all its epochs (packing,
+    splitting and the rank shares differ from epoch to epoch), then the busiest rank's micro-batches
+    over grad_accum, as the loop takes them."""
     micro_batches, stats = data.count_micro_batches(micro_batch_size)
     count = torch.tensor(micro_batches, device=accelerator.device)
     if accelerator.num_processes > 1:
         count = accelerator.reduce(count, reduction="max")
     if int(count) == 0:
         raise DataError(f"data.train: no example to train on; {data_summary(stats)}")
-    return steps_for_epochs(epochs, int(count), grad_accum)
+    return math.ceil(int(count) / grad_accum)
 
 
 def eval_metrics(model, batches: list[Batch], accelerator: Accelerator) -> dict[str, float]:
+    """eval/loss and eval/perplexity; none when the eval split has no loss-bearing token on any rank."""
     loss = evaluate(model, batches, accelerator)
+    if loss is None:
+        log.warning("the eval split has no token to score: no eval metric is logged")
+        return {}
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
 
 
@@ -437,13 +465,3 @@ def data_summary(metrics: dict[str, float]) -> str:
     if "data/packing_efficiency" in metrics:
         line += f", packing efficiency {metrics['data/packing_efficiency']:.1%}"
     return line
-
-
-def merged_model(peft_model, model_dir, spec: Spec):
-    """The base model, unquantized on the CPU, with the trained adapter merged into its weights."""
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-
-    base = load_model(model_dir, spec.model.model_copy(update={"quantization": None}), torch.device("cpu"))
-    merged = get_peft_model(base, peft_model.peft_config["default"])
-    set_peft_model_state_dict(merged, {k: v.cpu() for k, v in get_peft_model_state_dict(peft_model).items()})
-    return merged.merge_and_unload()

@@ -221,6 +221,14 @@ def test_no_literal_secrets_anywhere(job):
         assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", path.read_text()), f"{path}: an AWS key id"
 
 
+def test_every_pod_and_retry_of_a_job_shares_one_restart_id(job):
+    """`ftjob run --restart` starts over once per Job: the id is the Job's uid, the same on a retry."""
+    entry = env_of(the_container(job))["FTJOB_RESTART_ID"]
+    assert (
+        entry["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/controller-uid']"
+    )
+
+
 def test_headless_service_names_rank_zero(job):
     pod = job["spec"]["template"]["spec"]
     services = [s for s in of_kind("Service") if s["metadata"]["name"] == pod["subdomain"]]

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import CHATML, write_jsonl
 
 from job.data import stream as stream_module
 from job.data.batching import pad_batch
@@ -19,10 +19,6 @@ from job.data.tokens import IGNORE_INDEX, fit, tokenize
 from job.errors import UserError
 from job.spec import validate_spec
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "weather in Oslo?"},
@@ -166,6 +162,75 @@ def test_packed_row_loss_equals_the_examples_one_by_one(tiny_model_dir, tokenize
     torch.testing.assert_close(packed_loss, one_by_one, rtol=1e-5, atol=1e-4)
 
 
+def causal_attention(q, k, v, scale):
+    """[B, L, H, D] (or [L, H, D]) attention with a causal mask, grouped keys repeated: what a flash
+    kernel computes, in plain torch."""
+    q, k, v = (x.transpose(-3, -2) for x in (q, k, v))  # heads before positions
+    k, v = (x.repeat_interleave(q.shape[-3] // x.shape[-3], dim=-3) for x in (k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return out.transpose(-3, -2)
+
+
+@pytest.fixture
+def cpu_flash_kernels(monkeypatch):
+    """transformers' own flash-attention path (kernel choice, cu_seqlens from position_ids) over plain
+    torch stand-ins for the CUDA kernels; records which kernel each attention call took."""
+    import transformers.modeling_flash_attention_utils as flash_utils
+
+    calls = []
+
+    def dense(q, k, v, softmax_scale=None, **_):
+        calls.append("dense")
+        return causal_attention(q, k, v, softmax_scale)
+
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, **_):
+        calls.append("varlen")
+        bounds = cu_seqlens_q.tolist()
+        pieces = [
+            causal_attention(q[a:b], k[a:b], v[a:b], softmax_scale)
+            for a, b in zip(bounds, bounds[1:], strict=False)
+        ]
+        return torch.cat(pieces)
+
+    def kwargs(**given):
+        return {"softmax_scale": given.get("softmax_scale")}
+
+    kernels = ((dense, varlen, None, None, None), (kwargs, kwargs))
+    monkeypatch.setattr(flash_utils, "lazy_import_flash_attention", lambda *a, **k: kernels)
+    return calls
+
+
+def test_flash_attention_keeps_packed_examples_apart_in_a_micro_batch(
+    tiny_model_dir, tokenizer, cpu_flash_kernels
+):
+    """transformers calls the variable-length kernel for packed rows only for a batch of one row;
+    flatten_packed makes a [B, L] micro-batch one row, so no example attends to another."""
+    from transformers import AutoModelForCausalLM
+
+    from job.data.batching import flatten_packed, pack_row, stack_packed
+    from job.train import loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    formatter = Formatter("alpaca", {}, "all", tokenizer)
+    texts = [("Say hi", "hi"), ("Reverse the words: one two", "two one"), ("Add one", "42"), ("Say", "yes")]
+    examples = [tokenize(formatter({"instruction": i, "output": o}), tokenizer) for i, o in texts]
+    rows = [
+        pack_row(examples[:2], 48, tokenizer.pad_token_id),
+        pack_row(examples[2:], 48, tokenizer.pad_token_id),
+    ]
+    batch = stack_packed(rows)  # [2, 48]: two examples in each row
+    with torch.no_grad():
+        one_by_one = sum(loss_sum(model, pad_batch([e], tokenizer.pad_token_id)) for e in examples)
+        model.config._attn_implementation = "flash_attention_2"
+        flat_loss = loss_sum(model, flatten_packed(batch))
+        assert set(cpu_flash_kernels) == {"varlen"}
+        cpu_flash_kernels.clear()
+        unflattened_loss = loss_sum(model, batch)
+    assert set(cpu_flash_kernels) == {"dense"}  # what training did before: examples saw each other
+    torch.testing.assert_close(flat_loss, one_by_one, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(unflattened_loss, one_by_one, rtol=1e-3)
+
+
 def test_packing_fills_rows_and_reports_efficiency(tokenizer, isolated):
     data = write_jsonl(isolated / "t.jsonl", text_rows(40))
     spec = make_spec([data], packing=True, max_seq_len=32)
@@ -247,6 +312,48 @@ def test_resume_yields_exactly_what_an_uninterrupted_run_yields(tokenizer, isola
     resumed.load_state_dict(state)
     assert batches_as_lists(next(resumed.train_batches(2)) for _ in range(10)) == expected
     assert first  # the cut really was after some batches
+
+
+def test_checkpointed_shuffle_buffer_holds_only_what_the_format_reads(tokenizer, isolated):
+    """Parquet columns JSON cannot hold (timestamps, dates, decimals, bytes) beside the format's own:
+    the data cursor still goes into a checkpoint, holds none of them, and resumes exactly."""
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 24
+    table = pa.table(
+        {
+            "instruction": [f"Say {i}" for i in range(n)],
+            "output": [f"{i} " * (i % 5 + 1) for i in range(n)],
+            "created": [datetime.datetime(2026, 1, 1, 12, i) for i in range(n)],
+            "day": [datetime.date(2026, 1, 1 + i % 28) for i in range(n)],
+            "price": pa.array([decimal.Decimal(f"{i}.25") for i in range(n)], pa.decimal128(6, 2)),
+            "blob": [bytes([i]) * 1000 for i in range(n)],
+        }
+    )
+    pq.write_table(table, isolated / "rows.parquet", row_group_size=8)
+    spec = validate_spec(
+        {
+            "model": {"source": "unused"},
+            "data": {"train": [str(isolated / "rows.parquet")], "shuffle_buffer": 16},
+            "train": {"max_steps": 1, "seed": 7},
+        }
+    )
+    reference = DataPipeline(spec, tokenizer)
+    batches = reference.train_batches(2)
+    for _ in range(3):
+        next(batches)
+    text = json.dumps(reference.state_dict())  # raised "datetime is not JSON serializable" before
+    buffered = reference.state_dict()["rows"]["buffer"]
+    assert len(buffered) >= 8 and not any(name in text for name in ("created", "day", "price", "blob"))
+    expected = batches_as_lists(next(batches) for _ in range(12))
+
+    resumed = DataPipeline(spec, tokenizer)
+    resumed.load_state_dict(json.loads(text))
+    assert batches_as_lists(next(resumed.train_batches(2)) for _ in range(12)) == expected
 
 
 def test_resume_continues_reading_where_it_stopped(tokenizer, isolated, monkeypatch):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ALPACA_ROWS, REPO, run_ftjob, write_jsonl
+from conftest import ALPACA_ROWS, REPO, free_port, run_ftjob, write_jsonl
 from safetensors.torch import load_file
 
 STEPS = 30
@@ -44,14 +44,14 @@ def spec_path(tiny_model_dir, workdir):
     return path
 
 
-def start(spec_path, output: str) -> subprocess.Popen:
+def start(spec_path, output: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "job", "run", str(spec_path), "--set", f"output.uri={output}"],
+        [sys.executable, "-m", "job", "run", str(spec_path), "--set", f"output.uri={output}", *extra],
         cwd=spec_path.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
 
@@ -151,6 +151,118 @@ def test_retention_incomplete_checkpoints_finished_runs_and_spec_changes(spec_pa
     assert "resuming" not in restarted.stderr and "step 1/12" in restarted.stdout
 
 
+def test_restart_deletes_published_outputs_and_happens_once_per_scheduler_job(
+    spec_path, workdir, uninterrupted
+):
+    """A requeued job runs its command again, --restart included: the second run of the same job
+    resumes; a new job restarts."""
+    other = run_ftjob(
+        "run", str(spec_path), "--set", "output.uri=./again", "--set", "train.seed=4", cwd=workdir
+    )
+    assert other.returncode == 0, other.stderr
+    adapter = workdir / "again" / "adapter"
+    assert (adapter / "MANIFEST.json").is_file()
+
+    job_7 = {"SLURM_JOB_ID": "7"}
+    restarted = start(spec_path, "./again", "--restart", env=job_7)
+    run_until(restarted, f"step 8/{STEPS}")
+    restarted.send_signal(signal.SIGTERM)
+    out = restarted.stdout.read()
+    assert restarted.wait(timeout=120) == 75, out
+    assert not adapter.exists()  # the old adapter is gone, MANIFEST and all
+    assert json.loads((workdir / "again" / "restart.json").read_text()) == {"restart_id": "slurm-7"}
+
+    requeued = run_ftjob(
+        "run", str(spec_path), "--restart", "--set", "output.uri=./again", cwd=workdir, env=job_7
+    )
+    assert requeued.returncode == 0, requeued.stderr
+    assert (
+        "already restarted" in requeued.stderr and "resuming from the checkpoint at step" in requeued.stderr
+    )
+    assert_same_run(workdir, uninterrupted, "again")
+
+    new_job = run_ftjob(
+        "run", str(spec_path), "--restart", "--set", "output.uri=./again", "--set", "train.max_steps=2",
+        cwd=workdir, env={"SLURM_JOB_ID": "8"},
+    )  # fmt: skip
+    assert new_job.returncode == 0, new_job.stderr
+    assert "resuming" not in new_job.stderr and "step 1/2" in new_job.stdout
+
+
+def test_a_stop_during_the_model_download_exits_75_and_the_next_run_starts_cleanly(
+    tiny_model_dir, spec_path, workdir, s3, fault_proxy
+):
+    s3.put(str(tiny_model_dir) + "/", f"{s3.bucket}/models/tiny/", recursive=True)
+    spec = json.loads(spec_path.read_text())
+    spec["model"]["source"] = f"s3://{s3.bucket}/models/tiny/"
+    spec["storage_options"] = {"s3": {"endpoint_url": fault_proxy.url}}
+    spec["train"]["max_steps"] = 2
+    path = workdir / "spec-s3-model.json"
+    path.write_text(json.dumps(spec))
+    env = {"FTJOB_CACHE": str(workdir / "download-cache")}
+
+    fault_proxy.slow_seconds = 0.5
+    fault_proxy.outage("slow")
+    process = start(path, "./early", env=env)
+    run_until(process, "downloading the model")
+    process.send_signal(signal.SIGTERM)
+    out = process.stdout.read()
+    assert process.wait(timeout=120) == 75, out
+    assert "before training began (nothing to resume yet); exit 75" in out and "Traceback" not in out
+    assert not (workdir / "early" / "checkpoints").exists() and not (workdir / "early" / "adapter").exists()
+
+    fault_proxy.heal()
+    requeued = run_ftjob("run", str(path), "--set", "output.uri=./early", cwd=workdir, env=env)
+    assert requeued.returncode == 0, requeued.stderr
+    assert "step 1/2" in requeued.stdout and "resuming" not in requeued.stderr
+
+
+def test_resuming_refuses_changes_to_what_is_trained_and_allows_the_rest():
+    from job.checkpoint import fingerprint, fingerprint_changes
+    from job.spec import validate_spec
+
+    base = {"model": {"source": "m"}, "data": {"train": ["d.jsonl"]}, "train": {"max_steps": 10}}
+    saved = fingerprint(validate_spec(base), world_size=2)
+
+    def changes(section: str, **values) -> list[str]:
+        spec = {**base, section: {**base.get(section, {}), **values}}
+        return fingerprint_changes(saved, fingerprint(validate_spec(spec), world_size=2))
+
+    assert changes("train", learning_rate=1e-5) == ["train.learning_rate: 0.0002 -> 1e-05"]
+    assert changes("train", weight_decay=0.1) == ["train.weight_decay: 0.0 -> 0.1"]
+    assert changes("data", train_on="all") == ["data.train_on: 'completion' -> 'all'"]
+    assert changes("data", chat_template="{{ x }}") == ["data.chat_template: None -> '{{ x }}'"]
+    assert changes("data", truncation="drop") == ["data.truncation: 'truncate' -> 'drop'"]
+    assert fingerprint_changes(saved, fingerprint(validate_spec(base), world_size=1)) == [
+        "world_size: 2 -> 1"
+    ]
+    for section, values in [
+        ("train", {"checkpoint_every": 7, "eval_every": 3, "log_every": 1, "stop_grace_seconds": 5}),
+        ("output", {"uri": "s3://elsewhere/run", "keep_checkpoints": 5}),
+        ("tracking", {"experiment": "other"}),
+        ("data", {"eval": ["e.jsonl"]}),
+    ]:
+        assert changes(section, **values) == [], section
+
+
+def test_publishing_on_rank_0_sits_behind_no_collective(slow_s3_spec, workdir, s3, fault_proxy):
+    """A publish that takes longer than the process group's timeout does not fail the other rank: they
+    are done by then (a big full fine-tune's upload takes minutes; NCCL's default timeout is 10)."""
+    output = f"s3://{s3.bucket}/slow-publish"
+    settings = ["--set", "train.max_steps=4", "--set", "train.checkpoint_every=0", "--set",
+                "train.collective_timeout_seconds=5"]  # fmt: skip
+    rank0, rank1 = ranks(slow_s3_spec, output, workdir, *settings)
+    run_until(rank0, "step 2/4")
+    fault_proxy.slow_seconds = 1.5  # the adapter's ~10 requests now take ~15 s
+    fault_proxy.outage("slow")
+    out = rank0.stdout.read()
+    assert rank0.wait(timeout=300) == 0, out
+    assert rank1.wait(timeout=60) == 0, (workdir / "rank-1.log").read_text()
+    fault_proxy.heal()
+    s3.invalidate_cache()
+    assert s3.exists(f"{s3.bucket}/slow-publish/adapter/MANIFEST.json")
+
+
 def torchrun(spec_path, output: str, *extra: str) -> subprocess.Popen:
     command = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "-m", "job", "run"]
     return subprocess.Popen(
@@ -163,29 +275,123 @@ def torchrun(spec_path, output: str, *extra: str) -> subprocess.Popen:
     )
 
 
-def test_two_processes_stop_together_when_one_rank_is_signalled_and_resume_exactly(spec_path, workdir):
-    import psutil
+def ranks(
+    spec_path, output: str, log_dir: Path, *extra: str, env: dict | None = None
+) -> list[subprocess.Popen]:
+    """Two ranks started the way srun or a Kubernetes Indexed Job starts tasks: one process each, with
+    torch's environment variables, no launcher in between; each exit code is what the scheduler sees.
+    Rank 0's output is piped, rank 1's goes to log_dir/rank-1.log."""
+    base = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **(env or {})}  # fmt: skip
+    command = [sys.executable, "-m", "job", "run", str(spec_path), "--set", f"output.uri={output}", *extra]
+    processes = []
+    for rank in (0, 1):
+        out = subprocess.PIPE if rank == 0 else open(log_dir / f"rank-{rank}.log", "w")  # noqa: SIM115
+        processes.append(
+            subprocess.Popen(
+                command,
+                cwd=spec_path.parent,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            )
+        )
+    return processes
 
+
+@pytest.fixture(scope="module")
+def ddp_uninterrupted(spec_path, workdir):
     straight = torchrun(spec_path, "./ddp-straight")
     out = straight.stdout.read()
     assert straight.wait(timeout=300) == 0, out
+    return "ddp-straight"
 
-    stopped = torchrun(spec_path, "./ddp-stopped")
+
+@pytest.fixture
+def slow_s3_spec(spec_path, workdir, s3, fault_proxy) -> Path:
+    """The resume spec with checkpoints and output on S3 behind the fault proxy (healthy until a test
+    slows it down)."""
+    spec = json.loads(spec_path.read_text())
+    spec["storage_options"] = {"s3": {"endpoint_url": fault_proxy.url}}
+    path = workdir / f"spec-{s3.bucket}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def slow_uploads(proxy) -> None:
+    """Every request to the store from now on is answered a second late: a checkpoint takes ~10 s."""
+    proxy.slow_seconds = 1.0
+    proxy.outage("slow")
+
+
+def fetch_adapter(s3, uri: str, local: Path) -> None:
+    s3.invalidate_cache()
+    s3.get(f"{uri.removeprefix('s3://')}/adapter/", str(local / "adapter") + "/", recursive=True)
+
+
+def committed_steps_on(s3, uri: str) -> list[str]:
+    s3.invalidate_cache()
+    root = f"{uri.removeprefix('s3://')}/checkpoints"
+    return sorted(p.rsplit("/", 1)[1] for p in s3.ls(root) if s3.exists(f"{p}/COMMITTED"))
+
+
+def test_sigterm_to_every_worker_of_torchrun_with_slow_uploads_commits_and_resumes_exactly(
+    slow_s3_spec, workdir, s3, fault_proxy, ddp_uninterrupted
+):
+    """The scancel case: every process gets SIGTERM while rank 0's upload takes seconds. Before the
+    fix, rank 1 exited 75 at once, torchrun then SIGTERMed rank 0 mid-upload and no COMMITTED was
+    written. (torchrun itself still reports 1 for workers' 75.)"""
+    import psutil
+
+    output = f"s3://{s3.bucket}/ddp-all"
+    stopped = torchrun(slow_s3_spec, output)
     run_until(stopped, f"step 8/{STEPS}")
     workers = psutil.Process(stopped.pid).children()
     assert len(workers) == 2
-    non_main = max(workers, key=lambda p: p.pid)  # started second: rank 1, which prints nothing
-    non_main.send_signal(signal.SIGTERM)  # the signal reaches one rank only
+    slow_uploads(fault_proxy)
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
     out = stopped.stdout.read()
     stopped.wait(timeout=300)
-    assert out.count("exit 75 to be requeued") == 2, out  # both ranks stopped after the same step
-    assert not (workdir / "ddp-stopped" / "adapter").exists()
+    assert out.count("checkpoint committed") == 2 and out.count("exit 75 to be requeued") == 2, out
+    steps = committed_steps_on(s3, output)
+    assert steps and steps[-1] >= "step-000008", steps
 
-    resumed = torchrun(spec_path, "./ddp-stopped")
+    fault_proxy.heal()
+    resumed = torchrun(slow_s3_spec, output)
     out = resumed.stdout.read()
     assert resumed.wait(timeout=300) == 0, out
     assert "resuming from the checkpoint at step" in out
-    assert_same_run(workdir, "ddp-straight", "ddp-stopped")
+    fetch_adapter(s3, output, workdir / "ddp-all")
+    assert_same_run(workdir, ddp_uninterrupted, "ddp-all")
+
+
+def test_sigterm_to_one_rank_with_slow_uploads_exits_75_on_every_rank_after_the_commit(
+    slow_s3_spec, workdir, s3, fault_proxy, ddp_uninterrupted
+):
+    """The signal reaches one rank only (a node's agent, a Kubernetes eviction of one pod): both ranks
+    stop after the same step, and no rank exits before the stop checkpoint is committed."""
+    output = f"s3://{s3.bucket}/ddp-one"
+    rank0, rank1 = ranks(slow_s3_spec, output, workdir)
+    run_until(rank0, f"step 8/{STEPS}")
+    slow_uploads(fault_proxy)
+    rank1.send_signal(signal.SIGTERM)
+    assert rank1.wait(timeout=300) == 75
+    committed_when_rank1_exited = committed_steps_on(s3, output)
+    out = rank0.stdout.read()
+    assert rank0.wait(timeout=300) == 75, out
+    fault_proxy.heal()
+    assert committed_when_rank1_exited and committed_when_rank1_exited[-1] >= "step-000008"
+    assert committed_steps_on(s3, output)[-1] == committed_when_rank1_exited[-1]
+    assert "checkpoint committed" in (workdir / "rank-1.log").read_text()
+
+    rank0, rank1 = ranks(slow_s3_spec, output, workdir)
+    out = rank0.stdout.read()
+    assert rank0.wait(timeout=300) == 0 and rank1.wait(timeout=60) == 0, out
+    assert "resuming from the checkpoint at step" in out
+    fetch_adapter(s3, output, workdir / "ddp-one")
+    assert_same_run(workdir, ddp_uninterrupted, "ddp-one")
 
 
 def s3_spec(tiny_model_dir, workdir, proxy, bucket: str, **retries) -> dict:

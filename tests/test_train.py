@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import ALPACA_ROWS, run_ftjob, write_jsonl
+from conftest import ALPACA_ROWS, CHATML, run_ftjob, write_jsonl
 
 from job.export import MANIFEST, sha256_file
 from job.spec import validate_spec
@@ -155,16 +155,67 @@ def test_full_finetune_saves_a_loadable_model(tiny_model_dir, data_files, isolat
     assert not torch.allclose(logits_of(base, result.tokenizer), expected, atol=1e-4)
 
 
-def test_merge_writes_merged_model_with_adapter_logits(tiny_model_dir, data_files, isolated):
+def bf16_copy(model_dir, target):
+    """The tiny model stored in bfloat16, as most published models are."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).save_pretrained(target)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(target)
+    return target
+
+
+@pytest.mark.parametrize("quantization", [None, "4bit"], ids=["lora", "qlora-4bit"])
+def test_merge_writes_the_trained_model_in_the_stored_dtype(
+    tiny_model_dir, data_files, isolated, quantization
+):
+    """merged/ gives the logits of the model that was trained (for QLoRA: the 4-bit base, dequantized,
+    plus the adapter; not the full-precision base plus the adapter), in the base's stored dtype."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    result = run_in_process(spec_dict(tiny_model_dir, data_files, output={"merge": True}))
+    model_dir = bf16_copy(tiny_model_dir, isolated / "bf16")
+    spec = spec_dict(model_dir, data_files, model={"quantization": quantization}, output={"merge": True})
+    result = run_in_process(spec)
     merged_dir = isolated / "runs" / "t" / "merged"
-    assert (merged_dir / MANIFEST).is_file() and (merged_dir / "model.safetensors").is_file()
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True).eval()
-    torch.testing.assert_close(
-        logits_of(merged, result.tokenizer), logits_of(result.model, result.tokenizer), atol=1e-4, rtol=1e-4
+    assert (merged_dir / MANIFEST).is_file()
+    assert {t.dtype for t in load_file(merged_dir / "model.safetensors").values()} == {torch.bfloat16}
+    merged = AutoModelForCausalLM.from_pretrained(
+        merged_dir, use_safetensors=True, dtype=torch.float32
+    ).eval()
+    trained = logits_of(result.model, result.tokenizer)
+    merged_logits = logits_of(merged, result.tokenizer)
+    # bf16 weights: within 0.02 here; merging QLoRA's adapter into the full-precision base was 0.77 off
+    torch.testing.assert_close(merged_logits, trained, atol=0.05, rtol=0.05)
+    assert (merged_logits.argmax(-1) == trained.argmax(-1)).float().mean() >= 0.9
+
+
+def test_a_failed_merge_keeps_the_adapter_and_the_next_run_merges(
+    tiny_model_dir, data_files, isolated, monkeypatch, caplog
+):
+    import job.model
+    from job.train import train
+
+    def out_of_memory(*args):
+        raise MemoryError("no room to merge")
+
+    spec = validate_spec(
+        spec_dict(tiny_model_dir, data_files, output={"merge": True}, train={"max_steps": 2})
     )
+    with monkeypatch.context() as patched, pytest.raises(MemoryError):
+        patched.setattr(job.model, "merge_adapter", out_of_memory)
+        train(spec)
+    adapter, merged = isolated / "runs" / "t" / "adapter", isolated / "runs" / "t" / "merged"
+    assert (adapter / MANIFEST).is_file() and not (merged / MANIFEST).exists()
+    published_weights = (adapter / "adapter_model.safetensors").read_bytes()
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with caplog.at_level("INFO", logger="job"):
+        assert train(spec) is None  # nothing trained again...
+    assert any("merged model published" in r.getMessage() for r in caplog.records)  # ...only merged
+    assert (merged / MANIFEST).is_file() and (merged / "model.safetensors").is_file()
+    assert (adapter / "adapter_model.safetensors").read_bytes() == published_weights
 
 
 def test_grad_accumulation_matches_one_big_batch(tiny_model_dir, data_files):
@@ -191,6 +242,61 @@ def test_epochs_set_the_number_of_steps(tiny_model_dir, data_files):
     assert len(result.history) == 8
     assert result.history[-1]["train/epoch"] == 2.0
     assert result.history[-1]["data/rows_read"] == 64  # every row once per epoch
+
+
+def test_empty_eval_split_logs_no_eval_metric_and_warns_once(tiny_model_dir, data_files, isolated, caplog):
+    """An eval_fraction that holds out no row: no eval/loss 0.0 (which compare would rank best)."""
+    spec = spec_dict(
+        tiny_model_dir,
+        data_files,
+        data={"eval": [], "eval_fraction": 1e-9},
+        train={"max_steps": 4, "eval_every": 1},
+    )
+    with caplog.at_level("WARNING", logger="job"):
+        result = run_in_process(spec)
+    assert not any(key.startswith("eval/") for h in result.history for key in h)
+    warnings = [r for r in caplog.records if "no token to score" in r.getMessage()]
+    assert len(warnings) == 1
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{isolated / 'mlruns' / 'mlflow.db'}")
+    assert "eval/loss" not in client.get_run(result.run_id).data.metrics
+
+
+def test_chat_adapter_publishes_its_template_and_generate_stops_on_its_end_of_turn_token(
+    tiny_model_dir, isolated
+):
+    from transformers import AutoTokenizer
+
+    from job.data.formats import Formatter
+    from job.generate import load_trained, stop_tokens
+
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": r["instruction"]},
+                {"role": "assistant", "content": r["output"]},
+            ]
+        }
+        for r in ALPACA_ROWS * 4
+    ]
+    train = write_jsonl(isolated / "chat.jsonl", chats)
+    spec = spec_dict(
+        tiny_model_dir,
+        (train, None),
+        data={"format": "chat", "chat_template": CHATML, "eval": []},
+        train={"max_steps": 2},
+    )
+    run_in_process(spec)
+    adapter = isolated / "runs" / "t" / "adapter"
+    published = AutoTokenizer.from_pretrained(adapter)
+    assert published.chat_template == CHATML  # plain transformers users render prompts as training did
+
+    model, tokenizer, loaded_spec = load_trained(adapter)
+    formatter = Formatter("chat", {}, "completion", tokenizer, loaded_spec.data.chat_template)
+    ids, strings = stop_tokens(model, tokenizer, formatter)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids and tokenizer.eos_token_id in ids
+    assert strings == []
 
 
 def test_cli_run_logs_plain_lines_then_generate(tiny_model_dir, data_files, isolated):
@@ -309,11 +415,55 @@ def test_mixed_precision_falls_back_on_cpu_with_one_warning(caplog):
     assert len(caplog.records) == 1 and "fp16" in caplog.records[0].getMessage()
 
 
-def test_steps_for_epochs_rounds_up():
-    from job.train import steps_for_epochs
+@pytest.mark.parametrize(
+    "files,ranks,packing,eval_fraction,grad_accum",
+    [
+        (1, 1, False, 0.0, 1),
+        (3, 2, True, 0.0, 2),
+        (3, 3, False, 0.2, 1),
+        (2, 2, True, 0.25, 3),
+        (4, 3, True, 0.1, 2),
+    ],
+)
+def test_epoch_runs_plan_the_steps_the_loop_takes(
+    tokenizer, isolated, files, ranks, packing, eval_fraction, grad_accum
+):
+    """Over several files, ranks, packing (rows differ per epoch: another file order, other
+    neighbours) and an eval split, the planned count is what the loop takes: each step takes
+    grad_accum micro-batches per rank and the run ends when every rank is out of them."""
+    import itertools
+    import math
+    import random
 
-    assert steps_for_epochs(epochs=3, micro_batches_per_epoch=3, grad_accum=2) == 5
-    assert steps_for_epochs(epochs=1, micro_batches_per_epoch=8, grad_accum=2) == 4
+    from job.data.pipeline import DataPipeline
+
+    rng = random.Random(files * 10 + ranks)
+    paths = []
+    for i in range(files):
+        rows = [
+            {
+                "instruction": " ".join(["word"] * rng.randint(1, 12)),
+                "output": " ".join(["out"] * rng.randint(1, 9)),
+            }
+            for _ in range(rng.randint(5, 17))
+        ]
+        paths.append(str(write_jsonl(isolated / f"f{i}.jsonl", rows)))
+    spec = validate_spec(
+        {
+            "model": {"source": "unused"},
+            "data": {"train": paths, "packing": packing, "max_seq_len": 64, "eval_fraction": eval_fraction,
+                     "shuffle_buffer": 4},
+            "train": {"epochs": 3, "micro_batch_size": 2, "grad_accum": grad_accum},
+        }
+    )  # fmt: skip
+    planned_per_rank = [
+        DataPipeline(spec, tokenizer, rank, ranks).count_micro_batches(2)[0] for rank in range(ranks)
+    ]
+    streams = [DataPipeline(spec, tokenizer, rank, ranks).train_batches(2) for rank in range(ranks)]
+    taken = 0
+    while any([len(list(itertools.islice(s, grad_accum))) for s in streams]):
+        taken += 1
+    assert math.ceil(max(planned_per_rank) / grad_accum) == taken
 
 
 @pytest.mark.parametrize("name", ["constant", "linear", "cosine"])

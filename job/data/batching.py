@@ -63,6 +63,19 @@ def stack_packed(rows: Sequence[dict[str, list[int]]]) -> Batch:
     return batch
 
 
+def flatten_packed(batch: Batch) -> Batch:
+    """A packed micro-batch [B, L] as one row [1, B*L], for flash attention.
+
+    transformers reads restarting position_ids as example boundaries (and calls the variable-length
+    kernel) only for a batch of one row; [B, L] rows would get dense causal attention across their
+    examples. Flattened, every example stays a segment of its own: each row starts an example at
+    position 0, and so does its padding tail. The loss is unchanged: each example's first label is
+    already -100.
+    """
+    flat = {key: batch[key].reshape(1, -1) for key in ("input_ids", "labels", "position_ids")}
+    return {**flat, "real_tokens": batch["real_tokens"]}
+
+
 def empty_batch(pad_token_id: int) -> Batch:
     """One padding token without loss: what a rank whose data ran out contributes, so that every rank
     still takes part in each step's collective operations."""

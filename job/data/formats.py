@@ -38,6 +38,19 @@ class Example:
     add_bos_eos: bool = True  # completion-style formats; a chat template writes its own markers
     split_long: bool = False  # text: a long document becomes several max_seq_len pieces, not one truncated
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (a shuffle buffer's examples go into checkpoints)."""
+        return {
+            "segments": [[text, loss] for text, loss in self.segments],
+            "add_bos_eos": self.add_bos_eos,
+            "split_long": self.split_long,
+        }
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> Example:
+        segments = tuple((str(text), bool(loss)) for text, loss in d["segments"])
+        return Example(segments, bool(d["add_bos_eos"]), bool(d["split_long"]))
+
 
 def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     if input_text:
@@ -122,6 +135,15 @@ class Formatter:
             )
         except (TemplateError, ValueError) as e:  # e.g. templates that insist on alternating roles
             raise BadRow(f"chat template: {e}") from None
+
+    def end_of_turn(self) -> str:
+        """What the chat template writes after an assistant turn's content (e.g. "<|im_end|>"), where
+        generation should stop; "" for the other formats (they end with EOS)."""
+        if self.format != "chat":
+            return ""
+        rendered = self._render(SAMPLE_CONVERSATION, add_generation_prompt=False)
+        reply = SAMPLE_CONVERSATION[-1]["content"]
+        return rendered[rendered.rindex(reply) + len(reply) :].strip()
 
     @property
     def adds_bos(self) -> bool:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 from job.data.batching import Batch, pack_row, pad_batch, stack_packed
-from job.data.formats import BadRow, Formatter
+from job.data.formats import BadRow, Example, Formatter
 from job.data.sources import Row, expand, expand_pattern
 from job.data.stream import EPOCH_END, Mixture, ShuffleBuffer, SourceStream, held_out
 from job.data.tokens import TokenizedExample, fit, tokenize
@@ -69,14 +70,25 @@ class FitCounts:
     dropped: int = 0
 
 
-class ExampleStream:
-    """Rows -> tokenized examples that fit max_seq_len; bad rows are counted against the budget."""
+def format_row(formatter: Formatter, row: Row) -> Row:
+    """A row as the format reads it: its value becomes an Example's plain form, or the row an error.
 
-    def __init__(
-        self, rows: Iterable[Row], formatter: Formatter, tokenizer, spec: Spec, budget: BadRowBudget
-    ):
+    Done as rows are read, before the shuffle buffer: the buffer (which goes into checkpoints) then
+    holds only the text the format uses, whatever other columns the file has (Parquet timestamps,
+    decimals, bytes)."""
+    if row.error:
+        return row
+    try:
+        return Row(row.source, row.line, value=formatter(row.value).to_dict())
+    except BadRow as e:
+        return Row(row.source, row.line, error=str(e))
+
+
+class ExampleStream:
+    """Formatted rows -> tokenized examples that fit max_seq_len; bad rows are counted against the budget."""
+
+    def __init__(self, rows: Iterable[Row], tokenizer, spec: Spec, budget: BadRowBudget):
         self.rows = rows
-        self.formatter = formatter
         self.tokenizer = tokenizer
         self.data = spec.data
         self.budget = budget
@@ -100,13 +112,10 @@ class ExampleStream:
                     f"{self.data.max_seq_len}, or no completion left after truncation)"
                 )
             self.budget.rows += 1
-            try:
-                if row.error:
-                    raise BadRow(row.error)
-                example = self.formatter(row.value)
-            except BadRow as e:
-                self.budget.record_bad(row.where, str(e))
+            if row.error:
+                self.budget.record_bad(row.where, row.error)
                 continue
+            example = Example.from_dict(row.value)
             fitted = fit(
                 tokenize(example, self.tokenizer),
                 self.data.max_seq_len,
@@ -248,6 +257,7 @@ class DataPipeline:
                     self.world_size,
                     keep_row=lambda url, row: not held_out(url, row, fraction),
                     epochs=train.epochs,
+                    transform=partial(format_row, self.formatter),
                 ),
                 self.data.shuffle_buffer,
                 seed,
@@ -258,7 +268,7 @@ class DataPipeline:
         weights = [weight for _, weight in self.sources]
         self.rows = streams[0] if len(streams) == 1 else Mixture(streams, weights, seed, self.rank)
         self.budget = BadRowBudget(self.data.bad_rows, "data.train")
-        self.examples = ExampleStream(self.rows, self.formatter, self.tokenizer, self.spec, self.budget)
+        self.examples = ExampleStream(self.rows, self.tokenizer, self.spec, self.budget)
         self.packer = (
             Packer(self.examples, self.data.max_seq_len, self.tokenizer.pad_token_id)
             if self.data.packing
@@ -306,10 +316,9 @@ class DataPipeline:
             self.packer.load_state_dict(state["packer"])
 
     def count_micro_batches(self, micro_batch_size: int) -> tuple[int, dict[str, float]]:
-        """Micro-batches of one epoch on this rank (a separate pass), to size an epoch-based run; and
-        that pass's data counters."""
-        one_epoch = self.spec.model_copy(update={"train": self.spec.train.model_copy(update={"epochs": 1})})
-        counter = DataPipeline(one_epoch, self.tokenizer, self.rank, self.world_size)
+        """Micro-batches of this rank over all of train.epochs (a separate pass from the start of the
+        data), to size an epoch-based run; and that pass's data counters."""
+        counter = DataPipeline(self.spec, self.tokenizer, self.rank, self.world_size)
         counter.budget.quiet = True
         return sum(1 for _ in counter.train_batches(micro_batch_size)), counter.stats()
 
@@ -325,13 +334,10 @@ class DataPipeline:
             keep_row=(lambda url, row: held_out(url, row, fraction)) if fraction else None,
             epochs=1,
             shuffle_files=False,
+            transform=partial(format_row, self.formatter),
         )
         budget = BadRowBudget(self.data.bad_rows, "data.eval")
-        examples = list(
-            ExampleStream(
-                (r for r in rows if r is not None), self.formatter, self.tokenizer, self.spec, budget
-            )
-        )
+        examples = list(ExampleStream((r for r in rows if r is not None), self.tokenizer, self.spec, budget))
         return [
             pad_batch(batch, self.tokenizer.pad_token_id) for batch in batched(examples, micro_batch_size)
         ]

@@ -57,6 +57,7 @@ class SourceStream:
         keep_row: Callable[[str, int], bool] | None = None,
         epochs: int | None = None,
         shuffle_files: bool = True,
+        transform: Callable[[Row], Row] | None = None,
     ):
         self.files = files
         self.storage_options = storage_options
@@ -66,6 +67,7 @@ class SourceStream:
         self.keep_row = keep_row or (lambda url, row: True)
         self.epochs = epochs
         self.shuffle_files = shuffle_files
+        self.transform = transform or (lambda row: row)  # applied to each row as it is read
         # the cursor: epoch, file within the epoch's order, rows before that file, position inside it
         self.epoch = 0
         self.file_index = 0
@@ -100,7 +102,7 @@ class SourceStream:
                 for row, position in read_rows(url, self.storage_options, self.position, mine):
                     self.position = position
                     produced = True
-                    yield row
+                    yield self.transform(row)
                 self.rows_before += max(seen[0], self.position.row)
                 self.file_index += 1
                 self.position = Position()
