@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: install demo test lint format
+.PHONY: install demo test test-fast lint format
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -22,6 +22,9 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  # pure-logic tests only, in seconds
+	$(PY) -m pytest -q -m "not integration"
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

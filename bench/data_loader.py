@@ -5,7 +5,7 @@
 2. Time to first batch and peak memory on a small and a large dataset (each case in a fresh process).
 3. Packing vs padding on length-skewed data: packing efficiency and effective (real) tokens/s.
 
-    .venv/bin/python bench/data_loader.py [--large-mb 1024] [--small-mb 10]
+    .venv/bin/python -m bench.data_loader [--large-mb 1024] [--small-mb 10]
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from memory import proc_status_mb
-from moto_s3 import start_moto_bucket
-
-WORDS = [f"w{i}" for i in range(400)]
+from bench.memory import proc_status_mb
+from bench.moto_s3 import start_moto_bucket
+from bench.workspace import WORDS, alpaca_rows, bench_model, train
 
 
 def write_dataset(path: Path, megabytes: int, seed: int = 0, skewed: bool = False) -> int:
@@ -43,15 +42,7 @@ def write_dataset(path: Path, megabytes: int, seed: int = 0, skewed: bool = Fals
 
 
 def make_model(root: Path) -> Path:
-    from job.data.formats import alpaca_prompt
-    from job.tiny import build_tiny_model
-
-    rng = random.Random(1)
-    corpus = [
-        alpaca_prompt(" ".join(rng.choices(WORDS, k=40))) + " ".join(rng.choices(WORDS, k=20))
-        for _ in range(500)
-    ]
-    return build_tiny_model(root / "model", corpus, hidden_size=256, layers=4, heads=8, vocab_size=1024)
+    return bench_model(root, alpaca_rows(500, seed=1, instruction_words=(40, 40), output_words=20))
 
 
 def spec_for(model: Path, data: str, packing: bool = False, max_steps: int = 10, **extra):
@@ -75,7 +66,9 @@ def loader_tokens_per_second(spec, batches: int) -> tuple[float, float]:
 
     tokenizer = load_tokenizer(Path(spec.model.source), spec.model)
     started = time.perf_counter()
-    stream = DataPipeline(spec, tokenizer).train_batches(spec.train.micro_batch_size)
+    stream = DataPipeline(spec.data, tokenizer, spec.train.seed, spec.train.epochs).train_batches(
+        spec.train.micro_batch_size
+    )
     next(stream)
     first = time.perf_counter() - started
     started, tokens = time.perf_counter(), 0
@@ -85,8 +78,6 @@ def loader_tokens_per_second(spec, batches: int) -> tuple[float, float]:
 
 
 def training_tokens_per_second(spec) -> float:
-    from job.train import train
-
     history = train(spec, restart=True).history
     return sorted(h["train/tokens_per_second"] for h in history[3:])[len(history[3:]) // 2]
 
@@ -112,7 +103,7 @@ def upload(endpoint: str, path: Path, key: str) -> str:
 
 
 def in_fresh_process(model: Path, data: str) -> dict:
-    command = [sys.executable, __file__, "--first-batch-case", str(model), data]
+    command = [sys.executable, "-m", "bench.data_loader", "--first-batch-case", str(model), data]
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ).stdout
     return json.loads(out.split("RESULT ", 1)[1])
 
@@ -161,8 +152,6 @@ def main() -> None:
 
         print("\n## 3. Packing vs padding on length-skewed data (training, bench model)\n")
         print("| mode | packing efficiency | effective tokens/s | vs padding |\n| --- | --- | --- | --- |")
-        from job.train import train
-
         results = {}
         for packing in (False, True):
             spec = spec_for(
@@ -171,9 +160,6 @@ def main() -> None:
             history = train(spec, restart=True).history
             speeds = sorted(h["train/tokens_per_second"] for h in history[3:])
             results[packing] = (speeds[len(speeds) // 2], history[-1].get("data/packing_efficiency"))
-            from accelerate.state import AcceleratorState
-
-            AcceleratorState._reset_state(reset_partial_state=True)
         base = results[False][0]
         for packing, (speed, efficiency) in results.items():
             label = "packing" if packing else "padding"

@@ -11,38 +11,25 @@ before the fix. Prints one JSON line.
 from __future__ import annotations
 
 import json
-import random
 import tempfile
 from pathlib import Path
 
 import torch
 
+from bench.workspace import alpaca_rows, bench_model
+
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from job.data.batching import flatten_packed, pack_row, pad_batch, stack_packed
-    from job.data.formats import Formatter, alpaca_prompt
+    from job.data.formats import Formatter
     from job.data.tokens import tokenize
-    from job.tiny import build_tiny_model
     from job.train import loss_sum
 
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(300)]
-    rows = [
-        {
-            "instruction": " ".join(rng.choices(words, k=rng.randint(5, 40))),
-            "output": " ".join(rng.choices(words, k=12)),
-        }
-        for _ in range(16)
-    ]
-    corpus = [alpaca_prompt(r["instruction"]) + r["output"] for r in rows] * 4
+    rows = alpaca_rows(16, seed=0, instruction_words=(5, 40), output_words=12)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_tiny_model(
-            Path(tmp) / "m", corpus, hidden_size=256, layers=4, heads=8, vocab_size=1000
-        )
-        from transformers import AutoTokenizer
-
+        model_dir = bench_model(Path(tmp), rows * 4)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         load = {"dtype": torch.bfloat16, "device_map": {"": "cuda"}}
         flash = AutoModelForCausalLM.from_pretrained(

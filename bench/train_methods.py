@@ -3,21 +3,21 @@
 Each method trains in a fresh process (so peak RSS is its own) on the same data and model; the
 table reports median tokens/s after warm-up and the ratio to LoRA, the baseline.
 
-    .venv/bin/python bench/train_methods.py [--steps 30]
+    .venv/bin/python -m bench.train_methods [--steps 30]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from memory import proc_status_mb
+from bench.memory import proc_status_mb
+from bench.workspace import train, workspace
 
 METHODS = {
     "lora": ({"method": "lora"}, {}),
@@ -28,29 +28,8 @@ METHODS = {
 WARMUP_STEPS = 5
 
 
-def make_workspace(root: Path) -> tuple[Path, Path]:
-    from job.data.formats import alpaca_prompt
-    from job.tiny import build_tiny_model
-
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(400)]
-    rows = [
-        {
-            "instruction": " ".join(rng.choices(words, k=rng.randint(20, 80))),
-            "output": " ".join(rng.choices(words, k=40)),
-        }
-        for _ in range(2000)
-    ]
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    corpus = [alpaca_prompt(r["instruction"]) + r["output"] for r in rows[:500]]
-    model = build_tiny_model(root / "model", corpus, hidden_size=256, layers=4, heads=8, vocab_size=1024)
-    return model, data
-
-
 def run_one(method: str, model: Path, data: Path, steps: int, root: Path) -> dict:
     from job.spec import validate_spec
-    from job.train import train
 
     adapter, model_changes = METHODS[method]
     spec = validate_spec(
@@ -83,10 +62,20 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        make_workspace(Path(tmp))
+        workspace(Path(tmp))
         results = {}
         for method in METHODS:
-            command = [sys.executable, __file__, "--one", method, "--root", tmp, "--steps", str(args.steps)]
+            command = [
+                sys.executable,
+                "-m",
+                "bench.train_methods",
+                "--one",
+                method,
+                "--root",
+                tmp,
+                "--steps",
+                str(args.steps),
+            ]
             out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[method] = json.loads(out.split("RESULT ", 1)[1])
     base = results["lora"]["tokens_per_second"]

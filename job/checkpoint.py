@@ -2,13 +2,14 @@
 
     trainable.safetensors   the trainable weights (adapter, or the whole model for `full`)      rank 0
     optimizer.pt            optimizer, schedule and grad-scaler states (read with weights_only)  rank 0
-    run.json                step, metric history, MLflow run id, what the run depends on         rank 0
+    run.json                step, last metrics, MLflow run id, what the run depends on           rank 0
     rank-00000.json         that rank's RNG states and data cursor                               each rank
     COMMITTED               written last by rank 0, after every other file is uploaded
 
 A reader trusts only a checkpoint with COMMITTED. Rank files are uploaded before a barrier; rank 0
 then uploads its files from a background thread and writes COMMITTED, so training goes on meanwhile.
 At most one upload is in flight: a checkpoint that comes while one is uploading waits for it.
+The metric curve is not in checkpoints: each one adds a segment of it (job/metrics_log.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from job.data.stream import random_state, set_random_state
 from job.errors import JobError, UserError
+from job.metrics_log import CURVE, read_history, remove_segments_after, segments_uri, to_lines
 from job.spec import Spec, flatten
 from job.storage import download_dir, filesystem, join, upload_dir
 
@@ -36,8 +39,8 @@ COMMITTED = "COMMITTED"
 STEP_DIR = re.compile(r"step-(\d+)$")
 
 
-def checkpoints_uri(spec: Spec) -> str:
-    return join(spec.output_uri, "checkpoints")
+def checkpoints_uri(output_uri: str) -> str:
+    return join(output_uri, "checkpoints")
 
 
 # Spec keys a resumed run may change: they do not change what is trained, only how often it is
@@ -53,22 +56,29 @@ MAY_CHANGE_ON_RESUME = (
     "train.log_every",
     "train.gradient_checkpointing",
     "data.eval",
-    "data.bad_rows.",
-    "tracking.",
-    "output.",
+    "data.bad_rows",
+    "tracking",
+    "output",
     "storage_options",
 )
+FINGERPRINT_VERSION = 2  # a checkpoint whose fingerprint has another version was written by another ftjob
 
 
 def fingerprint(spec: Spec, world_size: int) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint: every spec key (dotted)
     but those in MAY_CHANGE_ON_RESUME, and the number of processes."""
     keys = flatten(spec.model_dump(mode="json"))
-    kept = {k: v for k, v in keys.items() if not k.startswith(MAY_CHANGE_ON_RESUME)}
-    return {**kept, "world_size": world_size}
+    kept = {
+        k: v
+        for k, v in keys.items()
+        if not any(k == p or k.startswith(f"{p}.") for p in MAY_CHANGE_ON_RESUME)
+    }
+    return {**kept, "world_size": world_size, "fingerprint_version": FINGERPRINT_VERSION}
 
 
 def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    if saved.get("fingerprint_version") != current["fingerprint_version"]:
+        return ["the checkpoint was written by another version of ftjob, which saved other fields"]
     return [
         f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
         for key in sorted(saved.keys() | current.keys())
@@ -76,9 +86,9 @@ def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[
     ]
 
 
-def committed_steps(spec: Spec) -> list[int]:
+def committed_steps(output_uri: str) -> list[int]:
     """Steps of the committed checkpoints under output.uri, oldest first."""
-    fs, root = filesystem(checkpoints_uri(spec), spec.storage_options)
+    fs, root = filesystem(checkpoints_uri(output_uri))
     if not fs.exists(root):
         return []
     steps = []
@@ -89,9 +99,9 @@ def committed_steps(spec: Spec) -> list[int]:
     return sorted(steps)
 
 
-def remove_uncommitted(spec: Spec) -> None:
+def remove_uncommitted(output_uri: str) -> None:
     """Checkpoints without COMMITTED are leftovers of an interrupted upload: never trusted, removed."""
-    fs, root = filesystem(checkpoints_uri(spec), spec.storage_options)
+    fs, root = filesystem(checkpoints_uri(output_uri))
     if not fs.exists(root):
         return
     for path in fs.ls(root, detail=False):
@@ -101,17 +111,19 @@ def remove_uncommitted(spec: Spec) -> None:
             fs.rm(path, recursive=True)
 
 
-def remove_all(spec: Spec) -> None:
-    fs, root = filesystem(checkpoints_uri(spec), spec.storage_options)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+def remove_all(output_uri: str) -> None:
+    """The checkpoints and the metric curve: a run that starts over."""
+    for uri in (checkpoints_uri(output_uri), segments_uri(output_uri), join(output_uri, CURVE)):
+        fs, path = filesystem(uri)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
-def rng_state() -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
+def rng_states() -> dict[str, Any]:
+    """The global generators' states (Python, NumPy, torch, CUDA) as JSON values."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": [version, list(internal), gauss],
+        "python": random_state(random),
         "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
         "torch": torch.get_rng_state().tolist(),
     }
@@ -120,9 +132,8 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+def set_rng_states(state: dict[str, Any]) -> None:
+    set_random_state(random, state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
@@ -137,26 +148,30 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 class Checkpointer:
     """Writes checkpoints (one upload in flight at most) and reads the newest committed one."""
 
-    def __init__(self, spec: Spec, rank: int, world_size: int, keep: int):
-        self.spec = spec
+    def __init__(self, output_uri: str, rank: int, world_size: int, keep: int):
+        self.output_uri = output_uri
+        self.root = checkpoints_uri(output_uri)
         self.rank = rank
         self.world_size = world_size
         self.keep = keep
         self.upload: threading.Thread | None = None
         self.upload_error: BaseException | None = None
+        self.curve_saved_to = 0  # the last step whose metrics are in a segment
 
     def step_uri(self, step: int) -> str:
-        return join(checkpoints_uri(self.spec), f"step-{step:06d}")
+        return join(self.root, f"step-{step:06d}")
 
-    def save(self, step: int, model, optimizer, scheduler, accelerator, data_state: dict, run: dict) -> None:
+    def save(
+        self, step: int, model, optimizer, scheduler, accelerator, data_state: dict, run: dict, history: list
+    ) -> None:
         """Every rank, at the same step: each uploads its own file; rank 0 then uploads the rest in the
-        background and commits."""
+        background (the metrics since the last checkpoint as a segment first) and commits."""
         self.wait_committed(accelerator)  # one upload in flight at most
         uri = self.step_uri(step)
         with tempfile.TemporaryDirectory(prefix="ftjob-rank-") as tmp:
             rank_file = Path(tmp) / f"rank-{self.rank:05d}.json"
-            rank_file.write_text(json.dumps({"rng": rng_state(), "data": data_state}))
-            upload_dir(Path(tmp), uri, self.spec.storage_options)
+            rank_file.write_text(json.dumps({"rng": rng_states(), "data": data_state}))
+            upload_dir(Path(tmp), uri)
         accelerator.wait_for_everyone()  # every rank's file is up before rank 0 can commit
         if self.rank != 0:
             return
@@ -166,10 +181,15 @@ class Checkpointer:
         if accelerator.scaler is not None:
             states["scaler"] = accelerator.scaler.state_dict()
         torch.save(states, staging / "optimizer.pt")
-        (staging / "run.json").write_text(json.dumps({"step": step, **run}))
+        (staging / "run.json").write_text(json.dumps({"step": step, **run, "last_metrics": history[-1]}))
         (staging / COMMITTED).write_text(f"step {step}\n")
+        segment = Path(tempfile.mkdtemp(prefix="ftjob-metrics-"))
+        (segment / f"{step:06d}.jsonl").write_text(
+            to_lines([h for h in history if h["step"] > self.curve_saved_to])
+        )
+        self.curve_saved_to = step
         self.upload = threading.Thread(
-            target=self._upload, args=(staging, uri, step), name="ftjob-checkpoint"
+            target=self._upload, args=(staging, segment, uri, step), name="ftjob-checkpoint"
         )
         self.upload.start()
 
@@ -189,26 +209,27 @@ class Checkpointer:
             raise error
         if int(failed):
             raise JobError(
-                f"checkpoint upload to {checkpoints_uri(self.spec)} failed on rank 0 (its log says why); "
+                f"checkpoint upload to {self.root} failed on rank 0 (its log says why); "
                 "the previous committed checkpoint is intact"
             )
 
-    def _upload(self, staging: Path, uri: str, step: int) -> None:
+    def _upload(self, staging: Path, segment: Path, uri: str, step: int) -> None:
         try:
-            upload_dir(staging, uri, self.spec.storage_options, last=COMMITTED)
+            upload_dir(segment, segments_uri(self.output_uri))
+            upload_dir(staging, uri, last=COMMITTED)
             log.info("checkpoint step %d committed to %s", step, uri)
             self._apply_retention()
         except BaseException as e:  # surfaced to the training thread by wait()
             self.upload_error = e
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(segment, ignore_errors=True)
 
     def _apply_retention(self) -> None:
         """Older committed checkpoints go only once a newer one is committed."""
-        steps = committed_steps(self.spec)
-        fs, _ = filesystem(checkpoints_uri(self.spec), self.spec.storage_options)
+        steps = committed_steps(self.output_uri)
         for old in steps[: max(0, len(steps) - self.keep)]:
-            _, path = filesystem(self.step_uri(old), self.spec.storage_options)
+            fs, path = filesystem(self.step_uri(old))
             fs.rm(path, recursive=True)
 
     def wait(self) -> None:
@@ -219,28 +240,32 @@ class Checkpointer:
         if self.upload_error is not None:
             error, self.upload_error = self.upload_error, None
             raise JobError(
-                f"checkpoint upload to {checkpoints_uri(self.spec)} failed: {type(error).__name__}: {error}; "
+                f"checkpoint upload to {self.root} failed: {type(error).__name__}: {error}; "
                 "the previous committed checkpoint is intact"
             ) from None
 
-    def load_latest(self) -> dict[str, Any] | None:
-        """The newest committed checkpoint, downloaded: run.json's content plus paths; None if there is none."""
-        steps = committed_steps(self.spec)
+    def load_latest(self, expected: dict[str, Any]) -> dict[str, Any] | None:
+        """The newest committed checkpoint, downloaded: run.json's content, its metric history and its
+        local directory; None if there is none. `expected`: the fingerprint the current spec gives."""
+        steps = committed_steps(self.output_uri)
         if not steps:
             return None
         local = Path(tempfile.mkdtemp(prefix="ftjob-resume-"))
-        download_dir(self.step_uri(steps[-1]), local, self.spec.storage_options)
+        download_dir(self.step_uri(steps[-1]), local)
         run = json.loads((local / "run.json").read_text())
-        changes = fingerprint_changes(run["fingerprint"], fingerprint(self.spec, self.world_size))
+        changes = fingerprint_changes(run["fingerprint"], expected)
         if changes:
             shutil.rmtree(local, ignore_errors=True)
             raise UserError(
                 f"the spec differs from the one that wrote the checkpoint at step {steps[-1]} in "
-                f"{checkpoints_uri(self.spec)}, so resuming would not continue the same run: "
+                f"{self.root}, so resuming would not continue the same run: "
                 + "; ".join(changes)
                 + ". Run with --restart to start over (checkpoints and published outputs are deleted)."
             )
-        return {**run, "dir": local}
+        if self.rank == 0:
+            remove_segments_after(self.output_uri, run["step"])
+        self.curve_saved_to = run["step"]
+        return {**run, "history": read_history(self.output_uri, run["step"]), "dir": local}
 
     def restore(self, saved: dict[str, Any], model, optimizer, scheduler, accelerator) -> dict[str, Any]:
         """Load weights, optimizer and schedule into the prepared objects; returns this rank's state."""

@@ -12,7 +12,7 @@ import logging
 import sys
 
 from job import __version__
-from job.errors import JobError
+from job.errors import JobError, UserError
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -20,13 +20,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     from job.spec import load_spec
 
     spec = load_spec(args.spec, args.set)
+    if args.nproc_per_node is not None:
+        return launch_workers(spec, args)
     # Before the heavy imports: a stop during them, the model download or the counting pass exits 75 too.
     with StopRequest(spec.train.stop_grace_seconds) as stop:
+        from job.accelerator import make_accelerator
         from job.train import train
 
-        if train(spec, restart=args.restart, stop=stop) is None:
+        if train(spec, make_accelerator(spec.train), restart=args.restart, stop=stop) is None:
             print(f"{spec.output_uri}/adapter is already published; nothing to do (--restart trains again)")
     return 0
+
+
+def launch_workers(spec, args: argparse.Namespace) -> int:
+    """This node's workers through torch's elastic launcher, placed by the arguments, else by the
+    scheduler's environment (job/cluster.py)."""
+    import dataclasses
+    import os
+
+    from job.cluster import node_placement
+    from job.launcher import nproc_auto, run_workers
+
+    placement = node_placement(os.environ)
+    given = {
+        "nnodes": args.nnodes,
+        "node_rank": args.node_rank,
+        "master_addr": args.master_addr,
+        "master_port": args.master_port,
+    }
+    placement = dataclasses.replace(placement, **{k: v for k, v in given.items() if v is not None})
+    if placement.nnodes > 1 and not 0 <= placement.node_rank < placement.nnodes:
+        raise UserError(f"--node-rank {placement.node_rank} is not one of the {placement.nnodes} nodes")
+    nproc = nproc_auto() if args.nproc_per_node == "auto" else args.nproc_per_node
+    worker_args = ["--restart"] if args.restart else []
+    return run_workers(
+        spec.model_dump(mode="json"), worker_args, nproc, placement, spec.train.stop_grace_seconds
+    )
+
+
+def nproc_per_node(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of processes (1 or more) or 'auto'")
+    return int(text)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -104,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="start over: once the model has loaded, delete the checkpoints and the published adapter/ "
         "and merged/. Once per scheduler job (FTJOB_RESTART_ID, else SLURM_JOB_ID): a requeued run of "
         "the same job resumes instead",
+    )
+    launch = run.add_argument_group(
+        "several processes",
+        "start N worker processes on this node through torch's elastic launcher; a stop signal reaches "
+        "every worker and the exit code is theirs (75 stays 75). Nodes, node rank and rendezvous come "
+        "from Slurm's or a Kubernetes Indexed Job's environment unless given here",
+    )
+    launch.add_argument(
+        "--nproc-per-node", type=nproc_per_node, metavar="N|auto", help="auto: the GPUs, or 1"
+    )
+    launch.add_argument("--nnodes", type=int, help="nodes in the job (default: from the environment, else 1)")
+    launch.add_argument("--node-rank", type=int, help="this node's rank, 0 to nnodes - 1")
+    launch.add_argument("--master-addr", help="host of node 0, where the ranks meet")
+    launch.add_argument(
+        "--master-port", type=int, help="port on node 0 (default 29500; Slurm: from the job id)"
     )
     run.set_defaults(handler=cmd_run)
 

@@ -14,7 +14,7 @@ from typing import Any
 from job import __version__
 from job.errors import UserError
 from job.spec import Spec, public_dict
-from job.storage import StorageOptions, download_dir, filesystem, is_local, join, upload_dir
+from job.storage import download_dir, filesystem, is_local, join, upload_dir
 
 MANIFEST = "MANIFEST.json"
 PUBLISHED = ("adapter", "merged")
@@ -62,13 +62,11 @@ def write_run_files(directory: Path, spec: Spec, metrics: dict[str, Any]) -> Non
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-def publish_dir(fill, uri: str, storage_options: StorageOptions) -> None:
-    """fill(tmpdir) writes the files; they are uploaded to uri with MANIFEST.json last."""
-    with tempfile.TemporaryDirectory(prefix="ftjob-publish-") as tmp:
-        directory = Path(tmp)
-        fill(directory)
-        write_manifest(directory)
-        upload_dir(directory, uri, storage_options, last=MANIFEST)
+def publish_dir(directory: Path, uri: str) -> None:
+    """Upload a finished directory (MANIFEST.json written) to uri over a cleared target, MANIFEST.json
+    last: files of an earlier publish never sit beside new ones under a valid MANIFEST."""
+    remove_dir(uri)
+    upload_dir(directory, uri, last=MANIFEST)
 
 
 def published_uri(spec: Spec, name: str) -> str:
@@ -77,30 +75,33 @@ def published_uri(spec: Spec, name: str) -> str:
 
 
 def is_published(spec: Spec, name: str = "adapter") -> bool:
-    fs, path = filesystem(join(published_uri(spec, name), MANIFEST), spec.storage_options)
+    fs, path = filesystem(join(published_uri(spec, name), MANIFEST))
     return fs.exists(path)
 
 
+def remove_dir(uri: str) -> None:
+    """Delete a published directory, its MANIFEST.json first: a reader never trusts half of one."""
+    fs, path = filesystem(uri)
+    if fs.exists(f"{path}/{MANIFEST}"):
+        fs.rm(f"{path}/{MANIFEST}")
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def remove_published(spec: Spec) -> None:
-    """Delete adapter/ and merged/, each MANIFEST.json first: a reader never trusts half of one."""
     for name in PUBLISHED:
-        fs, path = filesystem(published_uri(spec, name), spec.storage_options)
-        if fs.exists(f"{path}/{MANIFEST}"):
-            fs.rm(f"{path}/{MANIFEST}")
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        remove_dir(published_uri(spec, name))
 
 
-def publish(model, tokenizer, spec: Spec, metrics: dict[str, Any]) -> str:
-    """Publish adapter/ under the spec's output URI; returns its URI."""
-    adapter_uri = published_uri(spec, "adapter")
-
-    def fill_adapter(directory: Path) -> None:
-        save_trained(model, tokenizer, directory)
-        write_run_files(directory, spec, metrics)
-
-    publish_dir(fill_adapter, adapter_uri, spec.storage_options)
-    return adapter_uri
+def publish(model, tokenizer, spec: Spec, metrics: dict[str, Any], directory: Path) -> str:
+    """adapter/ under output.uri, written once into `directory` (which the caller may then hand to
+    MLflow: the same files), then uploaded. Returns its URI."""
+    uri = published_uri(spec, "adapter")
+    save_trained(model, tokenizer, directory)
+    write_run_files(directory, spec, metrics)
+    write_manifest(directory)
+    publish_dir(directory, uri)
+    return uri
 
 
 def publish_merged(spec: Spec, model_dir: Path) -> str:
@@ -113,20 +114,22 @@ def publish_merged(spec: Spec, model_dir: Path) -> str:
 
     merged_uri = published_uri(spec, "merged")
     with tempfile.TemporaryDirectory(prefix="ftjob-merge-") as tmp:
-        adapter_dir = fetch_published(published_uri(spec, "adapter"), Path(tmp), spec.storage_options)
+        adapter_dir = fetch_published(published_uri(spec, "adapter"), Path(tmp))
         merged = merge_adapter(model_dir, adapter_dir, spec.model)
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-        publish_dir(lambda d: save_trained(merged, tokenizer, d), merged_uri, spec.storage_options)
+        directory = Path(tmp) / "merged"
+        save_trained(merged, AutoTokenizer.from_pretrained(adapter_dir), directory)
+        write_manifest(directory)
+        publish_dir(directory, merged_uri)
     return merged_uri
 
 
-def fetch_published(uri: str, tmp: Path, storage_options: StorageOptions | None = None) -> Path:
+def fetch_published(uri: str, tmp: Path) -> Path:
     """A published directory as a local one (downloaded into tmp unless it is local), its MANIFEST
     verified."""
     if is_local(uri):
         directory = Path(filesystem(uri)[1])
     else:
         directory = tmp / "published"
-        download_dir(uri, directory, storage_options)
+        download_dir(uri, directory)
     verify_manifest(directory)
     return directory

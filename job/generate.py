@@ -27,9 +27,7 @@ def load_trained(adapter_dir: Path) -> tuple[object, object, Spec]:
         return load_model(adapter_dir, spec.model, device, full_finetune=True), tokenizer, spec
     from peft import PeftModel
 
-    base = load_model(
-        resolve_model_dir(spec.model.source, spec.model.revision, spec.storage_options), spec.model, device
-    )
+    base = load_model(resolve_model_dir(spec.model.source, spec.model.revision), spec.model, device)
     return PeftModel.from_pretrained(base, adapter_dir), tokenizer, spec
 
 
@@ -74,7 +72,10 @@ def generate_text(
             eos_token_id=stop_ids,
             **sampling,
         )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    for marker in stop_strings:  # a stop string that is not a special token stays in the text
+        text = text.split(marker, 1)[0]
+    return text
 
 
 def generate(adapter_uri: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0) -> str:
@@ -92,7 +93,7 @@ def generate(adapter_uri: str, prompt: str, max_new_tokens: int = 64, temperatur
         model, tokenizer, spec = load_trained(adapter_dir)
         model.eval()
         data = spec.data
-        formatter = Formatter(data.format, data.fields, data.train_on, tokenizer, data.chat_template)
+        formatter = Formatter.of(data, tokenizer)
         text = formatter.render_prompt(prompt)
         return generate_text(
             model,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from job.errors import UserError
+from job.model_source import resolve_model_dir
 from job.spec import AdapterSpec, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,12 @@ def load_tokenizer(model_dir: Path, model_spec: ModelSpec, chat_template: str | 
     if chat_template:
         tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def model_dir_and_tokenizer(model_spec: ModelSpec, chat_template: str | None = None) -> tuple[Path, Any]:
+    """model.source as a local directory (fetched or cached as needed) and its tokenizer."""
+    model_dir = resolve_model_dir(model_spec.source, model_spec.revision)
+    return model_dir, load_tokenizer(model_dir, model_spec, chat_template)
 
 
 def quantization_config(model_spec: ModelSpec, compute_dtype: torch.dtype):
@@ -159,7 +167,8 @@ def stored_dtype(model_dir: Path) -> torch.dtype:
 
 def merge_adapter(model_dir: Path, adapter_dir: Path, model_spec: ModelSpec):
     """The base model as it was trained, with the adapter merged into its weights, in the dtype the
-    base is stored in, on the CPU.
+    base is stored in, on the CPU (a quantized base is quantized on the GPU when there is one, as in
+    training).
 
     A quantized base is loaded quantized, exactly as for training, then dequantized: merging into
     the original full-precision weights would give a model that was never trained (the adapter
@@ -168,8 +177,11 @@ def merge_adapter(model_dir: Path, adapter_dir: Path, model_spec: ModelSpec):
 
     dtype = stored_dtype(model_dir)
     name = next(n for n, d in DTYPES.items() if d == dtype)
-    base = load_model(model_dir, model_spec.model_copy(update={"dtype": name}), torch.device("cpu"))
+    # quantized where it was trained: bitsandbytes' CUDA and CPU kernels need not round alike
+    quantized_on_gpu = model_spec.quantization and torch.cuda.is_available()
+    device = torch.device("cuda" if quantized_on_gpu else "cpu")
+    base = load_model(model_dir, model_spec.model_copy(update={"dtype": name}), device)
     if model_spec.quantization:
         base = base.dequantize(dtype=dtype)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    return merged.to(dtype)
+    return merged.to(device="cpu", dtype=dtype)

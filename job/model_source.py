@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from job.errors import UserError
-from job.storage import StorageOptions, download_dir, filesystem, is_local
+from job.storage import download_dir, filesystem, is_local
 
 log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -28,13 +28,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("FTJOB_CACHE", Path.home() / ".cache" / "ftjob")) / "models"
 
 
-def resolve_model_dir(
-    source: str, revision: str | None = None, storage_options: StorageOptions | None = None
-) -> Path:
+def resolve_model_dir(source: str, revision: str | None = None) -> Path:
     """A local directory with the model's config, tokenizer and safetensors weights."""
     kind = source_kind(source)
     if kind == "object-store":
-        directory = fetch_cached(source, storage_options)
+        directory = fetch_cached(source)
     elif kind == "hub":
         directory = _hub_snapshot(source, revision)
     elif os.path.exists(os.path.expanduser(source)):
@@ -92,10 +90,10 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
         ) from None
 
 
-def content_key(url: str, storage_options: StorageOptions | None) -> tuple[str, list[str]]:
+def content_key(url: str) -> tuple[str, list[str]]:
     """A cache key from the URL and each file's name and ETag (or size and mtime); also the file list."""
     try:
-        fs, root = filesystem(url, storage_options)
+        fs, root = filesystem(url)
         listing = fs.find(root.rstrip("/"), detail=True)
     except Exception as e:
         raise UserError(f"model.source: cannot list {url}: {type(e).__name__}: {e}") from None
@@ -113,9 +111,9 @@ def content_key(url: str, storage_options: StorageOptions | None) -> tuple[str, 
     return digest[:24], entries
 
 
-def fetch_cached(url: str, storage_options: StorageOptions | None = None) -> Path:
+def fetch_cached(url: str) -> Path:
     """The model at url in the local cache, downloading it if this content is not cached yet."""
-    key, _ = content_key(url, storage_options)
+    key, _ = content_key(url)
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     target = root / key
@@ -128,7 +126,7 @@ def fetch_cached(url: str, storage_options: StorageOptions | None = None) -> Pat
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         log.info("downloading the model from %s into the node cache %s", url, root)
         try:
-            names = download_dir(url, staging, storage_options)
+            names = download_dir(url, staging)
             (staging / ".ftjob-source.json").write_text(json.dumps({"url": url, "files": names}))
             staging.rename(target)
         except Exception as e:

@@ -18,10 +18,9 @@ from job.data.sources import expand, read_rows
 from job.data.stream import EPOCH_END
 from job.data.tokens import IGNORE_INDEX, tokenize
 from job.errors import UserError
-from job.model import load_tokenizer, quiet_libraries
-from job.model_source import resolve_model_dir
+from job.model import model_dir_and_tokenizer, quiet_libraries
 from job.spec import Spec
-from job.storage import check_writable
+from job.storage import check_writable, configure_storage
 
 STATS_ROWS = 1000  # statistics cover at least this many examples, even when fewer are shown
 LOSS_ON, LOSS_OFF = "\033[1;32m", "\033[0m"
@@ -51,13 +50,9 @@ def histogram(lengths: list[int], max_len: int, buckets: int = 8) -> list[str]:
 
 def preview(spec: Spec, n: int, as_json: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
     quiet_libraries()
-    tokenizer = load_tokenizer(
-        resolve_model_dir(spec.model.source, spec.model.revision, spec.storage_options), spec.model
-    )
-    one_epoch = spec.model_copy(
-        update={"train": spec.train.model_copy(update={"epochs": 1, "max_steps": None})}
-    )
-    data = DataPipeline(one_epoch, tokenizer)
+    configure_storage(spec.storage_options)
+    _, tokenizer = model_dir_and_tokenizer(spec.model, spec.data.chat_template)
+    data = DataPipeline(spec.data, tokenizer, spec.train.seed, epochs=1)
     stage = data.packer if data.packer else data.examples
     items = list(itertools.islice((i for i in stage if i is not EPOCH_END), max(n, STATS_ROWS)))
     tty = out.isatty() and not as_json
@@ -93,28 +88,28 @@ def check_access(spec: Spec, out: TextIO = sys.stdout) -> None:
     """Reach every input and the output: the model (fetched into the node's cache as for training) and
     its tokenizer, the first row of every data file turned into an example, and a write probe."""
     quiet_libraries()
-    model_dir = resolve_model_dir(spec.model.source, spec.model.revision, spec.storage_options)
-    tokenizer = load_tokenizer(model_dir, spec.model)
+    configure_storage(spec.storage_options)
+    _, tokenizer = model_dir_and_tokenizer(spec.model, spec.data.chat_template)
     print(f"ok  model.source {spec.model.source}", file=out)
     data = spec.data
-    formatter = Formatter(data.format, data.fields, data.train_on, tokenizer, data.chat_template)
-    train_files = [f for files, _ in train_sources(spec) for f in files]
+    formatter = Formatter.of(data, tokenizer)
+    train_files = [f for files, _ in train_sources(spec.data) for f in files]
     for key, files in (
         ("data.train", train_files),
-        ("data.eval", expand(data.eval, spec.storage_options, "data.eval")),
+        ("data.eval", expand(data.eval, "data.eval")),
     ):
         for url in files:
             problem = first_row_problem(url, spec, formatter, tokenizer)
             print(f"{'BAD' if problem else 'ok '} {key} {url}{': ' + problem if problem else ''}", file=out)
             if problem:
                 raise UserError(f"{key}: {problem}")
-    check_writable(spec.output_uri, spec.storage_options)
+    check_writable(spec.output_uri)
     print(f"ok  output.uri {spec.output_uri} is writable", file=out)
 
 
 def first_row_problem(url: str, spec: Spec, formatter: Formatter, tokenizer) -> str | None:
     """Why the file's first row cannot become an example, or None when it can."""
-    first = next(read_rows(url, spec.storage_options), None)
+    first = next(read_rows(url), None)
     if first is None:
         return f"{url}: no rows"
     row = first[0]

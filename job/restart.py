@@ -35,7 +35,7 @@ def restart_pending(spec: Spec, environ: Mapping[str, str] = os.environ) -> bool
     job = restart_id(environ)
     if job is None:
         return True
-    fs, path = filesystem(join(spec.output_uri, RESTART_RECORD), spec.storage_options)
+    fs, path = filesystem(join(spec.output_uri, RESTART_RECORD))
     try:
         done = json.loads(fs.cat_file(path)).get("restart_id")
     except FileNotFoundError:
@@ -53,6 +53,6 @@ def record_restart(spec: Spec, environ: Mapping[str, str] = os.environ) -> None:
     job = restart_id(environ)
     if job is None:
         return
-    fs, path = filesystem(join(spec.output_uri, RESTART_RECORD), spec.storage_options)
+    fs, path = filesystem(join(spec.output_uri, RESTART_RECORD))
     with fs.open(path, "w") as f:
         f.write(json.dumps({"restart_id": job}) + "\n")

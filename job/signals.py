@@ -1,6 +1,9 @@
 """Stop requests from the scheduler: SIGTERM (Kubernetes eviction, preemption), SIGUSR1/SIGUSR2 (Slurm
 `--signal`), SIGINT. The first one asks the loop to finish its step, publish a checkpoint and exit 75;
 a second one, or the grace period running out, exits at once (the last committed checkpoint stays).
+The same stop often arrives twice within moments (scancel signals every process of the step, and a
+launcher such as torchrun passes its own copy on): a signal within REPEAT_SECONDS of the first is that
+same stop, not a second one.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from job.errors import EXIT_REQUEUE
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+REPEAT_SECONDS = 2.0
 
 
 class StopRequest:
@@ -25,6 +29,7 @@ class StopRequest:
         self.grace_seconds = grace_seconds
         self.signal: int | None = None
         self.received_at: float | None = None
+        self.checkpoint_committed = False  # once it is, any later signal still means exit 75
         self.previous = {}
 
     def __enter__(self) -> StopRequest:
@@ -40,15 +45,28 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal is not None
 
+    def agreed(self, accelerator) -> bool:
+        """Whether any rank got a stop signal: every rank calls it at the same point (a collective
+        operation), so all stop after the same step."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        import torch
+
+        flag = torch.tensor([int(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="max"))
+
     def seconds_since(self) -> float:
         return time.monotonic() - self.received_at if self.received_at else 0.0
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
+        if self.signal is not None and self.seconds_since() < REPEAT_SECONDS:
+            log.warning("%s again within %.0f s: the same stop, already under way", name, REPEAT_SECONDS)
+            return
         if self.signal is not None:
             log.warning("%s again: exiting now; the last committed checkpoint is kept", name)
             logging.shutdown()
-            os._exit(128 + signum)
+            os._exit(EXIT_REQUEUE if self.checkpoint_committed else 128 + signum)
         self.signal, self.received_at = signum, time.monotonic()
         log.warning(
             "%s: finishing this step, then a checkpoint and exit %d (at most %.0f s)",

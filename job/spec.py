@@ -18,8 +18,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from job.data.formats import FORMAT_FIELDS
 from job.errors import UserError
+
+# The fields of each data.format (data.fields maps them to the user's column names).
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "input", "output"),
+    "completion": ("prompt", "completion"),
+    "chat": ("messages",),
+    "text": ("text",),
+}
+OPTIONAL_FIELDS = {"input"}
 
 
 class _Section(BaseModel):
@@ -147,7 +155,7 @@ class TrainSpec(_Section):
         90, gt=0, description="After a stop signal, exit within this time even if the checkpoint is not done."
     )
     collective_timeout_seconds: float = Field(
-        3600,
+        1800,
         gt=0,
         description="With several processes: how long a rank waits for the others in a collective (each "
         "checkpoint waits for the previous upload to commit) before the job fails.",

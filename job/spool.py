@@ -287,10 +287,9 @@ class _Sender:
         return runs[0].info.run_id if runs else None
 
     def _last_steps(self, run_id: str) -> dict[str, int]:
-        """The last step of each training metric the run already has (MLflow keeps the latest point
-        of every key with the run)."""
-        metrics = self.client.get_run(run_id).data._metric_objs
-        return {m.key: m.step for m in metrics if not m.key.startswith(SYSTEM_PREFIX)}
+        """The last step of each training metric the run already has."""
+        keys = [k for k in self.client.get_run(run_id).data.metrics if not k.startswith(SYSTEM_PREFIX)]
+        return {k: max(m.step for m in self.client.get_metric_history(run_id, k)) for k in keys}
 
     def _metrics(self, records: list[dict[str, Any]]) -> None:
         from mlflow.entities import Metric
@@ -333,7 +332,8 @@ class _Sender:
         self.client.log_artifacts(self.state.run_id, str(directory), record["path"])
 
     def _register(self, record: dict[str, Any]) -> None:
-        """A model version from the run's artifacts at record["path"] (once per run and name)."""
+        """A model version from the run's artifacts at record["path"], or from record["source"] (a full
+        model, published but not copied to MLflow); once per run and name."""
         from mlflow.exceptions import MlflowException
 
         name, run_id = record["name"], self.state.run_id
@@ -344,7 +344,7 @@ class _Sender:
                 raise
         if self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
             return
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/{record['path']}"
+        source = record.get("source") or f"{self.client.get_run(run_id).info.artifact_uri}/{record['path']}"
         version = self.client.create_model_version(name, source, run_id=run_id)
         log.info("registered model %s version %s", name, version.version)
 

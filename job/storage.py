@@ -57,12 +57,20 @@ def protocol_of(url: str) -> str:
     return split_protocol(url)[0] or "file"
 
 
-def filesystem(
-    url: str, storage_options: StorageOptions | None = None
-) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a URL or local path, with the options of its protocol."""
+_configured: dict[str, dict[str, Any]] = {}
+
+
+def configure_storage(storage_options: StorageOptions | None) -> None:
+    """The spec's storage_options (per protocol) for every filesystem() of this process: set once, as
+    the job starts, instead of passing them to every place that touches a URL."""
+    global _configured
+    _configured = {protocol: dict(options) for protocol, options in (storage_options or {}).items()}
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a URL or local path, with the configured options of its protocol."""
     protocol = protocol_of(url)
-    options = dict((storage_options or {}).get(protocol, {}))
+    options = dict(_configured.get(protocol, {}))
     if protocol in S3_PROTOCOLS:
         options = s3_options(options)
         _retry_server_errors_in_s3fs()
@@ -136,14 +144,14 @@ def is_local(url: str) -> bool:
     return protocol_of(url) == "file"
 
 
-def check_writable(uri: str, storage_options: StorageOptions | None = None) -> None:
+def check_writable(uri: str) -> None:
     """Write and delete a probe under uri, so a bad output location fails before training, not after."""
     probe = join(uri, f".ftjob-write-check-{uuid.uuid4().hex}")
     try:
-        fs, path = filesystem(uri, storage_options)
+        fs, path = filesystem(uri)
         if is_local(uri):  # object stores have no directories, and makedirs there would create a bucket
             fs.makedirs(path, exist_ok=True)
-        fs, probe_path = filesystem(probe, storage_options)
+        fs, probe_path = filesystem(probe)
         with fs.open(probe_path, "wb") as f:
             f.write(b"ok")
         fs.rm(probe_path)
@@ -151,16 +159,14 @@ def check_writable(uri: str, storage_options: StorageOptions | None = None) -> N
         raise UserError(f"output.uri {uri} is not writable: {type(e).__name__}: {e}") from None
 
 
-def upload_dir(
-    local_dir: Path, uri: str, storage_options: StorageOptions | None = None, last: str = ""
-) -> None:
+def upload_dir(local_dir: Path, uri: str, last: str = "") -> None:
     """Copy local_dir's files to uri; the file named `last` (a completion marker) goes after all others.
 
     A marker left by an earlier upload to the same place is removed first, so a reader never sees an
     old marker beside new, half-written files. A failure that outlasts the retries raises JobError
     naming the object, with the storage error as its cause; what was uploaded before stays.
     """
-    fs, root = filesystem(uri, storage_options)
+    fs, root = filesystem(uri)
     files = sorted(p for p in local_dir.rglob("*") if p.is_file())
     files.sort(key=lambda p: p.name == last)
     protocol = protocol_of(uri)
@@ -185,9 +191,9 @@ def _put_options(protocol: str, size: int) -> dict[str, Any]:
     return {"chunksize": max(UPLOAD_PART_SIZE, math.ceil(size / MAX_UPLOAD_PARTS))}
 
 
-def download_dir(uri: str, local_dir: Path, storage_options: StorageOptions | None = None) -> list[str]:
+def download_dir(uri: str, local_dir: Path) -> list[str]:
     """Copy every file under uri into local_dir; returns the relative names copied."""
-    fs, root = filesystem(uri, storage_options)
+    fs, root = filesystem(uri)
     root = root.rstrip("/")
     names = []
     for path in sorted(fs.find(root)):

@@ -29,17 +29,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from job import __version__
 from job.data.sources import expand
 from job.errors import EXIT_REQUEUE
-from job.spec import Spec, flatten, public_dict
+from job.spec import Spec, TrackingSpec, flatten, public_dict
 from job.spool import RUN_KEY_TAG, Spool, deliver, find_spool, now_ms, spool_root
 from job.storage import filesystem, protocol_of
+from job.system_metrics import SystemSampler
 
 log = logging.getLogger(__name__)
 LOCAL_STORE_DIR = "mlruns"
@@ -112,14 +112,14 @@ def environment_tags(environ: Mapping[str, str]) -> dict[str, str]:
     return tags
 
 
-def run_tags(spec: Spec, extra_tags: Mapping[str, str], key: str) -> dict[str, str]:
+def run_tags(spec_tags: Mapping[str, str], extra_tags: Mapping[str, str], key: str) -> dict[str, str]:
     tags = {
         "mlflow.source.name": "ftjob",
         "mlflow.source.type": "JOB",
         RUN_KEY_TAG: key,
         **environment_tags(os.environ),
         **extra_tags,
-        **spec.tracking.tags,
+        **spec_tags,
     }
     with suppress(KeyError, OSError):  # a container user without a passwd entry has no name
         tags["mlflow.user"] = getpass.getuser()
@@ -130,12 +130,12 @@ def run_tags(spec: Spec, extra_tags: Mapping[str, str], key: str) -> dict[str, s
 # Dataset inputs: where the data came from, and a digest that changes when the files do
 
 
-def file_dataset(name: str, pattern: str, storage_options: Mapping[str, Any]) -> dict[str, str]:
+def file_dataset(name: str, pattern: str) -> dict[str, str]:
     """An MLflow dataset (entity fields) for the files a URL or glob names: its source URI, and a
     digest of their names, sizes and ETags (modification times where the store has no ETags)."""
     entries = []
-    for url in expand([pattern], storage_options, name):
-        fs, path = filesystem(url, storage_options)
+    for url in expand([pattern], name):
+        fs, path = filesystem(url)
         info = fs.info(path)
         change = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
         entries.append([posixpath.basename(path), info.get("size"), str(change)])
@@ -157,56 +157,10 @@ def dataset_inputs(spec: Spec) -> list[dict[str, Any]]:
     for i, (patterns, _) in enumerate(spec.data.train_groups()):
         for j, pattern in enumerate(patterns):
             name = f"data.train[{i}]" + (f".path[{j}]" if len(patterns) > 1 else "")
-            inputs.append({"dataset": file_dataset(name, pattern, spec.storage_options), "context": "train"})
+            inputs.append({"dataset": file_dataset(name, pattern), "context": "train"})
     for i, pattern in enumerate(spec.data.eval):
-        inputs.append(
-            {"dataset": file_dataset(f"data.eval[{i}]", pattern, spec.storage_options), "context": "eval"}
-        )
+        inputs.append({"dataset": file_dataset(f"data.eval[{i}]", pattern), "context": "eval"})
     return inputs
-
-
-# ---------------------------------------------------------------------------------------------
-# System metrics
-
-
-class SystemMetrics(SystemMetricsMonitor):
-    """MLflow's system metrics monitor (CPU, memory, disk, network; GPUs with nvidia-ml-py installed),
-    sending its samples through the Tracker so that they are spooled like everything else.
-
-    One sample every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10), logged as system/*
-    with a step that counts samples (continued from the run's last sample when a run is resumed).
-    """
-
-    def __init__(self, tracker: Tracker, tracking_uri: str):
-        resume = tracker.resume_run_id
-        super().__init__(run_id=resume, resume_logging=bool(resume), tracking_uri=tracking_uri)
-        self.tracker = tracker
-
-    def monitor(self) -> None:
-        try:
-            while not self._shutdown_event.is_set():
-                for _ in range(self.samples_before_logging):
-                    self.collect_metrics()
-                    if self._shutdown_event.wait(self.sampling_interval):
-                        break
-                self.publish_metrics(self.aggregate_metrics())
-        except Exception as e:  # a sensor that fails ends the sampling, not the run
-            log.warning("system metrics stopped: %s: %s", type(e).__name__, e)
-
-    def publish_metrics(self, metrics: dict[str, float]) -> None:
-        self.tracker.log_metrics(
-            {self._metrics_prefix + k: v for k, v in metrics.items()}, self._logging_step
-        )
-        self._logging_step += 1
-        for monitor in self.monitors:
-            monitor.clear_metrics()
-
-    def finish(self) -> None:
-        """Stop sampling; the samples since the last one logged are logged."""
-        self._shutdown_event.set()
-        if self._process is not None:
-            self._process.join()
-            self._process = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,22 +174,46 @@ def end_status(error: BaseException) -> str:
     return "FAILED"
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run logs once besides its metrics, taken from its spec by run_record()."""
+
+    name: str
+    params: dict[str, str]
+    spec_json: dict[str, Any]  # secrets removed
+    tags: dict[str, str]  # ftjob.output_uri and tracking.tags
+    datasets: list[dict[str, Any]]
+
+
+def run_record(spec: Spec) -> RunRecord:
+    try:
+        datasets = dataset_inputs(spec)
+    except Exception as e:  # a source listed a moment ago and gone now: the run goes on without it
+        log.warning("data sources not logged to MLflow: %s: %s", type(e).__name__, e)
+        datasets = []
+    tags = {"ftjob.output_uri": spec.output_uri, **spec.tracking.tags}
+    return RunRecord(
+        spec.tracking.run_name or spec.name, spec_params(spec), public_dict(spec), tags, datasets
+    )
+
+
 class Tracker:
-    """One MLflow run around the training loop. Does nothing when inactive (ranks other than 0,
-    tracking.enabled false); never raises into training.
+    """One MLflow run around the training loop. Does nothing when inactive (no record: ranks other
+    than 0; tracking.enabled false); never raises into training.
 
     resume_run_id continues a run instead of starting one: what `resume_id` returned for the run
     (kept in checkpoints), so that a restart logs to the same run, from the step it resumes at.
     """
 
-    def __init__(self, spec: Spec, active: bool, resume_run_id: str | None = None):
-        self.spec = spec
-        self.active = active and spec.tracking.enabled
+    def __init__(self, config: TrackingSpec, record: RunRecord | None, resume_run_id: str | None = None):
+        self.config = config
+        self.record = record
+        self.active = record is not None and config.enabled
         self.resume_run_id = resume_run_id
         self.uri: str | None = None  # for messages: credentials removed
         self.client = None
         self.spool: Spool | None = None
-        self.system_metrics: SystemMetrics | None = None
+        self.system_metrics: SystemSampler | None = None
         self.reachable = True
         self.retry_delay = RETRY_SECONDS[0]
         self.retry_at = 0.0
@@ -274,28 +252,26 @@ class Tracker:
         self.client = MlflowClient(uri)
         root = spool_root()
         self.spool = self._open_spool(root)
-        cfg = self.spec.tracking
+        cfg, record = self.config, self.record
         self._record(
             kind="open",
             key=self.spool.key,
             resume_run_id=self.resume_run_id,
             experiment=cfg.experiment,
-            run_name=cfg.run_name or self.spec.name,
-            tags=run_tags(self.spec, extra_tags, self.spool.key),
+            run_name=record.name,
+            tags=run_tags(record.tags, extra_tags, self.spool.key),
         )
-        self._record(kind="params", params=spec_params(self.spec))
+        self._record(kind="params", params=record.params)
         spec_dir = self.spool.files("spec")
-        (spec_dir / "spec.json").write_text(json.dumps(public_dict(self.spec), indent=2) + "\n")
+        (spec_dir / "spec.json").write_text(json.dumps(record.spec_json, indent=2) + "\n")
         self._record(kind="artifacts", dir=str(spec_dir), path=None)
-        try:
-            self._record(kind="inputs", datasets=dataset_inputs(self.spec))
-        except Exception as e:  # a source listed a moment ago and gone now: the run goes on without it
-            log.warning("data sources not logged to MLflow: %s: %s", type(e).__name__, e)
+        if record.datasets:
+            self._record(kind="inputs", datasets=record.datasets)
         self._deliver(force=True)
         if self.reachable:
             self._deliver_leftovers(root)
         if cfg.system_metrics:
-            self.system_metrics = SystemMetrics(self, uri)
+            self.system_metrics = SystemSampler(self.log_metrics)
             self.system_metrics.start()
 
     def _open_spool(self, root: Path) -> Spool:
@@ -317,14 +293,17 @@ class Tracker:
         """A local directory to write files into for log_adapter, kept until they are delivered."""
         return self.spool.files(name) if self.active and self.spool else None
 
-    def log_adapter(self, directory: Path) -> None:
-        """The final adapter's files as artifacts under adapter/, and a registered model version from
-        them when tracking.register_as is set."""
+    def log_adapter(self, directory: Path | None, uri: str) -> None:
+        """The published adapter: the files of `directory` as artifacts under adapter/ (None for a full
+        fine-tune: the run's ftjob.output_uri tag points at the model, not a second multi-GB copy), and
+        a registered model version when tracking.register_as is set (from uri when no files)."""
         if not self.active:
             return
-        self._guard(self._record, kind="artifacts", dir=str(directory.resolve()), path="adapter")
-        if self.spec.tracking.register_as:
-            self._guard(self._record, kind="register", name=self.spec.tracking.register_as, path="adapter")
+        if directory is not None:
+            self._guard(self._record, kind="artifacts", dir=str(directory.resolve()), path="adapter")
+        if self.config.register_as:
+            source = {} if directory is not None else {"source": uri}
+            self._guard(self._record, kind="register", name=self.config.register_as, path="adapter", **source)
         self._guard(self._deliver)
 
     def finish(self, status: str) -> None:
@@ -336,7 +315,7 @@ class Tracker:
 
     def _finish(self, status: str) -> None:
         if self.system_metrics:
-            self.system_metrics.finish()
+            self.system_metrics.stop()
         self._record(kind="status", status=status)
         self._deliver(force=True)
         if not self.spool.delivered:

@@ -1,60 +1,24 @@
-"""Shared fixtures: a tiny local model, a real S3 (moto's server over HTTP), and an isolated working dir."""
+"""Shared fixtures: a tiny local model, a real S3 (moto's server over HTTP), an isolated working dir.
+
+Tests that need a model, a server or a subprocess are marked `integration`; `make test-fast` runs the
+others (pure logic) in seconds.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import ALPACA_ROWS, REPO, S3_ENV, causal_attention, free_port, write_jsonl
 
-REPO = Path(__file__).resolve().parent.parent
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing-key-id",
-    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-ALPACA_ROWS = [
-    {"instruction": "Reverse the words: red green blue", "output": "blue green red"},
-    {"instruction": "Reverse the words: one two", "output": "two one"},
-    {"instruction": "Add one", "input": "41", "output": "42"},
-    {"instruction": "Say hi", "output": "hi"},
-]
-
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+INTEGRATION_FIXTURES = {"tiny_model_dir", "s3_server", "data_files"}
 
 
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ftjob(*args: str, cwd: Path, env: dict | None = None, stdin: str | None = None, timeout: int = 600):
-    """Run the real CLI in a subprocess (as a batch job would), capturing output."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "job", *args],
-        cwd=cwd,
-        env=full_env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +33,9 @@ def isolated(tmp_path, monkeypatch):
         if name.startswith("FTJOB__"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("PYTHONPATH", str(REPO))
+    from job.storage import configure_storage
+
+    configure_storage(None)  # a test that configures storage options leaves none to the next
     return tmp_path
 
 
@@ -135,3 +102,40 @@ def fault_proxy(s3_server):
     with FaultProxy(s3_server, seed=31) as proxy:
         yield proxy
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def data_files(isolated) -> tuple[Path, Path]:
+    train = write_jsonl(isolated / "data" / "train.jsonl", ALPACA_ROWS * 8)
+    evaluation = write_jsonl(isolated / "data" / "eval.jsonl", ALPACA_ROWS)
+    return train, evaluation
+
+
+@pytest.fixture
+def cpu_flash_kernels(monkeypatch):
+    """transformers' own flash-attention path (kernel choice, cu_seqlens from position_ids) over plain
+    torch stand-ins for the CUDA kernels; records which kernel each attention call took."""
+    import torch
+    import transformers.modeling_flash_attention_utils as flash_utils
+
+    calls = []
+
+    def dense(q, k, v, softmax_scale=None, **_):
+        calls.append("dense")
+        return causal_attention(q, k, v, softmax_scale)
+
+    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, **_):
+        calls.append("varlen")
+        bounds = cu_seqlens_q.tolist()
+        pieces = [
+            causal_attention(q[a:b], k[a:b], v[a:b], softmax_scale)
+            for a, b in zip(bounds, bounds[1:], strict=False)
+        ]
+        return torch.cat(pieces)
+
+    def kwargs(**given):
+        return {"softmax_scale": given.get("softmax_scale")}
+
+    kernels = ((dense, varlen, None, None, None), (kwargs, kwargs))
+    monkeypatch.setattr(flash_utils, "lazy_import_flash_attention", lambda *a, **k: kernels)
+    return calls

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-from conftest import write_jsonl
+from helpers import pipeline_for, write_jsonl
 
 from job.data.batching import pad_batch
 from job.data.formats import BadRow, Example, Formatter, alpaca_prompt
-from job.data.pipeline import BUDGET_MIN_ROWS, BadRowBudget, DataPipeline
-from job.data.stream import ShuffleBuffer, SourceStream
+from job.data.pipeline import BUDGET_MIN_ROWS, BadRowBudget
+from job.data.stream import EPOCH_END, ShuffleBuffer, SourceStream
 from job.data.tokens import IGNORE_INDEX, TokenizedExample, fit, tokenize
 from job.errors import DataError
 from job.spec import BadRowsSpec, validate_spec
@@ -230,9 +230,10 @@ def numbered_files(tmp_path, n: int, per_file: int = 50) -> list[str]:
 def shuffled(files: list[str], buffer_size: int, seed: int, epochs: int = 1) -> list[int]:
     """What a ShuffleBuffer yields over files read in the order given, less the EPOCH_END markers,
     after checking that exactly one closes each epoch."""
-    source = SourceStream(files, {}, seed=0, epochs=epochs, shuffle_files=False)
+    source = SourceStream(files, seed=0, epochs=epochs, shuffle_files=False)
     out = [
-        None if row is None else row.value["n"] for row in ShuffleBuffer(source, buffer_size, seed, rank=0)
+        None if row is EPOCH_END else row.value["n"]
+        for row in ShuffleBuffer(source, buffer_size, seed, rank=0)
     ]
     per_epoch = (len(out) - epochs) // epochs
     assert [i for i, v in enumerate(out) if v is None] == [
@@ -353,7 +354,7 @@ def completion_text(tokenizer, example: TokenizedExample) -> str:
 def test_pipeline_fail_policy_names_file_and_line(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
     spec = make_spec([str(path)], bad_rows={"policy": "fail"})
-    pipeline = DataPipeline(spec, tokenizer)
+    pipeline = pipeline_for(spec, tokenizer)
     with pytest.raises(DataError, match=rf"{path}:2: missing field 'output'"):
         list(pipeline.train_batches(2))
 
@@ -361,16 +362,16 @@ def test_pipeline_fail_policy_names_file_and_line(tmp_path, tokenizer):
 def test_pipeline_skip_policy_counts_and_checks(tmp_path, tokenizer):
     rows = [{"instruction": f"i{i}", "output": f"o{i}"} for i in range(9)] + ["{broken"]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    within = DataPipeline(make_spec([str(path)], bad_rows={"max_fraction": 0.1}, shuffle_buffer=0), tokenizer)
+    within = pipeline_for(make_spec([str(path)], bad_rows={"max_fraction": 0.1}, shuffle_buffer=0), tokenizer)
     within.budget.quiet = True
-    assert [completion_text(tokenizer, e) for e in within.examples if e is not None] == [
+    assert [completion_text(tokenizer, e) for e in within.examples if e is not EPOCH_END] == [
         f"o{i}" for i in range(9)
     ]
     assert (within.budget.rows, within.budget.bad) == (10, 1)
     assert within.examples.counts.examples == 9
     within.budget.check()
 
-    over = DataPipeline(make_spec([str(path)], bad_rows={"max_fraction": 0.05}), tokenizer)
+    over = pipeline_for(make_spec([str(path)], bad_rows={"max_fraction": 0.05}), tokenizer)
     over.budget.quiet = True
     with pytest.raises(DataError, match=rf"first: {path}:10: invalid JSON"):
         over.count_micro_batches(4)
@@ -386,16 +387,16 @@ def test_sharding_is_balanced_and_counts_rows_per_rank(tmp_path, tokenizer, worl
     spec = make_spec(["d/part-*.jsonl"], shuffle_buffer=0)
     per_rank = []
     for rank in range(world_size):
-        pipeline = DataPipeline(spec, tokenizer, rank, world_size)
-        per_rank.append([completion_text(tokenizer, e) for e in pipeline.examples if e is not None])
+        pipeline = pipeline_for(spec, tokenizer, rank, world_size)
+        per_rank.append([completion_text(tokenizer, e) for e in pipeline.examples if e is not EPOCH_END])
         assert pipeline.budget.rows == pipeline.examples.counts.examples == len(per_rank[-1])
     sizes = [len(r) for r in per_rank]
     assert sum(sizes) == 11
     assert max(sizes) - min(sizes) <= 1  # balanced
     if world_size == 1:
         # one rank reads everything: the files in the epoch's seeded order, each file's rows in order
-        (files,) = [files for files, _ in DataPipeline(spec, tokenizer).sources]
-        order = SourceStream(files, {}, spec.train.seed).file_order(0)
+        (files,) = [files for files, _ in pipeline_for(spec, tokenizer).sources]
+        order = SourceStream(files, spec.train.seed).file_order(0)
         by_file = {files[0]: [f"a{i}" for i in range(7)], files[1]: [f"b{i}" for i in range(4)]}
         assert per_rank[0] == [c for f in order for c in by_file[f]]
 
@@ -406,15 +407,15 @@ def test_sharding_over_s3(s3, tokenizer):
     spec = make_spec([f"s3://{s3.bucket}/data/*.jsonl.gz"], format="completion")
     seen = []
     for rank in range(2):
-        pipeline = DataPipeline(spec, tokenizer, rank, 2)
-        seen += [completion_text(tokenizer, e) for e in pipeline.examples if e is not None]
+        pipeline = pipeline_for(spec, tokenizer, rank, 2)
+        seen += [completion_text(tokenizer, e) for e in pipeline.examples if e is not EPOCH_END]
     assert sorted(seen) == sorted([f"c{i}" for i in range(5)] + [f"d{i}" for i in range(4)])
 
 
 def test_train_batches_end_to_end(tmp_path, tokenizer):
     rows = [{"instruction": f"Say {w}", "output": w} for w in ["hi", "hello there", "yo", "hey"]]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    pipeline = DataPipeline(make_spec([str(path)], shuffle_buffer=0), tokenizer)
+    pipeline = pipeline_for(make_spec([str(path)], shuffle_buffer=0), tokenizer)
     batches = list(pipeline.train_batches(2))  # epochs=1: one pass, then the iterator ends
     assert len(batches) == 2
     batch = batches[0]

@@ -9,7 +9,7 @@ import sys
 import threading
 
 import pytest
-from conftest import ALPACA_ROWS, REPO, write_jsonl
+from helpers import ALPACA_ROWS, REPO, write_jsonl
 
 from job import model_source
 from job.cli import main

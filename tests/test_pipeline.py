@@ -8,12 +8,11 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import CHATML, write_jsonl
+from helpers import CHATML, pipeline_for, write_jsonl
 
 from job.data import stream as stream_module
 from job.data.batching import pad_batch
 from job.data.formats import BadRow, Formatter
-from job.data.pipeline import DataPipeline
 from job.data.stream import SourceStream
 from job.data.tokens import IGNORE_INDEX, fit, tokenize
 from job.errors import UserError
@@ -133,7 +132,7 @@ def test_pipeline_counts_truncated_and_dropped(tokenizer, isolated):
     data = write_jsonl(isolated / "c.jsonl", rows)
     for policy, expected in (("truncate", (2, 0, 4)), ("drop", (0, 2, 2))):
         spec = make_spec([data], format="completion", max_seq_len=16, truncation=policy)
-        pipeline = DataPipeline(spec, tokenizer)
+        pipeline = pipeline_for(spec, tokenizer)
         batches = list(pipeline.train_batches(8))
         counts = pipeline.examples.counts
         assert (counts.truncated, counts.dropped, counts.examples) == expected
@@ -160,44 +159,6 @@ def test_packed_row_loss_equals_the_examples_one_by_one(tiny_model_dir, tokenize
         packed_loss = loss_sum(model, packed)
     assert loss_tokens(packed) == sum(len(e.input_ids) - 1 for e in examples)
     torch.testing.assert_close(packed_loss, one_by_one, rtol=1e-5, atol=1e-4)
-
-
-def causal_attention(q, k, v, scale):
-    """[B, L, H, D] (or [L, H, D]) attention with a causal mask, grouped keys repeated: what a flash
-    kernel computes, in plain torch."""
-    q, k, v = (x.transpose(-3, -2) for x in (q, k, v))  # heads before positions
-    k, v = (x.repeat_interleave(q.shape[-3] // x.shape[-3], dim=-3) for x in (k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return out.transpose(-3, -2)
-
-
-@pytest.fixture
-def cpu_flash_kernels(monkeypatch):
-    """transformers' own flash-attention path (kernel choice, cu_seqlens from position_ids) over plain
-    torch stand-ins for the CUDA kernels; records which kernel each attention call took."""
-    import transformers.modeling_flash_attention_utils as flash_utils
-
-    calls = []
-
-    def dense(q, k, v, softmax_scale=None, **_):
-        calls.append("dense")
-        return causal_attention(q, k, v, softmax_scale)
-
-    def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, **_):
-        calls.append("varlen")
-        bounds = cu_seqlens_q.tolist()
-        pieces = [
-            causal_attention(q[a:b], k[a:b], v[a:b], softmax_scale)
-            for a, b in zip(bounds, bounds[1:], strict=False)
-        ]
-        return torch.cat(pieces)
-
-    def kwargs(**given):
-        return {"softmax_scale": given.get("softmax_scale")}
-
-    kernels = ((dense, varlen, None, None, None), (kwargs, kwargs))
-    monkeypatch.setattr(flash_utils, "lazy_import_flash_attention", lambda *a, **k: kernels)
-    return calls
 
 
 def test_flash_attention_keeps_packed_examples_apart_in_a_micro_batch(
@@ -234,7 +195,7 @@ def test_flash_attention_keeps_packed_examples_apart_in_a_micro_batch(
 def test_packing_fills_rows_and_reports_efficiency(tokenizer, isolated):
     data = write_jsonl(isolated / "t.jsonl", text_rows(40))
     spec = make_spec([data], packing=True, max_seq_len=32)
-    pipeline = DataPipeline(spec, tokenizer)
+    pipeline = pipeline_for(spec, tokenizer)
     batches = list(pipeline.train_batches(4))
     assert all(b["input_ids"].shape[1] == 32 for b in batches)
     positions = torch.cat([b["position_ids"] for b in batches])
@@ -259,7 +220,7 @@ def test_every_row_exactly_once_per_epoch_across_ranks(tokenizer, isolated, worl
         spec = spec.model_copy(
             update={"train": spec.train.model_copy(update={"epochs": 1, "max_steps": None})}
         )
-        pipeline = DataPipeline(spec, tokenizer, rank=rank, world_size=world_size)
+        pipeline = pipeline_for(spec, tokenizer, rank=rank, world_size=world_size)
         for batch in pipeline.train_batches(3):
             for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
                 seen[tokenizer.decode(row[mask.bool()], skip_special_tokens=True)] += 1
@@ -269,8 +230,8 @@ def test_every_row_exactly_once_per_epoch_across_ranks(tokenizer, isolated, worl
 
 
 def test_file_order_is_reshuffled_each_epoch_and_the_same_on_every_rank():
-    stream_a = SourceStream([f"f{i}" for i in range(8)], {}, seed=1, rank=0, world_size=2)
-    stream_b = SourceStream([f"f{i}" for i in range(8)], {}, seed=1, rank=1, world_size=2)
+    stream_a = SourceStream([f"f{i}" for i in range(8)], seed=1, rank=0, world_size=2)
+    stream_b = SourceStream([f"f{i}" for i in range(8)], seed=1, rank=1, world_size=2)
     assert stream_a.file_order(0) == stream_b.file_order(0)
     assert stream_a.file_order(0) != stream_a.file_order(1)
     assert sorted(stream_a.file_order(1)) == [f"f{i}" for i in range(8)]
@@ -302,13 +263,13 @@ def test_resume_yields_exactly_what_an_uninterrupted_run_yields(tokenizer, isola
         path.write_bytes(gzip.compress(rows.encode()) if compress else rows.encode())
         files.append(path)
     spec = make_spec(files, endless=True, **options)
-    reference = DataPipeline(spec, tokenizer)
+    reference = pipeline_for(spec, tokenizer)
     batches = reference.train_batches(2)
     first = [next(batches) for _ in range(cut)]
     state = json.loads(json.dumps(reference.state_dict()))  # it travels as JSON in a checkpoint
     expected = batches_as_lists(next(batches) for _ in range(10))  # crosses into the next epochs
 
-    resumed = DataPipeline(spec, tokenizer)
+    resumed = pipeline_for(spec, tokenizer)
     resumed.load_state_dict(state)
     assert batches_as_lists(next(resumed.train_batches(2)) for _ in range(10)) == expected
     assert first  # the cut really was after some batches
@@ -342,7 +303,7 @@ def test_checkpointed_shuffle_buffer_holds_only_what_the_format_reads(tokenizer,
             "train": {"max_steps": 1, "seed": 7},
         }
     )
-    reference = DataPipeline(spec, tokenizer)
+    reference = pipeline_for(spec, tokenizer)
     batches = reference.train_batches(2)
     for _ in range(3):
         next(batches)
@@ -351,7 +312,7 @@ def test_checkpointed_shuffle_buffer_holds_only_what_the_format_reads(tokenizer,
     assert len(buffered) >= 8 and not any(name in text for name in ("created", "day", "price", "blob"))
     expected = batches_as_lists(next(batches) for _ in range(12))
 
-    resumed = DataPipeline(spec, tokenizer)
+    resumed = pipeline_for(spec, tokenizer)
     resumed.load_state_dict(json.loads(text))
     assert batches_as_lists(next(resumed.train_batches(2)) for _ in range(12)) == expected
 
@@ -360,7 +321,7 @@ def test_resume_continues_reading_where_it_stopped(tokenizer, isolated, monkeypa
     """No re-reading: the resumed stream opens the file at the saved offset, not at its start."""
     data = write_jsonl(isolated / "big.jsonl", text_rows(50))
     spec = make_spec([data], endless=True)
-    reference = DataPipeline(spec, tokenizer)
+    reference = pipeline_for(spec, tokenizer)
     batches = reference.train_batches(4)
     for _ in range(5):
         next(batches)
@@ -370,9 +331,9 @@ def test_resume_continues_reading_where_it_stopped(tokenizer, isolated, monkeypa
     monkeypatch.setattr(
         stream_module,
         "read_rows",
-        lambda url, opts, start, keep: starts.append(start) or real_read_rows(url, opts, start, keep),
+        lambda url, start, keep: starts.append(start) or real_read_rows(url, start, keep),
     )
-    resumed = DataPipeline(spec, tokenizer)
+    resumed = pipeline_for(spec, tokenizer)
     resumed.load_state_dict(state)
     next(resumed.train_batches(4))
     assert starts[0].row == 20 and starts[0].offset == len(
@@ -383,10 +344,10 @@ def test_resume_continues_reading_where_it_stopped(tokenizer, isolated, monkeypa
 def test_resume_refuses_other_files(tokenizer, isolated):
     a = write_jsonl(isolated / "a.jsonl", text_rows(5))
     b = write_jsonl(isolated / "b.jsonl", text_rows(5))
-    pipeline = DataPipeline(make_spec([a]), tokenizer)
+    pipeline = pipeline_for(make_spec([a]), tokenizer)
     next(pipeline.train_batches(2))
     with pytest.raises(Exception, match="data files differ"):
-        DataPipeline(make_spec([b]), tokenizer).load_state_dict(pipeline.state_dict())
+        pipeline_for(make_spec([b]), tokenizer).load_state_dict(pipeline.state_dict())
 
 
 # --- mixing, eval split ------------------------------------------------------------------------
@@ -406,7 +367,7 @@ def test_weighted_sources_are_drawn_by_weight_and_cycle(tokenizer, isolated):
             "train": {"max_steps": 1},
         }
     )
-    pipeline = DataPipeline(spec, tokenizer)
+    pipeline = pipeline_for(spec, tokenizer)
     batches = pipeline.train_batches(10)
     texts = [
         tokenizer.decode(row, skip_special_tokens=True)
@@ -442,13 +403,13 @@ def test_eval_fraction_holds_out_the_same_rows_on_every_rank(tokenizer, isolated
 
     train, held = set(), set()
     for rank in range(2):
-        pipeline = DataPipeline(spec, tokenizer, rank=rank, world_size=2)
+        pipeline = pipeline_for(spec, tokenizer, rank=rank, world_size=2)
         train |= texts(pipeline.train_batches(8))
         held |= texts(pipeline.eval_batches(8))
     assert not train & held
     assert len(train) + len(held) == 200
     assert 20 < len(held) < 60
-    again = DataPipeline(spec, tokenizer, rank=0, world_size=1)
+    again = pipeline_for(spec, tokenizer, rank=0, world_size=1)
     assert texts(again.eval_batches(8)) == held  # stable across restarts and world sizes
 
 
@@ -456,7 +417,7 @@ def test_eval_fraction_holds_out_the_same_rows_on_every_rank(tokenizer, isolated
 
 
 def test_preview_json_lines_and_statistics(tiny_model_dir, isolated):
-    from conftest import ALPACA_ROWS, run_ftjob
+    from helpers import ALPACA_ROWS, run_ftjob
 
     data = write_jsonl(isolated / "a.jsonl", ALPACA_ROWS + ["{not json"])
     spec = {
@@ -481,7 +442,7 @@ def test_preview_json_lines_and_statistics(tiny_model_dir, isolated):
 
 
 def test_validate_check_access_reads_every_source(tiny_model_dir, isolated, s3):
-    from conftest import ALPACA_ROWS
+    from helpers import ALPACA_ROWS
 
     from job.cli import main
 
@@ -507,7 +468,7 @@ def test_two_processes_with_uneven_shards_finish_the_epoch_together(tiny_model_d
     import sys
     from pathlib import Path
 
-    from conftest import ALPACA_ROWS
+    from helpers import ALPACA_ROWS
 
     data = write_jsonl(isolated / "d.jsonl", (ALPACA_ROWS * 2)[:5])
     one_eval_row = write_jsonl(isolated / "e.jsonl", ALPACA_ROWS[:1])  # rank 1 has no eval batch
@@ -543,7 +504,7 @@ def test_two_ranks_compute_the_same_step_as_one_rank_accumulating(tiny_model_dir
     import sys
     from pathlib import Path
 
-    from conftest import ALPACA_ROWS, run_ftjob
+    from helpers import ALPACA_ROWS, run_ftjob
 
     data = write_jsonl(isolated / "d.jsonl", ALPACA_ROWS)
     spec = {
@@ -574,7 +535,7 @@ def test_two_ranks_compute_the_same_step_as_one_rank_accumulating(tiny_model_dir
 def test_unreadable_bucket_is_exit_2_without_credentials(tokenizer, s3, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SECRET-MARKER-123")
     with pytest.raises(UserError) as error:
-        DataPipeline(make_spec(["s3://no-such-bucket-xyz/data/*.jsonl"]), tokenizer)
+        pipeline_for(make_spec(["s3://no-such-bucket-xyz/data/*.jsonl"]), tokenizer)
     assert error.value.exit_code == 2
     assert "data.train[0]" in str(error.value) and "SECRET-MARKER" not in str(error.value)
 

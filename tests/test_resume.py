@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ALPACA_ROWS, REPO, free_port, run_ftjob, write_jsonl
+from helpers import ALPACA_ROWS, REPO, free_port, run_ftjob, train_in_process, write_jsonl
 from safetensors.torch import load_file
 
 STEPS = 30
@@ -96,11 +96,19 @@ def test_stop_signal_checkpoints_exits_75_and_resumes_exactly(spec_path, workdir
     assert "checkpoint committed" in out and "exit 75" in out
     steps = sorted(p.name for p in (workdir / output / "checkpoints").iterdir())
     assert steps[-1] >= "step-000008" and not (workdir / output / "adapter").exists()
+    run = json.loads((workdir / output / "checkpoints" / steps[-1] / "run.json").read_text())
+    assert "history" not in run and run["last_metrics"]["step"] == run["step"]  # the curve is not in it
+    segments = sorted(p.name for p in (workdir / output / "metrics").iterdir())
+    assert segments[-1] == f"{run['step']:06d}.jsonl"  # ...but in segments, one per checkpoint
 
     resumed = run_ftjob("run", str(spec_path), "--set", f"output.uri={output}", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from the checkpoint at step" in resumed.stderr
     assert_same_run(workdir, uninterrupted, output)
+    curve = [json.loads(line) for line in (workdir / output / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in curve] == list(range(1, STEPS + 1)) and not (
+        workdir / output / "metrics"
+    ).exists()
 
 
 def test_sigkill_after_a_checkpoint_resumes_exactly(spec_path, workdir, uninterrupted):
@@ -110,11 +118,14 @@ def test_sigkill_after_a_checkpoint_resumes_exactly(spec_path, workdir, uninterr
     process.kill()
     process.wait(timeout=60)
     assert not (workdir / "killed" / "adapter").exists()
+    stale = workdir / "killed" / "metrics" / "000099.jsonl"  # a segment whose checkpoint never committed
+    stale.write_text(json.dumps({"step": 11, "train/loss": 99.0}) + "\n")
 
     resumed = run_ftjob("run", str(spec_path), "--set", "output.uri=./killed", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from the checkpoint at step 10" in resumed.stderr
     assert_same_run(workdir, uninterrupted, "killed")
+    assert not stale.exists()
 
 
 def test_retention_incomplete_checkpoints_finished_runs_and_spec_changes(spec_path, workdir):
@@ -160,8 +171,10 @@ def test_restart_deletes_published_outputs_and_happens_once_per_scheduler_job(
         "run", str(spec_path), "--set", "output.uri=./again", "--set", "train.seed=4", cwd=workdir
     )
     assert other.returncode == 0, other.stderr
-    adapter = workdir / "again" / "adapter"
+    adapter, merged = workdir / "again" / "adapter", workdir / "again" / "merged"
     assert (adapter / "MANIFEST.json").is_file()
+    merged.mkdir()
+    (merged / "MANIFEST.json").write_text("{}")  # as output.merge leaves it
 
     job_7 = {"SLURM_JOB_ID": "7"}
     restarted = start(spec_path, "./again", "--restart", env=job_7)
@@ -169,7 +182,7 @@ def test_restart_deletes_published_outputs_and_happens_once_per_scheduler_job(
     restarted.send_signal(signal.SIGTERM)
     out = restarted.stdout.read()
     assert restarted.wait(timeout=120) == 75, out
-    assert not adapter.exists()  # the old adapter is gone, MANIFEST and all
+    assert not adapter.exists() and not merged.exists()  # the old outputs are gone, MANIFEST and all
     assert json.loads((workdir / "again" / "restart.json").read_text()) == {"restart_id": "slurm-7"}
 
     requeued = run_ftjob(
@@ -233,6 +246,9 @@ def test_resuming_refuses_changes_to_what_is_trained_and_allows_the_rest():
     assert changes("data", train_on="all") == ["data.train_on: 'completion' -> 'all'"]
     assert changes("data", chat_template="{{ x }}") == ["data.chat_template: None -> '{{ x }}'"]
     assert changes("data", truncation="drop") == ["data.truncation: 'truncate' -> 'drop'"]
+    assert changes("data", eval_fraction=0.3) == ["data.eval_fraction: 0.0 -> 0.3"]  # not data.eval's
+    older = {k: v for k, v in saved.items() if k != "fingerprint_version"}
+    assert "another version of ftjob" in fingerprint_changes(older, saved)[0]
     assert fingerprint_changes(saved, fingerprint(validate_spec(base), world_size=1)) == [
         "world_size: 2 -> 1"
     ]
@@ -402,16 +418,6 @@ def s3_spec(tiny_model_dir, workdir, proxy, bucket: str, **retries) -> dict:
     spec["storage_options"] = {"s3": options}
     spec["train"].update(max_steps=8, checkpoint_every=2)
     return spec
-
-
-def train_in_process(spec: dict):
-    from accelerate.state import AcceleratorState
-
-    from job.spec import validate_spec
-    from job.train import train
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return train(validate_spec(spec))
 
 
 def test_transient_storage_faults_leave_the_run_unchanged(

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO
+from helpers import REPO
 
 SCRIPT = """
 import logging, os, signal, sys, time
@@ -41,9 +41,16 @@ def test_grace_period_bounds_the_time_from_signal_to_exit():
 
 
 def test_second_signal_exits_at_once():
-    code, seconds, output = run(grace=60, then="os.kill(os.getpid(), signal.SIGUSR1)")
+    code, seconds, output = run(grace=60, then="time.sleep(2.5); os.kill(os.getpid(), signal.SIGUSR1)")
     assert code == 128 + signal.SIGUSR1 and "SIGUSR1 again: exiting now" in output
     assert seconds < 20
+
+
+def test_the_same_stop_delivered_twice_at_once_is_one_stop():
+    """scancel signals every process of the step and torchrun passes its own SIGTERM on: one stop."""
+    then = "os.kill(os.getpid(), signal.SIGTERM); print('still here', flush=True); sys.exit(0)"
+    code, _, output = run(grace=60, then=then)
+    assert code == 0 and "still here" in output and "the same stop, already under way" in output
 
 
 def test_handlers_are_restored_after_the_loop():

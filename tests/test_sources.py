@@ -11,10 +11,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 from job.data.sources import Position, Row, expand, file_format, read_rows
 from job.errors import DataError, UserError
+from job.storage import configure_storage
 
 ROWS = [{"id": str(i), "text": f"row {i}"} for i in range(10)]
 CSV_ROWS = [*ROWS[:3], {"id": "3", "text": 'two\nlines, "quoted"'}, *ROWS[4:]]
@@ -84,7 +85,7 @@ def values(pairs) -> list:
 
 def test_reads_what_was_written(written):
     url, expected = written
-    pairs = list(read_rows(url, {}))
+    pairs = list(read_rows(url))
     assert values(pairs) == expected
     assert all(row.error is None and row.source == url for row, _ in pairs)
     assert [pos.row for _, pos in pairs] == list(range(1, len(expected) + 1))
@@ -92,28 +93,28 @@ def test_reads_what_was_written(written):
 
 def test_resume_from_every_position(written):
     url, _ = written
-    full = list(read_rows(url, {}))
+    full = list(read_rows(url))
     for cut in range(len(full)):
         saved = Position.from_dict(json.loads(json.dumps(full[cut][1].to_dict())))
-        assert full[: cut + 1] + list(read_rows(url, {}, saved)) == full, f"resumed after row {cut}"
-    assert list(read_rows(url, {}, full[-1][1])) == []
+        assert full[: cut + 1] + list(read_rows(url, saved)) == full, f"resumed after row {cut}"
+    assert list(read_rows(url, full[-1][1])) == []
 
 
 def test_keep_selects_rows_and_resume_still_works(written):
     url, expected = written
-    kept = list(read_rows(url, {}, keep=even))
+    kept = list(read_rows(url, keep=even))
     assert values(kept) == expected[::2]
     assert [pos.row for _, pos in kept] == list(range(1, len(expected) + 1, 2))
     for cut in range(len(kept)):
-        assert kept[: cut + 1] + list(read_rows(url, {}, kept[cut][1], keep=even)) == kept
-    odd = list(read_rows(url, {}, kept[0][1], keep=lambda i: not even(i)))
+        assert kept[: cut + 1] + list(read_rows(url, kept[cut][1], keep=even)) == kept
+    odd = list(read_rows(url, kept[0][1], keep=lambda i: not even(i)))
     assert values(odd) == expected[1::2]  # ranks resuming from a shared position: no row twice
 
 
 def test_keep_is_asked_about_every_row_once_in_order(written):
     url, expected = written
     asked: list[int] = []
-    list(read_rows(url, {}, Position(2), keep=lambda i: asked.append(i) or even(i)))
+    list(read_rows(url, Position(2), keep=lambda i: asked.append(i) or even(i)))
     assert asked == list(range(2, len(expected)))
 
 
@@ -121,7 +122,7 @@ def test_row_numbers_of_array_formats(tmp_path):
     for name in ["d.json", "d.parquet"]:
         url = str(tmp_path / name)
         write_file(tmp_path / name)
-        rows = [row for row, _ in read_rows(url, {}, Position(4), keep=even)]
+        rows = [row for row, _ in read_rows(url, Position(4), keep=even)]
         assert [row.line for row in rows] == [5, 7, 9]
         assert rows[0].where == f"{url}:5"
 
@@ -141,7 +142,7 @@ def test_read_jsonl_line_numbers_and_errors(tmp_path):
         tmp_path / "rows.jsonl",
         [{"n": 1}, "", {"n": 2}, "{not json", "   ", {"n": 3}],
     )
-    rows = [row for row, _ in read_rows(str(path), {})]
+    rows = [row for row, _ in read_rows(str(path))]
     assert [r.line for r in rows] == [1, 3, 4, 6]
     assert [r.value for r in rows] == [{"n": 1}, {"n": 2}, None, {"n": 3}]
     assert rows[2].error is not None and rows[2].error.startswith("invalid JSON")
@@ -152,16 +153,16 @@ def test_read_jsonl_line_numbers_and_errors(tmp_path):
 
 def test_jsonl_blank_lines_count_as_rows_and_resume(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", [{"n": 1}, "", "", {"n": 2}, ""])
-    pairs = list(read_rows(str(path), {}))
+    pairs = list(read_rows(str(path)))
     assert [(row.line, pos.row) for row, pos in pairs] == [(1, 1), (4, 4)]
-    assert list(read_rows(str(path), {}, pairs[1][1])) == []
-    assert [r.line for r, _ in read_rows(str(path), {}, Position(1))] == [4]  # offset unknown: skip lines
+    assert list(read_rows(str(path), pairs[1][1])) == []
+    assert [r.line for r, _ in read_rows(str(path), Position(1))] == [4]  # offset unknown: skip lines
 
 
 def test_jsonl_invalid_utf8_is_a_row_error(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b'{"n": 1}\n{"s": "\xff"}\n{"n": 3}\n')
-    rows = [row for row, _ in read_rows(str(path), {})]
+    rows = [row for row, _ in read_rows(str(path))]
     assert [(r.line, r.value) for r in rows] == [(1, {"n": 1}), (2, None), (3, {"n": 3})]
     assert rows[1].error.startswith("invalid JSON")
 
@@ -171,7 +172,7 @@ def test_jsonl_offsets_are_byte_offsets(tmp_path):
     # CRLF, a blank line, multibyte UTF-8, no final newline
     lines = [b'{"n": 1}\r\n', b"\n", b'{"s": "\xc3\xa9t\xc3\xa9"}\n', b'{"n": 3}']
     path.write_bytes(b"".join(lines))
-    pairs = list(read_rows(str(path), {}))
+    pairs = list(read_rows(str(path)))
     assert [pos for _, pos in pairs] == [
         Position(1, len(lines[0])),
         Position(3, len(b"".join(lines[:3]))),
@@ -183,18 +184,18 @@ def test_jsonl_offsets_are_byte_offsets(tmp_path):
 def test_jsonl_resume_seeks_without_rereading(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(jsonl_bytes(ROWS))
-    _, pos = next(iter(read_rows(str(path), {}, Position(3))))
+    _, pos = next(iter(read_rows(str(path), Position(3))))
     assert pos.offset == len(jsonl_bytes(ROWS[:4]))
     with path.open("r+b") as f:  # rows before the offset become unreadable: a resumed read never sees them
         f.write(b"\xff" * pos.offset)
-    rows = [row for row, _ in read_rows(str(path), {}, pos)]
+    rows = [row for row, _ in read_rows(str(path), pos)]
     assert [r.value for r in rows] == ROWS[4:] and rows[0].line == 5
 
 
 def test_compressed_positions_have_no_offset(tmp_path):
     path = tmp_path / "d.jsonl.gz"
     write_file(path)
-    assert {pos.offset for _, pos in read_rows(str(path), {})} == {None}
+    assert {pos.offset for _, pos in read_rows(str(path))} == {None}
 
 
 @pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz"])
@@ -202,16 +203,16 @@ def test_rows_not_kept_or_before_start_are_not_parsed(tmp_path, name):
     data = jsonl_bytes(ROWS[:2]).replace(b'{"id": "1"', b'{not json "1"') + jsonl_bytes(ROWS[2:4])
     path = tmp_path / name
     path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
-    assert [row.error is not None for row, _ in read_rows(str(path), {})] == [False, True, False, False]
-    assert values(read_rows(str(path), {}, keep=lambda i: i != 1)) == [ROWS[0], ROWS[2], ROWS[3]]
-    assert values(read_rows(str(path), {}, Position(2))) == ROWS[2:4]
+    assert [row.error is not None for row, _ in read_rows(str(path))] == [False, True, False, False]
+    assert values(read_rows(str(path), keep=lambda i: i != 1)) == [ROWS[0], ROWS[2], ROWS[3]]
+    assert values(read_rows(str(path), Position(2))) == ROWS[2:4]
 
 
 def test_read_jsonl_gzip_inferred(tmp_path):
     path = tmp_path / "rows.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.write('{"n": 1}\n\n{"n": 2}\n')
-    rows = [row for row, _ in read_rows(str(path), {})]
+    rows = [row for row, _ in read_rows(str(path))]
     assert [(r.line, r.value, r.error) for r in rows] == [(1, {"n": 1}, None), (3, {"n": 2}, None)]
 
 
@@ -220,14 +221,14 @@ def test_read_jsonl_truncated_gzip_is_a_data_error(tmp_path):
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=r"cut\.jsonl\.gz:\d+: cannot read: EOFError") as info:
-        list(read_rows(str(path), {}))
+        list(read_rows(str(path)))
     assert info.value.exit_code == 3
 
 
 def test_text_lines(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_bytes(b"\xef\xbb\xbffirst\r\n\n  \n  indented  \nbad \xff\nlast")
-    rows = [row for row, _ in read_rows(str(path), {})]
+    rows = [row for row, _ in read_rows(str(path))]
     assert [(r.line, r.value) for r in rows] == [
         (1, {"text": "first"}),
         (4, {"text": "  indented  "}),
@@ -244,7 +245,7 @@ def test_text_lines(tmp_path):
 def test_csv_line_numbers_multiline_fields_and_bad_rows(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text('id,text\n1,a\n2,"two\nlines"\n\n3,c,extra\n4\n5,"x, ""y"""\n', newline="")
-    rows = [row for row, _ in read_rows(str(path), {})]
+    rows = [row for row, _ in read_rows(str(path))]
     assert [(r.line, r.value, r.error) for r in rows] == [
         (2, {"id": "1", "text": "a"}, None),
         (3, {"id": "2", "text": "two\nlines"}, None),
@@ -252,22 +253,22 @@ def test_csv_line_numbers_multiline_fields_and_bad_rows(tmp_path):
         (7, None, "expected 2 fields, got 1"),
         (8, {"id": "5", "text": 'x, "y"'}, None),
     ]
-    resumed = [row for row, _ in read_rows(str(path), {}, Position(2), keep=lambda i: i != 3)]
+    resumed = [row for row, _ in read_rows(str(path), Position(2), keep=lambda i: i != 3)]
     assert [r.line for r in resumed] == [6, 8]
 
 
 def test_csv_header_only_or_empty(tmp_path):
     (tmp_path / "h.csv").write_text("a,b\n")
     (tmp_path / "e.csv").write_text("")
-    assert list(read_rows(str(tmp_path / "h.csv"), {})) == []
-    assert list(read_rows(str(tmp_path / "e.csv"), {})) == []
+    assert list(read_rows(str(tmp_path / "h.csv"))) == []
+    assert list(read_rows(str(tmp_path / "e.csv"))) == []
 
 
 def test_csv_gzip(tmp_path):
     path = tmp_path / "d.csv.gz"
     write_csv(tmp_path / "plain.csv", CSV_ROWS)
     path.write_bytes(gzip.compress((tmp_path / "plain.csv").read_bytes()))
-    assert values(read_rows(str(path), {}, Position(3))) == CSV_ROWS[3:]
+    assert values(read_rows(str(path), Position(3))) == CSV_ROWS[3:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,14 +289,14 @@ def test_csv_gzip(tmp_path):
 def test_invalid_json_file_is_a_data_error(tmp_path, text, match):
     (tmp_path / "d.json").write_text(text)
     with pytest.raises(DataError, match=match) as info:
-        list(read_rows(str(tmp_path / "d.json"), {}))
+        list(read_rows(str(tmp_path / "d.json")))
     assert info.value.exit_code == 3
 
 
 def test_json_invalid_utf8_names_line_and_column(tmp_path):
     (tmp_path / "d.json").write_bytes(b'[\n {"a": "ok"},\n {"a": "\xff"}]')
     with pytest.raises(DataError, match=r"d\.json:3:9: invalid UTF-8"):
-        list(read_rows(str(tmp_path / "d.json"), {}))
+        list(read_rows(str(tmp_path / "d.json")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,15 +320,15 @@ def groups_read(monkeypatch) -> list:
 def test_parquet_reads_one_row_group_at_a_time(tmp_path, groups_read):
     path = tmp_path / "d.parquet"
     write_file(path)  # 10 rows in groups of 3: [0-2] [3-5] [6-8] [9]
-    assert values(read_rows(str(path), {})) == ROWS
+    assert values(read_rows(str(path))) == ROWS
     assert groups_read == [[0], [1], [2], [3]]
 
     groups_read.clear()
-    assert values(read_rows(str(path), {}, Position(7))) == ROWS[7:]
+    assert values(read_rows(str(path), Position(7))) == ROWS[7:]
     assert groups_read == [[2], [3]]  # groups before the start are not read
 
     groups_read.clear()
-    assert values(read_rows(str(path), {}, keep=lambda i: i in (1, 9))) == [ROWS[1], ROWS[9]]
+    assert values(read_rows(str(path), keep=lambda i: i in (1, 9))) == [ROWS[1], ROWS[9]]
     assert groups_read == [[0], [3]]  # nor groups without a row kept
 
 
@@ -336,7 +337,7 @@ def test_parquet_batches_within_a_group(tmp_path, monkeypatch):
     rows = [{"n": i} for i in range(25)]
     path = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=7)
-    pairs = list(read_rows(str(path), {}, Position(4), keep=lambda i: i % 3 == 0))
+    pairs = list(read_rows(str(path), Position(4), keep=lambda i: i % 3 == 0))
     assert [(row.line, row.value, pos.row) for row, pos in pairs] == [
         (i + 1, {"n": i}, i + 1) for i in range(6, 25, 3)
     ]
@@ -345,7 +346,7 @@ def test_parquet_batches_within_a_group(tmp_path, monkeypatch):
 def test_not_parquet_is_a_data_error(tmp_path):
     (tmp_path / "d.parquet").write_text("not parquet")
     with pytest.raises(DataError, match=r"d\.parquet:1: cannot read: ArrowInvalid"):
-        list(read_rows(str(tmp_path / "d.parquet"), {}))
+        list(read_rows(str(tmp_path / "d.parquet")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +386,7 @@ def test_expand_unsupported_file_names_the_key_and_file(tmp_path):
     write_jsonl(tmp_path / "d" / "a.jsonl", [{"n": 1}])
     (tmp_path / "d" / "notes.md").write_text("hi")
     with pytest.raises(UserError, match=r"^data\.train\[1\]: \S*/d/notes\.md: unsupported file type") as info:
-        expand(["d/a.jsonl", "d/*"], {}, "data.train")
+        expand(["d/a.jsonl", "d/*"], "data.train")
     assert info.value.exit_code == 2
 
 
@@ -393,7 +394,7 @@ def test_expand_glob_sorted(tmp_path):
     for name in ["c.jsonl", "a.jsonl", "b.jsonl", "skip.txt"]:
         write_jsonl(tmp_path / "d" / name, [{"n": 1}])
     (tmp_path / "d" / "dir.jsonl").mkdir()  # a directory is not a file
-    files = expand(["d/*.jsonl"], {}, "data.train")
+    files = expand(["d/*.jsonl"], "data.train")
     assert [Path(f).name for f in files] == ["a.jsonl", "b.jsonl", "c.jsonl"]
     assert all(Path(f).resolve() == (tmp_path / "d" / Path(f).name).resolve() for f in files)
 
@@ -401,19 +402,19 @@ def test_expand_glob_sorted(tmp_path):
 def test_expand_keeps_pattern_order(tmp_path):
     write_jsonl(tmp_path / "z.jsonl", [{"n": 1}])
     write_jsonl(tmp_path / "a.jsonl", [{"n": 1}])
-    files = expand(["z.jsonl", "a.jsonl"], {}, "data.train")
+    files = expand(["z.jsonl", "a.jsonl"], "data.train")
     assert [Path(f).name for f in files] == ["z.jsonl", "a.jsonl"]
 
 
 def test_expand_missing_file_names_the_key(tmp_path):
     with pytest.raises(UserError) as info:
-        expand(["missing.jsonl"], {}, "data.train")
+        expand(["missing.jsonl"], "data.train")
     assert info.value.exit_code == 2
     assert str(info.value).startswith("data.train[0]: no such file: missing.jsonl")
 
     write_jsonl(tmp_path / "ok.jsonl", [{"n": 1}])
     with pytest.raises(UserError, match=r"^data\.eval\[1\]: no such file: none-\*\.jsonl"):
-        expand(["ok.jsonl", "none-*.jsonl"], {}, "data.eval")
+        expand(["ok.jsonl", "none-*.jsonl"], "data.eval")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +428,7 @@ def put(fs, key: str, body: bytes) -> str:
 
 def test_s3_read_gzipped_jsonl(s3):
     url = put(s3, "data/train.jsonl.gz", gzip.compress(jsonl_bytes([{"n": 1}, {"n": 2}])))
-    rows = [row for row, _ in read_rows(url, {})]
+    rows = [row for row, _ in read_rows(url)]
     assert [r.value for r in rows] == [{"n": 1}, {"n": 2}]
     assert rows[1].where == f"{url}:2"
 
@@ -435,18 +436,18 @@ def test_s3_read_gzipped_jsonl(s3):
 def test_s3_jsonl_resumes_at_byte_offsets(s3, monkeypatch):
     monkeypatch.setattr("job.data.sources.BUFFER_SIZE", 64)  # many reads per file, not one
     url = put(s3, "data/train.jsonl", jsonl_bytes(ROWS))
-    full = list(read_rows(url, {}))
+    full = list(read_rows(url))
     assert values(full) == ROWS
     assert [pos.offset for _, pos in full] == [len(jsonl_bytes(ROWS[: i + 1])) for i in range(len(ROWS))]
     for cut in (0, 4, 8):
-        assert full[: cut + 1] + list(read_rows(url, {}, full[cut][1])) == full
+        assert full[: cut + 1] + list(read_rows(url, full[cut][1])) == full
 
 
 def test_s3_parquet(s3, tmp_path, groups_read):
     write_file(tmp_path / "d.parquet")
     url = put(s3, "data/train.parquet", (tmp_path / "d.parquet").read_bytes())
-    assert values(read_rows(url, {})) == ROWS
-    assert values(read_rows(url, {}, Position(9))) == ROWS[9:]
+    assert values(read_rows(url)) == ROWS
+    assert values(read_rows(url, Position(9))) == ROWS[9:]
     assert groups_read[-1:] == [[3]]
 
 
@@ -455,22 +456,58 @@ def test_s3_expand_glob(s3):
     put(s3, "data/a-extra.jsonl.gz", gzip.compress(jsonl_bytes([{"n": 2}])))
     put(s3, "data/c.csv", b"n\n3\n")
     put(s3, "other/b.jsonl.gz", gzip.compress(jsonl_bytes([{"n": 4}])))
-    files = expand([f"s3://{s3.bucket}/data/*.jsonl.gz"], {}, "data.train")
+    files = expand([f"s3://{s3.bucket}/data/*.jsonl.gz"], "data.train")
     assert files == [f"s3://{s3.bucket}/data/a-extra.jsonl.gz", f"s3://{s3.bucket}/data/train.jsonl.gz"]
-    assert [r.value for f in files for r, _ in read_rows(f, {})] == [{"n": 2}, {"n": 1}]
-    files = expand([f"s3://{s3.bucket}/data/*"], {}, "data.train")
-    assert [r.value for f in files for r, _ in read_rows(f, {})] == [{"n": 2}, {"n": "3"}, {"n": 1}]
+    assert [r.value for f in files for r, _ in read_rows(f)] == [{"n": 2}, {"n": 1}]
+    files = expand([f"s3://{s3.bucket}/data/*"], "data.train")
+    assert [r.value for f in files for r, _ in read_rows(f)] == [{"n": 2}, {"n": "3"}, {"n": 1}]
 
 
 def test_s3_missing_object_names_the_key(s3):
     with pytest.raises(UserError, match=r"^data\.train\[0\]: no such file: s3://"):
-        expand([f"s3://{s3.bucket}/data/nope.jsonl"], {}, "data.train")
+        expand([f"s3://{s3.bucket}/data/nope.jsonl"], "data.train")
 
 
 def test_s3_storage_options_endpoint(s3, s3_server, monkeypatch):
     """storage_options per protocol reach s3fs (here: the endpoint without AWS_ENDPOINT_URL)."""
     url = put(s3, "data/train.jsonl.gz", gzip.compress(jsonl_bytes([{"n": 1}])))
     monkeypatch.delenv("AWS_ENDPOINT_URL")
-    options = {"s3": {"endpoint_url": s3_server}}
-    assert expand([f"s3://{s3.bucket}/data/*.jsonl.gz"], options, "data.train") == [url]
-    assert values(read_rows(url, options)) == [{"n": 1}]
+    configure_storage({"s3": {"endpoint_url": s3_server}})
+    assert expand([f"s3://{s3.bucket}/data/*.jsonl.gz"], "data.train") == [url]
+    assert values(read_rows(url)) == [{"n": 1}]
+
+
+# --- datasets' save_to_disk --------------------------------------------------------------------
+
+
+def saved_dataset(target: str, n: int, **storage) -> None:
+    from datasets import Dataset
+
+    Dataset.from_list([{"n": i, "text": f"row {i}"} for i in range(n)]).save_to_disk(target, **storage)
+
+
+def test_a_saved_dataset_is_a_source_read_by_index_and_resumed_exactly(isolated):
+    saved_dataset(str(isolated / "ds"), 2500)
+    assert expand([str(isolated / "ds"), str(isolated / "d*")], "data.train") == [str(isolated / "ds")] * 2
+    rows = list(read_rows(str(isolated / "ds"), keep=lambda i: i % 3 == 0))
+    assert [r.value["n"] for r, _ in rows] == list(range(0, 2500, 3))
+    assert rows[1][0].where == f"{isolated / 'ds'}:4"
+    cut = rows[400][1]  # the Position after a row in the second batch of 1024
+    resumed = list(read_rows(str(isolated / "ds"), cut, keep=lambda i: i % 3 == 0))
+    assert [r.value for r, _ in resumed] == [r.value for r, _ in rows[401:]]
+
+
+def test_a_saved_dataset_on_object_storage(s3, s3_server):
+    saved_dataset(f"s3://{s3.bucket}/ds", 5, storage_options={"endpoint_url": s3_server})
+    url = f"s3://{s3.bucket}/ds"
+    assert expand([url], "data.train") == [url]
+    assert values(read_rows(url)) == [{"n": i, "text": f"row {i}"} for i in range(5)]
+
+
+def test_a_saved_dataset_dict_names_its_splits(isolated):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list([{"n": 1}])}).save_to_disk(str(isolated / "dd"))
+    with pytest.raises(UserError, match="holds a DatasetDict; name one split's directory"):
+        expand([str(isolated / "dd")], "data.train")
+    assert expand([str(isolated / "dd" / "train")], "data.train") == [str(isolated / "dd" / "train")]

@@ -10,7 +10,7 @@ import uuid
 import fsspec
 import pytest
 import yaml
-from conftest import run_ftjob
+from helpers import run_ftjob
 
 from job.cli import main
 from job.errors import UserError

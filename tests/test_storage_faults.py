@@ -16,13 +16,20 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 from job import storage
 from job.data.sources import read_rows
 from job.errors import JobError
 from job.model_source import fetch_cached
-from job.storage import download_dir, filesystem, s3_options, s3_retry_budget_seconds, upload_dir
+from job.storage import (
+    configure_storage,
+    download_dir,
+    filesystem,
+    s3_options,
+    s3_retry_budget_seconds,
+    upload_dir,
+)
 
 MiB = 1 << 20
 # (mode, fraction of requests that get it); "slow" answers come late but within the read timeout.
@@ -41,9 +48,11 @@ def steady_backoff():
     random.setstate(state)
 
 
-def via(proxy) -> dict[str, dict[str, str]]:
-    """storage_options that send S3 traffic through the proxy (ftjob's retry defaults still apply)."""
-    return {"s3": {"endpoint_url": proxy.url}}
+def via(proxy, **config_kwargs) -> None:
+    """Configure storage to send S3 traffic through the proxy (ftjob's retry defaults still apply,
+    under any config_kwargs given)."""
+    options = {"endpoint_url": proxy.url, **({"config_kwargs": config_kwargs} if config_kwargs else {})}
+    configure_storage({"s3": options})
 
 
 def tree(directory: Path) -> dict[str, str]:
@@ -96,7 +105,8 @@ def inject(proxy, mode: str, fraction: float) -> None:
 
 
 def test_s3_defaults_reach_the_client(s3, fault_proxy):
-    fs, _ = filesystem(f"s3://{s3.bucket}/x", via(fault_proxy))
+    via(fault_proxy)
+    fs, _ = filesystem(f"s3://{s3.bucket}/x")
     config = fs.s3.meta.config
     assert config.retries == {"mode": storage.S3_RETRY_MODE, "total_max_attempts": storage.S3_MAX_ATTEMPTS}
     assert (config.connect_timeout, config.read_timeout) == (
@@ -133,7 +143,8 @@ def test_persistent_outage_gives_up_after_the_configured_attempts(s3, fault_prox
     from botocore.retries.standard import ExponentialBackoff
 
     monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
-    fs, path = filesystem(f"s3://{s3.bucket}/x/run.json", via(fault_proxy))
+    via(fault_proxy)
+    fs, path = filesystem(f"s3://{s3.bucket}/x/run.json")
     fault_proxy.outage("503")
     with pytest.raises(
         OSError, match="Service Unavailable|reduce your request rate|unable to handle request"
@@ -148,7 +159,8 @@ def test_persistent_outage_gives_up_after_the_configured_attempts(s3, fault_prox
 @pytest.mark.parametrize("mode,fraction", TRANSIENT)
 def test_upload_dir_survives_transient_faults(s3, fault_proxy, payload, mode, fraction):
     inject(fault_proxy, mode, fraction)
-    upload_dir(payload, f"s3://{s3.bucket}/run/checkpoints/step-000100", via(fault_proxy), last=COMMITTED)
+    via(fault_proxy)
+    upload_dir(payload, f"s3://{s3.bucket}/run/checkpoints/step-000100", last=COMMITTED)
     assert stored(s3, "run/checkpoints/step-000100") == tree(payload)
     assert fault_proxy.faults[mode] > 0, fault_proxy.faults
 
@@ -158,10 +170,11 @@ def test_read_rows_survives_transient_faults(s3, fault_proxy, mode, fraction):
     rows = [{"instruction": f"row {i} " + "x" * (i % 200), "output": str(i)} for i in range(25_000)]
     s3.put_file(str(write_jsonl(Path("train.jsonl"), rows)), f"{s3.bucket}/data/train.jsonl")
     url = f"s3://{s3.bucket}/data/train.jsonl"  # ~5.6 MB: ranged reads of 4 MiB
-    expected = [(row, position) for row, position in read_rows(url, {})]  # straight to moto, no faults
+    expected = [(row, position) for row, position in read_rows(url)]  # straight to moto, no faults
     assert len(expected) == len(rows)
     inject(fault_proxy, mode, fraction)
-    assert list(read_rows(url, via(fault_proxy))) == expected
+    via(fault_proxy)
+    assert list(read_rows(url)) == expected
     assert fault_proxy.faults[mode] > 0, fault_proxy.faults
 
 
@@ -174,7 +187,8 @@ def test_fetch_cached_survives_transient_faults(s3, fault_proxy, mode, fraction)
     (model / "tokenizer.json").write_text(json.dumps({"version": "1.0"}))
     s3.put(str(model) + "/", f"{s3.bucket}/models/tiny/", recursive=True)
     inject(fault_proxy, mode, fraction)
-    cached = fetch_cached(f"s3://{s3.bucket}/models/tiny/", via(fault_proxy))  # list, then download_dir
+    via(fault_proxy)
+    cached = fetch_cached(f"s3://{s3.bucket}/models/tiny/")  # list, then download_dir
     assert {k: v for k, v in tree(cached).items() if not k.startswith(".ftjob")} == tree(model)
     assert fault_proxy.faults[mode] > 0, fault_proxy.faults
 
@@ -183,9 +197,9 @@ def test_reads_that_time_out_are_retried(s3, fault_proxy):
     """Answers later than the read timeout: the attempt is abandoned and made again."""
     s3.pipe_file(f"{s3.bucket}/data/t.jsonl", b"".join(b'{"text": "%d"}\n' % i for i in range(1000)))
     url = f"s3://{s3.bucket}/data/t.jsonl"
-    options = {"s3": {**via(fault_proxy)["s3"], "config_kwargs": {"read_timeout": 0.3}}}
+    via(fault_proxy, read_timeout=0.3)
     fault_proxy.mode, fault_proxy.slow_seconds, fault_proxy.fail_fraction = "slow", 0.8, 0.2
-    rows = [row.value["text"] for row, _ in read_rows(url, options)]
+    rows = [row.value["text"] for row, _ in read_rows(url)]
     assert rows == [str(i) for i in range(1000)]
     assert fault_proxy.faults["slow"] > 0
 
@@ -197,15 +211,16 @@ def test_reads_that_time_out_are_retried(s3, fault_proxy):
 def test_persistent_outage_fails_the_upload_and_keeps_the_committed_checkpoint(s3, fault_proxy, mode):
     checkpoints = f"s3://{s3.bucket}/run/checkpoints"
     previous = small_dir(Path("step-1"), 1)
-    upload_dir(previous, f"{checkpoints}/step-000001", via(fault_proxy), last=COMMITTED)
+    via(fault_proxy)
+    upload_dir(previous, f"{checkpoints}/step-000001", last=COMMITTED)
 
     # Fewer attempts than the defaults keep the test short; test_persistent_outage_gives_up_after_the_
     # configured_attempts and test_s3_defaults_reach_the_client cover the defaults.
-    options = {"s3": {**via(fault_proxy)["s3"], "config_kwargs": {"retries": {"total_max_attempts": 2}}}}
+    via(fault_proxy, retries={"total_max_attempts": 2})
     fault_proxy.outage(mode)
     start = time.monotonic()
     with pytest.raises(JobError, match=rf"cannot upload to {checkpoints}/step-000002/\S+: \w+") as failure:
-        upload_dir(small_dir(Path("step-2"), 2), f"{checkpoints}/step-000002", options, last=COMMITTED)
+        upload_dir(small_dir(Path("step-2"), 2), f"{checkpoints}/step-000002", last=COMMITTED)
     elapsed = time.monotonic() - start
     assert elapsed < s3_retry_budget_seconds(max_attempts=2) + 10, elapsed
     assert fault_proxy.requests >= 2 * storage.S3FS_RETRIES, "retried before giving up"
@@ -214,17 +229,17 @@ def test_persistent_outage_fails_the_upload_and_keeps_the_committed_checkpoint(s
     fault_proxy.heal()
     assert stored(s3, "run/checkpoints/step-000001") == tree(previous)
     restored = Path("restored")
-    download_dir(f"{checkpoints}/step-000001", restored, via(fault_proxy))
+    download_dir(f"{checkpoints}/step-000001", restored)
     assert tree(restored) == tree(previous)
     assert not s3.exists(f"{s3.bucket}/run/checkpoints/step-000002/{COMMITTED}")
 
 
 def test_outage_in_the_middle_of_an_upload_leaves_no_commit_marker(s3, fault_proxy, payload):
     uri = f"s3://{s3.bucket}/run/checkpoints/step-000100"
-    options = {"s3": {**via(fault_proxy)["s3"], "config_kwargs": {"retries": {"total_max_attempts": 2}}}}
+    via(fault_proxy, retries={"total_max_attempts": 2})
     fault_proxy.outage("503", after=3)  # the marker probe (HEAD, LIST) and the first file go through
     with pytest.raises(JobError, match="cannot upload to .*/optimizer.pt: OSError"):
-        upload_dir(payload, uri, options, last=COMMITTED)
+        upload_dir(payload, uri, last=COMMITTED)
     fault_proxy.heal()
     written = stored(s3, "run/checkpoints/step-000100")
     assert written, "the upload had begun"

@@ -13,10 +13,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ALPACA_ROWS, REPO, free_port, run_ftjob, write_jsonl
-from test_train import run_in_process, spec_dict
+from helpers import ALPACA_ROWS, REPO, free_port, run_ftjob, spec_dict, train_in_process, write_jsonl
 
 from job import tracking
+from job.errors import Preempted
+from job.metrics import flops_per_token, gpu_peak_flops
 from job.spec import validate_spec
 from job.spool import Spool, SpoolState, deliver
 from job.tracking import (
@@ -26,9 +27,9 @@ from job.tracking import (
     file_dataset,
     git_commit,
     redact_url,
+    run_record,
     spec_params,
 )
-from job.train import flops_per_token, gpu_peak_flops
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 MARKERS = {
@@ -107,21 +108,6 @@ def client(server):
     return MlflowClient(server.url)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture
-def data_files(isolated):
-    train = write_jsonl(isolated / "data" / "train.jsonl", ALPACA_ROWS * 8)
-    evaluation = write_jsonl(isolated / "data" / "eval.jsonl", ALPACA_ROWS)
-    return train, evaluation
-
-
 @pytest.fixture
 def spool_dir(isolated, monkeypatch):
     path = isolated / "spool"
@@ -137,6 +123,11 @@ def messages(caplog, level: int, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == level and text in r.getMessage()]
 
 
+def tracked(spec, resume_run_id: str | None = None) -> Tracker:
+    """The tracker of rank 0 for spec."""
+    return Tracker(spec.tracking, run_record(spec), resume_run_id)
+
+
 def tracker_spec(tiny_model_dir, data_files, experiment: str, **tracking_cfg):
     return validate_spec(
         spec_dict(
@@ -145,10 +136,6 @@ def tracker_spec(tiny_model_dir, data_files, experiment: str, **tracking_cfg):
             tracking={"experiment": experiment, "system_metrics": False, **tracking_cfg},
         )
     )
-
-
-class Preempted(Exception):
-    exit_code = 75  # what job.train raises after a stop signal's checkpoint
 
 
 def log_steps(tracker: Tracker, steps_to_log) -> None:
@@ -321,7 +308,7 @@ def test_server_outage_mid_run_loses_and_duplicates_nothing(
         tracking={"experiment": "outage", "system_metrics": False},
     )
     with caplog.at_level(logging.INFO, logger="job"):
-        result = run_in_process(spec)
+        result = train_in_process(spec, restart=True)
 
     assert reachable_at == {16: True}  # delivered during the run, on a log call, not only at the end
     assert len(messages(caplog, logging.WARNING, "is unreachable")) == 1
@@ -343,7 +330,7 @@ def test_unreachable_at_start_run_created_by_the_next_job(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens
     started = time.time()
     with caplog.at_level(logging.INFO, logger="job"):
-        first = Tracker(spec, active=True)
+        first = tracked(spec)
         with first.run({"world_size": "1"}):
             log_steps(first, range(1, 6))
     assert time.time() - started < 20  # an outage costs failed requests, not MLflow's minutes of retries
@@ -354,7 +341,7 @@ def test_unreachable_at_start_run_created_by_the_next_job(
 
     caplog.clear()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    next_job = Tracker(tracker_spec(tiny_model_dir, data_files, "offline-next"), active=True)
+    next_job = tracked(tracker_spec(tiny_model_dir, data_files, "offline-next"))
     with caplog.at_level(logging.INFO, logger="job"), next_job.run({}):
         pass
     experiment = client.get_experiment_by_name("offline")
@@ -417,7 +404,7 @@ def test_restart_continues_the_same_run_at_the_next_step(
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     spec = tracker_spec(tiny_model_dir, data_files, "restart")
-    first = Tracker(spec, active=True)
+    first = tracked(spec)
     with pytest.raises(Preempted), first.run({}):
         log_steps(first, range(1, 5))
         checkpointed = first.resume_id  # the checkpoint at step 4 keeps it
@@ -426,7 +413,7 @@ def test_restart_continues_the_same_run_at_the_next_step(
     assert checkpointed == first.run_id
     assert client.get_run(first.run_id).info.status == "KILLED"
 
-    second = Tracker(spec, active=True, resume_run_id=checkpointed)
+    second = tracked(spec, resume_run_id=checkpointed)
     with second.run({}):
         log_steps(second, range(5, 11))
     assert second.run_id == first.run_id
@@ -440,19 +427,19 @@ def test_restart_while_unreachable_is_delivered_later_without_duplicates(
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     spec = tracker_spec(tiny_model_dir, data_files, "restart-offline")
-    first = Tracker(spec, active=True)
+    first = tracked(spec)
     with pytest.raises(Preempted), first.run({}):
         log_steps(first, range(1, 7))
         raise Preempted
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    second = Tracker(spec, active=True, resume_run_id=first.run_id)  # checkpoint at step 4
+    second = tracked(spec, resume_run_id=first.run_id)  # checkpoint at step 4
     with second.run({}):
         log_steps(second, range(5, 11))
     assert steps(client, first.run_id, "train/loss") == list(range(1, 7))
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    with Tracker(tracker_spec(tiny_model_dir, data_files, "restart-offline-next"), active=True).run({}):
+    with tracked(tracker_spec(tiny_model_dir, data_files, "restart-offline-next")).run({}):
         pass
     assert steps(client, first.run_id, "train/loss") == list(range(1, 11))
     assert client.get_run(first.run_id).info.status == "FINISHED"
@@ -465,14 +452,14 @@ def test_restart_of_a_run_never_created_adopts_its_spool(
     attempt's records, then its own, to one run."""
     spec = tracker_spec(tiny_model_dir, data_files, "never-created")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    first = Tracker(spec, active=True)
+    first = tracked(spec)
     with pytest.raises(Preempted), first.run({}):
         log_steps(first, range(1, 4))
         raise Preempted
     assert first.run_id is None
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    second = Tracker(spec, active=True, resume_run_id=first.resume_id)
+    second = tracked(spec, resume_run_id=first.resume_id)
     with second.run({}):
         log_steps(second, range(3, 7))
     [run] = client.search_runs([client.get_experiment_by_name("never-created").experiment_id])
@@ -543,7 +530,7 @@ def test_spool_cuts_a_torn_last_line_and_is_held_by_one_process(spool_dir):
 
 
 def test_inactive_tracker_writes_nothing(tiny_model_dir, data_files, isolated):
-    tracker = Tracker(tracker_spec(tiny_model_dir, data_files, "x"), active=False)  # a rank other than 0
+    tracker = Tracker(tracker_spec(tiny_model_dir, data_files, "x").tracking, None)  # a rank other than 0
     with tracker.run({}):
         tracker.log_metrics({"train/loss": 1.0}, 1)
     assert tracker.run_id is None and tracker.resume_id is None
@@ -593,10 +580,10 @@ def test_credentials_in_urls_are_redacted():
 
 def test_dataset_digest_follows_file_names_sizes_and_changes(isolated):
     path = write_jsonl(isolated / "d" / "a.jsonl", ALPACA_ROWS)
-    first = file_dataset("data.train[0]", str(isolated / "d" / "*.jsonl"), {})
-    assert file_dataset("data.train[0]", str(isolated / "d" / "*.jsonl"), {})["digest"] == first["digest"]
+    first = file_dataset("data.train[0]", str(isolated / "d" / "*.jsonl"))
+    assert file_dataset("data.train[0]", str(isolated / "d" / "*.jsonl"))["digest"] == first["digest"]
     write_jsonl(path, ALPACA_ROWS * 2)
-    assert file_dataset("data.train[0]", str(isolated / "d" / "*.jsonl"), {})["digest"] != first["digest"]
+    assert file_dataset("data.train[0]", str(isolated / "d" / "*.jsonl"))["digest"] != first["digest"]
     assert json.loads(first["source"]) == {"uri": str(isolated / "d" / "*.jsonl")}
 
 
@@ -608,6 +595,21 @@ def test_peak_flops_of_known_gpus_and_model_flops():
     assert gpu_peak_flops("NVIDIA A10G") is None  # unknown: no MFU rather than a wrong one
     assert flops_per_token(100, 100) == 600  # full fine-tune: 6N
     assert flops_per_token(100, 0) == 400
+
+
+def test_system_sampler_logs_host_metrics_with_increasing_steps():
+    from job.system_metrics import SystemSampler
+
+    samples = []
+    sampler = SystemSampler(lambda metrics, step: samples.append((step, metrics)), interval=0.05)
+    sampler.start()
+    time.sleep(0.3)
+    sampler.stop()
+    assert len(samples) >= 3
+    steps = [step for step, _ in samples]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(samples[0][1])
+    assert 0 <= samples[-1][1]["system/system_memory_usage_percentage"] <= 100
 
 
 def test_end_status():

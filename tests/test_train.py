@@ -6,53 +6,14 @@ import json
 
 import pytest
 import torch
-from conftest import ALPACA_ROWS, CHATML, run_ftjob, write_jsonl
+from helpers import ALPACA_ROWS, CHATML, pipeline_for, run_ftjob, spec_dict, train_in_process, write_jsonl
 
 from job.export import MANIFEST, sha256_file
 from job.spec import validate_spec
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps process-wide state; in-process runs each start from a clean one."""
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture
-def data_files(isolated):
-    train = write_jsonl(isolated / "data" / "train.jsonl", ALPACA_ROWS * 8)
-    evaluation = write_jsonl(isolated / "data" / "eval.jsonl", ALPACA_ROWS)
-    return train, evaluation
-
-
-def spec_dict(model_dir, data_files, **sections) -> dict:
-    train, evaluation = data_files
-    spec = {
-        "name": "t",
-        "model": {"source": str(model_dir)},
-        "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": [str(train)], "eval": [str(evaluation)], "max_seq_len": 64, "shuffle_buffer": 8},
-        "train": {
-            "max_steps": 8,
-            "micro_batch_size": 4,
-            "learning_rate": 5e-3,
-            "eval_every": 4,
-            "log_every": 2,
-        },
-        "tracking": {"experiment": "tests"},
-    }
-    for section, values in sections.items():
-        spec[section] = {**spec.get(section, {}), **values} if isinstance(values, dict) else values
-    return spec
-
-
 def run_in_process(spec: dict):
-    from job.train import train
-
-    return train(validate_spec(spec), restart=True)  # tests run several specs into one output
+    return train_in_process(spec, restart=True)  # tests run several specs into one output
 
 
 PROBE = "### Instruction:\nReverse the words: red green blue\n\n### Response:\n"
@@ -154,6 +115,23 @@ def test_full_finetune_saves_a_loadable_model(tiny_model_dir, data_files, isolat
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     assert not torch.allclose(logits_of(base, result.tokenizer), expected, atol=1e-4)
 
+    import mlflow  # the whole model is not copied into MLflow a second time: the run points at it
+
+    client = mlflow.MlflowClient(f"sqlite:///{isolated / 'mlruns' / 'mlflow.db'}")
+    assert [a.path for a in client.list_artifacts(result.run_id)] == ["spec.json"]
+    assert client.get_run(result.run_id).data.tags["ftjob.output_uri"] == "./runs/t"
+
+
+def test_a_publish_replaces_what_an_earlier_one_left(tiny_model_dir, data_files, isolated):
+    """No file of an earlier publish stays beside the new ones under a valid MANIFEST."""
+    adapter = isolated / "runs" / "t" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "leftover.safetensors").write_bytes(b"from an earlier publish")  # its MANIFEST went first
+    train_in_process(spec_dict(tiny_model_dir, data_files, train={"max_steps": 2}))  # no --restart
+    assert not (adapter / "leftover.safetensors").exists()
+    manifest = json.loads((adapter / MANIFEST).read_text())["files"]
+    assert sorted(manifest) == sorted(p.name for p in adapter.iterdir() if p.name != MANIFEST)
+
 
 def bf16_copy(model_dir, target):
     """The tiny model stored in bfloat16, as most published models are."""
@@ -193,29 +171,50 @@ def test_a_failed_merge_keeps_the_adapter_and_the_next_run_merges(
     tiny_model_dir, data_files, isolated, monkeypatch, caplog
 ):
     import job.model
-    from job.train import train
 
     def out_of_memory(*args):
         raise MemoryError("no room to merge")
 
-    spec = validate_spec(
-        spec_dict(tiny_model_dir, data_files, output={"merge": True}, train={"max_steps": 2})
-    )
+    spec = spec_dict(tiny_model_dir, data_files, output={"merge": True}, train={"max_steps": 2})
     with monkeypatch.context() as patched, pytest.raises(MemoryError):
         patched.setattr(job.model, "merge_adapter", out_of_memory)
-        train(spec)
+        train_in_process(spec)
     adapter, merged = isolated / "runs" / "t" / "adapter", isolated / "runs" / "t" / "merged"
     assert (adapter / MANIFEST).is_file() and not (merged / MANIFEST).exists()
     published_weights = (adapter / "adapter_model.safetensors").read_bytes()
 
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
     with caplog.at_level("INFO", logger="job"):
-        assert train(spec) is None  # nothing trained again...
+        assert train_in_process(spec) is None  # nothing trained again...
     assert any("merged model published" in r.getMessage() for r in caplog.records)  # ...only merged
     assert (merged / MANIFEST).is_file() and (merged / "model.safetensors").is_file()
     assert (adapter / "adapter_model.safetensors").read_bytes() == published_weights
+
+
+def test_packed_micro_batches_reach_flash_attention_as_one_row(
+    tiny_model_dir, data_files, monkeypatch, cpu_flash_kernels
+):
+    """With flash attention and packing, every attention call of a run (micro batch 4) takes the
+    variable-length kernel: the loop flattens each packed micro-batch."""
+    import job.train
+
+    def load_then_flash(model_dir, model_spec, *args, **kwargs):  # flash-attn does not load on a CPU
+        sdpa = model_spec.model_copy(update={"attn_implementation": "sdpa"})
+        model = job.model.load_model(model_dir, sdpa, *args, **kwargs)
+        model.config._attn_implementation = "flash_attention_2"  # transformers' own flash path runs
+        return model
+
+    import job.model
+
+    monkeypatch.setattr(job.train, "load_model", load_then_flash)
+    spec = spec_dict(
+        tiny_model_dir,
+        data_files,
+        model={"attn_implementation": "flash_attention_2"},
+        data={"packing": True, "eval": []},
+        train={"max_steps": 3, "micro_batch_size": 4},
+    )
+    run_in_process(spec)
+    assert cpu_flash_kernels and set(cpu_flash_kernels) == {"varlen"}
 
 
 def test_grad_accumulation_matches_one_big_batch(tiny_model_dir, data_files):
@@ -223,9 +222,6 @@ def test_grad_accumulation_matches_one_big_batch(tiny_model_dir, data_files):
     one_batch = run_in_process(
         spec_dict(tiny_model_dir, data_files, train={"max_steps": 2, "micro_batch_size": 4, "grad_accum": 1})
     )
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
     accumulated = run_in_process(
         spec_dict(tiny_model_dir, data_files, train={"max_steps": 1, "micro_batch_size": 2, "grad_accum": 2})
     )
@@ -406,7 +402,7 @@ def test_data_error_beyond_budget_exits_3_naming_file_and_line(tiny_model_dir, d
 
 
 def test_mixed_precision_falls_back_on_cpu_with_one_warning(caplog):
-    from job.train import resolve_mixed_precision
+    from job.accelerator import resolve_mixed_precision
 
     assert resolve_mixed_precision("auto", cuda=False) == "no"
     assert resolve_mixed_precision("no", cuda=False) == "no"
@@ -435,8 +431,6 @@ def test_epoch_runs_plan_the_steps_the_loop_takes(
     import math
     import random
 
-    from job.data.pipeline import DataPipeline
-
     rng = random.Random(files * 10 + ranks)
     paths = []
     for i in range(files):
@@ -457,9 +451,9 @@ def test_epoch_runs_plan_the_steps_the_loop_takes(
         }
     )  # fmt: skip
     planned_per_rank = [
-        DataPipeline(spec, tokenizer, rank, ranks).count_micro_batches(2)[0] for rank in range(ranks)
+        pipeline_for(spec, tokenizer, rank, ranks).count_micro_batches(2)[0] for rank in range(ranks)
     ]
-    streams = [DataPipeline(spec, tokenizer, rank, ranks).train_batches(2) for rank in range(ranks)]
+    streams = [pipeline_for(spec, tokenizer, rank, ranks).train_batches(2) for rank in range(ranks)]
     taken = 0
     while any([len(list(itertools.islice(s, grad_accum))) for s in streams]):
         taken += 1
@@ -468,7 +462,7 @@ def test_epoch_runs_plan_the_steps_the_loop_takes(
 
 @pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
 def test_schedules_warm_up_then_follow_their_shape(name):
-    from job.train import make_scheduler
+    from job.schedule import make_scheduler
 
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = make_scheduler(optimizer, name, warmup_steps=4, total_steps=20)
@@ -488,10 +482,7 @@ def test_schedules_warm_up_then_follow_their_shape(name):
 
 
 def test_same_seed_same_run_other_seed_other_run(tiny_model_dir, data_files):
-    from accelerate.state import AcceleratorState
-
     def losses(seed):
-        AcceleratorState._reset_state(reset_partial_state=True)
         spec = spec_dict(
             tiny_model_dir,
             data_files,
@@ -519,6 +510,24 @@ def test_epoch_runs_plan_exactly_the_steps_they_take(tiny_model_dir, data_files,
     assert len(history) == 6
     assert history[-1]["train/learning_rate"] == 0.0
     assert history[-1]["data/rows_read"] == 15
+
+
+def test_a_packed_epoch_run_over_files_with_an_eval_split_ends_its_schedule_on_its_last_step(
+    tiny_model_dir, data_files, isolated
+):
+    """Packing neighbours, file order and the held-out rows differ per epoch: the plan still matches."""
+    files = [
+        str(write_jsonl(isolated / f"part-{k}.jsonl", [dict(r, output=r["output"] * (k + i % 3)) for i, r in enumerate(ALPACA_ROWS * 3)]))
+        for k in range(1, 4)
+    ]  # fmt: skip
+    spec = spec_dict(
+        tiny_model_dir,
+        data_files,
+        data={"train": files, "eval": [], "eval_fraction": 0.2, "packing": True, "max_seq_len": 96},
+        train={"max_steps": None, "epochs": 3, "micro_batch_size": 2, "grad_accum": 2, "scheduler": "linear", "eval_every": 0},
+    )  # fmt: skip
+    rates = [h["train/learning_rate"] for h in run_in_process(spec).history]
+    assert rates[-1] == 0.0 and all(rate > 0 for rate in rates[:-1]), rates
 
 
 @pytest.mark.parametrize(

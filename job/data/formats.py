@@ -14,14 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from job.errors import UserError
+from job.spec import FORMAT_FIELDS, OPTIONAL_FIELDS, DataSpec
 
-FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
-    "alpaca": ("instruction", "input", "output"),
-    "completion": ("prompt", "completion"),
-    "chat": ("messages",),
-    "text": ("text",),
-}
-OPTIONAL_FIELDS = {"input"}
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 SAMPLE_CONVERSATION = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
@@ -71,6 +65,11 @@ def _string(row: Mapping[str, Any], name: str, column: str) -> str:
 
 class Formatter:
     """Rows of one format -> Examples. Chat needs the tokenizer for its template."""
+
+    @classmethod
+    def of(cls, data: DataSpec, tokenizer) -> Formatter:
+        """The formatter data.format, data.fields, data.train_on and data.chat_template describe."""
+        return cls(data.format, data.fields, data.train_on, tokenizer, data.chat_template)
 
     def __init__(
         self, data_format: str, fields: Mapping[str, str], train_on: str, tokenizer=None, chat_template=None

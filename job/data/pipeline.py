@@ -22,11 +22,11 @@ from typing import Any
 
 from job.data.batching import Batch, pack_row, pad_batch, stack_packed
 from job.data.formats import BadRow, Example, Formatter
-from job.data.sources import Row, expand, expand_pattern
-from job.data.stream import EPOCH_END, Mixture, ShuffleBuffer, SourceStream, held_out
+from job.data.sources import Row, expand
+from job.data.stream import EPOCH_END, EpochEnd, Mixture, ShuffleBuffer, SourceStream, held_out
 from job.data.tokens import TokenizedExample, fit, tokenize
 from job.errors import DataError
-from job.spec import BadRowsSpec, Spec
+from job.spec import BadRowsSpec, DataSpec
 
 log = logging.getLogger(__name__)
 LOGGED_BAD_ROWS = 5
@@ -87,15 +87,15 @@ def format_row(formatter: Formatter, row: Row) -> Row:
 class ExampleStream:
     """Formatted rows -> tokenized examples that fit max_seq_len; bad rows are counted against the budget."""
 
-    def __init__(self, rows: Iterable[Row], tokenizer, spec: Spec, budget: BadRowBudget):
+    def __init__(self, rows: Iterable[Row], tokenizer, data: DataSpec, budget: BadRowBudget):
         self.rows = rows
         self.tokenizer = tokenizer
-        self.data = spec.data
+        self.config = data
         self.budget = budget
         self.counts = FitCounts()
         self.pending: list[TokenizedExample] = []  # the rest of a long text's pieces
 
-    def __iter__(self) -> Iterator[TokenizedExample | None]:
+    def __iter__(self) -> Iterator[TokenizedExample | EpochEnd]:
         """Examples, and EPOCH_END where the rows' epoch ends."""
         while self.pending:
             yield self.pending.pop(0)
@@ -109,7 +109,7 @@ class ExampleStream:
                 raise DataError(
                     f"data.train: a whole epoch gave no example to train on: {self.budget.rows} rows read, "
                     f"{self.budget.bad} bad, {self.counts.dropped} dropped (longer than data.max_seq_len="
-                    f"{self.data.max_seq_len}, or no completion left after truncation)"
+                    f"{self.config.max_seq_len}, or no completion left after truncation)"
                 )
             self.budget.rows += 1
             if row.error:
@@ -118,9 +118,9 @@ class ExampleStream:
             example = Example.from_dict(row.value)
             fitted = fit(
                 tokenize(example, self.tokenizer),
-                self.data.max_seq_len,
+                self.config.max_seq_len,
                 example.split_long,
-                self.data.truncation,
+                self.config.truncation,
             )
             self.counts.truncated += fitted.truncated
             self.counts.dropped += fitted.dropped
@@ -160,9 +160,9 @@ class Packer:
     @property
     def efficiency(self) -> float:
         """Real tokens / row capacity over the rows packed so far."""
-        return self.real_tokens / (self.rows * self.length) if self.rows else 0.0
+        return packing_efficiency(self.real_tokens, self.rows, self.length)
 
-    def __iter__(self) -> Iterator[dict[str, list[int]] | None]:
+    def __iter__(self) -> Iterator[dict[str, list[int]] | EpochEnd]:
         """Packed rows; a row never spans two epochs (EPOCH_END closes it and is passed on)."""
         for example in self.examples:
             if example is EPOCH_END:
@@ -212,54 +212,60 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def train_sources(spec: Spec) -> list[tuple[list[str], float]]:
+def train_sources(data: DataSpec) -> list[tuple[list[str], float]]:
     """data.train as (files, weight) sources: one source of every file, or one per entry when weighted."""
-    if not spec.data.weighted:
-        return [(expand(spec.data.train, spec.storage_options, "data.train"), 1.0)]
-    sources = []
-    for i, entry in enumerate(spec.data.train):
-        if isinstance(entry, str):
-            sources.append((expand_pattern(entry, spec.storage_options, f"data.train[{i}]"), 1.0))
-        else:
-            paths = [entry.path] if isinstance(entry.path, str) else entry.path
-            sources.append((expand(paths, spec.storage_options, f"data.train[{i}].path"), entry.weight))
-    return sources
+    groups = data.train_groups()
+    if not data.weighted:
+        return [(expand([p for patterns, _ in groups for p in patterns], "data.train"), 1.0)]
+    return [(expand(patterns, f"data.train[{i}]"), weight) for i, (patterns, weight) in enumerate(groups)]
+
+
+def packing_efficiency(real_tokens: float, rows: float, length: int) -> float:
+    """Real tokens over the capacity of the packed rows."""
+    return real_tokens / (rows * length) if rows else 0.0
 
 
 class DataPipeline:
     """Training micro-batches (resumable) and eval micro-batches of one rank."""
 
-    def __init__(self, spec: Spec, tokenizer, rank: int = 0, world_size: int = 1):
-        self.spec = spec
-        self.data = spec.data
+    def __init__(
+        self,
+        config: DataSpec,
+        tokenizer,
+        seed: int,
+        epochs: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        """`epochs`: train.epochs (the data ends after them), or None for max_steps (endless)."""
+        self.config = config
         self.tokenizer = tokenizer
+        self.seed = seed
+        self.epochs = epochs
         self.rank = rank
         self.world_size = world_size
-        self.formatter = Formatter(
-            self.data.format, self.data.fields, self.data.train_on, tokenizer, self.data.chat_template
-        )
-        self.sources = train_sources(spec)
-        self.eval_files = expand(self.data.eval, spec.storage_options, "data.eval")
-        if self.data.eval_fraction:
+        self.formatter = Formatter.of(config, tokenizer)
+        self.sources = train_sources(config)
+        self.eval_files = expand(self.config.eval, "data.eval")
+        if self.config.eval_fraction:
             self.eval_files = [f for files, _ in self.sources for f in files]
         self._build()
 
     def _build(self) -> None:
         """Fresh stages at the start of the data (load_state_dict then moves their cursors)."""
-        train, fraction, seed = self.spec.train, self.data.eval_fraction, self.spec.train.seed
+        fraction, seed = self.config.eval_fraction, self.seed
         streams = [
             ShuffleBuffer(
                 SourceStream(
                     files,
-                    self.spec.storage_options,
                     seed,
                     self.rank,
                     self.world_size,
                     keep_row=lambda url, row: not held_out(url, row, fraction),
-                    epochs=train.epochs,
+                    epochs=self.epochs,
                     transform=partial(format_row, self.formatter),
                 ),
-                self.data.shuffle_buffer,
+                self.config.shuffle_buffer,
                 seed,
                 self.rank,
             )
@@ -267,11 +273,11 @@ class DataPipeline:
         ]
         weights = [weight for _, weight in self.sources]
         self.rows = streams[0] if len(streams) == 1 else Mixture(streams, weights, seed, self.rank)
-        self.budget = BadRowBudget(self.data.bad_rows, "data.train")
-        self.examples = ExampleStream(self.rows, self.tokenizer, self.spec, self.budget)
+        self.budget = BadRowBudget(self.config.bad_rows, "data.train")
+        self.examples = ExampleStream(self.rows, self.tokenizer, self.config, self.budget)
         self.packer = (
-            Packer(self.examples, self.data.max_seq_len, self.tokenizer.pad_token_id)
-            if self.data.packing
+            Packer(self.examples, self.config.max_seq_len, self.tokenizer.pad_token_id)
+            if self.config.packing
             else None
         )
 
@@ -318,17 +324,18 @@ class DataPipeline:
     def count_micro_batches(self, micro_batch_size: int) -> tuple[int, dict[str, float]]:
         """Micro-batches of this rank over all of train.epochs (a separate pass from the start of the
         data), to size an epoch-based run; and that pass's data counters."""
-        counter = DataPipeline(self.spec, self.tokenizer, self.rank, self.world_size)
+        counter = DataPipeline(
+            self.config, self.tokenizer, self.seed, self.epochs, self.rank, self.world_size
+        )
         counter.budget.quiet = True
         return sum(1 for _ in counter.train_batches(micro_batch_size)), counter.stats()
 
     def eval_batches(self, micro_batch_size: int) -> list[Batch]:
         """The eval split of this rank (data.eval, or the held-out data.eval_fraction), read once and kept."""
-        fraction = self.data.eval_fraction
+        fraction = self.config.eval_fraction
         rows = SourceStream(
             self.eval_files,
-            self.spec.storage_options,
-            self.spec.train.seed,
+            self.seed,
             self.rank,
             self.world_size,
             keep_row=(lambda url, row: held_out(url, row, fraction)) if fraction else None,
@@ -336,8 +343,8 @@ class DataPipeline:
             shuffle_files=False,
             transform=partial(format_row, self.formatter),
         )
-        budget = BadRowBudget(self.data.bad_rows, "data.eval")
-        examples = list(ExampleStream((r for r in rows if r is not None), self.tokenizer, self.spec, budget))
+        budget = BadRowBudget(self.config.bad_rows, "data.eval")
+        examples = [e for e in ExampleStream(rows, self.tokenizer, self.config, budget) if e is not EPOCH_END]
         return [
             pad_batch(batch, self.tokenizer.pad_token_id) for batch in batched(examples, micro_batch_size)
         ]

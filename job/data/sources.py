@@ -1,7 +1,8 @@
 """Files of a split: expand URLs and globs, then stream their rows, resumably, with file and line.
 
 Formats come from the file name: JSON Lines, JSON arrays, Parquet, CSV and plain text, each optionally
-compressed (.gz, .bz2, .zst, .xz; inferred by fsspec). Reading streams: rows are parsed as bytes
+compressed (.gz, .bz2, .zst, .xz; inferred by fsspec); a directory written by datasets' save_to_disk
+is one source too, read through datasets. Reading streams: rows are parsed as bytes
 arrive and memory stays bounded (Parquet: one row group at a time), except for JSON arrays, which
 are read whole. Every row comes with the Position just after it, so a reader stopped anywhere
 continues later with exactly the next row.
@@ -28,7 +29,7 @@ from fsspec.utils import infer_compression
 from zstandard import ZstdError
 
 from job.errors import DataError, UserError
-from job.storage import StorageOptions, filesystem
+from job.storage import filesystem
 
 FORMATS = {
     ".jsonl": "jsonl",
@@ -45,6 +46,7 @@ BUFFER_SIZE = 1 << 20  # fsspec's own readline re-reads a whole block per line: 
 # large file wait for 50 MB and hold them in memory; small blocks keep both flat in the file's size.
 REMOTE_BLOCK_SIZE = 4 << 20
 PARQUET_BATCH_ROWS = 1024
+SAVED_DATASET_MARKER = "state.json"  # what datasets' save_to_disk writes beside its Arrow files
 # What a damaged or vanishing file raises while it is read: truncated or corrupt compression, a
 # connection lost for good, bytes that are not UTF-8 (CSV), a CSV field over the size limit, not Parquet.
 READ_ERRORS: tuple[type[Exception], ...] = (
@@ -109,33 +111,43 @@ def file_format(url: str) -> str:
     return FORMATS[suffix]
 
 
-def expand(patterns: Sequence[str], storage_options: StorageOptions, key: str) -> list[str]:
+def is_saved_dataset(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """A directory written by datasets' Dataset.save_to_disk."""
+    return fs.isfile(f"{path.rstrip('/')}/{SAVED_DATASET_MARKER}")
+
+
+def source_format(fs: fsspec.AbstractFileSystem, path: str, url: str) -> str:
+    """The reader for a source: "datasets" for a saved dataset's directory, else what its name says."""
+    return "datasets" if is_saved_dataset(fs, path) else file_format(url)
+
+
+def expand(patterns: Sequence[str], key: str) -> list[str]:
     """URLs and globs -> the files they name; errors name the entry as key[i]."""
-    return [
-        url
-        for i, pattern in enumerate(patterns)
-        for url in expand_pattern(pattern, storage_options, f"{key}[{i}]")
-    ]
+    return [url for i, pattern in enumerate(patterns) for url in expand_pattern(pattern, f"{key}[{i}]")]
 
 
-def expand_pattern(pattern: str, storage_options: StorageOptions, name: str) -> list[str]:
+def expand_pattern(pattern: str, name: str) -> list[str]:
     """One URL or glob -> the files it names (sorted). Missing input, or a file of a format that
     cannot be read, is exit 2, now; `name` says where the pattern is in the spec."""
     try:
-        fs, path = filesystem(pattern, storage_options)
+        fs, path = filesystem(pattern)
         if fsspec.core.has_magic(path):
-            matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
+            matches = sorted(p for p in fs.glob(path) if fs.isfile(p) or is_saved_dataset(fs, p))
         else:
-            matches = [path] if fs.isfile(path) else []
+            matches = [path] if fs.isfile(path) or is_saved_dataset(fs, path) else []
     except Exception as e:  # unreachable bucket, bad credentials, bad URL: all "cannot read"
         raise UserError(f"{name}: cannot read {pattern}: {type(e).__name__}: {e}") from None
+    if not matches and fs.isfile(f"{path.rstrip('/')}/dataset_dict.json"):
+        raise UserError(
+            f"{name}: {pattern} holds a DatasetDict; name one split's directory, e.g. {pattern}/train"
+        )
     if not matches:
         raise UserError(f"{name}: no such file: {pattern}")
     files = []
     for match in matches:
         url = fs.unstrip_protocol(match) if "://" in pattern else match
         try:
-            file_format(url)
+            source_format(fs, match, url)
         except UserError as e:
             raise UserError(f"{name}: {e}") from None
         files.append(url)
@@ -143,7 +155,7 @@ def expand_pattern(pattern: str, storage_options: StorageOptions, name: str) -> 
 
 
 def read_rows(
-    url: str, storage_options: StorageOptions, start: Position = Position(), keep: Keep | None = None
+    url: str, start: Position = Position(), keep: Keep | None = None
 ) -> Iterator[tuple[Row, Position]]:
     """Stream the rows of one file from `start`, each with the Position just after it.
 
@@ -152,8 +164,8 @@ def read_rows(
     start.row on, once each, in order (JSONL and text: every line, blank ones too). Rows that cannot
     be parsed come with Row.error; a file that cannot be read raises DataError naming file and line.
     """
-    reader = READERS[file_format(url)]
-    fs, path = filesystem(url, storage_options)
+    fs, path = filesystem(url)
+    reader = READERS[source_format(fs, path, url)]
     return reader(url, fs, path, start, keep or (lambda _: True))
 
 
@@ -283,7 +295,24 @@ def _read_parquet(
             first = end
 
 
+def _read_saved_dataset(
+    url: str, fs: fsspec.AbstractFileSystem, path: str, start: Position, keep: Keep
+) -> Iterator[tuple[Row, Position]]:
+    """A Dataset saved with save_to_disk, through datasets itself (memory-mapped Arrow; an object-store
+    copy is fetched first): rows by index, PARQUET_BATCH_ROWS at a time, from start.row on."""
+    from datasets import load_from_disk
+
+    with _reading(url, lambda: start.row + 1):
+        dataset = load_from_disk(url, storage_options=fs.storage_options)
+    for first in range(start.row, len(dataset), PARQUET_BATCH_ROWS):
+        wanted = [i for i in range(first, min(first + PARQUET_BATCH_ROWS, len(dataset))) if keep(i)]
+        if wanted:
+            for i, value in zip(wanted, dataset.select(wanted).to_list(), strict=True):
+                yield Row(url, i + 1, value=value), Position(i + 1)
+
+
 READERS: dict[str, Callable[..., Iterator[tuple[Row, Position]]]] = {
+    "datasets": _read_saved_dataset,
     "jsonl": _read_jsonl,
     "json": _read_json,
     "parquet": _read_parquet,

@@ -20,9 +20,16 @@ from typing import Any
 
 from job.data.sources import Position, Row, read_rows
 from job.errors import DataError
-from job.storage import StorageOptions
 
-EPOCH_END = None  # what a SourceStream yields between epochs
+
+class EpochEnd:
+    """The marker every stage passes on between two epochs (never a row, example or batch)."""
+
+    def __repr__(self) -> str:
+        return "EPOCH_END"
+
+
+EPOCH_END = EpochEnd()
 
 
 def held_out(url: str, row: int, fraction: float) -> bool:
@@ -35,12 +42,13 @@ def held_out(url: str, row: int, fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
-def rng_state(rng: random.Random) -> list:
+def random_state(rng) -> list:
+    """A Python random generator's state (a random.Random, or the random module) as JSON values."""
     version, internal, gauss = rng.getstate()
     return [version, list(internal), gauss]
 
 
-def set_rng_state(rng: random.Random, state: list) -> None:
+def set_random_state(rng, state: list) -> None:
     rng.setstate((state[0], tuple(state[1]), state[2]))
 
 
@@ -50,7 +58,6 @@ class SourceStream:
     def __init__(
         self,
         files: list[str],
-        storage_options: StorageOptions,
         seed: int,
         rank: int = 0,
         world_size: int = 1,
@@ -60,7 +67,6 @@ class SourceStream:
         transform: Callable[[Row], Row] | None = None,
     ):
         self.files = files
-        self.storage_options = storage_options
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -85,7 +91,7 @@ class SourceStream:
         """Epochs completed, with the fraction of the current epoch's files done."""
         return self.epoch + self.file_index / max(len(self.files), 1)
 
-    def __iter__(self) -> Iterator[Row | None]:
+    def __iter__(self) -> Iterator[Row | EpochEnd]:
         """Rows; EPOCH_END after each epoch (the cursor already points at the next one)."""
         while self.epochs is None or self.epoch < self.epochs:
             produced, whole_epoch = False, self.file_index == 0 and self.position.row == 0
@@ -99,7 +105,7 @@ class SourceStream:
                     owner = (self.rows_before + row) % self.world_size
                     return owner == self.rank and self.keep_row(url, row)
 
-                for row, position in read_rows(url, self.storage_options, self.position, mine):
+                for row, position in read_rows(url, self.position, mine):
                     self.position = position
                     produced = True
                     yield self.transform(row)
@@ -146,7 +152,7 @@ class ShuffleBuffer:
         self.buffer: list[Row] = []
         self.draining = False  # an epoch ended: empty the buffer before reading on
 
-    def __iter__(self) -> Iterator[Row | None]:
+    def __iter__(self) -> Iterator[Row | EpochEnd]:
         """Shuffled rows; EPOCH_END after the last row of each epoch, so later stages can flush."""
         rows = iter(self.source)
         while True:
@@ -174,14 +180,14 @@ class ShuffleBuffer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "rng": rng_state(self.rng),
+            "rng": random_state(self.rng),
             "buffer": [[r.source, r.line, r.value, r.error] for r in self.buffer],
             "draining": self.draining,
             "source": self.source.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_rng_state(self.rng, state["rng"])
+        set_random_state(self.rng, state["rng"])
         self.buffer = [Row(source, line, value, error) for source, line, value, error in state["buffer"]]
         self.draining = state["draining"]
         self.source.load_state_dict(state["source"])
@@ -213,9 +219,9 @@ class Mixture:
             yield row
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": rng_state(self.rng), "streams": [s.state_dict() for s in self.streams]}
+        return {"rng": random_state(self.rng), "streams": [s.state_dict() for s in self.streams]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_rng_state(self.rng, state["rng"])
+        set_random_state(self.rng, state["rng"])
         for stream, stream_state in zip(self.streams, state["streams"], strict=True):
             stream.load_state_dict(stream_state)

@@ -1,0 +1,104 @@
+"""`ftjob run --nproc-per-node N`: this node's worker processes, started by torch's elastic launcher.
+
+The launcher is what a scheduler sees. It forwards SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 to every
+worker (which then stop together, commit a checkpoint and exit 75) and waits for them, and it exits
+with the workers' code: 0 when all finish; otherwise the code of the first worker to fail, a real
+failure (1, 2, 3) before a stop (75) when several fail at once. torchrun, by contrast, reports 1 for
+any failure and kills its workers 30 s after its own signal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+
+import psutil
+
+from job.cluster import Placement
+from job.errors import EXIT_REQUEUE
+from job.signals import STOP_SIGNALS
+
+RENDEZVOUS_TIMEOUT_SECONDS = 900  # how long the first node waits for the others to come up
+
+
+def nproc_auto() -> int:
+    """`--nproc-per-node auto`: the node's GPUs, or 1 on a CPU node."""
+    import torch
+
+    return torch.cuda.device_count() or 1
+
+
+def exit_code(codes: Mapping[int, int]) -> int:
+    """The job's exit code from the failed workers' (rank -> code; a negative code is a signal): a
+    worker's own failure (1, 2, 3) first, then a stop (75: the others, killed while they exit after
+    it, are no failure), then a worker killed by a signal (128 + signal)."""
+    own = [code for code in codes.values() if code > 0 and code != EXIT_REQUEUE]
+    if own:
+        return own[0]
+    if EXIT_REQUEUE in codes.values():
+        return EXIT_REQUEUE
+    return 128 - min(codes.values())
+
+
+@contextmanager
+def forwarding_stop_signals() -> Iterator[None]:
+    """While the workers run: a stop signal to the launcher reaches every worker."""
+
+    def forward(signum: int, frame) -> None:
+        for child in psutil.Process().children():
+            with suppress(psutil.NoSuchProcess):  # a worker that has just exited
+                child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run_workers(
+    spec_json: dict,
+    worker_args: Sequence[str],
+    nproc_per_node: int,
+    placement: Placement,
+    grace_seconds: float,
+) -> int:
+    """Start this node's workers, each `python -m job run` with the validated spec (FTJOB_SPEC) and
+    worker_args, and return the job's exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if placement.nnodes == 1:  # a free port on this host, as torchrun --standalone does
+        rendezvous = {"rdzv_backend": "c10d", "rdzv_endpoint": "127.0.0.1:0", "run_id": uuid.uuid4().hex}
+    else:
+        rendezvous = {
+            "rdzv_backend": "static",
+            "rdzv_endpoint": f"{placement.master_addr}:{placement.master_port}",
+            "rdzv_configs": {"rank": placement.node_rank, "timeout": RENDEZVOUS_TIMEOUT_SECONDS},
+            "run_id": "ftjob",
+        }
+    config = LaunchConfig(
+        min_nodes=placement.nnodes,
+        max_nodes=placement.nnodes,
+        nproc_per_node=nproc_per_node,
+        max_restarts=0,  # a failed worker ends the job; the scheduler decides what comes next
+        monitor_interval=0.1,
+        signals_to_handle="SIGHUP,SIGQUIT",  # the stop signals are forwarded by us, not turned into kills
+        shutdown_timeout=int(grace_seconds) + 10,
+        **rendezvous,
+    )
+    os.environ["FTJOB_SPEC"] = json.dumps(
+        spec_json
+    )  # what every worker reads: the same spec, already checked
+    with forwarding_stop_signals():
+        try:
+            elastic_launch(config, sys.executable)("-m", "job", "run", *worker_args)
+        except ChildFailedError as e:
+            return exit_code({rank: failure.exitcode for rank, failure in sorted(e.failures.items())})
+    return 0

@@ -1,0 +1,85 @@
+"""What the loop reports besides its loss: FLOPs and MFU, peak memory, the data pipeline's counters."""
+
+from __future__ import annotations
+
+import re
+import resource
+
+import torch
+from accelerate import Accelerator
+
+from job.data.pipeline import DataPipeline, packing_efficiency
+
+# Dense bf16/fp16 tensor-core peak of one GPU in FLOP/s (NVIDIA datasheets): (model, variant, peak).
+GPU_PEAK_FLOPS = [
+    ("H200", "NVL", 835e12),
+    ("H200", None, 989e12),
+    ("H100", "PCIe", 756e12),
+    ("H100", "NVL", 835e12),
+    ("H100", None, 989e12),
+    ("A100", None, 312e12),
+    ("L40S", None, 362e12),
+    ("L4", None, 121e12),
+    ("A10", None, 125e12),
+    ("V100", None, 125e12),
+    ("T4", None, 65e12),
+]
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """'NVIDIA H100 80GB HBM3' -> 989e12; None for a GPU not in GPU_PEAK_FLOPS."""
+    words = set(re.split(r"[\s-]+", device_name))
+    for model, variant, flops in GPU_PEAK_FLOPS:
+        if model in words and (variant is None or variant in words):
+            return flops
+    return None
+
+
+def peak_flops(accelerator: Accelerator) -> float | None:
+    """The device's peak FLOP/s for 16-bit mixed precision; None on CPUs, in float32 and for unknown GPUs."""
+    if accelerator.device.type != "cuda" or accelerator.mixed_precision not in ("bf16", "fp16"):
+        return None
+    return gpu_peak_flops(torch.cuda.get_device_name(accelerator.device))
+
+
+def flops_per_token(total_params: int, trainable_params: int) -> float:
+    """Model FLOPs per trained token: 2N forward, 2N backward through all N weights, and 2N' for the
+    gradients of the N' trainable ones (6N for a full fine-tune). Attention's sequence-length term is
+    left out, so MFU reads a little low for long sequences."""
+    return 2.0 * (2 * total_params + trainable_params)
+
+
+def peak_memory_gib(accelerator: Accelerator) -> float:
+    """Peak memory of the busiest rank: allocated GPU memory, or on CPUs the process's peak RSS."""
+    if accelerator.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(accelerator.device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = torch.tensor(float(peak), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        peak = accelerator.reduce(peak, reduction="max")
+    return float(peak) / 2**30
+
+
+def data_metrics(data: DataPipeline, accelerator: Accelerator) -> dict[str, float]:
+    """The data counters of all ranks, summed; packing efficiency when packing."""
+    names = list(data.stats())
+    totals = accelerator.reduce(
+        torch.tensor([data.stats()[n] for n in names], dtype=torch.float64, device=accelerator.device),
+        reduction="sum",
+    )
+    metrics = dict(zip(names, (float(t) for t in totals), strict=True))
+    if data.packer:
+        real, rows = metrics.pop("data/packed_real_tokens"), metrics["data/packed_rows"]
+        metrics["data/packing_efficiency"] = packing_efficiency(real, rows, data.config.max_seq_len)
+    return metrics
+
+
+def data_summary(metrics: dict[str, float]) -> str:
+    line = (
+        f"data: {metrics['data/rows_read']:.0f} rows read, {metrics['data/bad_rows']:.0f} bad rows skipped, "
+        f"{metrics['data/truncated']:.0f} truncated, {metrics['data/dropped']:.0f} dropped"
+    )
+    if "data/packing_efficiency" in metrics:
+        line += f", packing efficiency {metrics['data/packing_efficiency']:.1%}"
+    return line

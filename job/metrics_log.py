@@ -1,0 +1,63 @@
+"""The metric curve under output.uri, out of the checkpoints.
+
+While a run trains, each checkpoint appends one segment, metrics/NNNNNN.jsonl: a JSON line for every
+step since the previous checkpoint, NNNNNN being the checkpoint's step. Segments are never rewritten,
+so a checkpoint costs the new steps only, however long the run. A resumed run reads the segments up to
+its checkpoint's step; a segment past it (its checkpoint never committed) is removed. The published
+run leaves the whole curve in metrics.jsonl, one line a step, and the segments go.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from job.storage import filesystem, join
+
+SEGMENT = re.compile(r"(\d{6})\.jsonl$")
+CURVE = "metrics.jsonl"
+
+
+def segments_uri(output_uri: str) -> str:
+    return join(output_uri, "metrics")
+
+
+def segment_uri(output_uri: str, step: int) -> str:
+    return join(segments_uri(output_uri), f"{step:06d}.jsonl")
+
+
+def to_lines(records: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(record) + "\n" for record in records)
+
+
+def segment_steps(output_uri: str) -> list[int]:
+    fs, root = filesystem(segments_uri(output_uri))
+    if not fs.exists(root):
+        return []
+    return sorted(int(m.group(1)) for p in fs.ls(root, detail=False) if (m := SEGMENT.search(p)))
+
+
+def read_history(output_uri: str, up_to: int) -> list[dict[str, Any]]:
+    """The steps up to `up_to`, from the segments of the checkpoints up to it."""
+    history = []
+    for step in segment_steps(output_uri):
+        if step <= up_to:
+            fs, path = filesystem(segment_uri(output_uri, step))
+            history += [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line]
+    return [record for record in history if record["step"] <= up_to]
+
+
+def remove_segments_after(output_uri: str, step: int) -> None:
+    for later in (s for s in segment_steps(output_uri) if s > step):
+        fs, path = filesystem(segment_uri(output_uri, later))
+        fs.rm(path)
+
+
+def publish_curve(output_uri: str, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl, the whole curve; then the segments it replaces are removed."""
+    fs, path = filesystem(join(output_uri, CURVE))
+    fs.pipe_file(path, to_lines(history).encode())
+    fs, root = filesystem(segments_uri(output_uri))
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
