@@ -22,6 +22,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.set)
     if args.nproc_per_node is not None:
         return launch_workers(spec, args)
+    placed = [
+        f"--{k.replace('_', '-')}"
+        for k in ("nnodes", "node_rank", "master_addr", "master_port")
+        if getattr(args, k) is not None
+    ]
+    if placed:
+        raise UserError(f"{', '.join(placed)}: placement for --nproc-per-node, which is not given")
     # Before the heavy imports: a stop during them, the model download or the counting pass exits 75 too.
     with StopRequest(spec.train.stop_grace_seconds) as stop:
         from job.accelerator import make_accelerator
@@ -35,22 +42,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def launch_workers(spec, args: argparse.Namespace) -> int:
     """This node's workers through torch's elastic launcher, placed by the arguments, else by the
     scheduler's environment (job/cluster.py)."""
-    import dataclasses
     import os
 
     from job.cluster import node_placement
     from job.launcher import nproc_auto, run_workers
 
-    placement = node_placement(os.environ)
-    given = {
-        "nnodes": args.nnodes,
-        "node_rank": args.node_rank,
-        "master_addr": args.master_addr,
-        "master_port": args.master_port,
-    }
-    placement = dataclasses.replace(placement, **{k: v for k, v in given.items() if v is not None})
-    if placement.nnodes > 1 and not 0 <= placement.node_rank < placement.nnodes:
-        raise UserError(f"--node-rank {placement.node_rank} is not one of the {placement.nnodes} nodes")
+    given = {"NNODES": args.nnodes, "NODE_RANK": args.node_rank, "MASTER_ADDR": args.master_addr,
+             "MASTER_PORT": args.master_port}  # fmt: skip
+    placement = node_placement({**os.environ, **{k: str(v) for k, v in given.items() if v is not None}})
     nproc = nproc_auto() if args.nproc_per_node == "auto" else args.nproc_per_node
     worker_args = ["--restart"] if args.restart else []
     return run_workers(

@@ -43,12 +43,15 @@ def first_host(nodelist: str) -> str:
 def slurm_placement(environ: Mapping[str, str]) -> Placement:
     """One task per node (the sbatch script and `ftjob launch slurm` ask for that): the node's rank is
     SLURM_NODEID; rank 0 runs on the first host of the allocation; the port follows the job id."""
-    nnodes = int(environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or 1)
+    nnodes = int(
+        environ.get("NNODES") or environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or 1
+    )
+    node_rank = int(environ.get("NODE_RANK") or environ.get("SLURM_NODEID") or 0)
     port = environ.get("MASTER_PORT") or SLURM_PORT_BASE + int(environ["SLURM_JOB_ID"]) % SLURM_PORT_SPAN
     master = environ.get("MASTER_ADDR") or (
         first_host(environ["SLURM_JOB_NODELIST"]) if nnodes > 1 else "127.0.0.1"
     )
-    return Placement(nnodes, int(environ.get("SLURM_NODEID", 0)), master, int(port), "slurm")
+    return Placement(nnodes, node_rank, master, int(port), "slurm")
 
 
 def kubernetes_placement(environ: Mapping[str, str]) -> Placement:
@@ -62,12 +65,21 @@ def kubernetes_placement(environ: Mapping[str, str]) -> Placement:
             "headless Service, e.g. $(JOB_NAME)-0.ftjob): without it each pod would train alone"
         )
     port = int(environ.get("MASTER_PORT", DEFAULT_PORT))
-    return Placement(nnodes, int(environ["JOB_COMPLETION_INDEX"]), master or "127.0.0.1", port, "kubernetes")
+    node_rank = int(environ.get("NODE_RANK") or environ["JOB_COMPLETION_INDEX"])
+    return Placement(nnodes, node_rank, master or "127.0.0.1", port, "kubernetes")
 
 
 def node_placement(environ: Mapping[str, str]) -> Placement:
     """This node's placement from the environment; a multi-node job that cannot be placed is exit 2,
-    never N single-node runs racing on one output."""
+    never N single-node runs racing on one output. NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT (what
+    `ftjob run --nnodes/--node-rank/--master-addr/--master-port` set) win over the scheduler's own."""
+    placement = _placement(environ)
+    if not 0 <= placement.node_rank < placement.nnodes:
+        raise UserError(f"node rank {placement.node_rank} is not one of the {placement.nnodes} nodes")
+    return placement
+
+
+def _placement(environ: Mapping[str, str]) -> Placement:
     if environ.get("SLURM_JOB_ID") and environ.get("SLURM_NODEID") is not None:
         return slurm_placement(environ)
     if environ.get("JOB_COMPLETION_INDEX") is not None:

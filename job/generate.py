@@ -14,13 +14,14 @@ from job.export import verify_manifest
 from job.model import load_model, load_tokenizer, quiet_libraries
 from job.model_source import resolve_model_dir
 from job.spec import Spec, validate_spec
-from job.storage import download_dir, is_local
+from job.storage import configure_storage, download_dir, is_local
 
 
 def load_trained(adapter_dir: Path) -> tuple[object, object, Spec]:
     """(model, tokenizer, spec) from a published adapter/ directory (or full model for method 'full')."""
     verify_manifest(adapter_dir)
     spec = validate_spec(json.loads((adapter_dir / "spec.json").read_text()), f"{adapter_dir}/spec.json")
+    configure_storage(spec.storage_options)  # where the base model is read from, as in training
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(adapter_dir, spec.model)
     if spec.adapter.method == "full":

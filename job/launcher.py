@@ -2,8 +2,8 @@
 
 The launcher is what a scheduler sees. It forwards SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 to every
 worker (which then stop together, commit a checkpoint and exit 75) and waits for them, and it exits
-with the workers' code: 0 when all finish; otherwise the code of the first worker to fail, a real
-failure (1, 2, 3) before a stop (75) when several fail at once. torchrun, by contrast, reports 1 for
+with the workers' code: 0 when all finish; otherwise a worker's own failure (1, 2, 3) before a stop
+(75). A stop that comes before any worker has started ends the launcher with 75. torchrun, by contrast, reports 1 for
 any failure and kills its workers 30 s after its own signal.
 """
 
@@ -13,14 +13,16 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from pathlib import Path
 
 import psutil
 
 from job.cluster import Placement
-from job.errors import EXIT_REQUEUE
+from job.errors import EXIT_REQUEUE, Preempted
 from job.signals import STOP_SIGNALS
 
 RENDEZVOUS_TIMEOUT_SECONDS = 900  # how long the first node waits for the others to come up
@@ -35,8 +37,8 @@ def nproc_auto() -> int:
 
 def exit_code(codes: Mapping[int, int]) -> int:
     """The job's exit code from the failed workers' (rank -> code; a negative code is a signal): a
-    worker's own failure (1, 2, 3) first, then a stop (75: the others, killed while they exit after
-    it, are no failure), then a worker killed by a signal (128 + signal)."""
+    worker's own failure (1, 2, 3; the lowest rank's), then a stop (75: workers killed while they
+    exit after it are no failure), then a worker killed by a signal (128 + signal)."""
     own = [code for code in codes.values() if code > 0 and code != EXIT_REQUEUE]
     if own:
         return own[0]
@@ -50,7 +52,12 @@ def forwarding_stop_signals() -> Iterator[None]:
     """While the workers run: a stop signal to the launcher reaches every worker."""
 
     def forward(signum: int, frame) -> None:
-        for child in psutil.Process().children():
+        workers = psutil.Process().children()
+        if not workers:  # still meeting the other nodes: nothing trained, nothing to save
+            raise Preempted(
+                f"{signal.Signals(signum).name} before the workers started; exit 75 to be requeued"
+            )
+        for child in workers:
             with suppress(psutil.NoSuchProcess):  # a worker that has just exited
                 child.send_signal(signum)
 
@@ -93,10 +100,15 @@ def run_workers(
         shutdown_timeout=int(grace_seconds) + 10,
         **rendezvous,
     )
-    os.environ["FTJOB_SPEC"] = json.dumps(
-        spec_json
-    )  # what every worker reads: the same spec, already checked
-    with forwarding_stop_signals():
+    with tempfile.TemporaryDirectory(prefix="ftjob-launch-") as tmp, forwarding_stop_signals():
+        # Every worker reads the spec as checked here, overrides applied: not the FTJOB__ variables
+        # again, and not from the environment (storage_options may hold secrets; a 0600 file instead).
+        spec_file = Path(tmp) / "spec.json"
+        spec_file.touch(mode=0o600)
+        spec_file.write_text(json.dumps(spec_json))
+        for name in [n for n in os.environ if n.startswith("FTJOB__")]:
+            del os.environ[name]
+        os.environ["FTJOB_SPEC"] = str(spec_file)
         try:
             elastic_launch(config, sys.executable)("-m", "job", "run", *worker_args)
         except ChildFailedError as e:

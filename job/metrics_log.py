@@ -38,13 +38,19 @@ def segment_steps(output_uri: str) -> list[int]:
     return sorted(int(m.group(1)) for p in fs.ls(root, detail=False) if (m := SEGMENT.search(p)))
 
 
+def read_lines(uri: str) -> list[dict[str, Any]]:
+    fs, path = filesystem(uri)
+    return [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line]
+
+
 def read_history(output_uri: str, up_to: int) -> list[dict[str, Any]]:
-    """The steps up to `up_to`, from the segments of the checkpoints up to it."""
-    history = []
-    for step in segment_steps(output_uri):
-        if step <= up_to:
-            fs, path = filesystem(segment_uri(output_uri, step))
-            history += [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line]
+    """The steps up to `up_to`, from the segments of the checkpoints up to it (or from metrics.jsonl,
+    when a publish wrote it and then failed)."""
+    steps = [step for step in segment_steps(output_uri) if step <= up_to]
+    history = [record for step in steps for record in read_lines(segment_uri(output_uri, step))]
+    fs, curve = filesystem(join(output_uri, CURVE))
+    if not history and fs.exists(curve):
+        history = read_lines(join(output_uri, CURVE))
     return [record for record in history if record["step"] <= up_to]
 
 

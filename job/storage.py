@@ -144,6 +144,11 @@ def is_local(url: str) -> bool:
     return protocol_of(url) == "file"
 
 
+def absolute(uri: str) -> str:
+    """A local path (or file:// URL) as an absolute path, for records read elsewhere; other URLs as they are."""
+    return str(Path(filesystem(uri)[1]).resolve()) if is_local(uri) else uri
+
+
 def check_writable(uri: str) -> None:
     """Write and delete a probe under uri, so a bad output location fails before training, not after."""
     probe = join(uri, f".ftjob-write-check-{uuid.uuid4().hex}")

@@ -8,6 +8,7 @@ restarts of a resumed run without asking the tracking server where the last run 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -40,13 +41,22 @@ def host_sample(disk_path: str = "/") -> dict[str, float]:
     }
 
 
-def gpu_sample() -> dict[str, float]:
-    """Per GPU utilization, memory and power; {} without nvidia-ml-py or without a GPU."""
+@functools.cache
+def nvml():
+    """pynvml, initialized once; None without nvidia-ml-py or without a driver."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
     except Exception:  # not installed, or no driver: no GPU metrics
+        return None
+    return pynvml
+
+
+def gpu_sample() -> dict[str, float]:
+    """Per GPU utilization, memory and power; {} without nvidia-ml-py or without a GPU."""
+    pynvml = nvml()
+    if pynvml is None:
         return {}
     sample = {}
     for i in range(pynvml.nvmlDeviceGetCount()):

@@ -38,7 +38,7 @@ from job.restart import record_restart, restart_pending
 from job.schedule import make_scheduler
 from job.signals import StopRequest
 from job.spec import Spec
-from job.storage import check_writable, configure_storage
+from job.storage import absolute, check_writable, configure_storage
 from job.tracking import Tracker, run_record
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
         rank_state = checkpointer.restore(saved, model, optimizer, scheduler, accelerator)
         data.load_state_dict(rank_state["data"])
         set_rng_states(rank_state["rng"])
-        first_step, history = saved["step"] + 1, saved["history"]
+        first_step, history = saved["step"] + 1, saved["history"] or [saved["last_metrics"]]
         log.info("resuming from the checkpoint at step %d", saved["step"])
     record = run_record(spec) if is_main and spec.tracking.enabled else None
     tracker = Tracker(spec.tracking, record, resume_run_id=saved.get("run_id") if saved else None)
@@ -378,7 +378,7 @@ def publish_adapter(run: Run, model, history: list[dict[str, float]]) -> str:
     with tempfile.TemporaryDirectory(prefix="ftjob-publish-") as tmp:
         logged = None if full else run.tracker.artifact_dir("adapter")
         metrics = {"history": history, "final": history[-1]}
-        publish_curve(run.spec.output_uri, history)
         uri = publish(model, run.tokenizer, run.spec, metrics, logged or Path(tmp))
-        run.tracker.log_adapter(logged, uri)
+        publish_curve(run.spec.output_uri, history)  # after the adapter: a failed publish keeps the segments
+        run.tracker.log_adapter(logged, absolute(uri))
     return uri

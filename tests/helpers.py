@@ -108,3 +108,45 @@ def pipeline_for(spec, tokenizer, rank: int = 0, world_size: int = 1):
     from job.data.pipeline import DataPipeline
 
     return DataPipeline(spec.data, tokenizer, spec.train.seed, spec.train.epochs, rank, world_size)
+
+
+def write_stop_spec(
+    directory: Path, model_dir: Path, name: str, steps: int, checkpoint_every: int, seed: int
+) -> Path:
+    """A small packed LoRA run with dropout (the RNG must resume too), for stop-and-resume tests."""
+    rows = [dict(r, output=f"{r['output']} {i}") for i, r in enumerate(ALPACA_ROWS * 15)]
+    spec = {
+        "name": name,
+        "model": {"source": str(model_dir)},
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"train": [str(write_jsonl(directory / "train.jsonl", rows))], "packing": True, "max_seq_len": 48},
+        "train": {"max_steps": steps, "micro_batch_size": 2, "checkpoint_every": checkpoint_every, "log_every": 1, "seed": seed},
+        "tracking": {"enabled": False},
+    }  # fmt: skip
+    path = directory / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def start_run(spec_path: Path, output: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """`ftjob run SPEC --set output.uri=OUTPUT ARGS` in a session of its own (as a scheduler starts a
+    job), stdout and stderr together on a pipe."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "job", "run", str(spec_path), "--set", f"output.uri={output}", *args],
+        cwd=spec_path.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})},
+        start_new_session=True,
+    )
+
+
+def read_until(process: subprocess.Popen, marker: str) -> list[str]:
+    """Read the job's output until a line contains marker."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if marker in line:
+            return lines
+    raise AssertionError(f"{marker!r} never appeared:\n{''.join(lines)}")

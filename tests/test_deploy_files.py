@@ -252,8 +252,12 @@ def test_pod_command_runs_locally_with_the_pods_env(job, tmp_path):
     pod = job["spec"]["template"]["spec"]
     container = the_container(job)
     command = container.get("command", ["ftjob"]) + container.get("args", [])
-    assert command[:2] == ["ftjob", "run"] and len(command) == 3, command
+    assert command[:2] == ["ftjob", "run"], command
     spec_path = command[2]
+    from job.cli import build_parser
+
+    run = build_parser().parse_args(command[1:])  # the launcher options are ftjob run's own
+    assert run.spec == spec_path and run.nproc_per_node == "auto"
 
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volume = next(
@@ -376,7 +380,9 @@ def test_sbatch_passes_exit_codes_on_and_requeues_only_on_75(slurm_stand_ins, ex
     env = slurm_stand_ins
     result = run_sbatch(env, "spec.yaml", "--set", "train.max_steps=5", exit_code=exit_code)
     assert result.returncode == exit_code, result.stderr
-    assert "args=run spec.yaml --set train.max_steps=5 master=node7:" in logged(env["FAKE_LOG"])
+    assert "args=run --nproc-per-node auto spec.yaml --set train.max_steps=5 master=node7:" in logged(
+        env["FAKE_LOG"]
+    )
     requeued = "requeue 4242" in logged(env["SCONTROL_LOG"])
     assert requeued == (exit_code == 75), result.stderr
 

@@ -4,14 +4,12 @@ with real processes, real signals and a slow object store."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import ALPACA_ROWS, REPO, free_port, write_jsonl
+from helpers import free_port, read_until, run_ftjob, start_run, write_jsonl, write_stop_spec
 from safetensors.torch import load_file
 
 from job.cluster import Placement, first_host, node_placement
@@ -47,6 +45,13 @@ def test_slurm_places_the_node_by_its_node_id_and_the_job():
     assert node_placement(single).nnodes == 1 and node_placement(single).master_addr == "127.0.0.1"
 
 
+def test_the_command_lines_placement_wins_over_the_environment():
+    env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "h0"}  # --node-rank 1 --master-addr h0, NNODES=2
+    assert node_placement(env) == Placement(2, 1, "h0", 29500, "plain")
+    slurm = {"SLURM_JOB_ID": "9", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "a"}
+    assert node_placement({**slurm, "MASTER_PORT": "3000"}).master_port == 3000
+
+
 def test_a_kubernetes_indexed_job_places_the_pod_by_its_index():
     env = {"JOB_COMPLETION_INDEX": "2", "NNODES": "3", "MASTER_ADDR": "train-0.ftjob", "MASTER_PORT": "29501"}
     assert node_placement(env) == Placement(3, 2, "train-0.ftjob", 29501, "kubernetes")
@@ -58,9 +63,11 @@ def test_a_kubernetes_indexed_job_places_the_pod_by_its_index():
         ({"JOB_COMPLETION_INDEX": "1", "NNODES": "2"}, "needs MASTER_ADDR"),
         ({"NNODES": "2", "MASTER_ADDR": "h"}, "NODE_RANK not set"),
         ({"NNODES": "2"}, "NODE_RANK, MASTER_ADDR not set"),
+        ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "node rank 2 is not one of the 2 nodes"),
     ],
 )
 def test_a_multi_node_job_that_cannot_be_placed_is_a_user_error(env, missing):
+    """Also after the command line's placement is folded in (as NNODES, NODE_RANK, MASTER_*)."""
     with pytest.raises(UserError, match=missing):
         node_placement(env)
 
@@ -81,6 +88,23 @@ def test_the_job_exits_with_the_workers_code(codes, expected):
     assert exit_code(codes) == expected
 
 
+def test_auto_is_one_process_on_a_cpu_node():
+    from job.launcher import nproc_auto
+
+    assert nproc_auto() == 1  # no GPU on this machine
+
+
+def test_the_command_line_refuses_a_placement_it_cannot_use(isolated):
+    spec = {"model": {"source": "unused"}, "data": {"train": ["unused.jsonl"]}, "train": {"max_steps": 1}}
+    (isolated / "spec.json").write_text(json.dumps(spec))
+    unplaced = run_ftjob(
+        "run", "spec.json", "--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "1", cwd=isolated
+    )
+    assert unplaced.returncode == 2 and "MASTER_ADDR not set" in unplaced.stderr, unplaced.stderr
+    alone = run_ftjob("run", "spec.json", "--nnodes", "2", cwd=isolated)
+    assert alone.returncode == 2 and "--nnodes: placement for --nproc-per-node" in alone.stderr, alone.stderr
+
+
 # --- the launcher, for real -----------------------------------------------------------------------
 
 
@@ -91,55 +115,12 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def spec_path(tiny_model_dir, workdir):
-    rows = [dict(r, output=f"{r['output']} {i}") for i, r in enumerate(ALPACA_ROWS * 15)]
-    spec = {
-        "name": "l",
-        "model": {"source": str(tiny_model_dir)},
-        "adapter": {"r": 4, "alpha": 8, "dropout": 0.1},
-        "data": {
-            "train": [str(write_jsonl(workdir / "train.jsonl", rows))],
-            "packing": True,
-            "max_seq_len": 48,
-        },
-        "train": {
-            "max_steps": STEPS,
-            "micro_batch_size": 2,
-            "checkpoint_every": 10,
-            "log_every": 1,
-            "seed": 5,
-        },
-        "tracking": {"enabled": False},
-    }
-    path = workdir / "spec.json"
-    path.write_text(json.dumps(spec))
-    return path
-
-
-def ftjob(spec_path: Path, output: str, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """`ftjob run` in a process group of its own (as a scheduler starts it), output piped."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "job", "run", str(spec_path), "--set", f"output.uri={output}", *args],
-        cwd=spec_path.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})},
-        start_new_session=True,
-    )
+    return write_stop_spec(workdir, tiny_model_dir, "l", STEPS, checkpoint_every=10, seed=5)
 
 
 def finish(process: subprocess.Popen, timeout: int = 300) -> tuple[int, str]:
     out = process.stdout.read()
     return process.wait(timeout=timeout), out
-
-
-def read_until(process: subprocess.Popen, marker: str) -> None:
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if marker in line:
-            return
-    raise AssertionError(f"{marker!r} never appeared:\n{''.join(lines)}")
 
 
 def history(output: Path) -> list[dict]:
@@ -152,7 +133,7 @@ def weights(output: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def two_processes(spec_path, workdir) -> Path:
-    code, out = finish(ftjob(spec_path, "./two", "--nproc-per-node", "2"))
+    code, out = finish(start_run(spec_path, "./two", "--nproc-per-node", "2"))
     assert code == 0, out
     assert out.count("adapter published to") == 1 and len(history(workdir / "two")) == STEPS
     return workdir / "two"
@@ -163,8 +144,8 @@ def test_two_ranks_of_micro_batch_m_train_like_one_rank_of_2m(spec_path, workdir
     process taking both ranks' rows at once. Rows in file order, unpacked and without dropout: row k
     goes to rank k mod 2, so each step sees the same rows either way."""
     same = ["--set", "adapter.dropout=0", "--set", "data.shuffle_buffer=0", "--set", "data.packing=false"]
-    one = ftjob(spec_path, "./one-2m", "--set", "train.micro_batch_size=4", *same)
-    two = ftjob(spec_path, "./two-m", "--nproc-per-node", "2", *same)
+    one = start_run(spec_path, "./one-2m", "--set", "train.micro_batch_size=4", *same)
+    two = start_run(spec_path, "./two-m", "--nproc-per-node", "2", *same)
     (code_one, out_one), (code_two, out_two) = finish(one), finish(two)
     assert code_one == 0 and code_two == 0, out_one + out_two
     losses_one = [h["train/loss"] for h in history(workdir / "one-2m")]
@@ -189,7 +170,7 @@ def committed(s3, uri: str) -> list[str]:
     return sorted(p.rsplit("/", 1)[1] for p in s3.ls(root) if s3.exists(f"{p}/COMMITTED"))
 
 
-@pytest.mark.parametrize("target", ["launcher", "process group", "one worker"])
+@pytest.mark.parametrize("target", ["launcher", "every process", "one worker"])
 def test_a_stop_with_slow_uploads_exits_75_commits_and_resumes_exactly(
     slow_s3_spec, workdir, s3, fault_proxy, two_processes, target
 ):
@@ -199,14 +180,17 @@ def test_a_stop_with_slow_uploads_exits_75_commits_and_resumes_exactly(
     import psutil
 
     output = f"s3://{s3.bucket}/stopped"
-    launcher = ftjob(slow_s3_spec, output, "--nproc-per-node", "2")
+    launcher = start_run(slow_s3_spec, output, "--nproc-per-node", "2")
     read_until(launcher, f"step 12/{STEPS}")
     fault_proxy.slow_seconds = 1.0
     fault_proxy.outage("slow")  # every request now a second late: the stop checkpoint takes seconds
     if target == "launcher":
         launcher.send_signal(signal.SIGTERM)
-    elif target == "process group":
-        os.killpg(launcher.pid, signal.SIGTERM)
+    elif (
+        target == "every process"
+    ):  # scancel: the launcher and each worker (they run in sessions of their own)
+        for process in [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children()]:
+            process.send_signal(signal.SIGTERM)
     else:
         workers = psutil.Process(launcher.pid).children()
         assert len(workers) == 2
@@ -218,7 +202,7 @@ def test_a_stop_with_slow_uploads_exits_75_commits_and_resumes_exactly(
     steps = committed(s3, output)
     assert steps and steps[-1] >= "step-000012", steps
 
-    code, out = finish(ftjob(slow_s3_spec, output, "--nproc-per-node", "2"))
+    code, out = finish(start_run(slow_s3_spec, output, "--nproc-per-node", "2"))
     assert code == 0 and "resuming from the checkpoint at step" in out, out
     s3.get(f"{s3.bucket}/stopped/adapter/", str(workdir / target / "adapter") + "/", recursive=True)
     assert [h["train/loss"] for h in history(workdir / target)] == [
@@ -231,7 +215,7 @@ def test_a_stop_with_slow_uploads_exits_75_commits_and_resumes_exactly(
 def test_a_failing_worker_ends_the_job_with_its_code(spec_path, workdir):
     bad = write_jsonl(workdir / "bad.jsonl", ["{broken"] * 20)
     code, out = finish(
-        ftjob(spec_path, "./bad", "--nproc-per-node", "2", "--set", f"data.train=['{bad}']", "--set", "data.bad_rows.policy=fail")
+        start_run(spec_path, "./bad", "--nproc-per-node", "2", "--set", f"data.train=['{bad}']", "--set", "data.bad_rows.policy=fail")
     )  # fmt: skip
     assert code == 3, out
     assert "invalid JSON" in out
@@ -256,7 +240,7 @@ def test_two_nodes_of_one_process_each_train_one_run(spec_path, workdir, two_pro
                 "--master-port",
                 port,
             ]
-            nodes.append(ftjob(spec_path, output, "--nproc-per-node", "1", *args))
+            nodes.append(start_run(spec_path, output, "--nproc-per-node", "1", *args))
         else:
             env = {
                 "JOB_COMPLETION_INDEX": str(rank),
@@ -264,7 +248,7 @@ def test_two_nodes_of_one_process_each_train_one_run(spec_path, workdir, two_pro
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": port,
             }
-            nodes.append(ftjob(spec_path, output, "--nproc-per-node", "1", env=env))
+            nodes.append(start_run(spec_path, output, "--nproc-per-node", "1", env=env))
     results = [finish(node) for node in nodes]
     assert [code for code, _ in results] == [0, 0], "".join(out for _, out in results)
     assert "adapter published to" in results[0][1] and "adapter published to" not in results[1][1]

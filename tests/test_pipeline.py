@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,6 +209,58 @@ def test_packing_fills_rows_and_reports_efficiency(tokenizer, isolated):
 
 
 # --- sharding and epochs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sizes,world_size,expected",
+    [
+        ({"a": 10, "b": 10, "c": 10, "d": 10}, 2, [["a", "c"], ["b", "d"]]),
+        ({"a": 40, "b": 10, "c": 10, "d": 10, "e": 10}, 2, [["a"], ["b", "c", "d", "e"]]),
+        ({"a": 10, "b": 10, "c": 10}, 2, None),  # 20 vs 10: striped instead
+        ({"a": 10}, 2, None),  # fewer files than ranks
+        ({"a": 10, "b": 10}, 1, None),  # one rank reads everything anyway
+    ],
+)
+def test_file_shares_are_whole_files_balanced_by_bytes(sizes, world_size, expected):
+    from job.data.stream import file_shares
+
+    assert file_shares(sizes, world_size) == expected
+
+
+def test_ranks_read_only_their_share_of_the_files_exactly_once_and_resume_exactly(
+    tokenizer, isolated, monkeypatch
+):
+    """4 files of one size, 2 ranks: each rank opens its 2 files only (half the bytes), every row is
+    trained on once an epoch, and a rank's cursor resumes exactly within its share."""
+    files = [write_jsonl(isolated / f"part-{k}.jsonl", text_rows(9, prefix=f"f{k}")) for k in range(4)]
+    opened: dict[int, list[str]] = {0: [], 1: []}
+    real_read_rows = stream_module.read_rows
+    seen = Counter()
+    for rank in (0, 1):
+        monkeypatch.setattr(
+            stream_module, "read_rows",
+            lambda url, start, keep, rank=rank: opened[rank].append(url) or real_read_rows(url, start, keep),
+        )  # fmt: skip
+        spec = make_spec(files, shuffle_buffer=4)
+        for batch in pipeline_for(spec, tokenizer, rank, 2).train_batches(3):
+            for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+                seen[tokenizer.decode(row[mask.bool()], skip_special_tokens=True)] += 1
+    assert len(opened[0]) == len(opened[1]) == 2 and not set(opened[0]) & set(opened[1])
+    read = [sum(Path(url).stat().st_size for url in opened[rank]) for rank in (0, 1)]
+    assert read[0] == read[1] == sum(f.stat().st_size for f in files) / 2
+    assert set(seen.values()) == {1} and len(seen) == 36
+
+    monkeypatch.setattr(stream_module, "read_rows", real_read_rows)
+    spec = make_spec(files, endless=True, shuffle_buffer=4)
+    reference = pipeline_for(spec, tokenizer, 1, 2)
+    batches = reference.train_batches(2)
+    for _ in range(5):
+        next(batches)
+    state = json.loads(json.dumps(reference.state_dict()))
+    expected = batches_as_lists(next(batches) for _ in range(12))  # into the next epochs
+    resumed = pipeline_for(spec, tokenizer, 1, 2)
+    resumed.load_state_dict(state)
+    assert batches_as_lists(next(resumed.train_batches(2)) for _ in range(12)) == expected
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

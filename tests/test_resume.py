@@ -10,7 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ALPACA_ROWS, REPO, free_port, run_ftjob, train_in_process, write_jsonl
+from helpers import (
+    REPO,
+    free_port,
+    read_until,
+    run_ftjob,
+    start_run,
+    train_in_process,
+    write_stop_spec,
+)
 from safetensors.torch import load_file
 
 STEPS = 30
@@ -23,46 +31,11 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def spec_path(tiny_model_dir, workdir):
-    rows = [dict(r, output=f"{r['output']} {i}") for i, r in enumerate(ALPACA_ROWS * 15)]
-    data = write_jsonl(workdir / "train.jsonl", rows)
-    spec = {
-        "name": "r",
-        "model": {"source": str(tiny_model_dir)},
-        "adapter": {"r": 4, "alpha": 8, "dropout": 0.1},  # dropout on: the RNG must resume too
-        "data": {"train": [str(data)], "packing": True, "max_seq_len": 48, "shuffle_buffer": 16},
-        "train": {
-            "max_steps": STEPS,
-            "micro_batch_size": 2,
-            "checkpoint_every": 5,
-            "log_every": 1,
-            "seed": 3,
-        },
-        "tracking": {"enabled": False},
-    }
-    path = workdir / "spec.json"
+    path = write_stop_spec(workdir, tiny_model_dir, "r", STEPS, checkpoint_every=5, seed=3)
+    spec = json.loads(path.read_text())
+    spec["data"]["shuffle_buffer"] = 16
     path.write_text(json.dumps(spec))
     return path
-
-
-def start(spec_path, output: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "job", "run", str(spec_path), "--set", f"output.uri={output}", *extra],
-        cwd=spec_path.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
-
-
-def run_until(process: subprocess.Popen, marker: str) -> list[str]:
-    """Read the job's output until a line contains marker."""
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if marker in line:
-            return lines
-    raise AssertionError(f"{marker!r} never appeared:\n{''.join(lines)}")
 
 
 def losses(output_dir) -> list[float]:
@@ -88,8 +61,8 @@ def uninterrupted(spec_path, workdir):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_signal_checkpoints_exits_75_and_resumes_exactly(spec_path, workdir, uninterrupted, signum):
     output = f"./stopped-{signum.name}"
-    process = start(spec_path, output)
-    run_until(process, f"step 8/{STEPS}")
+    process = start_run(spec_path, output)
+    read_until(process, f"step 8/{STEPS}")
     process.send_signal(signum)
     out = process.stdout.read()
     assert process.wait(timeout=120) == 75, out
@@ -112,9 +85,9 @@ def test_stop_signal_checkpoints_exits_75_and_resumes_exactly(spec_path, workdir
 
 
 def test_sigkill_after_a_checkpoint_resumes_exactly(spec_path, workdir, uninterrupted):
-    process = start(spec_path, "./killed")
-    run_until(process, "checkpoint step 10 committed")
-    run_until(process, f"step 12/{STEPS}")
+    process = start_run(spec_path, "./killed")
+    read_until(process, "checkpoint step 10 committed")
+    read_until(process, f"step 12/{STEPS}")
     process.kill()
     process.wait(timeout=60)
     assert not (workdir / "killed" / "adapter").exists()
@@ -177,8 +150,8 @@ def test_restart_deletes_published_outputs_and_happens_once_per_scheduler_job(
     (merged / "MANIFEST.json").write_text("{}")  # as output.merge leaves it
 
     job_7 = {"SLURM_JOB_ID": "7"}
-    restarted = start(spec_path, "./again", "--restart", env=job_7)
-    run_until(restarted, f"step 8/{STEPS}")
+    restarted = start_run(spec_path, "./again", "--restart", env=job_7)
+    read_until(restarted, f"step 8/{STEPS}")
     restarted.send_signal(signal.SIGTERM)
     out = restarted.stdout.read()
     assert restarted.wait(timeout=120) == 75, out
@@ -216,8 +189,8 @@ def test_a_stop_during_the_model_download_exits_75_and_the_next_run_starts_clean
 
     fault_proxy.slow_seconds = 0.5
     fault_proxy.outage("slow")
-    process = start(path, "./early", env=env)
-    run_until(process, "downloading the model")
+    process = start_run(path, "./early", env=env)
+    read_until(process, "downloading the model")
     process.send_signal(signal.SIGTERM)
     out = process.stdout.read()
     assert process.wait(timeout=120) == 75, out
@@ -268,7 +241,7 @@ def test_publishing_on_rank_0_sits_behind_no_collective(slow_s3_spec, workdir, s
     settings = ["--set", "train.max_steps=4", "--set", "train.checkpoint_every=0", "--set",
                 "train.collective_timeout_seconds=5"]  # fmt: skip
     rank0, rank1 = ranks(slow_s3_spec, output, workdir, *settings)
-    run_until(rank0, "step 2/4")
+    read_until(rank0, "step 2/4")
     fault_proxy.slow_seconds = 1.5  # the adapter's ~10 requests now take ~15 s
     fault_proxy.outage("slow")
     out = rank0.stdout.read()
@@ -362,7 +335,7 @@ def test_sigterm_to_every_worker_of_torchrun_with_slow_uploads_commits_and_resum
 
     output = f"s3://{s3.bucket}/ddp-all"
     stopped = torchrun(slow_s3_spec, output)
-    run_until(stopped, f"step 8/{STEPS}")
+    read_until(stopped, f"step 8/{STEPS}")
     workers = psutil.Process(stopped.pid).children()
     assert len(workers) == 2
     slow_uploads(fault_proxy)
@@ -390,7 +363,7 @@ def test_sigterm_to_one_rank_with_slow_uploads_exits_75_on_every_rank_after_the_
     stop after the same step, and no rank exits before the stop checkpoint is committed."""
     output = f"s3://{s3.bucket}/ddp-one"
     rank0, rank1 = ranks(slow_s3_spec, output, workdir)
-    run_until(rank0, f"step 8/{STEPS}")
+    read_until(rank0, f"step 8/{STEPS}")
     slow_uploads(fault_proxy)
     rank1.send_signal(signal.SIGTERM)
     assert rank1.wait(timeout=300) == 75

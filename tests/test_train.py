@@ -119,7 +119,7 @@ def test_full_finetune_saves_a_loadable_model(tiny_model_dir, data_files, isolat
 
     client = mlflow.MlflowClient(f"sqlite:///{isolated / 'mlruns' / 'mlflow.db'}")
     assert [a.path for a in client.list_artifacts(result.run_id)] == ["spec.json"]
-    assert client.get_run(result.run_id).data.tags["ftjob.output_uri"] == "./runs/t"
+    assert client.get_run(result.run_id).data.tags["ftjob.output_uri"] == str(isolated / "runs" / "t")
 
 
 def test_a_publish_replaces_what_an_earlier_one_left(tiny_model_dir, data_files, isolated):
@@ -215,6 +215,24 @@ def test_packed_micro_batches_reach_flash_attention_as_one_row(
     )
     run_in_process(spec)
     assert cpu_flash_kernels and set(cpu_flash_kernels) == {"varlen"}
+
+
+def test_a_publish_that_fails_after_the_last_checkpoint_is_finished_by_the_next_run(
+    tiny_model_dir, data_files, isolated, monkeypatch
+):
+    """The last checkpoint is at the last step: the next run has nothing to train, only to publish,
+    with the whole metric curve."""
+    import job.train
+
+    spec = spec_dict(tiny_model_dir, data_files, train={"max_steps": 4, "checkpoint_every": 2})
+    with monkeypatch.context() as patched, pytest.raises(OSError):
+        patched.setattr(job.train, "publish", lambda *a: (_ for _ in ()).throw(OSError("store gone")))
+        train_in_process(spec)
+    assert not (isolated / "runs" / "t" / "adapter").exists()
+    result = train_in_process(spec)
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4]
+    curve = (isolated / "runs" / "t" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in curve] == [1, 2, 3, 4]
 
 
 def test_grad_accumulation_matches_one_big_batch(tiny_model_dir, data_files):

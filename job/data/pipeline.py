@@ -1,6 +1,6 @@
 """The data stages put together: rows -> examples -> (packed rows) -> micro-batches, with one cursor.
 
-    SourceStream(s)  files in a seeded order per epoch, rows sharded by rank     (stream.py)
+    SourceStream(s)  files in a seeded order per epoch, sharded by rank          (stream.py)
     ShuffleBuffer    bounded seeded shuffle, drained at each epoch's end         (stream.py)
     Mixture          several sources drawn by weight, when data.train has weights (stream.py)
     ExampleStream    format, tokenize, fit to max_seq_len; bad rows within budget
@@ -22,8 +22,8 @@ from typing import Any
 
 from job.data.batching import Batch, pack_row, pad_batch, stack_packed
 from job.data.formats import BadRow, Example, Formatter
-from job.data.sources import Row, expand
-from job.data.stream import EPOCH_END, EpochEnd, Mixture, ShuffleBuffer, SourceStream, held_out
+from job.data.sources import Row, expand, file_sizes
+from job.data.stream import EPOCH_END, EpochEnd, Mixture, ShuffleBuffer, SourceStream, file_shares, held_out
 from job.data.tokens import TokenizedExample, fit, tokenize
 from job.errors import DataError
 from job.spec import BadRowsSpec, DataSpec
@@ -246,10 +246,18 @@ class DataPipeline:
         self.world_size = world_size
         self.formatter = Formatter.of(config, tokenizer)
         self.sources = train_sources(config)
+        self.rank_files = [self._rank_files(files) for files, _ in self.sources]
         self.eval_files = expand(self.config.eval, "data.eval")
         if self.config.eval_fraction:
             self.eval_files = [f for files, _ in self.sources for f in files]
         self._build()
+
+    def _rank_files(self, files: list[str]) -> tuple[list[str], bool]:
+        """(the files this rank reads, whether it keeps only its stripe of their rows): its own share
+        of whole files when the files split evenly enough across ranks, else every file, striped."""
+        sizes = file_sizes(files) if len(files) >= self.world_size > 1 else None
+        shares = file_shares(sizes, self.world_size) if sizes else None
+        return (shares[self.rank], False) if shares else (files, True)
 
     def _build(self) -> None:
         """Fresh stages at the start of the data (load_state_dict then moves their cursors)."""
@@ -264,12 +272,13 @@ class DataPipeline:
                     keep_row=lambda url, row: not held_out(url, row, fraction),
                     epochs=self.epochs,
                     transform=partial(format_row, self.formatter),
+                    striped=striped,
                 ),
                 self.config.shuffle_buffer,
                 seed,
                 self.rank,
             )
-            for files, _ in self.sources
+            for files, striped in self.rank_files
         ]
         weights = [weight for _, weight in self.sources]
         self.rows = streams[0] if len(streams) == 1 else Mixture(streams, weights, seed, self.rank)

@@ -121,6 +121,18 @@ def source_format(fs: fsspec.AbstractFileSystem, path: str, url: str) -> str:
     return "datasets" if is_saved_dataset(fs, path) else file_format(url)
 
 
+def file_sizes(urls: Sequence[str]) -> dict[str, int] | None:
+    """Each file's size in bytes; None when a source is no single file (a saved dataset's directory)."""
+    sizes = {}
+    for url in urls:
+        fs, path = filesystem(url)
+        info = fs.info(path)
+        if info.get("type") != "file":
+            return None
+        sizes[url] = int(info["size"])
+    return sizes
+
+
 def expand(patterns: Sequence[str], key: str) -> list[str]:
     """URLs and globs -> the files they name; errors name the entry as key[i]."""
     return [url for i, pattern in enumerate(patterns) for url in expand_pattern(pattern, f"{key}[{i}]")]

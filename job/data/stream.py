@@ -5,9 +5,11 @@ Every stream keeps, in plain attributes, where it will read next; a stream rebui
 re-reading what came before (uncompressed JSONL seeks to a byte offset; other formats skip rows
 without parsing them).
 
-Sharding: in each epoch the files are read in a seeded order that is the same on every rank, and
-row k of that epoch (counted over all files) belongs to rank k % world_size. So every row goes to
-exactly one rank once per epoch, whether there are fewer files than ranks or more.
+Sharding: when the files can be split into per-rank shares of nearly equal size (file_shares), each
+rank reads only its own files, whole. Otherwise (fewer files than ranks, or sizes too uneven) every
+rank reads every file: in each epoch the files are read in a seeded order that is the same on every
+rank, and row k of that epoch (counted over all files) belongs to rank k % world_size. Either way
+every row goes to exactly one rank once per epoch.
 """
 
 from __future__ import annotations
@@ -30,6 +32,27 @@ class EpochEnd:
 
 
 EPOCH_END = EpochEnd()
+MAX_SHARE_IMBALANCE = 0.1  # per-rank shares of whole files may differ by this fraction of their mean
+
+
+def file_shares(sizes: dict[str, int], world_size: int) -> list[list[str]] | None:
+    """Whole files for each rank, balanced by bytes (largest file to the lightest rank first), each
+    share in the files' own order; None when rows should be striped across ranks instead: one rank,
+    fewer files than ranks, or shares more than MAX_SHARE_IMBALANCE apart (a rank whose share is
+    smaller would see its rows more often than the others in a max_steps run)."""
+    if world_size == 1 or len(sizes) < world_size:
+        return None
+    shares: list[list[str]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for url in sorted(sizes, key=lambda u: -sizes[u]):
+        lightest = loads.index(min(loads))
+        shares[lightest].append(url)
+        loads[lightest] += sizes[url]
+    mean = sum(loads) / world_size
+    if not mean or max(loads) - min(loads) > MAX_SHARE_IMBALANCE * mean:
+        return None
+    order = list(sizes)
+    return [sorted(share, key=order.index) for share in shares]
 
 
 def held_out(url: str, row: int, fraction: float) -> bool:
@@ -65,8 +88,12 @@ class SourceStream:
         epochs: int | None = None,
         shuffle_files: bool = True,
         transform: Callable[[Row], Row] | None = None,
+        striped: bool = True,
     ):
+        """`striped`: every rank reads `files` and keeps its rows (k % world_size); False when `files`
+        is this rank's own share, read whole."""
         self.files = files
+        self.striped = striped
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -102,7 +129,7 @@ class SourceStream:
 
                 def mine(row: int, url: str = url, seen: list[int] = seen) -> bool:
                     seen[0] = row + 1
-                    owner = (self.rows_before + row) % self.world_size
+                    owner = (self.rows_before + row) % self.world_size if self.striped else self.rank
                     return owner == self.rank and self.keep_row(url, row)
 
                 for row, position in read_rows(url, self.position, mine):
