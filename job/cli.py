@@ -47,9 +47,8 @@ def launch_workers(spec, args: argparse.Namespace) -> int:
     from job.cluster import node_placement
     from job.launcher import nproc_auto, run_workers
 
-    given = {"NNODES": args.nnodes, "NODE_RANK": args.node_rank, "MASTER_ADDR": args.master_addr,
-             "MASTER_PORT": args.master_port}  # fmt: skip
-    placement = node_placement({**os.environ, **{k: str(v) for k, v in given.items() if v is not None}})
+    given = {key: getattr(args, key) for key in ("nnodes", "node_rank", "master_addr", "master_port")}
+    placement = node_placement(os.environ, given)
     nproc = nproc_auto() if args.nproc_per_node == "auto" else args.nproc_per_node
     worker_args = ["--restart"] if args.restart else []
     return run_workers(

@@ -9,9 +9,11 @@ own variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) are what 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from job.errors import UserError
 
@@ -43,10 +45,8 @@ def first_host(nodelist: str) -> str:
 def slurm_placement(environ: Mapping[str, str]) -> Placement:
     """One task per node (the sbatch script and `ftjob launch slurm` ask for that): the node's rank is
     SLURM_NODEID; rank 0 runs on the first host of the allocation; the port follows the job id."""
-    nnodes = int(
-        environ.get("NNODES") or environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or 1
-    )
-    node_rank = int(environ.get("NODE_RANK") or environ.get("SLURM_NODEID") or 0)
+    nnodes = int(environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or 1)
+    node_rank = int(environ.get("SLURM_NODEID") or 0)
     port = environ.get("MASTER_PORT") or SLURM_PORT_BASE + int(environ["SLURM_JOB_ID"]) % SLURM_PORT_SPAN
     master = environ.get("MASTER_ADDR") or (
         first_host(environ["SLURM_JOB_NODELIST"]) if nnodes > 1 else "127.0.0.1"
@@ -69,19 +69,33 @@ def kubernetes_placement(environ: Mapping[str, str]) -> Placement:
     return Placement(nnodes, node_rank, master or "127.0.0.1", port, "kubernetes")
 
 
-def node_placement(environ: Mapping[str, str]) -> Placement:
-    """This node's placement from the environment; a multi-node job that cannot be placed is exit 2,
-    never N single-node runs racing on one output. NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT (what
-    `ftjob run --nnodes/--node-rank/--master-addr/--master-port` set) win over the scheduler's own."""
-    placement = _placement(environ)
+ARGUMENT_VARIABLES = {
+    "nnodes": "NNODES",
+    "node_rank": "NODE_RANK",
+    "master_addr": "MASTER_ADDR",
+    "master_port": "MASTER_PORT",
+}
+
+
+def node_placement(environ: Mapping[str, str], given: Mapping[str, Any] | None = None) -> Placement:
+    """This node's placement from the environment, with `given` (the command line's nnodes,
+    node_rank, master_addr, master_port; None for not given) laid over it before it is checked. A
+    multi-node job that cannot be placed is exit 2, never N single-node runs racing on one output."""
+    given = {key: value for key, value in (given or {}).items() if value is not None}
+    try:
+        if environ.get("SLURM_JOB_ID") and environ.get("SLURM_NODEID") is not None:
+            placement = dataclasses.replace(slurm_placement(environ), **given)
+        else:  # Kubernetes and plain shells read the variables the arguments stand for
+            variables = {ARGUMENT_VARIABLES[key]: str(value) for key, value in given.items()}
+            placement = _placement({**environ, **variables})
+    except ValueError as e:  # a variable that should hold a number
+        raise UserError(f"cannot place this node: {e}") from None
     if not 0 <= placement.node_rank < placement.nnodes:
         raise UserError(f"node rank {placement.node_rank} is not one of the {placement.nnodes} nodes")
     return placement
 
 
 def _placement(environ: Mapping[str, str]) -> Placement:
-    if environ.get("SLURM_JOB_ID") and environ.get("SLURM_NODEID") is not None:
-        return slurm_placement(environ)
     if environ.get("JOB_COMPLETION_INDEX") is not None:
         return kubernetes_placement(environ)
     nnodes = int(environ.get("NNODES", 1))

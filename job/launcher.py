@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -22,7 +23,7 @@ from pathlib import Path
 import psutil
 
 from job.cluster import Placement
-from job.errors import EXIT_REQUEUE, Preempted
+from job.errors import EXIT_REQUEUE, DataError, Preempted, UserError
 from job.signals import STOP_SIGNALS
 
 RENDEZVOUS_TIMEOUT_SECONDS = 900  # how long the first node waits for the others to come up
@@ -37,9 +38,13 @@ def nproc_auto() -> int:
 
 def exit_code(codes: Mapping[int, int]) -> int:
     """The job's exit code from the failed workers' (rank -> code; a negative code is a signal): a
-    worker's own failure (1, 2, 3; the lowest rank's), then a stop (75: workers killed while they
-    exit after it are no failure), then a worker killed by a signal (128 + signal)."""
+    worker's own failure (2 or 3, bad input, before the 1s it may cause on other ranks; else the
+    lowest rank's), then a stop (75: workers killed while they exit after it are no failure), then a
+    worker killed by a signal (128 + signal)."""
     own = [code for code in codes.values() if code > 0 and code != EXIT_REQUEUE]
+    for cause in (UserError.exit_code, DataError.exit_code):  # bad input, not what it made others do
+        if cause in own:
+            return cause
     if own:
         return own[0]
     if EXIT_REQUEUE in codes.values():
@@ -49,11 +54,20 @@ def exit_code(codes: Mapping[int, int]) -> int:
 
 @contextmanager
 def forwarding_stop_signals() -> Iterator[None]:
-    """While the workers run: a stop signal to the launcher reaches every worker."""
+    """While the workers run: a stop signal to the launcher reaches every worker. One that comes
+    before any worker has started ends the launcher with 75 (nothing trained, nothing to save)."""
+    started = threading.Event()
+    done = threading.Event()
+
+    def watch() -> None:  # once a worker has been seen, a launcher without workers is past them
+        while not done.wait(0.2):
+            if psutil.Process().children():
+                started.set()
+                return
 
     def forward(signum: int, frame) -> None:
         workers = psutil.Process().children()
-        if not workers:  # still meeting the other nodes: nothing trained, nothing to save
+        if not workers and not started.is_set():
             raise Preempted(
                 f"{signal.Signals(signum).name} before the workers started; exit 75 to be requeued"
             )
@@ -61,10 +75,12 @@ def forwarding_stop_signals() -> Iterator[None]:
             with suppress(psutil.NoSuchProcess):  # a worker that has just exited
                 child.send_signal(signum)
 
+    threading.Thread(target=watch, name="ftjob-workers-started", daemon=True).start()
     previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
         yield
     finally:
+        done.set()
         for s, handler in previous.items():
             signal.signal(s, handler)
 

@@ -4,7 +4,8 @@ While a run trains, each checkpoint appends one segment, metrics/NNNNNN.jsonl: a
 step since the previous checkpoint, NNNNNN being the checkpoint's step. Segments are never rewritten,
 so a checkpoint costs the new steps only, however long the run. A resumed run reads the segments up to
 its checkpoint's step; a segment past it (its checkpoint never committed) is removed. The published
-run leaves the whole curve in metrics.jsonl, one line a step, and the segments go.
+run leaves the whole curve in metrics.jsonl, one line a step (written before the adapter's MANIFEST),
+and the segments go (after it).
 """
 
 from __future__ import annotations
@@ -60,10 +61,14 @@ def remove_segments_after(output_uri: str, step: int) -> None:
         fs.rm(path)
 
 
-def publish_curve(output_uri: str, history: list[dict[str, Any]]) -> None:
-    """metrics.jsonl, the whole curve; then the segments it replaces are removed."""
+def write_curve(output_uri: str, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl, the whole curve (written before the adapter is published: a published run has it)."""
     fs, path = filesystem(join(output_uri, CURVE))
     fs.pipe_file(path, to_lines(history).encode())
+
+
+def remove_segments(output_uri: str) -> None:
+    """The segments metrics.jsonl replaces (once the adapter is published: until then a run resumes)."""
     fs, root = filesystem(segments_uri(output_uri))
     if fs.exists(root):
         fs.rm(root, recursive=True)

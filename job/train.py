@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
 from job.checkpoint import Checkpointer, fingerprint, remove_all, remove_uncommitted, set_rng_states
 from job.data.batching import Batch, empty_batch, flatten_packed
@@ -30,7 +30,7 @@ from job.data.tokens import IGNORE_INDEX
 from job.errors import DataError, Preempted
 from job.export import is_published, publish, publish_merged, remove_published
 from job.metrics import data_metrics, data_summary, flops_per_token, peak_flops, peak_memory_gib
-from job.metrics_log import publish_curve
+from job.metrics_log import remove_segments, write_curve
 from job.model import apply_adapter, count_parameters, load_model, model_dir_and_tokenizer, quiet_libraries
 from job.model_source import resolve_model_dir
 from job.progress import Progress
@@ -129,6 +129,8 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     data = DataPipeline(
         spec.data, tokenizer, cfg.seed, cfg.epochs, accelerator.process_index, accelerator.num_processes
     )
+    if accelerator.num_processes > 1:  # every rank reads by rank 0's plan of who reads which files
+        data.use_layout(broadcast_object_list([data.layout])[0])
     if is_main:
         check_writable(spec.output_uri)
         if not restart:
@@ -378,7 +380,8 @@ def publish_adapter(run: Run, model, history: list[dict[str, float]]) -> str:
     with tempfile.TemporaryDirectory(prefix="ftjob-publish-") as tmp:
         logged = None if full else run.tracker.artifact_dir("adapter")
         metrics = {"history": history, "final": history[-1]}
+        write_curve(run.spec.output_uri, history)
         uri = publish(model, run.tokenizer, run.spec, metrics, logged or Path(tmp))
-        publish_curve(run.spec.output_uri, history)  # after the adapter: a failed publish keeps the segments
+        remove_segments(run.spec.output_uri)  # only now: a publish that failed resumes from them
         run.tracker.log_adapter(logged, absolute(uri))
     return uri

@@ -45,11 +45,22 @@ def test_slurm_places_the_node_by_its_node_id_and_the_job():
     assert node_placement(single).nnodes == 1 and node_placement(single).master_addr == "127.0.0.1"
 
 
-def test_the_command_lines_placement_wins_over_the_environment():
-    env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "h0"}  # --node-rank 1 --master-addr h0, NNODES=2
-    assert node_placement(env) == Placement(2, 1, "h0", 29500, "plain")
-    slurm = {"SLURM_JOB_ID": "9", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "a"}
-    assert node_placement({**slurm, "MASTER_PORT": "3000"}).master_port == 3000
+def test_the_command_lines_placement_is_laid_over_the_environment_then_checked():
+    given = {"nnodes": None, "node_rank": 1, "master_addr": "h0", "master_port": None}
+    assert node_placement({"NNODES": "2"}, given) == Placement(2, 1, "h0", 29500, "plain")
+    with pytest.raises(UserError, match="MASTER_ADDR not set"):
+        node_placement({}, {"nnodes": 2, "node_rank": 1})
+    slurm = {
+        "SLURM_JOB_ID": "9",
+        "SLURM_NODEID": "1",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "a[1-2]",
+    }
+    stale = {**slurm, "NNODES": "4", "NODE_RANK": "0"}  # sbatch exports the submitting shell's variables
+    assert node_placement(stale) == Placement(2, 1, "a1", 20009, "slurm")
+    assert node_placement({**slurm, "MASTER_PORT": "3000"}, {"master_port": 3001}).master_port == 3001
+    with pytest.raises(UserError, match="cannot place this node"):
+        node_placement({"NNODES": "two"})
 
 
 def test_a_kubernetes_indexed_job_places_the_pod_by_its_index():
@@ -67,7 +78,6 @@ def test_a_kubernetes_indexed_job_places_the_pod_by_its_index():
     ],
 )
 def test_a_multi_node_job_that_cannot_be_placed_is_a_user_error(env, missing):
-    """Also after the command line's placement is folded in (as NNODES, NODE_RANK, MASTER_*)."""
     with pytest.raises(UserError, match=missing):
         node_placement(env)
 
@@ -79,6 +89,7 @@ def test_a_multi_node_job_that_cannot_be_placed_is_a_user_error(env, missing):
         ({1: 75}, 75),
         ({0: 75, 1: -15}, 75),  # the launcher stops the other worker as it exits after the checkpoint
         ({0: 1, 1: 75}, 1),
+        ({0: 1, 1: 3}, 3),  # rank 1's bad data, not rank 0's failure that followed
         ({0: 3}, 3),
         ({0: -9}, 137),
         ({1: 2}, 2),

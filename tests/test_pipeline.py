@@ -219,12 +219,14 @@ def test_packing_fills_rows_and_reports_efficiency(tokenizer, isolated):
         ({"a": 10, "b": 10, "c": 10}, 2, None),  # 20 vs 10: striped instead
         ({"a": 10}, 2, None),  # fewer files than ranks
         ({"a": 10, "b": 10}, 1, None),  # one rank reads everything anyway
+        ([("a", 10), ("a", 10), ("b", 10), ("c", 10)], 2, [["a", "b"], ["a", "c"]]),  # a listed twice: twice
     ],
 )
 def test_file_shares_are_whole_files_balanced_by_bytes(sizes, world_size, expected):
     from job.data.stream import file_shares
 
-    assert file_shares(sizes, world_size) == expected
+    sized = list(sizes.items()) if isinstance(sizes, dict) else sizes
+    assert file_shares(sized, world_size) == expected
 
 
 def test_ranks_read_only_their_share_of_the_files_exactly_once_and_resume_exactly(
@@ -261,6 +263,13 @@ def test_ranks_read_only_their_share_of_the_files_exactly_once_and_resume_exactl
     resumed = pipeline_for(spec, tokenizer, 1, 2)
     resumed.load_state_dict(state)
     assert batches_as_lists(next(resumed.train_batches(2)) for _ in range(12)) == expected
+
+    with open(files[0], "a") as f:  # the sizes change: a fresh plan would stripe, the cursor keeps its plan
+        f.write("".join(json.dumps(r) + "\n" for r in text_rows(30, prefix="late")))
+    assert pipeline_for(spec, tokenizer, 1, 2).layout == [None]
+    again = pipeline_for(spec, tokenizer, 1, 2)
+    again.load_state_dict(state)
+    assert again.layout == state["layout"] and again.layout != [None]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

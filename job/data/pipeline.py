@@ -246,18 +246,32 @@ class DataPipeline:
         self.world_size = world_size
         self.formatter = Formatter.of(config, tokenizer)
         self.sources = train_sources(config)
-        self.rank_files = [self._rank_files(files) for files, _ in self.sources]
+        self.layout = self.plan_layout()
         self.eval_files = expand(self.config.eval, "data.eval")
         if self.config.eval_fraction:
             self.eval_files = [f for files, _ in self.sources for f in files]
         self._build()
 
-    def _rank_files(self, files: list[str]) -> tuple[list[str], bool]:
-        """(the files this rank reads, whether it keeps only its stripe of their rows): its own share
-        of whole files when the files split evenly enough across ranks, else every file, striped."""
-        sizes = file_sizes(files) if len(files) >= self.world_size > 1 else None
-        shares = file_shares(sizes, self.world_size) if sizes else None
-        return (shares[self.rank], False) if shares else (files, True)
+    def plan_layout(self) -> list[list[list[str]] | None]:
+        """For each source, every rank's share of whole files, or None where rows are striped."""
+        layout = []
+        for files, _ in self.sources:
+            sized = file_sizes(files) if len(files) >= self.world_size > 1 else None
+            layout.append(file_shares(sized, self.world_size) if sized else None)
+        return layout
+
+    def use_layout(self, layout: list[list[list[str]] | None]) -> None:
+        """Read by this layout: rank 0's plan (every rank must read by the same one; sizes seen from
+        each rank may differ), or the layout a checkpoint was written with."""
+        self.layout = layout
+        self._build()
+
+    def _rank_files(self) -> list[tuple[list[str], bool]]:
+        """For each source: (the files this rank reads, whether it keeps only its stripe of their rows)."""
+        return [
+            (files, True) if shares is None else (shares[self.rank], False)
+            for (files, _), shares in zip(self.sources, self.layout, strict=True)
+        ]
 
     def _build(self) -> None:
         """Fresh stages at the start of the data (load_state_dict then moves their cursors)."""
@@ -278,7 +292,7 @@ class DataPipeline:
                 seed,
                 self.rank,
             )
-            for files, striped in self.rank_files
+            for files, striped in self._rank_files()
         ]
         weights = [weight for _, weight in self.sources]
         self.rows = streams[0] if len(streams) == 1 else Mixture(streams, weights, seed, self.rank)
@@ -318,12 +332,18 @@ class DataPipeline:
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"rows": self.rows.state_dict(), "examples": self.examples.state_dict()}
+        state = {
+            "layout": self.layout,
+            "rows": self.rows.state_dict(),
+            "examples": self.examples.state_dict(),
+        }
         if self.packer:
             state["packer"] = self.packer.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The cursor, by the layout it was saved with (file sizes may have changed since)."""
+        self.layout = state.get("layout", self.layout)
         self._build()
         self.rows.load_state_dict(state["rows"])
         self.examples.load_state_dict(state["examples"])
@@ -336,6 +356,7 @@ class DataPipeline:
         counter = DataPipeline(
             self.config, self.tokenizer, self.seed, self.epochs, self.rank, self.world_size
         )
+        counter.use_layout(self.layout)
         counter.budget.quiet = True
         return sum(1 for _ in counter.train_batches(micro_batch_size)), counter.stats()
 

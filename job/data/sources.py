@@ -121,16 +121,20 @@ def source_format(fs: fsspec.AbstractFileSystem, path: str, url: str) -> str:
     return "datasets" if is_saved_dataset(fs, path) else file_format(url)
 
 
-def file_sizes(urls: Sequence[str]) -> dict[str, int] | None:
-    """Each file's size in bytes; None when a source is no single file (a saved dataset's directory)."""
-    sizes = {}
+def file_sizes(urls: Sequence[str]) -> list[tuple[str, int]] | None:
+    """(file, bytes) for each entry, when bytes are a fair measure of rows: None for a saved dataset's
+    directory, a size the store does not tell, or files of different formats or compressions."""
+    kinds = {(posixpath.splitext(url)[1], infer_compression(url)) for url in urls}
+    if len(kinds) > 1:
+        return None
+    sized = []
     for url in urls:
         fs, path = filesystem(url)
         info = fs.info(path)
-        if info.get("type") != "file":
+        if info.get("type") != "file" or info.get("size") is None:
             return None
-        sizes[url] = int(info["size"])
-    return sizes
+        sized.append((url, int(info["size"])))
+    return sized
 
 
 def expand(patterns: Sequence[str], key: str) -> list[str]:

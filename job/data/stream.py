@@ -35,24 +35,24 @@ EPOCH_END = EpochEnd()
 MAX_SHARE_IMBALANCE = 0.1  # per-rank shares of whole files may differ by this fraction of their mean
 
 
-def file_shares(sizes: dict[str, int], world_size: int) -> list[list[str]] | None:
-    """Whole files for each rank, balanced by bytes (largest file to the lightest rank first), each
-    share in the files' own order; None when rows should be striped across ranks instead: one rank,
-    fewer files than ranks, or shares more than MAX_SHARE_IMBALANCE apart (a rank whose share is
-    smaller would see its rows more often than the others in a max_steps run)."""
-    if world_size == 1 or len(sizes) < world_size:
+def file_shares(sized: list[tuple[str, int]], world_size: int) -> list[list[str]] | None:
+    """Whole files for each rank from (file, bytes) pairs (a file listed twice is two entries),
+    balanced by bytes (largest to the lightest rank first, ties in listed order), each share in the
+    listed order; None when rows should be striped across ranks instead: one rank, fewer files than
+    ranks, or shares more than MAX_SHARE_IMBALANCE apart (a rank whose share is smaller would see its
+    rows more often than the others in a max_steps run)."""
+    if world_size == 1 or len(sized) < world_size:
         return None
-    shares: list[list[str]] = [[] for _ in range(world_size)]
+    shares: list[list[int]] = [[] for _ in range(world_size)]
     loads = [0] * world_size
-    for url in sorted(sizes, key=lambda u: -sizes[u]):
+    for i in sorted(range(len(sized)), key=lambda i: -sized[i][1]):
         lightest = loads.index(min(loads))
-        shares[lightest].append(url)
-        loads[lightest] += sizes[url]
+        shares[lightest].append(i)
+        loads[lightest] += sized[i][1]
     mean = sum(loads) / world_size
     if not mean or max(loads) - min(loads) > MAX_SHARE_IMBALANCE * mean:
         return None
-    order = list(sizes)
-    return [sorted(share, key=order.index) for share in shares]
+    return [[sized[i][0] for i in sorted(share)] for share in shares]
 
 
 def held_out(url: str, row: int, fraction: float) -> bool:
