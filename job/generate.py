@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -10,16 +11,16 @@ import torch
 
 from job.data.formats import Formatter
 from job.errors import UserError
-from job.export import verify_manifest
+from job.export import fetch_published
 from job.model import load_model, load_tokenizer, quiet_libraries
 from job.model_source import resolve_model_dir
 from job.spec import Spec, validate_spec
-from job.storage import configure_storage, download_dir, is_local
+from job.storage import configure_storage, is_local
 
 
 def load_trained(adapter_dir: Path) -> tuple[object, object, Spec]:
-    """(model, tokenizer, spec) from a published adapter/ directory (or full model for method 'full')."""
-    verify_manifest(adapter_dir)
+    """(model, tokenizer, spec) from a published adapter/ directory (or full model for method 'full')
+    whose MANIFEST was verified (fetch_published)."""
     spec = validate_spec(json.loads((adapter_dir / "spec.json").read_text()), f"{adapter_dir}/spec.json")
     configure_storage(spec.storage_options)  # where the base model is read from, as in training
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,15 +83,16 @@ def generate_text(
 def generate(adapter_uri: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0) -> str:
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="ftjob-adapter-") as tmp:
-        adapter_dir = Path(adapter_uri).expanduser()
-        if not is_local(adapter_uri):
-            adapter_dir = Path(tmp)
-            try:
-                download_dir(adapter_uri, adapter_dir)
-            except Exception as e:
-                raise UserError(f"--adapter: cannot read {adapter_uri}: {type(e).__name__}: {e}") from None
-        elif not adapter_dir.is_dir():
-            raise UserError(f"--adapter: no such directory: {adapter_uri}")
+        if is_local(adapter_uri):
+            adapter_uri = os.path.expanduser(adapter_uri)
+            if not Path(adapter_uri).is_dir():
+                raise UserError(f"--adapter: no such directory: {adapter_uri}")
+        try:
+            adapter_dir = fetch_published(adapter_uri, Path(tmp))
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"--adapter: cannot read {adapter_uri}: {type(e).__name__}: {e}") from None
         model, tokenizer, spec = load_trained(adapter_dir)
         model.eval()
         data = spec.data

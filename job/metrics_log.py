@@ -45,13 +45,10 @@ def read_lines(uri: str) -> list[dict[str, Any]]:
 
 
 def read_history(output_uri: str, up_to: int) -> list[dict[str, Any]]:
-    """The steps up to `up_to`, from the segments of the checkpoints up to it (or from metrics.jsonl,
-    when a publish wrote it and then failed)."""
+    """The steps up to `up_to`, from the segments of the checkpoints up to it (they are removed only
+    once the run is published)."""
     steps = [step for step in segment_steps(output_uri) if step <= up_to]
     history = [record for step in steps for record in read_lines(segment_uri(output_uri, step))]
-    fs, curve = filesystem(join(output_uri, CURVE))
-    if not history and fs.exists(curve):
-        history = read_lines(join(output_uri, CURVE))
     return [record for record in history if record["step"] <= up_to]
 
 

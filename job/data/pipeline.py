@@ -236,8 +236,10 @@ class DataPipeline:
         epochs: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        layout: list[list[list[str]] | None] | None = None,
     ):
-        """`epochs`: train.epochs (the data ends after them), or None for max_steps (endless)."""
+        """`epochs`: train.epochs (the data ends after them), or None for max_steps (endless);
+        `layout`: who reads which files (plan_layout's), planned here when not given."""
         self.config = config
         self.tokenizer = tokenizer
         self.seed = seed
@@ -246,7 +248,7 @@ class DataPipeline:
         self.world_size = world_size
         self.formatter = Formatter.of(config, tokenizer)
         self.sources = train_sources(config)
-        self.layout = self.plan_layout()
+        self.layout = self.plan_layout() if layout is None else layout
         self.eval_files = expand(self.config.eval, "data.eval")
         if self.config.eval_fraction:
             self.eval_files = [f for files, _ in self.sources for f in files]
@@ -354,9 +356,8 @@ class DataPipeline:
         """Micro-batches of this rank over all of train.epochs (a separate pass from the start of the
         data), to size an epoch-based run; and that pass's data counters."""
         counter = DataPipeline(
-            self.config, self.tokenizer, self.seed, self.epochs, self.rank, self.world_size
+            self.config, self.tokenizer, self.seed, self.epochs, self.rank, self.world_size, self.layout
         )
-        counter.use_layout(self.layout)
         counter.budget.quiet = True
         return sum(1 for _ in counter.train_batches(micro_batch_size)), counter.stats()
 
