@@ -1,6 +1,9 @@
 """GPU check: flash-attention-2 on packed micro-batches of several rows keeps examples apart.
 
-Needs a CUDA GPU and flash-attn. Packs examples into a [4, L] micro-batch, flattens it as training
+Needs a CUDA GPU. With flash-attn installed, transformers' flash path runs its kernels; without it (no
+wheel for the GPU machine's torch), the same transformers code path runs over PyTorch's own
+FlashAttention kernels (`torch.nn.attention.varlen.varlen_attn` for packed rows, the flash backend of
+scaled_dot_product_attention for dense rows), and the JSON says which. Packs examples into a [4, L] micro-batch, flattens it as training
 does (job.data.batching.flatten_packed) and compares its summed loss with the examples one by one
 (sdpa, unpacked); also reports the unflattened [4, L] loss, which let examples attend to each other
 before the fix. Prints one JSON line.
@@ -10,6 +13,7 @@ before the fix. Prints one JSON line.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tempfile
 from pathlib import Path
@@ -17,6 +21,46 @@ from pathlib import Path
 import torch
 
 from bench.workspace import alpaca_rows, bench_model
+
+
+def use_torch_flash_kernels() -> None:
+    """Route transformers' flash-attention path to PyTorch's FlashAttention kernels."""
+    import inspect
+
+    import transformers.modeling_flash_attention_utils as flash_utils
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.varlen import varlen_attn
+
+    def repeat_kv(q, k, v):  # grouped-query heads, [.., H, D] layout
+        groups = q.shape[-2] // k.shape[-2]
+        return k.repeat_interleave(groups, dim=-2), v.repeat_interleave(groups, dim=-2)
+
+    def dense(q, k, v, softmax_scale=None, causal=True, **_):  # [B, L, H, D]
+        k, v = repeat_kv(q, k, v)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, scale=softmax_scale
+            )
+        return out.transpose(1, 2)
+
+    def varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=True, **_
+    ):  # [T, H, D]
+        k, v = repeat_kv(q, k, v)
+        mask = (
+            {"is_causal": causal}
+            if "is_causal" in varlen_parameters
+            else {"window_size": (-1, 0 if causal else -1)}
+        )
+        cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+        return varlen_attn(
+            q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), scale=softmax_scale, **mask
+        )
+
+    varlen_parameters = inspect.signature(varlen_attn).parameters
+    # transformers reads the kernels' signatures to choose which arguments to pass (all 5.x versions)
+    flash_utils._lazy_imports = lambda *a, **k: (dense, varlen, None, None, None)
 
 
 def main() -> None:
@@ -31,18 +75,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = bench_model(Path(tmp), rows * 4)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        load = {"dtype": torch.bfloat16, "device_map": {"": "cuda"}}
-        flash = AutoModelForCausalLM.from_pretrained(
-            model_dir, attn_implementation="flash_attention_2", **load
-        )
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: a dry run of the script
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        load = {"dtype": dtype, "device_map": {"": device}}
         sdpa = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", **load)
+        if importlib.util.find_spec("flash_attn"):
+            kernels = "flash_attn"
+            flash = AutoModelForCausalLM.from_pretrained(
+                model_dir, attn_implementation="flash_attention_2", **load
+            )
+        else:
+            kernels = "torch varlen_attn + sdpa flash backend"
+            use_torch_flash_kernels()
+            flash = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", **load)
+            flash.config._attn_implementation = "flash_attention_2"
     formatter = Formatter("alpaca", {}, "all", tokenizer)
     examples = [tokenize(formatter(r), tokenizer) for r in rows]
     pad = tokenizer.pad_token_id
     packed = stack_packed([pack_row(examples[i : i + 4], 1024, pad) for i in range(0, 16, 4)])
 
     def on_gpu(batch):
-        return {k: v.cuda() for k, v in batch.items()}
+        return {k: v.to(device) for k, v in batch.items()}
 
     with torch.no_grad():
         one_by_one = sum(float(loss_sum(sdpa, on_gpu(pad_batch([e], pad)))) for e in examples)
@@ -51,7 +104,8 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "device": torch.cuda.get_device_name(),
+                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                "kernels": kernels,
                 "one_by_one_sdpa": one_by_one,
                 "flash_flattened": flat,
                 "flash_unflattened": unflattened,

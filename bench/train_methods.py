@@ -1,9 +1,11 @@
 """Training throughput and peak memory of each adapter method, side by side on one bench model.
 
 Each method trains in a fresh process (so peak RSS is its own) on the same data and model; the
-table reports median tokens/s after warm-up and the ratio to LoRA, the baseline.
+table reports median tokens/s after warm-up and the ratio to LoRA at the first precision, the
+baseline; peak RSS, and on a GPU peak GPU memory. `--precisions bf16,no` runs each method at each
+`train.mixed_precision`; `--hidden`/`--layers` size the model (a GPU wants a larger one).
 
-    .venv/bin/python -m bench.train_methods [--steps 30]
+    .venv/bin/python -m bench.train_methods [--steps 30] [--precisions auto] [--hidden 256 --layers 4]
 """
 
 from __future__ import annotations
@@ -28,62 +30,72 @@ METHODS = {
 WARMUP_STEPS = 5
 
 
-def run_one(method: str, model: Path, data: Path, steps: int, root: Path) -> dict:
+def run_one(method: str, precision: str, model: Path, data: Path, steps: int, root: Path) -> dict:
+    import torch
+
     from job.spec import validate_spec
 
     adapter, model_changes = METHODS[method]
     spec = validate_spec(
         {
-            "name": method,
+            "name": f"{method}-{precision}",
             "model": {"source": str(model), **model_changes},
             "adapter": adapter,
             "data": {"train": [str(data)], "max_seq_len": 256},
-            "train": {"max_steps": steps, "micro_batch_size": 8, "log_every": 1000},
+            "train": {
+                "max_steps": steps,
+                "micro_batch_size": 8,
+                "log_every": 1000,
+                "mixed_precision": precision,
+            },
             "tracking": {"enabled": False},
-            "output": {"uri": str(root / "out" / method)},
+            "output": {"uri": str(root / "out" / f"{method}-{precision}")},
         }
     )
     history = train(spec).history
     speeds = [h["train/tokens_per_second"] for h in history[WARMUP_STEPS:]]
-    peak_mb = proc_status_mb("VmHWM")
-    return {"tokens_per_second": statistics.median(speeds), "peak_rss_mb": peak_mb}
+    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    return {
+        "tokens_per_second": statistics.median(speeds),
+        "peak_rss_mb": proc_status_mb("VmHWM"),
+        "peak_gpu_mb": gpu_mb,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--precisions", default="auto", help="comma-separated train.mixed_precision values")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         root = Path(args.root)
-        result = run_one(args.one, root / "model", root / "train.jsonl", args.steps, root)
+        result = run_one(args.one, args.precision, root / "model", root / "train.jsonl", args.steps, root)
         print("RESULT " + json.dumps(result))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        workspace(Path(tmp))
+        workspace(Path(tmp), hidden_size=args.hidden, layers=args.layers)
         results = {}
-        for method in METHODS:
-            command = [
-                sys.executable,
-                "-m",
-                "bench.train_methods",
-                "--one",
-                method,
-                "--root",
-                tmp,
-                "--steps",
-                str(args.steps),
-            ]
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results[method] = json.loads(out.split("RESULT ", 1)[1])
-    base = results["lora"]["tokens_per_second"]
-    print("| method | tokens/s (median) | vs lora | peak RSS MiB |")
-    print("| --- | --- | --- | --- |")
-    for method, r in results.items():
+        for precision in args.precisions.split(","):
+            for method in METHODS:
+                command = [sys.executable, "-m", "bench.train_methods", "--one", method, "--root", tmp]
+                command += ["--steps", str(args.steps), "--precision", precision]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"{method} at {precision} failed:\n{done.stderr[-3000:]}")
+                results[method, precision] = json.loads(done.stdout.split("RESULT ", 1)[1])
+    base = next(iter(results.values()))["tokens_per_second"]
+    print("| method | precision | tokens/s (median) | vs first row | peak RSS MiB | peak GPU MiB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (method, precision), r in results.items():
         print(
-            f"| {method} | {r['tokens_per_second']:.0f} | {r['tokens_per_second'] / base:.2f}x | {r['peak_rss_mb']:.0f} |"
+            f"| {method} | {precision} | {r['tokens_per_second']:.0f} | {r['tokens_per_second'] / base:.2f}x "
+            f"| {r['peak_rss_mb']:.0f} | {r['peak_gpu_mb']:.0f} |"
         )
 
 

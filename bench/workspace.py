@@ -27,21 +27,23 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def bench_model(root: Path, rows: list[dict]) -> Path:
-    """The bench model (hidden 256, 4 layers, vocab 1024), its tokenizer trained on the rows."""
+def bench_model(root: Path, rows: list[dict], hidden_size: int = 256, layers: int = 4) -> Path:
+    """The bench model (by default hidden 256, 4 layers, vocab 1024), its tokenizer trained on the rows."""
     from job.data.formats import alpaca_prompt
     from job.tiny import build_tiny_model
 
     corpus = [alpaca_prompt(r["instruction"]) + r["output"] for r in rows]
-    return build_tiny_model(root / "model", corpus, hidden_size=256, layers=4, heads=8, vocab_size=1024)
+    return build_tiny_model(
+        root / "model", corpus, hidden_size=hidden_size, layers=layers, heads=8, vocab_size=1024
+    )
 
 
 def workspace(
-    root: Path, count: int = 2000, instruction_words=(20, 80), output_words: int = 40
+    root: Path, count: int = 2000, instruction_words=(20, 80), output_words: int = 40, **model_size
 ) -> tuple[Path, Path]:
-    """(model directory, train.jsonl) under root."""
+    """(model directory, train.jsonl) under root; model_size: bench_model's hidden_size, layers."""
     rows = alpaca_rows(count, 0, instruction_words, output_words)
-    return bench_model(root, rows[:500]), write_jsonl(root / "train.jsonl", rows)
+    return bench_model(root, rows[:500], **model_size), write_jsonl(root / "train.jsonl", rows)
 
 
 def train(spec, restart: bool = False):
