@@ -69,7 +69,7 @@ def main() -> None:
     from job.data.batching import flatten_packed, pack_row, pad_batch, stack_packed
     from job.data.formats import Formatter
     from job.data.tokens import tokenize
-    from job.train import loss_sum
+    from job.loss import loss_sum
 
     rows = alpaca_rows(16, seed=0, instruction_words=(5, 40), output_words=12)
     with tempfile.TemporaryDirectory() as tmp:

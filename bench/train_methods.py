@@ -6,6 +6,7 @@ baseline; peak RSS, and on a GPU peak GPU memory. `--precisions bf16,no` runs ea
 `train.mixed_precision`; `--hidden`/`--layers` size the model (a GPU wants a larger one).
 
     .venv/bin/python -m bench.train_methods [--steps 30] [--precisions auto] [--hidden 256 --layers 4]
+        [--micro-batch 8]
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ METHODS = {
 WARMUP_STEPS = 5
 
 
-def run_one(method: str, precision: str, model: Path, data: Path, steps: int, root: Path) -> dict:
+def run_one(
+    method: str, precision: str, model: Path, data: Path, steps: int, micro_batch: int, root: Path
+) -> dict:
     import torch
 
     from job.spec import validate_spec
@@ -44,7 +47,7 @@ def run_one(method: str, precision: str, model: Path, data: Path, steps: int, ro
             "data": {"train": [str(data)], "max_seq_len": 256},
             "train": {
                 "max_steps": steps,
-                "micro_batch_size": 8,
+                "micro_batch_size": micro_batch,
                 "log_every": 1000,
                 "mixed_precision": precision,
             },
@@ -68,13 +71,15 @@ def main() -> None:
     parser.add_argument("--precisions", default="auto", help="comma-separated train.mixed_precision values")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         root = Path(args.root)
-        result = run_one(args.one, args.precision, root / "model", root / "train.jsonl", args.steps, root)
+        data = root / "train.jsonl"
+        result = run_one(args.one, args.precision, root / "model", data, args.steps, args.micro_batch, root)
         print("RESULT " + json.dumps(result))
         return
 
@@ -84,7 +89,14 @@ def main() -> None:
         for precision in args.precisions.split(","):
             for method in METHODS:
                 command = [sys.executable, "-m", "bench.train_methods", "--one", method, "--root", tmp]
-                command += ["--steps", str(args.steps), "--precision", precision]
+                command += [
+                    "--steps",
+                    str(args.steps),
+                    "--precision",
+                    precision,
+                    "--micro-batch",
+                    str(args.micro_batch),
+                ]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode:
                     sys.exit(f"{method} at {precision} failed:\n{done.stderr[-3000:]}")

@@ -267,8 +267,12 @@ class Checkpointer:
         self.curve_saved_to = run["step"]
         return {**run, "history": read_history(self.output_uri, run["step"]), "dir": local}
 
-    def restore(self, saved: dict[str, Any], model, optimizer, scheduler, accelerator) -> dict[str, Any]:
-        """Load weights, optimizer and schedule into the prepared objects; returns this rank's state."""
+    def rank_state(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """This rank's data cursor and RNG states in a loaded checkpoint."""
+        return json.loads((saved["dir"] / f"rank-{self.rank:05d}.json").read_text())
+
+    def restore(self, saved: dict[str, Any], model, optimizer, scheduler, accelerator) -> None:
+        """Load weights, optimizer and schedule into the prepared objects (then the local copy goes)."""
         directory: Path = saved["dir"]
         weights = load_file(directory / "trainable.safetensors")
         parameters = dict(accelerator.unwrap_model(model).named_parameters())
@@ -280,6 +284,4 @@ class Checkpointer:
         scheduler.load_state_dict(states["scheduler"])
         if "scaler" in states and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(states["scaler"])
-        rank_state = json.loads((directory / f"rank-{self.rank:05d}.json").read_text())
         shutil.rmtree(directory, ignore_errors=True)
-        return rank_state

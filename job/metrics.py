@@ -49,6 +49,11 @@ def flops_per_token(total_params: int, trainable_params: int) -> float:
     return 2.0 * (2 * total_params + trainable_params)
 
 
+def mfu(metrics: dict[str, float], model_flops: float, device_flops: float, devices: int) -> float:
+    """Model FLOPs utilization of a step: FLOPs achieved over the peak of every device."""
+    return metrics["train/tokens_per_second"] * model_flops / (device_flops * devices)
+
+
 def peak_memory_gib(accelerator: Accelerator) -> float:
     """Peak memory of the busiest rank: allocated GPU memory, or on CPUs the process's peak RSS."""
     if accelerator.device.type == "cuda":

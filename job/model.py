@@ -149,9 +149,10 @@ def apply_adapter(model, adapter: AdapterSpec, quantized: bool, gradient_checkpo
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameter counts, logged."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    log.info("%d of %d parameters trainable (%.2f%%)", trainable, total, 100 * trainable / total)
     return trainable, total
 
 

@@ -1,11 +1,18 @@
-"""The learning-rate schedule: linear warm-up, then constant, linear or cosine decay to 0."""
+"""The schedule: how many optimizer steps an epoch-based run takes, and the learning rate at each
+(linear warm-up, then constant, linear or cosine decay to 0)."""
 
 from __future__ import annotations
 
 import math
 from functools import partial
 
+import torch
+from accelerate import Accelerator
 from torch.optim.lr_scheduler import LambdaLR
+
+from job.data.pipeline import DataPipeline
+from job.errors import DataError
+from job.metrics import data_summary
 
 
 def lr_factor(step: int, name: str, warmup_steps: int, total_steps: int) -> float:
@@ -24,3 +31,18 @@ def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int) ->
     return LambdaLR(
         optimizer, partial(lr_factor, name=name, warmup_steps=warmup_steps, total_steps=total_steps)
     )
+
+
+def epoch_run_steps(
+    data: DataPipeline, accelerator: Accelerator, micro_batch_size: int, grad_accum: int
+) -> int:
+    """Optimizer steps of an epoch-based run, exactly: a counting pass over all its epochs (packing,
+    splitting and the rank shares differ from epoch to epoch), then the busiest rank's micro-batches
+    over grad_accum, as the loop takes them."""
+    micro_batches, stats = data.count_micro_batches(micro_batch_size)
+    count = torch.tensor(micro_batches, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        count = accelerator.reduce(count, reduction="max")
+    if int(count) == 0:
+        raise DataError(f"data.train: no example to train on; {data_summary(stats)}")
+    return math.ceil(int(count) / grad_accum)

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 
-from job.errors import EXIT_REQUEUE
+from job.errors import EXIT_REQUEUE, Preempted
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
@@ -54,6 +54,24 @@ class StopRequest:
 
         flag = torch.tensor([int(self.requested)], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="max"))
+
+    def raise_if_agreed(self, accelerator, saved: dict | None) -> None:
+        """Between the phases of setup: a stop on any rank ends every rank with exit 75, nothing new saved."""
+        if self.agreed(accelerator):
+            kept = f"the checkpoint at step {saved['step']} stays" if saved else "nothing to resume yet"
+            raise Preempted(f"stopped by a signal before training began ({kept}); exit 75 to be requeued")
+
+    def committed_at(self, step: int) -> Preempted:
+        """The exit 75 of a stop whose checkpoint at `step` is committed; later signals keep it 75."""
+        self.checkpoint_committed = True
+        signalled = (
+            f"{self.seconds_since():.1f} s after the signal"
+            if self.requested
+            else "(another rank was signalled)"
+        )
+        return Preempted(
+            f"stopped by a signal at step {step}: checkpoint committed {signalled}; exit 75 to be requeued"
+        )
 
     def seconds_since(self) -> float:
         return time.monotonic() - self.received_at if self.received_at else 0.0

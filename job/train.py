@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import tempfile
 import time
 from contextlib import nullcontext
@@ -19,23 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
 from job.checkpoint import Checkpointer, fingerprint, remove_all, remove_uncommitted, set_rng_states
 from job.data.batching import Batch, empty_batch, flatten_packed
 from job.data.pipeline import DataPipeline
-from job.data.tokens import IGNORE_INDEX
-from job.errors import DataError, Preempted
 from job.export import is_published, publish, publish_merged, remove_published
-from job.metrics import data_metrics, data_summary, flops_per_token, peak_flops, peak_memory_gib
+from job.loss import eval_metrics, loss_sum, loss_tokens
+from job.metrics import data_metrics, data_summary, flops_per_token, mfu, peak_flops, peak_memory_gib
 from job.metrics_log import remove_segments, write_curve
 from job.model import apply_adapter, count_parameters, load_model, model_dir_and_tokenizer, quiet_libraries
 from job.model_source import resolve_model_dir
 from job.progress import Progress
 from job.restart import record_restart, restart_pending
-from job.schedule import make_scheduler
+from job.schedule import epoch_run_steps, make_scheduler
 from job.signals import StopRequest
 from job.spec import Spec
 from job.storage import absolute, check_writable, configure_storage
@@ -140,8 +137,11 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
         spec.output_uri, accelerator.process_index, accelerator.num_processes, spec.output.keep_checkpoints
     )
     saved = None if restart else checkpointer.load_latest(fingerprint(spec, accelerator.num_processes))
+    rank_state = checkpointer.rank_state(saved) if saved else None
+    if rank_state:  # the files and the cursor the run was reading, before the counting pass reads them
+        data.load_state_dict(rank_state["data"])
     total_steps = cfg.max_steps or epoch_run_steps(data, accelerator, cfg.micro_batch_size, cfg.grad_accum)
-    raise_if_stopped(stop, accelerator, saved)  # between the phases that can take long: the counting pass...
+    stop.raise_if_agreed(accelerator, saved)  # between the phases that can take long: the counting pass...
 
     full = spec.adapter.method == "full"
     model = load_model(model_dir, spec.model, accelerator.device, full_finetune=full)
@@ -152,15 +152,8 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
             remove_all(spec.output_uri)
             record_restart(spec)
         accelerator.wait_for_everyone()
-    raise_if_stopped(stop, accelerator, saved)  # ...and the model load
+    stop.raise_if_agreed(accelerator, saved)  # ...and the model load
     trainable, total = count_parameters(model)
-    log.info(
-        "model %s: %d of %d parameters trainable (%.2f%%)",
-        spec.model.source,
-        trainable,
-        total,
-        100 * trainable / total,
-    )
 
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -172,8 +165,7 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     model, optimizer = accelerator.prepare(model, optimizer)
     first_step, history = 1, []
     if saved:  # continue exactly where the checkpoint left off: weights, optimizer, data, RNG
-        rank_state = checkpointer.restore(saved, model, optimizer, scheduler, accelerator)
-        data.load_state_dict(rank_state["data"])
+        checkpointer.restore(saved, model, optimizer, scheduler, accelerator)
         set_rng_states(rank_state["rng"])
         first_step, history = saved["step"] + 1, saved["history"] or [saved["last_metrics"]]
         log.info("resuming from the checkpoint at step %d", saved["step"])
@@ -184,28 +176,6 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
         spec, model_dir, tokenizer, data, model, optimizer, scheduler, checkpointer, tracker, total_steps,
         first_step, history, flops_per_token(total, trainable), peak_flops(accelerator), progress,
     )  # fmt: skip
-
-
-def raise_if_stopped(stop: StopRequest, accelerator: Accelerator, saved: dict | None) -> None:
-    """Before the loop: a stop on any rank ends every rank with exit 75, nothing new saved."""
-    if stop.agreed(accelerator):
-        kept = f"the checkpoint at step {saved['step']} stays" if saved else "nothing to resume yet"
-        raise Preempted(f"stopped by a signal before training began ({kept}); exit 75 to be requeued")
-
-
-def epoch_run_steps(
-    data: DataPipeline, accelerator: Accelerator, micro_batch_size: int, grad_accum: int
-) -> int:
-    """Optimizer steps of an epoch-based run, exactly: a counting pass over all its epochs (packing,
-    splitting and the rank shares differ from epoch to epoch), then the busiest rank's micro-batches
-    over grad_accum, as the loop takes them."""
-    micro_batches, stats = data.count_micro_batches(micro_batch_size)
-    count = torch.tensor(micro_batches, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        count = accelerator.reduce(count, reduction="max")
-    if int(count) == 0:
-        raise DataError(f"data.train: no example to train on; {data_summary(stats)}")
-    return math.ceil(int(count) / grad_accum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,8 +207,7 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
             break
         metrics["train/epoch"] = data.epoch
         if run.device_flops:
-            achieved = metrics["train/tokens_per_second"] * run.model_flops
-            metrics["train/mfu"] = achieved / (run.device_flops * accelerator.num_processes)
+            metrics["train/mfu"] = mfu(metrics, run.model_flops, run.device_flops, accelerator.num_processes)
         if step % cfg.log_every == 0:
             metrics.update(data_metrics(data, accelerator))
             metrics["train/peak_memory_gib"] = peak_memory_gib(accelerator)
@@ -260,15 +229,7 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
             )
         if stopping:
             run.checkpointer.wait_committed(accelerator)  # every rank: exit 75 only once it is committed
-            stop.checkpoint_committed = True
-            signalled = (
-                f"{stop.seconds_since():.1f} s after the signal"
-                if stop.requested
-                else "(another rank was signalled)"
-            )
-            raise Preempted(
-                f"stopped by a signal at step {step}: checkpoint committed {signalled}; exit 75 to be requeued"
-            )
+            raise stop.committed_at(step)
     progress.close()
     data.budget.check()  # a run that ends before the data does still answers for its bad rows
     final = data_metrics(data, accelerator)
@@ -319,54 +280,6 @@ def optimizer_step(run: Run, window: list[Batch], accelerator: Accelerator) -> d
         "train/grad_norm": float(grad_norm),
         "train/tokens_per_second": step_inputs / (time.perf_counter() - started),
     }
-
-
-def loss_sum(model, batch: Batch) -> torch.Tensor:
-    """Summed next-token cross-entropy over the tokens that carry loss (labels != -100)."""
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),  # padded batches
-        position_ids=batch.get("position_ids"),  # packed rows: positions restart at each example
-        use_cache=False,  # no KV cache in training; with one, transformers ignores packed positions
-    ).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
-def loss_tokens(batch: Batch) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def eval_metrics(model, batches: list[Batch], accelerator: Accelerator) -> dict[str, float]:
-    """eval/loss and eval/perplexity; none when the eval split has no loss-bearing token on any rank."""
-    loss = evaluate(model, batches, accelerator)
-    if loss is None:
-        log.warning("the eval split has no token to score: no eval metric is logged")
-        return {}
-    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
-
-
-@torch.no_grad()
-def evaluate(model, batches: list[Batch], accelerator: Accelerator) -> float | None:
-    """Token-weighted mean loss over the eval split of every rank; None when it has no loss-bearing
-    token at all (a small data.eval_fraction can leave it empty).
-
-    Every rank calls it, with or without eval rows of its own (the reduce needs all). The unwrapped
-    model: DDP's forward would sync buffers per batch, and ranks may have different batch counts.
-    """
-    model = accelerator.unwrap_model(model)
-    model.eval()
-    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    for batch in batches:
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        total += torch.tensor([loss_sum(model, batch).item(), loss_tokens(batch)], device=accelerator.device)
-    model.train()
-    total = accelerator.reduce(total, reduction="sum")
-    return float(total[0] / total[1]) if total[1] else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def test_packed_row_loss_equals_the_examples_one_by_one(tiny_model_dir, tokenize
     from transformers import AutoModelForCausalLM
 
     from job.data.batching import pack_row, stack_packed
-    from job.train import loss_sum, loss_tokens
+    from job.loss import loss_sum, loss_tokens
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).eval()
     formatter = Formatter("alpaca", {}, "all", tokenizer)
@@ -170,7 +170,7 @@ def test_flash_attention_keeps_packed_examples_apart_in_a_micro_batch(
     from transformers import AutoModelForCausalLM
 
     from job.data.batching import flatten_packed, pack_row, stack_packed
-    from job.train import loss_sum
+    from job.loss import loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
     formatter = Formatter("alpaca", {}, "all", tokenizer)
@@ -403,13 +403,22 @@ def test_resume_continues_reading_where_it_stopped(tokenizer, isolated, monkeypa
     )
 
 
-def test_resume_refuses_other_files(tokenizer, isolated):
-    a = write_jsonl(isolated / "a.jsonl", text_rows(5))
-    b = write_jsonl(isolated / "b.jsonl", text_rows(5))
-    pipeline = pipeline_for(make_spec([a]), tokenizer)
-    next(pipeline.train_batches(2))
-    with pytest.raises(Exception, match="data files differ"):
-        pipeline_for(make_spec([b]), tokenizer).load_state_dict(pipeline.state_dict())
+def test_a_resumed_cursor_reads_the_files_it_was_saved_with(tokenizer, isolated):
+    """A glob naming one more file by the time of the resume: the cursor goes on over its own files."""
+    write_jsonl(isolated / "a.jsonl", text_rows(12))
+    spec = make_spec([str(isolated / "*.jsonl")], endless=True)
+    reference = pipeline_for(spec, tokenizer)
+    batches = reference.train_batches(2)
+    next(batches)
+    state = reference.state_dict()
+    write_jsonl(isolated / "b.jsonl", text_rows(12))
+    resumed = pipeline_for(spec, tokenizer)
+    assert len(resumed.sources[0][0]) == 2  # what the glob names now...
+    resumed.load_state_dict(state)
+    assert resumed.sources[0][0] == [str(isolated / "a.jsonl")]  # ...and what the cursor reads
+    following = resumed.train_batches(2)
+    for _ in range(8):
+        assert torch.equal(next(following)["input_ids"], next(batches)["input_ids"])
 
 
 # --- mixing, eval split ------------------------------------------------------------------------

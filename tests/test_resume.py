@@ -101,6 +101,29 @@ def test_sigkill_after_a_checkpoint_resumes_exactly(spec_path, workdir, uninterr
     assert not stale.exists()
 
 
+def test_a_resumed_run_reads_the_files_it_started_with(spec_path, workdir):
+    """A glob that names one more file by the time the job is requeued: the resumed run goes on over
+    the files it was reading (its cursor is a position in them), bitwise as if never stopped."""
+    parts = workdir / "parts"
+    parts.mkdir()
+    (parts / "a.jsonl").write_bytes((workdir / "train.jsonl").read_bytes())
+    spec = json.loads(spec_path.read_text())
+    spec["data"]["train"] = [str(parts / "*.jsonl")]
+    glob_spec = workdir / "glob-spec.json"
+    glob_spec.write_text(json.dumps(spec))
+    straight = run_ftjob("run", str(glob_spec), "--set", "output.uri=./glob-straight", cwd=workdir)
+    assert straight.returncode == 0, straight.stderr
+
+    process = start_run(glob_spec, "./glob-stopped")
+    read_until(process, f"step 8/{STEPS}")
+    process.terminate()
+    assert process.wait(timeout=120) == 75
+    (parts / "b.jsonl").write_bytes((workdir / "train.jsonl").read_bytes())
+    resumed = run_ftjob("run", str(glob_spec), "--set", "output.uri=./glob-stopped", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(workdir, "glob-straight", "glob-stopped")
+
+
 def test_retention_incomplete_checkpoints_finished_runs_and_spec_changes(spec_path, workdir):
     first = run_ftjob(
         "run", str(spec_path), "--set", "train.max_steps=12", "--set", "output.uri=./o", cwd=workdir

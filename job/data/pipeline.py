@@ -14,6 +14,7 @@ next, without re-reading or re-tokenizing what came before.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -335,6 +336,7 @@ class DataPipeline:
 
     def state_dict(self) -> dict[str, Any]:
         state = {
+            "files": [files for files, _ in self.sources],
             "layout": self.layout,
             "rows": self.rows.state_dict(),
             "examples": self.examples.state_dict(),
@@ -344,7 +346,12 @@ class DataPipeline:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The cursor, by the layout it was saved with (file sizes may have changed since)."""
+        """The cursor, over the files and by the layout it was saved with: a glob or a dataset repo may
+        name other files by now, and file sizes may have changed."""
+        if "files" in state:
+            self.sources = [
+                (files, weight) for files, (_, weight) in zip(state["files"], self.sources, strict=True)
+            ]
         self.layout = state.get("layout", self.layout)
         self._build()
         self.rows.load_state_dict(state["rows"])
@@ -355,9 +362,8 @@ class DataPipeline:
     def count_micro_batches(self, micro_batch_size: int) -> tuple[int, dict[str, float]]:
         """Micro-batches of this rank over all of train.epochs (a separate pass from the start of the
         data), to size an epoch-based run; and that pass's data counters."""
-        counter = DataPipeline(
-            self.config, self.tokenizer, self.seed, self.epochs, self.rank, self.world_size, self.layout
-        )
+        counter = copy.copy(self)  # the same files and layout, fresh stages from the start
+        counter._build()
         counter.budget.quiet = True
         return sum(1 for _ in counter.train_batches(micro_batch_size)), counter.stats()
 

@@ -2,7 +2,10 @@
 
 Formats come from the file name: JSON Lines, JSON arrays, Parquet, CSV and plain text, each optionally
 compressed (.gz, .bz2, .zst, .xz; inferred by fsspec); a directory written by datasets' save_to_disk
-is one source too, read through datasets. Reading streams: rows are parsed as bytes
+is one source too, read through datasets; a Hugging Face dataset repo
+(`hf://datasets/OWNER/NAME[@REVISION][?config=C&split=S]`) names the data files of one split, which
+datasets resolves from the repo (its card's configs, else its file layout), pinned to the commit, and
+which are then read like any other files. Reading streams: rows are parsed as bytes
 arrive and memory stays bounded (Parquet: one row group at a time), except for JSON arrays, which
 are read whole. Every row comes with the Position just after it, so a reader stopped anywhere
 continues later with exactly the next row.
@@ -15,12 +18,15 @@ import io
 import json
 import lzma
 import posixpath
+import re
 import zlib
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
+from urllib.parse import parse_qs
 
 import fsspec
 import pyarrow as pa
@@ -47,6 +53,9 @@ BUFFER_SIZE = 1 << 20  # fsspec's own readline re-reads a whole block per line: 
 REMOTE_BLOCK_SIZE = 4 << 20
 PARQUET_BATCH_ROWS = 1024
 SAVED_DATASET_MARKER = "state.json"  # what datasets' save_to_disk writes beside its Arrow files
+HUB_REPO = re.compile(
+    r"^hf://datasets/(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^/?]+))?/?(?:\?(?P<query>[^/]*))?$"
+)
 # What a damaged or vanishing file raises while it is read: truncated or corrupt compression, a
 # connection lost for good, bytes that are not UTF-8 (CSV), a CSV field over the size limit, not Parquet.
 READ_ERRORS: tuple[type[Exception], ...] = (
@@ -143,8 +152,11 @@ def expand(patterns: Sequence[str], key: str) -> list[str]:
 
 
 def expand_pattern(pattern: str, name: str) -> list[str]:
-    """One URL or glob -> the files it names (sorted). Missing input, or a file of a format that
-    cannot be read, is exit 2, now; `name` says where the pattern is in the spec."""
+    """One URL, glob or dataset repo -> the files it names (sorted). Missing input, or a file of a
+    format that cannot be read, is exit 2, now; `name` says where the pattern is in the spec."""
+    if repo := HUB_REPO.match(pattern):
+        default_split = "validation" if name.startswith("data.eval") else "train"
+        return [_checked(url, name) for url in hub_split_files(pattern, repo, name, default_split)]
     try:
         fs, path = filesystem(pattern)
         if fsspec.core.has_magic(path):
@@ -159,15 +171,43 @@ def expand_pattern(pattern: str, name: str) -> list[str]:
         )
     if not matches:
         raise UserError(f"{name}: no such file: {pattern}")
-    files = []
-    for match in matches:
-        url = fs.unstrip_protocol(match) if "://" in pattern else match
-        try:
-            source_format(fs, match, url)
-        except UserError as e:
-            raise UserError(f"{name}: {e}") from None
-        files.append(url)
-    return files
+    return [_checked(fs.unstrip_protocol(match) if "://" in pattern else match, name) for match in matches]
+
+
+def _checked(url: str, name: str) -> str:
+    """url, once a reader for it is known."""
+    fs, path = filesystem(url)
+    try:
+        source_format(fs, path, url)
+    except UserError as e:
+        raise UserError(f"{name}: {e}") from None
+    return url
+
+
+def hub_split_files(url: str, repo: re.Match, name: str, default_split: str) -> list[str]:
+    """The data files of one split of a Hugging Face dataset repo, as datasets resolves them (no
+    loading script is run: datasets has none since 4.0), pinned to the commit it resolved."""
+    query = parse_qs(repo["query"] or "", keep_blank_values=True)
+    unknown = sorted(set(query) - {"config", "split"})
+    if unknown:
+        raise UserError(
+            f"{name}: {url}: unknown parameter {unknown[0]!r}; a dataset repo takes ?config=...&split=..."
+        )
+    split = query.get("split", [default_split])[-1]
+    config = query.get("config", [None])[-1]
+    from datasets import load_dataset_builder
+
+    try:
+        builder = load_dataset_builder(repo["repo"], config, revision=repo["revision"])
+    except Exception as e:  # no such repo, revision or config; no access; hub unreachable
+        raise UserError(f"{name}: cannot resolve the dataset repo {url}: {type(e).__name__}: {e}") from None
+    splits = builder.config.data_files or {}
+    if split not in splits:
+        known = ", ".join(str(s) for s in splits) or "none"
+        raise UserError(
+            f"{name}: {url} has no split {split!r} (its splits: {known}); choose one with ?split="
+        )
+    return [str(f) for f in splits[split]]
 
 
 def read_rows(
@@ -218,30 +258,37 @@ def _lines(
                 yield done - 1, line, Position(done, offset if seekable else None)
 
 
-def _read_jsonl(
-    url: str, fs: fsspec.AbstractFileSystem, path: str, start: Position, keep: Keep
+def _parsed_lines(
+    url: str,
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    start: Position,
+    keep: Keep,
+    parse: Callable[[bytes], Any],
 ) -> Iterator[tuple[Row, Position]]:
+    """Each kept non-blank line as a row: parse(line), or the ValueError it raised as the row's error."""
     for index, line, after in _lines(url, fs, path, start):
         if keep(index) and line.strip():
             try:
-                value = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                yield Row(url, index + 1, error=f"invalid JSON: {getattr(e, 'msg', e)}"), after
+                value = parse(line)
+            except ValueError as e:
+                yield Row(url, index + 1, error=str(e)), after
             else:
                 yield Row(url, index + 1, value=value), after
 
 
-def _read_text(
-    url: str, fs: fsspec.AbstractFileSystem, path: str, start: Position, keep: Keep
-) -> Iterator[tuple[Row, Position]]:
-    for index, line, after in _lines(url, fs, path, start):
-        if keep(index) and line.strip():
-            try:
-                text = line.decode("utf-8-sig").rstrip("\r\n")  # -sig: a leading byte-order mark is dropped
-            except UnicodeDecodeError as e:
-                yield Row(url, index + 1, error=f"invalid UTF-8: {e.reason}"), after
-            else:
-                yield Row(url, index + 1, value={"text": text}), after
+def _json_line(line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"invalid JSON: {getattr(e, 'msg', e)}") from None
+
+
+def _text_line(line: bytes) -> dict[str, str]:
+    try:
+        return {"text": line.decode("utf-8-sig").rstrip("\r\n")}  # -sig: a leading byte-order mark is dropped
+    except UnicodeDecodeError as e:
+        raise ValueError(f"invalid UTF-8: {e.reason}") from None
 
 
 def _read_csv(
@@ -329,9 +376,9 @@ def _read_saved_dataset(
 
 READERS: dict[str, Callable[..., Iterator[tuple[Row, Position]]]] = {
     "datasets": _read_saved_dataset,
-    "jsonl": _read_jsonl,
+    "jsonl": partial(_parsed_lines, parse=_json_line),
     "json": _read_json,
     "parquet": _read_parquet,
     "csv": _read_csv,
-    "text": _read_text,
+    "text": partial(_parsed_lines, parse=_text_line),
 }
