@@ -4,9 +4,11 @@
     optimizer.pt            optimizer, schedule and grad-scaler states (read with weights_only)  rank 0
     run.json                step, last metrics, MLflow run id, what the run depends on           rank 0
     rank-00000.json         that rank's RNG states and data cursor                               each rank
+    MANIFEST.json           sha256 and size of every file above, the other ranks' included       rank 0
     COMMITTED               written last by rank 0, after every other file is uploaded
 
-A reader trusts only a checkpoint with COMMITTED. Rank files are uploaded before a barrier; rank 0
+A reader trusts only a checkpoint with COMMITTED whose files match its MANIFEST; a damaged newest one
+(a truncated or missing file) is skipped with a warning for the one before. Rank files are uploaded before a barrier; rank 0
 then uploads its files from a background thread and writes COMMITTED, so training goes on meanwhile.
 At most one upload is in flight: a checkpoint that comes while one is uploading waits for it.
 The metric curve is not in checkpoints: each one adds a segment of it (job/metrics_log.py).
@@ -26,10 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from job.data.stream import random_state, set_random_state
 from job.errors import JobError, UserError
+from job.export import MANIFEST, manifest_entry, verify_manifest, write_manifest
 from job.metrics_log import CURVE, read_history, remove_segments_after, segments_uri, to_lines
 from job.spec import Spec, flatten
 from job.storage import download_dir, filesystem, join, upload_dir
@@ -171,8 +175,10 @@ class Checkpointer:
         with tempfile.TemporaryDirectory(prefix="ftjob-rank-") as tmp:
             rank_file = Path(tmp) / f"rank-{self.rank:05d}.json"
             rank_file.write_text(json.dumps({"rng": rng_states(), "data": data_state}))
+            entry = (rank_file.name, manifest_entry(rank_file))
             upload_dir(Path(tmp), uri)
-        accelerator.wait_for_everyone()  # every rank's file is up before rank 0 can commit
+        # every rank's file is up before rank 0 can commit (a collective), and rank 0 learns their hashes
+        rank_entries = dict(gather_object([entry]) if accelerator.num_processes > 1 else [entry])
         if self.rank != 0:
             return
         staging = Path(tempfile.mkdtemp(prefix="ftjob-checkpoint-"))
@@ -182,6 +188,7 @@ class Checkpointer:
             states["scaler"] = accelerator.scaler.state_dict()
         torch.save(states, staging / "optimizer.pt")
         (staging / "run.json").write_text(json.dumps({"step": step, **run, "last_metrics": history[-1]}))
+        write_manifest(staging, rank_entries)
         (staging / COMMITTED).write_text(f"step {step}\n")
         segment = Path(tempfile.mkdtemp(prefix="ftjob-metrics-"))
         (segment / f"{step:06d}.jsonl").write_text(
@@ -245,19 +252,31 @@ class Checkpointer:
             ) from None
 
     def load_latest(self, expected: dict[str, Any]) -> dict[str, Any] | None:
-        """The newest committed checkpoint, downloaded: run.json's content, its metric history and its
-        local directory; None if there is none. `expected`: the fingerprint the current spec gives."""
+        """The newest committed checkpoint that is whole, downloaded: run.json's content, its metric
+        history and its local directory; None if there is none. A damaged one (a file missing or not
+        matching its MANIFEST, unreadable JSON) is skipped with a warning for the one before.
+        `expected`: the fingerprint the current spec gives."""
         steps = committed_steps(self.output_uri)
         if not steps:
             return None
-        local = Path(tempfile.mkdtemp(prefix="ftjob-resume-"))
-        download_dir(self.step_uri(steps[-1]), local)
-        run = json.loads((local / "run.json").read_text())
+        for step in reversed(steps):
+            local = Path(tempfile.mkdtemp(prefix="ftjob-resume-"))
+            try:
+                run = self._download_whole(step, local)
+                break
+            except (JobError, OSError, ValueError, KeyError) as e:
+                shutil.rmtree(local, ignore_errors=True)
+                log.warning("the checkpoint at step %d is damaged (%s): trying the one before", step, e)
+        else:
+            raise UserError(
+                f"every committed checkpoint in {self.root} is damaged (the warnings above say how); "
+                "run with --restart to start over"
+            )
         changes = fingerprint_changes(run["fingerprint"], expected)
         if changes:
             shutil.rmtree(local, ignore_errors=True)
             raise UserError(
-                f"the spec differs from the one that wrote the checkpoint at step {steps[-1]} in "
+                f"the spec differs from the one that wrote the checkpoint at step {step} in "
                 f"{self.root}, so resuming would not continue the same run: "
                 + "; ".join(changes)
                 + ". Run with --restart to start over (checkpoints and published outputs are deleted)."
@@ -266,6 +285,15 @@ class Checkpointer:
             remove_segments_after(self.output_uri, run["step"])
         self.curve_saved_to = run["step"]
         return {**run, "history": read_history(self.output_uri, run["step"]), "dir": local}
+
+    def _download_whole(self, step: int, local: Path) -> dict[str, Any]:
+        """The checkpoint's files into local, checked against its MANIFEST (checkpoints written before
+        there were manifests have none); its run.json."""
+        download_dir(self.step_uri(step), local)
+        if (local / MANIFEST).is_file():
+            verify_manifest(local)
+        json.loads((local / f"rank-{self.rank:05d}.json").read_text())
+        return json.loads((local / "run.json").read_text())
 
     def rank_state(self, saved: dict[str, Any]) -> dict[str, Any]:
         """This rank's data cursor and RNG states in a loaded checkpoint."""

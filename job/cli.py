@@ -96,14 +96,123 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from job.generate import generate
 
-    print(generate(args.adapter, args.prompt, args.max_new_tokens, args.temperature))
+    text = generate(
+        args.adapter,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.trust_remote_code,
+        args.base_model,
+    )
+    print(text)
+    return 0
+
+
+def cmd_launch_slurm(args: argparse.Namespace) -> int:
+    import os
+
+    from job.spec import load_spec
+    from launch.slurm import (
+        SlurmOptions,
+        dry_run_script,
+        executor_for,
+        follow_all,
+        make_private_folder,
+        pass_environment,
+        task_for,
+    )
+    from launch.sweep import PARENT_ENV, load_points, point_specs, start_parent_run
+
+    spec = load_spec(args.spec, args.set)
+    points = load_points(args.sweep) if args.sweep else []
+    specs = point_specs(spec, points) if points else [spec]
+    if args.check_access:
+        from job.preview import check_access
+
+        check_access(spec)
+    options = SlurmOptions(
+        **{name: getattr(args, name) for name in SlurmOptions.__dataclass_fields__ if hasattr(args, name)}
+    )
+    pass_environment(args.env, os.environ)
+    executor = executor_for(options, spec.name, array=len(specs) if points else None)
+    if args.dry_run:
+        print(dry_run_script(executor, len(specs) if points else None))
+        return 0
+    if points and spec.tracking.enabled:
+        from job.tracking import default_tracking_uri
+
+        store = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+        os.environ[PARENT_ENV] = start_parent_run(spec, points, store)  # sbatch exports it to every task
+        print(
+            f"MLflow parent run {os.environ[PARENT_ENV]} in {store}: ftjob compare --parent {os.environ[PARENT_ENV]}"
+        )
+    tasks = [task_for(s, options, args.restart) for s in specs]
+    make_private_folder(executor.folder)
+    try:
+        if points:
+            with executor.batch():  # one job array, a task per point
+                jobs = [executor.submit(task) for task in tasks]
+        else:
+            jobs = [executor.submit(tasks[0])]
+    except Exception as e:  # sbatch refused it: a partition, account or limit that does not exist
+        raise UserError(f"sbatch refused the job: {e}") from None
+    for job, one in zip(jobs, specs, strict=True):
+        print(
+            f"submitted Slurm job {job.job_id} ({one.name}); log: {job.paths.stdout} (errors: {job.paths.stderr})"
+        )
+    return follow_all(jobs) if args.wait else 0
+
+
+def cmd_launch_k8s(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from job.spec import load_spec
+    from launch.k8s import K8sOptions, apply, render, to_yaml
+    from launch.sweep import load_points, point_specs, start_parent_run
+
+    spec = load_spec(args.spec, args.set)
+    points = load_points(args.sweep) if args.sweep else []
+    specs = point_specs(spec, points) if points else [spec]
+    from job.storage import is_local
+
+    local = [s.name for s in specs if is_local(s.output_uri)]
+    if local:
+        raise UserError(
+            f"output.uri {spec.output.uri}: a pod's local disk goes with the pod (checkpoints and the adapter "
+            "with it); give object storage, e.g. s3://bucket/runs/{name}"
+        )
+    if spec.tracking.enabled:
+        print(
+            "note: the pods log to MLFLOW_TRACKING_URI from their Secret; without it, runs go to a sqlite "
+            "file inside the pod and are lost with it",
+            file=sys.stderr,
+        )
+    given = {name: getattr(args, name) for name in K8sOptions.__dataclass_fields__}
+    options = K8sOptions(**{name: value for name, value in given.items() if value is not None})
+    parent = None
+    if args.apply and points and spec.tracking.enabled:
+        if os.environ.get("MLFLOW_TRACKING_URI"):  # the server the pods log to, reached from here too
+            parent = start_parent_run(spec, points, os.environ["MLFLOW_TRACKING_URI"])
+            print(f"MLflow parent run {parent}: ftjob compare --parent {parent}")
+        else:
+            print("no MLflow parent run: MLFLOW_TRACKING_URI is unset here", file=sys.stderr)
+    objects = render(specs, options, parent)
+    if args.output:
+        Path(args.output).write_text(to_yaml(objects))
+        print(f"wrote {len(objects)} objects to {args.output}")
+    elif not args.apply:
+        print(to_yaml(objects), end="")
+    if args.apply:
+        for name in apply(objects, options.namespace):
+            print(f"created {name}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from launch.compare import compare
 
-    compare(args.experiment, args.metric, args.json, args.plot)
+    compare(args.experiment, args.metric, args.json, args.plot, args.parent)
     return 0
 
 
@@ -172,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     preview.set_defaults(handler=cmd_preview)
 
+    add_launch_parser(commands, with_spec)
+
     schema = commands.add_parser("schema", help="print the spec's JSON Schema")
     schema.set_defaults(handler=cmd_schema)
 
@@ -188,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--metric", help="metric to compare and sort by (default: eval/loss, else train/loss)"
     )
+    compare.add_argument("--parent", metavar="RUN_ID", help="only this parent run's children (a sweep)")
     compare.add_argument("--json", action="store_true", help="a JSON list instead of the table")
     compare.add_argument("--plot", metavar="FILE", help="also write the runs' loss curves to this PNG")
     compare.set_defaults(handler=cmd_compare)
@@ -197,8 +309,107 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    generate.add_argument(
+        "--base-model", help="the base model (path or URL) instead of the one the adapter's spec.json names"
+    )
+    generate.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run custom model code shipped with the model or adapter (never taken from the adapter's spec)",
+    )
     generate.set_defaults(handler=cmd_generate)
     return parser
+
+
+def add_launch_parser(commands, with_spec) -> None:
+    launch = commands.add_parser("launch", help="submit a spec to a scheduler")
+    targets = launch.add_subparsers(dest="target", required=True)
+    k8s = targets.add_parser(
+        "k8s",
+        help="render (and --apply) Kubernetes objects",
+        description="Render the spec as a ConfigMap and an Indexed Job of --nodes pods (plus a headless "
+        "Service for several nodes), restricted pod security, credentials from Secrets by reference; "
+        "print them, write them (--output) or create them (--apply).",
+    )
+    slurm = targets.add_parser(
+        "slurm",
+        help="submit to Slurm through submitit",
+        description="Validate the spec here, then submit one Slurm job: one task per node, each running "
+        "`ftjob run --nproc-per-node G`. Before the time limit Slurm sends USR2; the job checkpoints, "
+        "exits 75 and is requeued, and resumes.",
+    )
+    for target in (slurm, k8s):
+        with_spec(target)
+        target.add_argument("--nodes", type=int, default=1)
+        target.add_argument(
+            "--gpus-per-node", type=int, default=0, help="0: a CPU job (one process per node)"
+        )
+        target.add_argument(
+            "--sweep", metavar="FILE", help="YAML of spec keys and the values to try: a run per point"
+        )
+    slurm.add_argument("--partition")
+    slurm.add_argument("--time", dest="time_minutes", type=int, default=60, metavar="MINUTES")
+    slurm.add_argument("--account")
+    slurm.add_argument("--qos")
+    slurm.add_argument("--cpus-per-task", type=int)
+    slurm.add_argument("--mem", help="memory per node, e.g. 64G")
+    slurm.add_argument("--constraint")
+    slurm.add_argument("--exclusive", action="store_true")
+    slurm.add_argument(
+        "--sbatch", action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option"
+    )
+    slurm.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="make sure a variable reaches the job (sbatch exports this shell's environment)",
+    )
+    slurm.add_argument("--signal-seconds", type=int, default=120, help="USR2 this long before the time limit")
+    slurm.add_argument("--max-requeues", type=int, default=10, help="requeues after the time-limit signal")
+    slurm.add_argument(
+        "--container-image", help="run each task in this image: a .sif (Apptainer) or a pyxis/enroot image"
+    )
+    slurm.add_argument("--folder", default="ftjob-logs", help="submitit's folder: the job's pickle and logs")
+    slurm.add_argument("--max-parallel", type=int, help="array tasks running at once (default: all)")
+    slurm.add_argument("--restart", action="store_true", help="ftjob run --restart (the first run only)")
+    slurm.add_argument("--check-access", action="store_true", help="read model, data and output first")
+    slurm.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    slurm.add_argument(
+        "--wait", action="store_true", help="follow the job and its requeues; exit with its exit code"
+    )
+    slurm.set_defaults(handler=cmd_launch_slurm)
+
+    k8s.add_argument("--image", default="ftjob:latest")
+    k8s.add_argument("--namespace")
+    k8s.add_argument("--cpu", default="4", help="CPU request per pod")
+    k8s.add_argument("--memory", default="32Gi", help="memory request and limit per pod")
+    k8s.add_argument("--shm", default="8Gi", help="size of the memory-backed /dev/shm")
+    k8s.add_argument(
+        "--secret",
+        dest="secrets",
+        action="append",
+        metavar="NAME",
+        help="a Secret whose keys become the pod's variables (default: ftjob-credentials, optional)",
+    )
+    k8s.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="a variable, never a secret"
+    )
+    k8s.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
+    k8s.add_argument(
+        "--toleration", dest="tolerations", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]"
+    )
+    k8s.add_argument("--priority-class")
+    k8s.add_argument("--service-account")
+    k8s.add_argument("--queue", help="Kueue LocalQueue (the kueue.x-k8s.io/queue-name label)")
+    k8s.add_argument("--backoff-limit", type=int, default=3)
+    k8s.add_argument("--active-deadline-seconds", type=int)
+    k8s.add_argument("--ttl-seconds", type=int, default=86400, help="delete the finished Job after this long")
+    k8s.add_argument("--output", "-o", metavar="FILE", help="write the manifests here instead of stdout")
+    k8s.add_argument(
+        "--apply", action="store_true", help="create them with your kubeconfig (server dry run first)"
+    )
+    k8s.set_defaults(handler=cmd_launch_k8s, secrets=None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,12 +28,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(directory: Path) -> None:
+def manifest_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+def write_manifest(directory: Path, others: dict[str, dict[str, Any]] | None = None) -> None:
+    """MANIFEST.json: every file of directory (and `others`, files that other processes upload beside
+    them) with its sha256 and size."""
     files = {
-        p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+        p.relative_to(directory).as_posix(): manifest_entry(p)
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
+    files.update(others or {})
     manifest = {"ftjob_version": __version__, "files": files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 

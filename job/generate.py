@@ -18,10 +18,18 @@ from job.spec import Spec, validate_spec
 from job.storage import configure_storage, is_local
 
 
-def load_trained(adapter_dir: Path) -> tuple[object, object, Spec]:
+def load_trained(
+    adapter_dir: Path, trust_remote_code: bool = False, base_model: str | None = None
+) -> tuple[object, object, Spec]:
     """(model, tokenizer, spec) from a published adapter/ directory (or full model for method 'full')
-    whose MANIFEST was verified (fetch_published)."""
-    spec = validate_spec(json.loads((adapter_dir / "spec.json").read_text()), f"{adapter_dir}/spec.json")
+    whose MANIFEST was verified (fetch_published). The adapter's spec.json is data from storage, not
+    an instruction: its trust_remote_code is never honoured (only the caller's), and `base_model`
+    replaces the base it names."""
+    data = json.loads((adapter_dir / "spec.json").read_text())
+    data["model"] = {**data.get("model", {}), "trust_remote_code": trust_remote_code}
+    if base_model:
+        data["model"]["source"] = base_model
+    spec = validate_spec(data, f"{adapter_dir}/spec.json")
     configure_storage(spec.storage_options)  # where the base model is read from, as in training
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(adapter_dir, spec.model)
@@ -80,7 +88,14 @@ def generate_text(
     return text
 
 
-def generate(adapter_uri: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0) -> str:
+def generate(
+    adapter_uri: str,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    trust_remote_code: bool = False,
+    base_model: str | None = None,
+) -> str:
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="ftjob-adapter-") as tmp:
         if is_local(adapter_uri):
@@ -93,7 +108,7 @@ def generate(adapter_uri: str, prompt: str, max_new_tokens: int = 64, temperatur
             raise
         except Exception as e:
             raise UserError(f"--adapter: cannot read {adapter_uri}: {type(e).__name__}: {e}") from None
-        model, tokenizer, spec = load_trained(adapter_dir)
+        model, tokenizer, spec = load_trained(adapter_dir, trust_remote_code, base_model)
         model.eval()
         data = spec.data
         formatter = Formatter.of(data, tokenizer)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 from torch.optim.lr_scheduler import LambdaLR
 
-from job.data.pipeline import DataPipeline
 from job.errors import DataError
 from job.metrics import data_summary
+
+if TYPE_CHECKING:
+    from job.data.pipeline import DataPipeline
 
 
 def lr_factor(step: int, name: str, warmup_steps: int, total_steps: int) -> float:

@@ -366,6 +366,12 @@ def cross_key_problems(data: dict[str, Any]) -> list[str]:
         problems.append(
             "train.epochs: sources mixed by weight have no common epoch; set train.max_steps instead"
         )
+    problems += [
+        f"{where}: a URL with credentials in it (user:password@); they would be logged and published "
+        "with the spec. Put them in the environment (AWS_*, HF_TOKEN, ...) or a Secret instead"
+        for where, value in strings_in(data)
+        if URL_CREDENTIALS.match(value)
+    ]
     full = adapter.get("method") == "full"
     if full and model.get("quantization"):
         problems.append("adapter.method: 'full' cannot train a quantized model; unset model.quantization")
@@ -374,6 +380,17 @@ def cross_key_problems(data: dict[str, Any]) -> list[str]:
             "output.merge: applies to adapters; adapter.method 'full' already saves the whole model"
         )
     return problems
+
+
+def strings_in(value: Any, where: str = "") -> list[tuple[str, str]]:
+    """(dotted path, string) of every string in a parsed spec, at any depth."""
+    if isinstance(value, dict):
+        return [
+            found for k, v in value.items() for found in strings_in(v, f"{where}.{k}" if where else str(k))
+        ]
+    if isinstance(value, list):
+        return [found for i, v in enumerate(value) for found in strings_in(v, f"{where}[{i}]")]
+    return [(where, value)] if isinstance(value, str) else []
 
 
 def _json_path(loc: tuple[Any, ...]) -> str:
@@ -419,22 +436,63 @@ def json_schema() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Publishing: what goes to spec.json and MLflow params
 
+URL_CREDENTIALS = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+@")  # scheme://userinfo@host
 _SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|key$|key_id|session)", re.IGNORECASE)
+# storage_options keys shown as they are (at any depth under a protocol); every other value is hidden:
+# headers, connection strings, SAS tokens and keys of any spelling stay out of spec.json and MLflow.
+SAFE_STORAGE_KEYS = {
+    "endpoint_url", "region_name", "anon", "use_ssl", "verify", "requester_pays", "version_aware",
+    "default_block_size", "default_cache_type", "default_fill_cache", "skip_instance_cache",
+    "use_listings_cache", "listings_expiry_time", "max_concurrency", "client_kwargs", "config_kwargs",
+    "connect_timeout", "read_timeout", "retries", "max_attempts", "mode", "signature_version",
+    "max_pool_connections", "addressing_style", "s3", "project", "account_name",
+}  # fmt: skip
+# Values that are credentials whatever their key: cloud key ids, GitHub/Slack/OpenAI/Hugging Face
+# tokens, bearer headers, JWTs.
+CREDENTIAL_VALUE = re.compile(
+    r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|\b(ghp|gho|ghs|ghu)_[A-Za-z0-9]{20,}|github_pat_\w{20,}|\bxox[abprs]-"
+    r"|\bsk-[A-Za-z0-9_-]{20,}|\bhf_[A-Za-z0-9]{20,}|\bBearer\s+\S+|\beyJ[\w-]{10,}\.[\w-]{10,}"
+)
+# A free-text tag value that looks like a random token (mixed case and digits, 32+ characters); not
+# applied to the rest of the spec, where paths and ids look the same.
+RANDOM_TOKEN = re.compile(r"^(?=.*[a-z])(?=.*[A-Z])(?=.*\d)[A-Za-z0-9+/=_-]{32,}$")
 REDACTED = "***"
 
 
 def redact(value: Any) -> Any:
-    """Replace values whose keys look like secrets, at any depth (storage_options may carry keys)."""
+    """Hide values whose keys look like secrets, and values that look like credentials, at any depth."""
     if isinstance(value, dict):
         return {k: REDACTED if _SECRET_KEY.search(str(k)) else redact(v) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
+    if isinstance(value, str) and CREDENTIAL_VALUE.search(value):
+        return REDACTED
     return value
 
 
+def _allowed_storage_options(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _allowed_storage_options(v) if k in SAFE_STORAGE_KEYS else REDACTED for k, v in value.items()
+        }
+    return redact(value)
+
+
 def public_dict(spec: Spec) -> dict[str, Any]:
-    """The spec as published (spec.json, MLflow): defaults filled in, secrets removed."""
-    return redact(spec.model_dump(mode="json"))
+    """The spec as published (spec.json, MLflow params, the ConfigMap check): defaults filled in,
+    secrets hidden. The one redaction every sink uses; storage_options by allowlist."""
+    data = spec.model_dump(mode="json")
+    options = {protocol: _allowed_storage_options(o) for protocol, o in data.pop("storage_options").items()}
+    public = {**redact(data), "storage_options": options}
+    public["tracking"]["tags"] = public_tags(data["tracking"]["tags"])
+    return public
+
+
+def public_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """tracking.tags as logged: values that look like credentials hidden."""
+    return {
+        key: REDACTED if RANDOM_TOKEN.match(str(value)) else redact(str(value)) for key, value in tags.items()
+    }
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -197,13 +197,28 @@ def _put_options(protocol: str, size: int) -> dict[str, Any]:
 
 
 def download_dir(uri: str, local_dir: Path) -> list[str]:
-    """Copy every file under uri into local_dir; returns the relative names copied."""
+    """Copy every file under uri into local_dir; returns the relative names copied. Object keys are
+    untrusted: one that is absolute, has a `..` or empty part, or would land outside local_dir is
+    refused (UserError naming it) before anything is copied."""
     fs, root = filesystem(uri)
     root = root.rstrip("/")
-    names = []
+    inside = local_dir.resolve()
+    copies = []
     for path in sorted(fs.find(root)):
-        name = path[len(root) :].lstrip("/")
-        (local_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(path, str(local_dir / name))
-        names.append(name)
-    return names
+        name = path[len(root) :].removeprefix("/")  # one separator: "a//b" keeps its empty part
+        target = (local_dir / name).resolve()
+        parts = name.split("/")
+        if (
+            not name
+            or name.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)
+            or not target.is_relative_to(inside)
+        ):
+            raise UserError(
+                f"{uri}: refusing the object {name!r}: its name would be written outside {local_dir}"
+            )
+        copies.append((path, name, target))
+    for path, _, target in copies:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(path, str(target))
+    return [name for _, name, _ in copies]

@@ -36,7 +36,7 @@ from typing import Any
 from job import __version__
 from job.data.sources import expand
 from job.errors import EXIT_REQUEUE
-from job.spec import Spec, TrackingSpec, flatten, public_dict
+from job.spec import Spec, TrackingSpec, flatten, public_dict, public_tags
 from job.spool import RUN_KEY_TAG, Spool, deliver, find_spool, now_ms, spool_root
 from job.storage import absolute, filesystem, protocol_of
 from job.system_metrics import SystemSampler
@@ -191,7 +191,7 @@ def run_record(spec: Spec) -> RunRecord:
     except Exception as e:  # a source listed a moment ago and gone now: the run goes on without it
         log.warning("data sources not logged to MLflow: %s: %s", type(e).__name__, e)
         datasets = []
-    tags = {"ftjob.output_uri": absolute(spec.output_uri), **spec.tracking.tags}
+    tags = {"ftjob.output_uri": absolute(spec.output_uri), **public_tags(spec.tracking.tags)}
     return RunRecord(
         spec.tracking.run_name or spec.name, spec_params(spec), public_dict(spec), tags, datasets
     )

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 
 from job.checkpoint import Checkpointer, fingerprint, remove_all, remove_uncommitted, set_rng_states
 from job.data.batching import Batch, empty_batch, flatten_packed
-from job.data.pipeline import DataPipeline
+from job.data.pipeline import DataPipeline, shared_plan
 from job.export import is_published, publish, publish_merged, remove_published
 from job.loss import eval_metrics, loss_sum, loss_tokens
 from job.metrics import data_metrics, data_summary, flops_per_token, mfu, peak_flops, peak_memory_gib
@@ -123,11 +123,9 @@ def train(
 def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest) -> Run:
     cfg, is_main = spec.train, accelerator.is_main_process
     model_dir, tokenizer = model_dir_and_tokenizer(spec.model, spec.data.chat_template)
-    data = DataPipeline(
-        spec.data, tokenizer, cfg.seed, cfg.epochs, accelerator.process_index, accelerator.num_processes
-    )
-    if accelerator.num_processes > 1:  # every rank reads by rank 0's plan of who reads which files
-        data.use_layout(broadcast_object_list([data.layout])[0])
+    plan = shared_plan(spec.data, accelerator)  # rank 0 resolves the files; every rank follows it
+    rank, world = accelerator.process_index, accelerator.num_processes
+    data = DataPipeline(spec.data, tokenizer, cfg.seed, cfg.epochs, rank, world, plan)
     if is_main:
         check_writable(spec.output_uri)
         if not restart:

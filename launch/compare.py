@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -68,6 +69,7 @@ def compare(
     metric: str | None = None,
     as_json: bool = False,
     plot: str | None = None,
+    parent: str | None = None,
 ) -> list[RunSummary]:
     """Print the comparison (a table, or JSON) and optionally write the plot; returns the rows."""
     from mlflow import MlflowClient
@@ -78,8 +80,15 @@ def compare(
     uri = tracking_uri()
     client = MlflowClient(uri)
     try:
-        found = find_experiment(client, experiment)
-        runs = client.search_runs([found.experiment_id], max_results=10000)
+        if parent:  # a sweep: the parent run's children
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", parent):
+                raise UserError(f"--parent {parent!r}: not an MLflow run id")
+            found = client.get_experiment(client.get_run(parent).info.experiment_id)
+            children = f"tags.`mlflow.parentRunId` = '{parent}'"
+            runs = client.search_runs([found.experiment_id], children, max_results=10000)
+        else:
+            found = find_experiment(client, experiment)
+            runs = client.search_runs([found.experiment_id], max_results=10000)
         metric = metric or choose_metric(runs)
         summaries = summarize(client, runs, metric)
     except MlflowException as e:
@@ -87,7 +96,8 @@ def compare(
     if as_json:
         print(json.dumps([s.to_json() for s in summaries], indent=2))
     else:
-        print(f"experiment {found.name}: {len(summaries)} run(s), sorted by final {metric}")
+        of_parent = f" of parent run {parent}" if parent else ""
+        print(f"experiment {found.name}: {len(summaries)} run(s){of_parent}, sorted by final {metric}")
         print(format_table(summaries, metric))
     if plot:
         plot_curves(summaries, metric, Path(plot))

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # A real single-node Slurm for the tests: slurmctld, slurmd, slurmdbd on MariaDB (submitit reads job
-# states with sacct), munge; everything on loopback, state under $FTJOB_SLURM_DIR (default
+# states with sacct), munge; daemons on loopback (MariaDB on a socket only), state under $FTJOB_SLURM_DIR (default
 # /tmp/ftjob-slurm). Needs root and Debian's packages, which `start` installs when missing.
 #
-#   slurm/testcluster.sh start    # idempotent: installs, configures, starts; returns once the node is idle
-#   slurm/testcluster.sh stop     # stops what start started, by the pids it recorded
+#   slurm/testcluster.sh up       # idempotent: installs, configures, starts; returns once the node is idle
+#   slurm/testcluster.sh down     # stops what up started, by the pids it recorded
 #   slurm/testcluster.sh status   # exit 0 when the node answers
+#
+# Clients need SLURM_CONF=$FTJOB_SLURM_DIR/etc/slurm.conf (up prints it).
 #
 # Tuned for tests (shared/SLURM_TESTCLUSTER.md): short credential expiry and scheduler intervals so a
 # requeued job comes back in seconds; no cgroups (proctrack/linuxproc); jobs run as root.
@@ -32,7 +34,7 @@ install_packages() {
     fi
     apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-    [[ $created -eq 1 ]] && rm -f "$policy"
+    if [[ $created -eq 1 ]]; then rm -f "$policy"; fi
 }
 
 write_config() {
@@ -149,7 +151,7 @@ start_daemon() {  # start_daemon NAME COMMAND...
 
 node_idle() { sinfo -h -N -o "%T" 2>/dev/null | grep -qE "^idle"; }
 
-start() {
+up() {
     [[ $(id -u) -eq 0 ]] || { log "needs root"; exit 1; }
     install_packages
     write_config
@@ -164,7 +166,7 @@ start() {
     log "up: export SLURM_CONF=$SLURM_CONF"
 }
 
-stop() {
+down() {
     for name in slurmd slurmctld slurmdbd mariadbd munged; do
         if alive "$name"; then
             kill "$(cat "$DIR/run/$name.pid")" 2>/dev/null || true
@@ -174,8 +176,8 @@ stop() {
 }
 
 case "${1:-}" in
-    start) start ;;
-    stop) stop ;;
-    status) SLURM_CONF="$DIR/etc/slurm.conf" node_idle || SLURM_CONF="$DIR/etc/slurm.conf" sinfo -h >/dev/null ;;
-    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    up) up ;;
+    down) down ;;
+    status) alive slurmctld && alive slurmd && SLURM_CONF="$DIR/etc/slurm.conf" sinfo -h >/dev/null 2>&1 ;;
+    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
 esac

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import ALPACA_ROWS, REPO, S3_ENV, causal_attention, free_port, write_jsonl
 
-INTEGRATION_FIXTURES = {"tiny_model_dir", "s3_server", "data_files"}
+INTEGRATION_FIXTURES = {"tiny_model_dir", "s3_server", "data_files", "slurm"}
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -55,6 +55,31 @@ def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real single-node Slurm (slurm/testcluster.sh: slurmctld, slurmd, slurmdbd on MariaDB, munge).
+    `.ci/run` brings it up; otherwise this brings it up (installing Debian's packages when missing,
+    so it needs root) and down again at the end. Yields the environment its commands need."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip(
+            "the Slurm test cluster (slurm/testcluster.sh) needs root to install and start its daemons"
+        )
+    script = str(REPO / "slurm" / "testcluster.sh")
+    already_up = subprocess.run([script, "status"], capture_output=True).returncode == 0
+    if not already_up:
+        started = subprocess.run([script, "up"], capture_output=True, text=True)
+        assert started.returncode == 0, started.stderr
+    env = {
+        "SLURM_CONF": str(Path(os.environ.get("FTJOB_SLURM_DIR", "/tmp/ftjob-slurm"), "etc", "slurm.conf"))
+    }
+    os.environ.update(env)  # sbatch, squeue, sacct, scancel in this process and its children
+    yield env
+    if not already_up:
+        subprocess.run([script, "down"], check=False)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 
 The Hub cannot be reached here, so this answers the few endpoints that huggingface_hub's HfFileSystem
 and datasets' repo resolution call (repo info, tree listing, paths info, file download with ranges),
-for repos `root/OWNER/NAME/` at one fixed commit. A repo named in `private` answers only requests
+for repos `root/OWNER/NAME/` at one fixed commit, which the revisions in REVISIONS name (others are
+answered 404, as the Hub answers an unknown revision). A repo named in `private` answers only requests
 with `Authorization: Bearer <token>` (others get 401, as the Hub does). Point HF_ENDPOINT at it.
 Stdlib only.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+REVISIONS = {"main", "v1.0", "refs/pr/1", COMMIT}
 API = re.compile(
     r"^/api/datasets/(?P<repo>[^/]+/[^/]+)(?:/(?P<verb>revision|tree|paths-info)/(?P<rev>[^/]+)(?:/(?P<path>.*))?)?$"
 )
@@ -54,19 +56,20 @@ class HubServer:
                 self.answer()
 
             def answer(self, head: bool = False) -> None:
-                url = urlsplit(self.path)
-                path = unquote(url.path)
+                url = urlsplit(self.path)  # matched still quoted: a revision may hold an encoded "/"
                 hub.requests.append(f"{self.command} {self.path}")
-                repo = (RESOLVE.match(path) or API.match(path) or {"repo": None})["repo"]
+                match = RESOLVE.match(url.path) or API.match(url.path)
+                if not match:
+                    return self.send_json({"error": "not found"}, 404)
+                repo, path = match["repo"], unquote(match["path"] or "")
                 if repo in hub.private and self.headers.get("Authorization") != f"Bearer {hub.private[repo]}":
                     return self.send_json({"error": "Invalid credentials"}, 401)
-                if m := RESOLVE.match(path):
-                    return self.resolve(m["repo"], m["path"], head)
-                if m := API.match(path):
-                    return getattr(self, (m["verb"] or "revision").replace("-", "_"))(
-                        m["repo"], m["path"] or "", url.query
-                    )
-                self.send_json({"error": "not found"}, 404)
+                if match["rev"] is not None and unquote(match["rev"]) not in REVISIONS:
+                    return self.send_json({"error": "Invalid rev id"}, 404, error_code="RevisionNotFound")
+                if match.re is RESOLVE:
+                    return self.resolve(repo, path, head)
+                verb = (match["verb"] or "revision").replace("-", "_")
+                return getattr(self, verb)(repo, path, url.query)
 
             def repo_dir(self, repo: str) -> Path | None:
                 directory = hub.root / repo

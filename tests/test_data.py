@@ -395,7 +395,7 @@ def test_sharding_is_balanced_and_counts_rows_per_rank(tmp_path, tokenizer, worl
     assert max(sizes) - min(sizes) <= 1  # balanced
     if world_size == 1:
         # one rank reads everything: the files in the epoch's seeded order, each file's rows in order
-        (files,) = [files for files, _ in pipeline_for(spec, tokenizer).sources]
+        (files,) = [files for files, _ in pipeline_for(spec, tokenizer).plan.sources]
         order = SourceStream(files, spec.train.seed).file_order(0)
         by_file = {files[0]: [f"a{i}" for i in range(7)], files[1]: [f"b{i}" for i in range(4)]}
         assert per_rank[0] == [c for f in order for c in by_file[f]]

@@ -1,9 +1,7 @@
 """The deployment files (docker/, k8s/, slurm/) checked the ways these machines allow (DESIGN.md, "Real parts").
 
 Docker: hadolint on docker/Dockerfile (no engine can build images here) plus the image contract.
-Kubernetes: every manifest validated with kubernetes-validate against the newest schema it ships, plus the
-Job's contract (Indexed, exit-code policy, non-root, secrets only by reference); the pod's command is run
-locally with the pod's env (`validate` in place of `run`: the spec points at object storage).
+(Kubernetes manifests: tests/test_k8s.py.)
 Slurm: `bash -n`, the #SBATCH contract, and the script run for real with stand-in `srun` and `scontrol`.
 """
 
@@ -18,13 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-import kubernetes_validate
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "docker" / "Dockerfile"
-K8S = REPO / "k8s"
 SBATCH = REPO / "slurm" / "ftjob.sbatch"
 SECRET_NAME = re.compile(
     r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|^AWS_)", re.IGNORECASE
@@ -101,197 +96,6 @@ def test_dockerignore_lets_the_package_through():
     assert patterns[0] == "*", "an allow-list keeps .venv, .git and runs out of the build context"
     for needed in ("pyproject.toml", "job/", "launch/"):
         assert f"!{needed}" in patterns, f".dockerignore must let {needed} through"
-
-
-# ---------------------------------------------------------------------------------------------
-# Kubernetes
-
-
-def k8s_manifests() -> list[tuple[Path, dict]]:
-    """Every Kubernetes object under k8s/ (kustomization files are kustomize's, not the API server's)."""
-    found = []
-    for path in sorted([*K8S.rglob("*.yaml"), *K8S.rglob("*.yml")]):
-        if path.name in ("kustomization.yaml", "kustomization.yml"):
-            continue
-        found += [(path, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
-    return found
-
-
-def of_kind(kind: str) -> list[dict]:
-    return [doc for _, doc in k8s_manifests() if doc["kind"] == kind]
-
-
-@pytest.fixture
-def job() -> dict:
-    jobs = of_kind("Job")
-    assert len(jobs) == 1, f"expected one Job under k8s/, found {len(jobs)}"
-    return jobs[0]
-
-
-def the_container(job: dict) -> dict:
-    containers = job["spec"]["template"]["spec"]["containers"]
-    return next(c for c in containers if c["name"] == "ftjob")
-
-
-def env_of(container: dict) -> dict[str, dict]:
-    return {e["name"]: e for e in container.get("env", [])}
-
-
-def test_every_manifest_validates_against_the_newest_kubernetes_schema():
-    version = kubernetes_validate.latest_version()
-    manifests = k8s_manifests()
-    assert {doc["kind"] for _, doc in manifests} >= {"Job", "Service", "ConfigMap"}
-    for path, doc in manifests:
-        where = f"{path.relative_to(REPO)}: {doc['kind']}/{doc['metadata']['name']}"
-        try:
-            kubernetes_validate.validate(doc, version, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            pytest.fail(
-                f"{where} invalid for Kubernetes {version} at {'.'.join(map(str, e.path))}: {e.message}"
-            )
-        except kubernetes_validate.SchemaNotFoundError as e:
-            pytest.fail(f"{where}: {e.message}")
-
-
-def test_kustomizations_list_every_manifest_beside_them():
-    kustomizations = sorted(K8S.rglob("kustomization.yaml"))
-    assert kustomizations, "k8s/ is a kustomize base"
-    for path in kustomizations:
-        kustomization = yaml.safe_load(path.read_text())
-        assert kustomization["kind"] == "Kustomization"
-        assert kustomization["apiVersion"].startswith("kustomize.config.k8s.io/")
-        resources = kustomization.get("resources", [])
-        for resource in resources:
-            assert (path.parent / resource).exists(), f"{path}: resource {resource} does not exist"
-        beside = {p.name for p in path.parent.glob("*.yaml") if p.name != "kustomization.yaml"}
-        assert beside <= set(resources), f"{path}: not listed: {sorted(beside - set(resources))}"
-
-
-def test_job_is_indexed_with_one_pod_per_node(job):
-    spec = job["spec"]
-    assert spec["completionMode"] == "Indexed"
-    assert spec["parallelism"] == spec["completions"] >= 1
-    env = env_of(the_container(job))
-    if "NNODES" in env:
-        assert int(env["NNODES"]["value"]) == spec["parallelism"], "NNODES, parallelism, completions agree"
-
-
-def test_job_retries_checkpointed_exits_and_fails_fast_on_user_errors(job):
-    spec = job["spec"]
-    pod = spec["template"]["spec"]
-    assert pod["restartPolicy"] == "Never", "podFailurePolicy needs restartPolicy Never"
-    action_for = {}
-    for rule in spec["podFailurePolicy"]["rules"]:
-        on_exit = rule.get("onExitCodes")
-        if on_exit and on_exit["operator"] == "In":
-            assert on_exit.get("containerName", "ftjob") == "ftjob"
-            action_for.update({code: rule["action"] for code in on_exit["values"]})
-    assert action_for.get(75) in ("Ignore", "Count"), "75: checkpointed, the replacement pod resumes"
-    assert action_for.get(2) == "FailJob", "2: bad spec or input, a retry cannot help"
-    assert action_for.get(3) == "FailJob", "3: data error, a retry cannot help"
-    assert pod["terminationGracePeriodSeconds"] >= 120, "SIGTERM must leave time to publish a checkpoint"
-
-
-def test_pod_runs_as_non_root_and_asks_for_a_gpu(job):
-    pod = job["spec"]["template"]["spec"]
-    container = the_container(job)
-    run_as_non_root = container.get("securityContext", {}).get(
-        "runAsNonRoot", pod.get("securityContext", {}).get("runAsNonRoot")
-    )
-    assert run_as_non_root is True
-    assert container.get("securityContext", {}).get("allowPrivilegeEscalation") is False
-    resources = container["resources"]
-    gpus = resources.get("limits", {}).get(
-        "nvidia.com/gpu", resources.get("requests", {}).get("nvidia.com/gpu")
-    )
-    assert gpus is not None and int(gpus) >= 1
-
-
-def test_no_literal_secrets_anywhere(job):
-    assert not [d for d in of_kind("Secret") if d.get("data") or d.get("stringData")], (
-        "no Secret values in k8s/"
-    )
-    env = env_of(the_container(job))
-    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)
-    for name, entry in env.items():
-        if SECRET_NAME.search(name):
-            assert "value" not in entry, f"env {name} has a literal value; use valueFrom.secretKeyRef"
-            assert "secretKeyRef" in entry.get("valueFrom", {}), f"env {name} must come from a Secret"
-    for path, _ in k8s_manifests():
-        assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", path.read_text()), f"{path}: an AWS key id"
-
-
-def test_every_pod_and_retry_of_a_job_shares_one_restart_id(job):
-    """`ftjob run --restart` starts over once per Job: the id is the Job's uid, the same on a retry."""
-    entry = env_of(the_container(job))["FTJOB_RESTART_ID"]
-    assert (
-        entry["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/controller-uid']"
-    )
-
-
-def test_headless_service_names_rank_zero(job):
-    pod = job["spec"]["template"]["spec"]
-    services = [s for s in of_kind("Service") if s["metadata"]["name"] == pod["subdomain"]]
-    assert len(services) == 1, "the pods' subdomain is a Service under k8s/"
-    service = services[0]["spec"]
-    assert service["clusterIP"] == "None", "headless: per-pod DNS records, no virtual IP"
-    assert service["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
-    env = env_of(the_container(job))
-    master = env["MASTER_ADDR"]["value"]
-    job_name = env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] if "JOB_NAME" in env else None
-    assert job_name in (None, "metadata.labels['batch.kubernetes.io/job-name']")
-    expected = (
-        f"$(JOB_NAME)-0.{pod['subdomain']}" if job_name else f"{job['metadata']['name']}-0.{pod['subdomain']}"
-    )
-    assert master == expected
-    assert env["MASTER_PORT"]["value"].isdigit()
-
-
-def test_pod_command_runs_locally_with_the_pods_env(job, tmp_path):
-    """The container's command with its spec from the ConfigMap and its literal env, here (validate for run)."""
-    pod = job["spec"]["template"]["spec"]
-    container = the_container(job)
-    command = container.get("command", ["ftjob"]) + container.get("args", [])
-    assert command[:2] == ["ftjob", "run"], command
-    spec_path = command[2]
-    from job.cli import build_parser
-
-    run = build_parser().parse_args(command[1:])  # the launcher options are ftjob run's own
-    assert run.spec == spec_path and run.nproc_per_node == "auto"
-
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    volume = next(
-        v
-        for v in pod["volumes"]
-        if "configMap" in v and spec_path.startswith(mounts[v["name"]].rstrip("/") + "/")
-    )
-    mount_path = mounts[volume["name"]].rstrip("/")
-    relative = spec_path[len(mount_path) + 1 :]
-    items = {i["path"]: i["key"] for i in volume["configMap"].get("items", [])} or {relative: relative}
-    config_map = next(c for c in of_kind("ConfigMap") if c["metadata"]["name"] == volume["configMap"]["name"])
-    local_mount = tmp_path / "spec"
-    for path, key in items.items():
-        (local_mount / path).parent.mkdir(parents=True, exist_ok=True)
-        (local_mount / path).write_text(config_map["data"][key])
-
-    def here(value: str) -> str:
-        """A path inside the pod's mount -> the same path under the local copy."""
-        inside = value == mount_path or value.startswith(mount_path + "/")
-        return str(local_mount) + value[len(mount_path) :] if inside else value
-
-    env = dict(os.environ)
-    for name, entry in env_of(container).items():
-        if "value" in entry:
-            env[name] = here(entry["value"])
-    assert env["FTJOB_SPEC"] == str(local_mount / relative), "FTJOB_SPEC names the mounted spec"
-    local_spec = here(spec_path)
-    spec_name = json.loads(config_map["data"][items[relative]])["name"]
-    for argv in (["validate", local_spec], ["validate"]):  # the argument, then FTJOB_SPEC alone
-        result = subprocess.run(
-            [sys.executable, "-m", "job", *argv], env=env, capture_output=True, text=True, timeout=120
-        )
-        assert result.returncode == 0, result.stderr
-        assert spec_name in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------

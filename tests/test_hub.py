@@ -25,6 +25,13 @@ configs:
 ---
 # Two languages
 """
+CSV_CARD = """---
+configs:
+- config_name: default
+  data_files: train.csv
+  sep: ";"
+---
+"""
 
 
 @pytest.fixture
@@ -45,8 +52,16 @@ def hub(tmp_path, monkeypatch):
     write_jsonl(root / "org/private/train.jsonl", [{"instruction": "Say hi", "output": "hi"}])
     (root / "org/arrows/data").mkdir(parents=True)
     (root / "org/arrows/data/train.arrow").write_bytes(b"not read")
+    (root / "org/scripted").mkdir(parents=True)
+    (root / "org/scripted/scripted.py").write_text("raise SystemExit('a loading script ran')\n")
+    write_jsonl(root / "org/scripted/train.jsonl", [{"instruction": "Say hi", "output": "hi"}])
+    (root / "org/options/README.md").parent.mkdir(parents=True)
+    (root / "org/options/README.md").write_text(CSV_CARD)
+    (root / "org/options/train.csv").write_text("instruction;output\nSay hi;hi\n")
     server = HubServer(root, private={"org/private": "hf_secret"})
+    monkeypatch.delenv("HF_TOKEN", raising=False)
     for name, value in {
+        "HF_DATASETS_OFFLINE": "0",
         "HF_ENDPOINT": server.url,
         "HF_HUB_OFFLINE": "0",
         "HF_HOME": str(tmp_path / "hf-home"),
@@ -72,8 +87,8 @@ def test_a_repo_names_the_files_of_a_split_pinned_to_the_commit(hub, tiny_model_
     spec = write_spec(
         tmp_path / "s.json",
         tiny_model_dir,
-        ["hf://datasets/org/cards", "hf://datasets/org/cards?config=fr"],
-        ["hf://datasets/org/plain", "hf://datasets/org/cards?config=fr&split=test"],
+        ["hf://datasets/org/cards@v1.0", "hf://datasets/org/cards@refs/pr/1?config=fr"],
+        ["hf://datasets/org/plain@refs%2Fpr%2F1", "hf://datasets/org/cards?config=fr&split=test"],
     )
     result = run_ftjob("validate", spec, "--check-access", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -101,6 +116,9 @@ def test_a_repo_names_the_files_of_a_split_pinned_to_the_commit(hub, tiny_model_
         ("hf://datasets/org/cards?config=de", "cannot resolve the dataset repo"),
         ("hf://datasets/org/private", "cannot resolve the dataset repo"),  # no HF_TOKEN
         ("hf://datasets/org/arrows", "train.arrow: unsupported file type"),
+        ("hf://datasets/org/scripted", "cannot resolve the dataset repo"),  # scripts are never run
+        ("hf://datasets/org/options", "reader options ftjob does not apply (sep)"),
+        ("hf://datasets/org/plain@nope", "cannot resolve the dataset repo hf://datasets/org/plain@nope"),
     ],
 )
 def test_a_repo_that_cannot_give_the_split_is_exit_2_naming_the_entry(

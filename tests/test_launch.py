@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,17 @@ def test_a_failing_worker_ends_the_job_with_its_code(spec_path, workdir):
     )  # fmt: skip
     assert code == 3, out
     assert "invalid JSON" in out
+
+
+def test_missing_data_found_by_rank_0_ends_every_rank_with_exit_2(spec_path, workdir):
+    """Rank 0 resolves the files for every rank; what it cannot find is exit 2 on all of them."""
+    started = time.monotonic()
+    code, out = finish(
+        start_run(spec_path, "./missing", "--nproc-per-node", "2", "--set", f"data.train=['{workdir / 'none-*.jsonl'}']")
+    )  # fmt: skip
+    assert code == 2, out
+    assert out.count("no such file") >= 2  # raised on both ranks, from rank 0's plan
+    assert time.monotonic() - started < 120  # not a wait for the collective timeout
 
 
 @pytest.mark.parametrize("how", ["arguments", "indexed job"])

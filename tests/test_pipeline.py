@@ -266,10 +266,10 @@ def test_ranks_read_only_their_share_of_the_files_exactly_once_and_resume_exactl
 
     with open(files[0], "a") as f:  # the sizes change: a fresh plan would stripe, the cursor keeps its plan
         f.write("".join(json.dumps(r) + "\n" for r in text_rows(30, prefix="late")))
-    assert pipeline_for(spec, tokenizer, 1, 2).layout == [None]
+    assert pipeline_for(spec, tokenizer, 1, 2).plan.layout == [None]
     again = pipeline_for(spec, tokenizer, 1, 2)
     again.load_state_dict(state)
-    assert again.layout == state["layout"] and again.layout != [None]
+    assert again.plan.layout == state["plan"]["layout"] and again.plan.layout != [None]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -406,16 +406,19 @@ def test_resume_continues_reading_where_it_stopped(tokenizer, isolated, monkeypa
 def test_a_resumed_cursor_reads_the_files_it_was_saved_with(tokenizer, isolated):
     """A glob naming one more file by the time of the resume: the cursor goes on over its own files."""
     write_jsonl(isolated / "a.jsonl", text_rows(12))
-    spec = make_spec([str(isolated / "*.jsonl")], endless=True)
+    write_jsonl(isolated / "eval-a.txt", text_rows(3))
+    spec = make_spec([str(isolated / "*.jsonl")], endless=True, eval=[str(isolated / "eval-*")])
     reference = pipeline_for(spec, tokenizer)
     batches = reference.train_batches(2)
     next(batches)
     state = reference.state_dict()
     write_jsonl(isolated / "b.jsonl", text_rows(12))
+    write_jsonl(isolated / "eval-b.txt", text_rows(3))
     resumed = pipeline_for(spec, tokenizer)
-    assert len(resumed.sources[0][0]) == 2  # what the glob names now...
+    assert len(resumed.plan.sources[0][0]) == 2  # what the glob names now...
     resumed.load_state_dict(state)
-    assert resumed.sources[0][0] == [str(isolated / "a.jsonl")]  # ...and what the cursor reads
+    assert resumed.plan.sources[0][0] == [str(isolated / "a.jsonl")]  # ...and what the cursor reads
+    assert resumed.eval_files == [str(isolated / "eval-a.txt")]  # the eval split too
     following = resumed.train_batches(2)
     for _ in range(8):
         assert torch.equal(next(following)["input_ids"], next(batches)["input_ids"])

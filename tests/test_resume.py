@@ -124,6 +124,47 @@ def test_a_resumed_run_reads_the_files_it_started_with(spec_path, workdir):
     assert_same_run(workdir, "glob-straight", "glob-stopped")
 
 
+@pytest.mark.parametrize("damage", ["truncated run.json", "missing rank file", "flipped weight byte"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(spec_path, workdir, uninterrupted, damage):
+    output = f"./damaged-{damage.split()[0]}"
+    process = start_run(spec_path, output)
+    read_until(process, "checkpoint step 10 committed")
+    read_until(process, f"step 12/{STEPS}")
+    process.terminate()
+    assert process.wait(timeout=120) == 75
+    checkpoints = workdir / output / "checkpoints"
+    newest = sorted(checkpoints.iterdir())[-1]
+    stopped_at = int(newest.name.split("-")[1])  # the step the stop came after: 12 or a little later
+    assert stopped_at > 10 and (newest / "MANIFEST.json").is_file()
+    if damage == "truncated run.json":
+        (newest / "run.json").write_text((newest / "run.json").read_text()[:20])
+    elif damage == "missing rank file":
+        (newest / "rank-00000.json").unlink()
+    else:
+        weights = bytearray((newest / "trainable.safetensors").read_bytes())
+        weights[-1] ^= 0xFF
+        (newest / "trainable.safetensors").write_bytes(bytes(weights))
+
+    resumed = run_ftjob("run", str(spec_path), "--set", f"output.uri={output}", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"the checkpoint at step {stopped_at} is damaged" in resumed.stderr
+    assert "resuming from the checkpoint at step 10" in resumed.stderr
+    assert_same_run(workdir, uninterrupted, output)
+
+
+def test_when_every_checkpoint_is_damaged_the_job_says_so_and_exits_2(spec_path, workdir):
+    process = start_run(spec_path, "./all-damaged")
+    read_until(process, "checkpoint step 5 committed")
+    read_until(process, f"step 7/{STEPS}")
+    process.terminate()
+    assert process.wait(timeout=120) == 75
+    for checkpoint in (workdir / "all-damaged" / "checkpoints").iterdir():
+        (checkpoint / "run.json").write_text("{")
+    resumed = run_ftjob("run", str(spec_path), "--set", "output.uri=./all-damaged", cwd=workdir)
+    assert resumed.returncode == 2, resumed.stderr
+    assert "every committed checkpoint in" in resumed.stderr and "--restart" in resumed.stderr
+
+
 def test_retention_incomplete_checkpoints_finished_runs_and_spec_changes(spec_path, workdir):
     first = run_ftjob(
         "run", str(spec_path), "--set", "train.max_steps=12", "--set", "output.uri=./o", cwd=workdir

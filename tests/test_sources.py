@@ -279,11 +279,7 @@ def test_csv_gzip(tmp_path):
     ("text", "match"),
     [
         ('[{"a": 1},\n {"a": 2,}]', r"d\.json:2:10: invalid JSON: Expecting property name"),
-        (
-            '{"a": 1}\n{"a": 2}\n',
-            r"d\.json:2:1: invalid JSON: Extra data \(JSON Lines\? name the file \.jsonl\)",
-        ),
-        ('{"rows": [{"a": 1}]}', r"d\.json:1:1: expected a JSON array of rows, got dict"),
+        ('"rows"', r"d\.json:1:1: expected a JSON array of rows, got str"),
     ],
 )
 def test_invalid_json_file_is_a_data_error(tmp_path, text, match):
@@ -291,6 +287,17 @@ def test_invalid_json_file_is_a_data_error(tmp_path, text, match):
     with pytest.raises(DataError, match=match) as info:
         list(read_rows(str(tmp_path / "d.json")))
     assert info.value.exit_code == 3
+
+
+def test_a_json_file_of_json_lines_is_read_as_json_lines(tmp_path):
+    """As datasets reads .json files, which dataset repos often fill with JSON Lines."""
+    (tmp_path / "d.json").write_bytes(b'\xef\xbb\xbf{"a": 1}\n{"a": 2\n{"a": 3}\n')
+    rows = [row for row, _ in read_rows(str(tmp_path / "d.json"))]
+    assert [(r.line, r.value, r.error) for r in rows] == [
+        (1, {"a": 1}, None),
+        (2, None, "invalid JSON: Expecting ',' delimiter"),
+        (3, {"a": 3}, None),
+    ]
 
 
 def test_json_invalid_utf8_names_line_and_column(tmp_path):

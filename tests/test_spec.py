@@ -575,6 +575,43 @@ def test_public_dict_redacts_storage_secrets():
     assert "SECRET" not in json.dumps(public)
 
 
+def test_storage_options_are_shown_by_allowlist_and_credential_tags_hidden():
+    """Keys of any spelling (headers, cookies, connection strings, SAS tokens) stay hidden."""
+    data = {
+        "model": {"source": "m"},
+        "data": {"train": ["d.jsonl"]},
+        "train": {"max_steps": 1},
+        "tracking": {
+            "tags": {
+                "team": "nlp",
+                "ci": "ghp_abcdefghijklmnopqrstuvwxyz0123",
+                "note": "Bearer abc.def",
+                "key": "aB3dE5fG7hI9jK1lM3nO5pQ7rS9tU1vWxY",
+                "commit": "0123456789abcdef0123456789abcdef01234567",
+            }
+        },
+        "storage_options": {
+            "http": {"headers": {"Authorization": "Basic SECRET-A", "Cookie": "session=SECRET-B"}},
+            "abfs": {
+                "connection_string": "DefaultEndpointsProtocol=https;AccountKey=SECRET-C",
+                "account_name": "acct",
+            },
+            "az": {"sas": "sv=2021&sig=SECRET-D"},
+            "s3": {"endpoint_url": "http://minio:9000", "config_kwargs": {"retries": {"max_attempts": 3}}},
+        },
+    }
+    spec = validate_spec(data)
+    public = public_dict(spec)
+    assert "SECRET" not in json.dumps(public)
+    assert public["storage_options"]["abfs"] == {"connection_string": "***", "account_name": "acct"}
+    assert public["storage_options"]["s3"]["config_kwargs"] == {"retries": {"max_attempts": 3}}
+    from job.spec import public_tags
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    expected = {"team": "nlp", "ci": "***", "note": "***", "key": "***", "commit": commit}
+    assert public_tags(spec.tracking.tags) == expected == public["tracking"]["tags"]
+
+
 def test_public_dict_keeps_ordinary_keys_and_defaults():
     public = public_dict(secret_spec())
     assert public["model"]["trust_remote_code"] is False

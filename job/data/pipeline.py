@@ -26,7 +26,7 @@ from job.data.formats import BadRow, Example, Formatter
 from job.data.sources import Row, expand, file_sizes
 from job.data.stream import EPOCH_END, EpochEnd, Mixture, ShuffleBuffer, SourceStream, file_shares, held_out
 from job.data.tokens import TokenizedExample, fit, tokenize
-from job.errors import DataError
+from job.errors import DataError, JobError
 from job.spec import BadRowsSpec, DataSpec
 
 log = logging.getLogger(__name__)
@@ -221,6 +221,55 @@ def train_sources(data: DataSpec) -> list[tuple[list[str], float]]:
     return [(expand(patterns, f"data.train[{i}]"), weight) for i, (patterns, weight) in enumerate(groups)]
 
 
+@dataclass
+class DataPlan:
+    """Which files the run reads, made once (by rank 0) and followed by every rank, then saved with
+    the cursor so that a resumed run reads the same files even where a glob or a dataset repo names
+    other files by then: data.train's sources as (files, weight), the eval files, and for each source
+    every rank's share of whole files (None where ranks stripe its rows)."""
+
+    sources: list[tuple[list[str], float]]
+    eval_files: list[str]
+    layout: list[list[list[str]] | None]
+
+    @staticmethod
+    def make(config: DataSpec, world_size: int) -> DataPlan:
+        sources = train_sources(config)
+        if config.eval_fraction:
+            eval_files = [f for files, _ in sources for f in files]
+        else:
+            eval_files = expand(config.eval, "data.eval")
+        layout = []
+        for files, _ in sources:
+            sized = file_sizes(files) if len(files) >= world_size > 1 else None
+            layout.append(file_shares(sized, world_size) if sized else None)
+        return DataPlan(sources, eval_files, layout)
+
+    @staticmethod
+    def from_dict(state: dict[str, Any]) -> DataPlan:
+        return DataPlan(
+            [(files, weight) for files, weight in state["sources"]], state["eval_files"], state["layout"]
+        )
+
+
+def shared_plan(config: DataSpec, accelerator) -> DataPlan:
+    """Rank 0's plan, on every rank (each rank resolving globs and repos itself could see other files,
+    or other sizes); an input error there is raised on every rank, not only on rank 0."""
+    from accelerate.utils import broadcast_object_list
+
+    plan: DataPlan | JobError | None = None
+    if accelerator.is_main_process:
+        try:
+            plan = DataPlan.make(config, accelerator.num_processes)
+        except JobError as e:
+            plan = e
+    if accelerator.num_processes > 1:
+        plan = broadcast_object_list([plan])[0]
+    if isinstance(plan, JobError):
+        raise plan
+    return plan
+
+
 def packing_efficiency(real_tokens: float, rows: float, length: int) -> float:
     """Real tokens over the capacity of the packed rows."""
     return real_tokens / (rows * length) if rows else 0.0
@@ -237,10 +286,10 @@ class DataPipeline:
         epochs: int | None = None,
         rank: int = 0,
         world_size: int = 1,
-        layout: list[list[list[str]] | None] | None = None,
+        plan: DataPlan | None = None,
     ):
         """`epochs`: train.epochs (the data ends after them), or None for max_steps (endless);
-        `layout`: who reads which files (plan_layout's), planned here when not given."""
+        `plan`: which files (every rank follows rank 0's), made here when not given."""
         self.config = config
         self.tokenizer = tokenizer
         self.seed = seed
@@ -248,32 +297,18 @@ class DataPipeline:
         self.rank = rank
         self.world_size = world_size
         self.formatter = Formatter.of(config, tokenizer)
-        self.sources = train_sources(config)
-        self.layout = self.plan_layout() if layout is None else layout
-        self.eval_files = expand(self.config.eval, "data.eval")
-        if self.config.eval_fraction:
-            self.eval_files = [f for files, _ in self.sources for f in files]
+        self.plan = plan or DataPlan.make(config, world_size)
         self._build()
 
-    def plan_layout(self) -> list[list[list[str]] | None]:
-        """For each source, every rank's share of whole files, or None where rows are striped."""
-        layout = []
-        for files, _ in self.sources:
-            sized = file_sizes(files) if len(files) >= self.world_size > 1 else None
-            layout.append(file_shares(sized, self.world_size) if sized else None)
-        return layout
-
-    def use_layout(self, layout: list[list[list[str]] | None]) -> None:
-        """Read by this layout: rank 0's plan (every rank must read by the same one; sizes seen from
-        each rank may differ), or the layout a checkpoint was written with."""
-        self.layout = layout
-        self._build()
+    @property
+    def eval_files(self) -> list[str]:
+        return self.plan.eval_files
 
     def _rank_files(self) -> list[tuple[list[str], bool]]:
         """For each source: (the files this rank reads, whether it keeps only its stripe of their rows)."""
         return [
             (files, True) if shares is None else (shares[self.rank], False)
-            for (files, _), shares in zip(self.sources, self.layout, strict=True)
+            for (files, _), shares in zip(self.plan.sources, self.plan.layout, strict=True)
         ]
 
     def _build(self) -> None:
@@ -297,7 +332,7 @@ class DataPipeline:
             )
             for files, striped in self._rank_files()
         ]
-        weights = [weight for _, weight in self.sources]
+        weights = [weight for _, weight in self.plan.sources]
         self.rows = streams[0] if len(streams) == 1 else Mixture(streams, weights, seed, self.rank)
         self.budget = BadRowBudget(self.config.bad_rows, "data.train")
         self.examples = ExampleStream(self.rows, self.tokenizer, self.config, self.budget)
@@ -336,8 +371,7 @@ class DataPipeline:
 
     def state_dict(self) -> dict[str, Any]:
         state = {
-            "files": [files for files, _ in self.sources],
-            "layout": self.layout,
+            "plan": asdict(self.plan),
             "rows": self.rows.state_dict(),
             "examples": self.examples.state_dict(),
         }
@@ -346,13 +380,12 @@ class DataPipeline:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The cursor, over the files and by the layout it was saved with: a glob or a dataset repo may
-        name other files by now, and file sizes may have changed."""
-        if "files" in state:
-            self.sources = [
-                (files, weight) for files, (_, weight) in zip(state["files"], self.sources, strict=True)
-            ]
-        self.layout = state.get("layout", self.layout)
+        """The cursor, over the files and by the layout it was saved with (a glob or a dataset repo
+        may name other files by now, and file sizes may have changed)."""
+        if "plan" in state:
+            self.plan = DataPlan.from_dict(state["plan"])
+        elif "layout" in state:  # a checkpoint from before plans were saved
+            self.plan.layout = state["layout"]
         self._build()
         self.rows.load_state_dict(state["rows"])
         self.examples.load_state_dict(state["examples"])

@@ -14,6 +14,7 @@ continues later with exactly the next row.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import lzma
@@ -26,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import fsspec
 import pyarrow as pa
@@ -53,8 +54,9 @@ BUFFER_SIZE = 1 << 20  # fsspec's own readline re-reads a whole block per line: 
 REMOTE_BLOCK_SIZE = 4 << 20
 PARQUET_BATCH_ROWS = 1024
 SAVED_DATASET_MARKER = "state.json"  # what datasets' save_to_disk writes beside its Arrow files
+# A revision is a branch, tag or commit (one with "/" URL-encoded, %2F), or a pull request's refs/pr/N.
 HUB_REPO = re.compile(
-    r"^hf://datasets/(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^/?]+))?/?(?:\?(?P<query>[^/]*))?$"
+    r"^hf://datasets/(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>refs/pr/\d+|[^/?]+))?/?(?:\?(?P<query>.*))?$"
 )
 # What a damaged or vanishing file raises while it is read: truncated or corrupt compression, a
 # connection lost for good, bytes that are not UTF-8 (CSV), a CSV field over the size limit, not Parquet.
@@ -156,7 +158,7 @@ def expand_pattern(pattern: str, name: str) -> list[str]:
     format that cannot be read, is exit 2, now; `name` says where the pattern is in the spec."""
     if repo := HUB_REPO.match(pattern):
         default_split = "validation" if name.startswith("data.eval") else "train"
-        return [_checked(url, name) for url in hub_split_files(pattern, repo, name, default_split)]
+        return [_named_format(url, name) for url in hub_split_files(pattern, repo, name, default_split)]
     try:
         fs, path = filesystem(pattern)
         if fsspec.core.has_magic(path):
@@ -184,6 +186,15 @@ def _checked(url: str, name: str) -> str:
     return url
 
 
+def _named_format(url: str, name: str) -> str:
+    """A file a dataset repo names (never a saved dataset's folder), once its name says its format."""
+    try:
+        file_format(url)
+    except UserError as e:
+        raise UserError(f"{name}: {e}") from None
+    return url
+
+
 def hub_split_files(url: str, repo: re.Match, name: str, default_split: str) -> list[str]:
     """The data files of one split of a Hugging Face dataset repo, as datasets resolves them (no
     loading script is run: datasets has none since 4.0), pinned to the commit it resolved."""
@@ -197,10 +208,23 @@ def hub_split_files(url: str, repo: re.Match, name: str, default_split: str) -> 
     config = query.get("config", [None])[-1]
     from datasets import load_dataset_builder
 
+    revision = unquote(repo["revision"]) if repo["revision"] else None
     try:
-        builder = load_dataset_builder(repo["repo"], config, revision=repo["revision"])
-    except Exception as e:  # no such repo, revision or config; no access; hub unreachable
+        builder = load_dataset_builder(repo["repo"], config, revision=revision)
+    except Exception as e:  # no such repo, revision or config; no access; hub unreachable; a script
         raise UserError(f"{name}: cannot resolve the dataset repo {url}: {type(e).__name__}: {e}") from None
+    defaults = type(builder.config)(name=builder.config.name)
+    options = [
+        f.name
+        for f in dataclasses.fields(builder.config)
+        if f.name not in ("name", "version", "data_dir", "data_files", "description")
+        and getattr(builder.config, f.name) != getattr(defaults, f.name)
+    ]
+    if options:
+        raise UserError(
+            f"{name}: {url}: the dataset card sets reader options ftjob does not apply ({', '.join(options)}); "
+            "name the data files directly instead"
+        )
     splits = builder.config.data_files or {}
     if split not in splits:
         known = ", ".join(str(s) for s in splits) or "none"
@@ -318,9 +342,14 @@ def _read_csv(
 def _read_json(
     url: str, fs: fsspec.AbstractFileSystem, path: str, start: Position, keep: Keep
 ) -> Iterator[tuple[Row, Position]]:
-    """A JSON array: rows are its items. Read whole: streaming a JSON array needs an extra library."""
+    """A JSON array: rows are its items. Read whole: streaming a JSON array needs an extra library.
+    A .json file of JSON Lines (common in dataset repos) is read as JSON Lines."""
     with _reading(url, lambda: 1), _open(fs, path) as f:
-        data = f.read()
+        json_lines = f.peek(64).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{"
+        data = b"" if json_lines else f.read()
+    if json_lines:
+        yield from _parsed_lines(url, fs, path, start, keep, _json_line)
+        return
     try:
         items = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:

@@ -1,0 +1,297 @@
+"""`ftjob launch k8s`: render a spec as Kubernetes objects (and optionally create them).
+
+One run is a ConfigMap holding the spec and an Indexed Job of N pods, one per node (the completion
+index is the node rank; job/cluster.py reads it); with N > 1 a headless Service gives pod 0 the DNS
+name the others meet at. Each pod runs `ftjob run /spec/spec.json --nproc-per-node auto` (one worker
+per GPU of the pod). Exit 75 (checkpointed after SIGTERM) and disruptions do not count against
+backoffLimit, 2 and 3 (bad input, bad data) fail the Job at once. Credentials only by reference to
+Secrets. A sweep renders one ConfigMap and Job (and Service) per point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from job.errors import EXIT_REQUEUE, DataError, UserError
+from job.spec import CREDENTIAL_VALUE, URL_CREDENTIALS, Spec, flatten, public_dict
+
+SPEC_DIR = "/spec"
+IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+PORT = 29500
+UID = 10001  # the image's user (docker/Dockerfile)
+SECRET_NAME = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.IGNORECASE)
+# Writable paths of a pod whose root filesystem is read-only (the image keeps its state under these).
+WRITABLE = {"work": "/work", "tmp": "/tmp", "home": "/home/ftjob"}
+
+
+@dataclass
+class K8sOptions:
+    nodes: int = 1
+    gpus_per_node: int = 0
+    image: str = "ftjob:latest"
+    namespace: str | None = None
+    cpu: str = "4"
+    memory: str = "32Gi"
+    shm: str = "8Gi"
+    secrets: list[str] = field(default_factory=lambda: ["ftjob-credentials"])  # envFrom, optional
+    env: list[str] = field(default_factory=list)  # NAME=VALUE, never a secret
+    node_selector: list[str] = field(default_factory=list)  # KEY=VALUE
+    tolerations: list[str] = field(default_factory=list)  # KEY[=VALUE][:EFFECT]
+    priority_class: str | None = None
+    service_account: str | None = None
+    queue: str | None = None  # Kueue's LocalQueue
+    backoff_limit: int = 3
+    active_deadline_seconds: int | None = None
+    ttl_seconds: int = 86400
+
+
+def object_name(spec_name: str) -> str:
+    """A DNS-1035 label from the spec's name (a Service's name starts with a letter), short enough for
+    `<name>-<index>` pod hostnames; a long one keeps a hash of the whole name, so names stay apart."""
+    name = re.sub(r"[^a-z0-9-]+", "-", spec_name.lower()).strip("-")
+    if not name[:1].isalpha():
+        name = f"ftjob-{name}".rstrip("-")
+    if len(name) > 52:
+        name = f"{name[:43].rstrip('-')}-{hashlib.sha256(spec_name.encode()).hexdigest()[:8]}"
+    return name
+
+
+def render(specs: list[Spec], options: K8sOptions, parent_run_id: str | None = None) -> list[dict[str, Any]]:
+    """The objects of every spec (one for a run, one per point for a sweep), in creation order."""
+    names = [object_name(spec.name) for spec in specs]
+    if len(set(names)) < len(names):
+        raise UserError(f"two runs would get one Kubernetes name: {names}; give the spec a shorter name")
+    objects = []
+    for spec, name in zip(specs, names, strict=True):
+        objects.append(config_map(name, spec, options))
+        if options.nodes > 1:
+            objects.append(service(name, options))
+        objects.append(job(name, spec, options, parent_run_id))
+    return objects
+
+
+def metadata(name: str, options: K8sOptions, **labels: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": {"app.kubernetes.io/name": "ftjob", **labels}}
+    if options.namespace:
+        meta["namespace"] = options.namespace
+    return meta
+
+
+def config_map(name: str, spec: Spec, options: K8sOptions) -> dict[str, Any]:
+    data = spec.model_dump(mode="json")
+    secrets = [key for key, value in flatten(data).items() if flatten(public_dict(spec)).get(key) != value]
+    if secrets:
+        raise UserError(
+            f"{', '.join(secrets)}: a secret-looking value in the spec would sit in a ConfigMap; put it in a "
+            "Secret and pass --secret SECRET_NAME (its keys become the pod's variables)"
+        )
+    text = json.dumps(data, indent=2) + "\n"
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(f"{name}-spec", options), "data": {"spec.json": text}}  # fmt: skip
+
+
+def service(name: str, options: K8sOptions) -> dict[str, Any]:
+    """Headless: only DNS records, `<job>-<index>.<service>`, published before the pods are ready
+    (the ranks meet before any readiness)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(name, options),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"batch.kubernetes.io/job-name": name},
+            "ports": [{"name": "rendezvous", "port": PORT, "targetPort": PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def job(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | None) -> dict[str, Any]:
+    labels = {"kueue.x-k8s.io/queue-name": options.queue} if options.queue else {}
+    exits = {"containerName": "ftjob", "operator": "In"}
+    body: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": options.nodes,
+        "parallelism": options.nodes,
+        "backoffLimit": options.backoff_limit,
+        "podReplacementPolicy": "Failed",  # a replacement starts once the old pod has committed
+        "ttlSecondsAfterFinished": options.ttl_seconds,
+        "podFailurePolicy": {
+            "rules": [
+                {"action": "FailJob", "onExitCodes": {**exits, "values": [UserError.exit_code, DataError.exit_code]}},
+                {"action": "Ignore", "onExitCodes": {**exits, "values": [EXIT_REQUEUE]}},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {"metadata": {"labels": {"app.kubernetes.io/name": "ftjob"}}, "spec": pod(name, spec, options, parent_run_id)},
+    }  # fmt: skip
+    if options.active_deadline_seconds:
+        body["activeDeadlineSeconds"] = options.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata(name, options, **labels),
+        "spec": body,
+    }
+
+
+def pod(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | None) -> dict[str, Any]:
+    tolerations = [toleration(t) for t in options.tolerations]
+    if options.gpus_per_node:
+        tolerations.insert(0, {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+    body: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        # SIGTERM -> ftjob publishes a checkpoint and exits 75; this long before SIGKILL
+        "terminationGracePeriodSeconds": int(spec.train.stop_grace_seconds) + 30,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container(name, options, parent_run_id)],
+        "volumes": [
+            {"name": "spec", "configMap": {"name": f"{name}-spec"}},
+            *({"name": volume, "emptyDir": {}} for volume in WRITABLE),
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm}},
+        ],
+    }
+    if options.nodes > 1:
+        body["subdomain"] = name
+    optional = {
+        "tolerations": tolerations,
+        "nodeSelector": dict(pair(item, "--node-selector") for item in options.node_selector),
+        "priorityClassName": options.priority_class,
+        "serviceAccountName": options.service_account,
+    }
+    body.update({key: value for key, value in optional.items() if value})
+    return body
+
+
+def container(name: str, options: K8sOptions, parent_run_id: str | None) -> dict[str, Any]:
+    gpus = {"nvidia.com/gpu": options.gpus_per_node} if options.gpus_per_node else {}
+    env = [
+        {"name": "FTJOB_SPEC", "value": f"{SPEC_DIR}/spec.json"},
+        {"name": "FTJOB_IMAGE", "value": options.image},
+        field_env("JOB_NAME", "metadata.labels['batch.kubernetes.io/job-name']"),
+        # one id for every pod and retry of the Job: `ftjob run --restart` starts over once per Job
+        field_env("FTJOB_RESTART_ID", "metadata.labels['batch.kubernetes.io/controller-uid']"),
+        field_env("NODE_RANK", "metadata.annotations['batch.kubernetes.io/job-completion-index']"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        {"name": "NNODES", "value": str(options.nodes)},
+        {"name": "MASTER_PORT", "value": str(PORT)},
+    ]
+    if options.nodes > 1:
+        env.append({"name": "MASTER_ADDR", "value": f"$(JOB_NAME)-0.{name}"})
+    if parent_run_id:
+        env.append({"name": "FTJOB_PARENT_RUN_ID", "value": parent_run_id})
+    env += [literal_env(item) for item in options.env]
+    return {
+        "name": "ftjob",
+        "image": options.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["ftjob"],
+        "args": ["run", f"{SPEC_DIR}/spec.json", "--nproc-per-node", "auto"],
+        "env": env,
+        "envFrom": [{"secretRef": {"name": secret, "optional": True}} for secret in options.secrets],
+        "ports": [{"name": "rendezvous", "containerPort": PORT}],
+        "resources": {
+            "requests": {"cpu": options.cpu, "memory": options.memory, **gpus},
+            "limits": {"memory": options.memory, **gpus},
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+            *({"name": volume, "mountPath": path} for volume, path in WRITABLE.items()),
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+    }
+
+
+def field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def literal_env(item: str) -> dict[str, str]:
+    name, value = pair(item, "--env")
+    if SECRET_NAME.search(name) or CREDENTIAL_VALUE.search(value) or URL_CREDENTIALS.match(value):
+        raise UserError(
+            f"--env {name}: looks like a credential; put it in a Secret and pass --secret SECRET_NAME "
+            "(its keys become the pod's variables), never as a literal in the manifest"
+        )
+    return {"name": name, "value": value}
+
+
+def pair(item: str, flag: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"{flag} {item!r}: expected KEY=VALUE")
+    return key, value
+
+
+def toleration(item: str) -> dict[str, str]:
+    """KEY[=VALUE][:EFFECT] -> a toleration (Exists without a value, Equal with one)."""
+    rest, _, effect = item.partition(":")
+    key, sep, value = rest.partition("=")
+    if not key or effect not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+        raise UserError(
+            f"--toleration {item!r}: expected KEY[=VALUE][:NoSchedule|PreferNoSchedule|NoExecute]"
+        )
+    result = {"key": key, "operator": "Equal" if sep else "Exists"}
+    if sep:
+        result["value"] = value
+    if effect:
+        result["effect"] = effect
+    return result
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the spec in the ConfigMap) as literal blocks, readable in the manifest."""
+
+    def represent_str(self, data: str) -> yaml.ScalarNode:
+        return self.represent_scalar("tag:yaml.org,2002:str", data, style="|" if "\n" in data else None)
+
+
+_Dumper.add_representer(str, _Dumper.represent_str)
+
+
+def to_yaml(objects: list[dict[str, Any]]) -> str:
+    return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, width=120)
+
+
+def apply(objects: list[dict[str, Any]], namespace: str | None) -> list[str]:
+    """Create the objects with the user's kubeconfig (in-cluster config inside a pod): all of them
+    through a server-side dry run first, so that nothing is created when one would be refused."""
+    try:
+        from kubernetes import client, config, utils
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+    except ImportError:
+        raise UserError("--apply needs the Kubernetes client: pip install 'ftjob[k8s]'") from None
+
+    try:
+        try:
+            config.load_kube_config()
+            target = namespace or config.list_kube_config_contexts()[1]["context"].get("namespace", "default")
+        except config.ConfigException:
+            config.load_incluster_config()
+            target = namespace or Path(IN_CLUSTER_NAMESPACE).read_text().strip()
+        api = client.ApiClient()
+        for dry_run in ("All", None):
+            for obj in objects:
+                utils.create_from_dict(api, obj, namespace=target, dry_run=dry_run)
+    except (config.ConfigException, ApiException, utils.FailToCreateError, HTTPError, OSError) as e:
+        raise UserError(f"cannot create the objects in Kubernetes: {type(e).__name__}: {e}") from None
+    return [f"{obj['kind'].lower()}/{obj['metadata']['name']}" for obj in objects]

@@ -1,0 +1,302 @@
+"""`ftjob launch slurm`: submit a spec as a Slurm job through submitit, from a login node or a laptop.
+
+The spec is validated here first (a bad spec is exit 2 now, not a failed job after hours in the
+queue). Each node of the job runs one task, `FtjobTask`, which runs `ftjob run --nproc-per-node G`
+in the foreground: placement and rendezvous come from Slurm's environment (job/cluster.py), nothing
+is added here. Slurm sends the stop signal (USR2, `--signal-seconds` before the time limit); the task
+passes it on, ftjob checkpoints and exits 75, and task 0 requeues the job (`scontrol requeue`, up to
+`--max-requeues` times), which resumes from that checkpoint. After SIGTERM (scancel, preemption) the
+job is not requeued here: Slurm requeues preempted jobs itself where the cluster says so. A requeued
+run never passes `--restart` on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from job.errors import EXIT_REQUEUE, UserError
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+TIME_LIMIT_SIGNALS = {signal.SIGUSR1, signal.SIGUSR2}
+# sacct's states of a job that goes on; any other is its end, but for REQUEUED_AFTER, after which Slurm
+# requeues a job that allows it (ftjob's do): those are the end only once they have lasted SETTLE_SECONDS.
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}  # fmt: skip
+REQUEUED_AFTER = {"PREEMPTED", "NODE_FAIL"}
+SETTLE_SECONDS = 60.0
+UNKNOWN_LIMIT_SECONDS = 300.0  # sacct silent this long: stop following
+# sbatch options that submitit or ftjob set themselves: a --sbatch for one would break requeueing,
+# signals, logs or the environment the job needs.
+RESERVED_SBATCH = {"array", "output", "error", "wrap", "signal", "open-mode", "requeue", "no-requeue", "export", "ntasks", "ntasks-per-node", "job-name"}  # fmt: skip
+EXIT_MESSAGE = re.compile(r"ftjob exited with (\d+)")
+
+
+class FtjobFailed(RuntimeError):
+    """The task's ftjob ended with a non-zero code (submitit records it; `--wait` returns it)."""
+
+    def __init__(self, code: int):
+        super().__init__(f"ftjob exited with {code}")
+        self.code = code
+
+
+@dataclass
+class FtjobTask:
+    """What each Slurm task (one per node) runs; pickled by submitit into the job's folder."""
+
+    spec: dict[str, Any]  # validated, as JSON
+    nproc_per_node: str  # a number, or "auto"
+    restart: bool
+    max_requeues: int
+    command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "job"])
+
+    def __call__(self) -> int:
+        requeues = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="ftjob-spec-") as spec_file:
+            json.dump(self.spec, spec_file)  # 0600: NamedTemporaryFile's mode
+            spec_file.flush()
+            argv = [*self.command, "run", spec_file.name, "--nproc-per-node", self.nproc_per_node]
+            if self.restart and requeues == 0:
+                argv.append("--restart")
+            code, received = run_forwarding_signals(argv)
+        if code == 0:
+            return 0
+        time_limit = bool(received & TIME_LIMIT_SIGNALS) and signal.SIGTERM not in received
+        if code == EXIT_REQUEUE and time_limit and int(os.environ.get("SLURM_PROCID") or 0) == 0:
+            job = os.environ["SLURM_JOB_ID"]
+            if requeues < self.max_requeues:
+                print(f"ftjob launch: checkpointed (exit 75); requeueing job {job}", file=sys.stderr)
+                try:
+                    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+                except (OSError, subprocess.SubprocessError) as e:  # no scontrol here (an image without it)
+                    print(f"ftjob launch: cannot requeue ({e}); the job ends with 75", file=sys.stderr)
+                    raise FtjobFailed(code) from None
+                sys.exit(EXIT_REQUEUE)  # no result is recorded: the requeued run records its own
+            print(
+                f"ftjob launch: requeued {requeues} times already (--max-requeues); not again",
+                file=sys.stderr,
+            )
+        raise FtjobFailed(code)
+
+
+def run_forwarding_signals(argv: list[str]) -> tuple[int, set[int]]:
+    """Run argv; the stop signals this process gets go on to it. Returns its exit code and the
+    signals received (Slurm may also signal the child directly; ftjob takes a repeat as one stop)."""
+    child = subprocess.Popen(argv)
+    received: set[int] = set()
+
+    def forward(signum: int, _frame) -> None:
+        received.add(signum)
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code, received
+
+
+# ---------------------------------------------------------------------------------------------
+# The login-node side
+
+
+@dataclass
+class SlurmOptions:
+    partition: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    time_minutes: int = 60
+    account: str | None = None
+    qos: str | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    constraint: str | None = None
+    exclusive: bool = False
+    sbatch: list[str] = field(default_factory=list)  # KEY=VALUE
+    signal_seconds: int = 120
+    max_requeues: int = 10
+    container_image: str | None = None
+    folder: str = "ftjob-logs"
+    max_parallel: int | None = None  # array tasks at once (a sweep)
+
+
+def executor_for(options: SlurmOptions, job_name: str, array: int | None = None):
+    """A submitit SlurmExecutor with one task per node; for a sweep of `array` points, at most
+    --max-parallel of its array's tasks at once."""
+    if array and options.container_image:  # submitit's job arrays run the login node's Python
+        raise UserError("--sweep with --container-image is not supported yet: submit each point on its own")
+    import submitit
+
+    if "%" in options.folder:
+        raise UserError(f"--folder {options.folder}: a plain path, without Slurm's %-patterns")
+    folder = Path(options.folder).absolute()
+    python, srun_args = runtime(options.container_image, folder)
+    executor = submitit.SlurmExecutor(folder=folder, python=python)
+    extra = dict(sbatch_pair(item) for item in options.sbatch)
+    extra.setdefault("requeue", True)
+    executor.update_parameters(
+        job_name=job_name,
+        partition=options.partition,
+        nodes=options.nodes,
+        ntasks_per_node=1,
+        gpus_per_node=options.gpus_per_node or None,
+        time=options.time_minutes,
+        account=options.account,
+        qos=options.qos,
+        cpus_per_task=options.cpus_per_task,
+        mem=options.mem,
+        constraint=options.constraint,
+        exclusive=options.exclusive or None,
+        signal_delay_s=options.signal_seconds,
+        additional_parameters=extra,
+        srun_args=srun_args,
+        array_parallelism=options.max_parallel or array or 256,
+    )
+    return executor
+
+
+def runtime(image: str | None, folder: Path) -> tuple[str | None, list[str]]:
+    """(the python command of each task, extra srun arguments): this environment's Python (on a
+    shared filesystem), an Apptainer image (.sif), or an image for pyxis/enroot; either with the job's
+    folder mounted (the task reads its pickle and writes its result there)."""
+    if image is None:
+        return None, []
+    if image.endswith(".sif"):
+        return f"apptainer exec --nv --bind {shlex.quote(str(folder))} {shlex.quote(image)} python3", []
+    return "python3", [f"--container-image={image}", f"--container-mounts={folder}:{folder}"]
+
+
+def make_private_folder(folder: Path) -> None:
+    """The job's folder, readable by its owner only (its pickle holds the spec)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o700)
+    except OSError as e:
+        raise UserError(f"--folder {folder}: {e}") from None
+
+
+def sbatch_pair(item: str) -> tuple[str, str | bool]:
+    key, sep, value = item.partition("=")
+    key = key.strip().lstrip("-")
+    if not key:
+        raise UserError(
+            f"--sbatch {item!r}: expected KEY=VALUE (or KEY for a flag), e.g. --sbatch mail-type=END"
+        )
+    if key in RESERVED_SBATCH:
+        raise UserError(f"--sbatch {key}: set by ftjob launch itself (logs, signal, requeue, environment)")
+    return key, value if sep else True
+
+
+def task_for(spec, options: SlurmOptions, restart: bool) -> FtjobTask:
+    nproc = str(options.gpus_per_node) if options.gpus_per_node else "auto"
+    command = ["ftjob"] if options.container_image else [sys.executable, "-m", "job"]
+    return FtjobTask(spec.model_dump(mode="json"), nproc, restart, options.max_requeues, command)
+
+
+def dry_run_script(executor, array: int | None = None) -> str:
+    """The sbatch script submitit would submit (its own text, so the two cannot drift apart); for a
+    job array of `array` tasks, as submitit makes it (its map_count)."""
+    if array:
+        executor.parameters["map_count"] = array
+    try:
+        return executor._make_submission_file_text(executor._submitit_command_str, "DRY-RUN")
+    finally:
+        executor.parameters.pop("map_count", None)
+
+
+def pass_environment(names: list[str], environ: dict[str, str]) -> None:
+    """--env NAME (this shell's value) or NAME=VALUE: set in this process, which sbatch exports to
+    the job (values are never written into the script or the job's folder)."""
+    for item in names:
+        name, sep, value = item.partition("=")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise UserError(f"--env {item!r}: not a variable name")
+        if sep:
+            environ[name] = value
+        elif name not in environ:
+            raise UserError(f"--env {name}: not set in this shell; set it or pass --env {name}=VALUE")
+
+
+def slurm_state(job_id: str) -> str:
+    """The job's state as sacct tells it now (its newest run), "UNKNOWN" when sacct cannot say."""
+    try:
+        out = subprocess.run(
+            ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "UNKNOWN"
+    lines = [line for line in out.splitlines() if line.strip()]
+    return lines[-1].split()[0] if lines else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
+
+
+def follow(
+    job,
+    out: TextIO = sys.stdout,
+    poll_seconds: float = 5.0,
+    sleep: Callable[[float], None] = time.sleep,
+    state_of: Callable[[str], str] = slurm_state,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Stream the job's log through its requeues until it ends; its exit code (0 when it completed,
+    ftjob's own code when it failed, 1 when sacct stays silent or nothing says more)."""
+    offsets: dict[Path, int] = {}
+    state, since = "", clock()
+    while True:
+        current = state_of(job.job_id)
+        if current != state:
+            state, since = current, clock()
+        stream_logs(job, offsets, out)
+        lasted = clock() - since
+        if state == "UNKNOWN" and lasted >= UNKNOWN_LIMIT_SECONDS:
+            print(f"ftjob launch: sacct has said nothing of job {job.job_id} for {lasted:.0f} s", file=out)
+            return 1
+        if state not in ACTIVE_STATES | REQUEUED_AFTER | {"UNKNOWN"}:
+            break
+        if state in REQUEUED_AFTER and lasted >= SETTLE_SECONDS:
+            break
+        sleep(poll_seconds)
+    sleep(min(poll_seconds, 2.0))  # the last lines may land after the state changes
+    stream_logs(job, offsets, out)
+    print(f"ftjob launch: job {job.job_id} ended {state}", file=out)
+    if state == "COMPLETED":
+        return 0
+    try:
+        message = str(job.exception())
+    except Exception as e:  # no result recorded (killed, cancelled before it started)
+        message = str(e)
+    codes = EXIT_MESSAGE.findall(message)
+    return int(codes[-1]) if codes else 1
+
+
+def follow_all(jobs: list, out: TextIO = sys.stdout) -> int:
+    """Follow each job in turn (a sweep's tasks run side by side meanwhile); the first non-zero exit
+    code, else 0."""
+    codes = [follow(job, out) for job in jobs]
+    return next((code for code in codes if code), 0)
+
+
+def stream_logs(job, offsets: dict[Path, int], out: TextIO) -> None:
+    for path in (Path(job.paths.stdout), Path(job.paths.stderr)):
+        if path.is_file():
+            with path.open("rb") as f:
+                f.seek(offsets.get(path, 0))
+                data = f.read()
+                offsets[path] = f.tell()
+            out.write(data.decode("utf-8", "replace"))
+            out.flush()

@@ -1,0 +1,451 @@
+"""Kubernetes: what `ftjob launch k8s` renders, and the kustomize files under k8s/ (which must equal it).
+
+Every set of objects is validated with kubernetes-validate (strict, the newest schema it ships) and held
+to the Job's contract; the pod's command runs here with the pod's environment and its spec as a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from helpers import ALPACA_ROWS, REPO, read_until, write_jsonl
+
+from job.spec import validate_spec
+from launch.k8s import K8sOptions, render
+from launch.sweep import point_specs
+
+K8S = REPO / "k8s"
+SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|^AWS_)", re.I)
+
+
+def file_objects(directory: Path) -> list[dict]:
+    """The Kubernetes objects in a folder's YAML files (kustomization files are kustomize's)."""
+    found = []
+    for path in sorted(directory.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            found += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return found
+
+
+def example_spec():
+    config_map = next(o for o in file_objects(K8S / "base") if o["kind"] == "ConfigMap")
+    return validate_spec(json.loads(config_map["data"]["spec.json"]))
+
+
+def rendered(**options) -> list[dict]:
+    return render([example_spec()], K8sOptions(**options))
+
+
+EVERY_OPTION = {
+    "nodes": 4,
+    "gpus_per_node": 8,
+    "image": "registry.example.com/ftjob:0.2",
+    "namespace": "ml",
+    "queue": "team-a",
+    "tolerations": ["dedicated=ml:NoSchedule", "spot"],
+    "node_selector": ["pool=h100"],
+    "priority_class": "training",
+    "service_account": "trainer",
+    "active_deadline_seconds": 86400,
+    "env": ["LOG_LEVEL=debug"],
+    "secrets": ["s3-credentials", "hf"],
+}
+MANIFEST_SETS = {
+    "k8s/base": lambda: file_objects(K8S / "base"),
+    "1 node, CPU": lambda: rendered(),
+    "4 nodes, 8 GPUs, every option": lambda: rendered(**EVERY_OPTION),
+    "sweep of 2 on 2 nodes": lambda: render(
+        point_specs(example_spec(), [{"adapter.r": 8}, {"adapter.r": 16}]), K8sOptions(nodes=2)
+    ),
+}
+
+
+@pytest.fixture(params=list(MANIFEST_SETS))
+def objects(request) -> list[dict]:
+    return MANIFEST_SETS[request.param]()
+
+
+def of_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def the_container(job: dict) -> dict:
+    return next(c for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == "ftjob")
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_every_object_validates_strictly_against_the_newest_schema(objects):
+    version = kubernetes_validate.latest_version()
+    for doc in objects:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(
+                f"{doc['kind']}/{doc['metadata']['name']} invalid at {'.'.join(map(str, e.path))}: {e.message}"
+            )
+
+
+def test_every_job_is_indexed_one_pod_per_node_with_agreeing_counts(objects):
+    jobs = of_kind(objects, "Job")
+    assert jobs and len(of_kind(objects, "ConfigMap")) == len(jobs)
+    for job in jobs:
+        spec, env = job["spec"], env_of(the_container(job))
+        assert spec["completionMode"] == "Indexed"
+        assert spec["parallelism"] == spec["completions"] == int(env["NNODES"]["value"]) >= 1
+        assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"].endswith(
+            "['batch.kubernetes.io/job-completion-index']"
+        )
+        restart = env["FTJOB_RESTART_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
+        assert (
+            restart == "metadata.labels['batch.kubernetes.io/controller-uid']"
+        )  # one per Job, its retries too
+        assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        assert env["FTJOB_IMAGE"]["value"] == the_container(job)["image"]
+
+
+def documented_exit_codes() -> dict[int, str]:
+    """The exit codes as the README states DESIGN.md's contract: "`N` meaning; ..." after "Exit codes:"."""
+    paragraph = (REPO / "README.md").read_text().split("Exit codes: ", 1)[1].split("\n\n", 1)[0]
+    return {int(m[1]): m[2] for m in re.finditer(r"`(\d+)` ([^;`]+)", paragraph)}
+
+
+def test_the_failure_policy_follows_the_documented_exit_codes(objects):
+    codes = documented_exit_codes()
+    assert "bad spec" in codes[2] and "bad data" in codes[3] and "requeue" in codes[75]
+    for job in of_kind(objects, "Job"):
+        spec = job["spec"]
+        assert spec["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy needs it
+        action = {}
+        for rule in spec["podFailurePolicy"]["rules"]:
+            if "onExitCodes" in rule:
+                assert rule["onExitCodes"]["containerName"] == "ftjob"
+                action.update(dict.fromkeys(rule["onExitCodes"]["values"], rule["action"]))
+        assert action == {2: "FailJob", 3: "FailJob", 75: "Ignore"}
+        disruptions = [r for r in spec["podFailurePolicy"]["rules"] if "onPodConditions" in r]
+        assert disruptions == [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+        assert spec["backoffLimit"] >= 1 and spec["ttlSecondsAfterFinished"] > 0
+        assert spec["template"]["spec"]["terminationGracePeriodSeconds"] > 90  # the spec's stop grace
+
+
+def test_pods_are_restricted_with_writable_scratch_only(objects):
+    for job in of_kind(objects, "Job"):
+        pod, container = job["spec"]["template"]["spec"], the_container(job)
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        }
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+        assert {"/work", "/tmp", "/home/ftjob"} <= {path for path, v in mounts.items() if "emptyDir" in v}
+        assert mounts["/dev/shm"]["emptyDir"]["medium"] == "Memory"
+        assert "configMap" in mounts["/spec"]
+
+
+def test_credentials_only_by_reference(objects):
+    assert not of_kind(objects, "Secret")
+    for job in of_kind(objects, "Job"):
+        container = the_container(job)
+        for name, entry in env_of(container).items():
+            assert not (SECRET_NAME.search(name) and "value" in entry), f"{name} has a literal value"
+        assert all("secretRef" in source for source in container["envFrom"])
+    assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", yaml.safe_dump_all(objects))
+
+
+def test_several_nodes_meet_at_pod_0_through_a_headless_service(objects):
+    for job in of_kind(objects, "Job"):
+        name, nodes = job["metadata"]["name"], job["spec"]["parallelism"]
+        pod, env = job["spec"]["template"]["spec"], env_of(the_container(job))
+        services = [s for s in of_kind(objects, "Service") if s["metadata"]["name"] == name]
+        if nodes == 1:
+            assert not services and "MASTER_ADDR" not in env and "subdomain" not in pod
+            continue
+        (service,) = services
+        assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+        assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": name}
+        assert pod["subdomain"] == name and env["MASTER_ADDR"]["value"] == f"$(JOB_NAME)-0.{name}"
+        assert (
+            env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"]
+            == "metadata.labels['batch.kubernetes.io/job-name']"
+        )
+
+
+def test_every_option_reaches_the_manifest():
+    objects = rendered(**EVERY_OPTION)
+    assert {o["metadata"]["namespace"] for o in objects} == {"ml"}
+    (job,) = of_kind(objects, "Job")
+    pod, container = job["spec"]["template"]["spec"], the_container(job)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["spec"]["activeDeadlineSeconds"] == 86400
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"},
+        {"key": "spot", "operator": "Exists"},
+    ]
+    assert pod["nodeSelector"] == {"pool": "h100"}
+    assert pod["priorityClassName"] == "training" and pod["serviceAccountName"] == "trainer"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert container["image"] == "registry.example.com/ftjob:0.2"
+    assert env_of(container)["LOG_LEVEL"]["value"] == "debug"
+    assert [s["secretRef"]["name"] for s in container["envFrom"]] == ["s3-credentials", "hf"]
+    cpu_pod = of_kind(rendered(), "Job")[0]["spec"]["template"]["spec"]
+    assert (
+        "tolerations" not in cpu_pod
+        and "nvidia.com/gpu"
+        not in the_container({"spec": {"template": {"spec": cpu_pod}}})["resources"]["limits"]
+    )
+
+
+def test_a_sweep_renders_a_job_per_point_with_its_own_spec():
+    objects = MANIFEST_SETS["sweep of 2 on 2 nodes"]()
+    assert [o["metadata"]["name"] for o in of_kind(objects, "Job")] == ["ftjob-p00", "ftjob-p01"]
+    specs = [json.loads(c["data"]["spec.json"]) for c in of_kind(objects, "ConfigMap")]
+    assert [s["adapter"]["r"] for s in specs] == [8, 16]
+    assert [s["name"] for s in specs] == ["ftjob-p00", "ftjob-p01"]
+    assert len({validate_spec(s).output_uri for s in specs}) == 2  # {name} in output.uri tells them apart
+
+
+def test_the_base_is_what_launch_renders_for_one_node():
+    assert file_objects(K8S / "base") == rendered(gpus_per_node=1)
+
+
+def kustomize(directory: Path) -> list[dict]:
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed: the kustomize build of k8s/ is not checked on this machine")
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(directory)], capture_output=True, text=True, check=True
+    )
+    return list(yaml.safe_load_all(built.stdout))
+
+
+def without_kustomize_labels(obj: dict) -> dict:
+    obj = json.loads(json.dumps(obj))
+    for meta in (obj["metadata"], obj.get("spec", {}).get("template", {}).get("metadata", {})):
+        for label in ("app.kubernetes.io/component",):
+            meta.get("labels", {}).pop(label, None)
+    return obj
+
+
+@pytest.mark.parametrize("directory,nodes", [("base", 1), ("overlays/multi-node", 4)])
+def test_the_kustomizations_build_what_launch_renders(directory, nodes):
+    built = sorted((without_kustomize_labels(o) for o in kustomize(K8S / directory)), key=lambda o: o["kind"])
+    expected = sorted(rendered(nodes=nodes, gpus_per_node=1), key=lambda o: o["kind"])
+    assert built == expected
+
+
+def run_launch_k8s(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "job", "launch", "k8s", *args],
+        capture_output=True, text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    )  # fmt: skip
+
+
+def example_spec_file(tmp_path: Path) -> Path:
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(example_spec().model_dump(mode="json")))
+    return path
+
+
+def test_the_command_prints_writes_or_refuses(tmp_path):
+    spec = example_spec_file(tmp_path)
+    printed = run_launch_k8s(str(spec), "--nodes", "2")
+    assert printed.returncode == 0, printed.stderr
+    assert [o["kind"] for o in yaml.safe_load_all(printed.stdout)] == ["ConfigMap", "Service", "Job"]
+    written = run_launch_k8s(str(spec), "-o", str(tmp_path / "out.yaml"))
+    assert written.returncode == 0 and "wrote 2 objects" in written.stdout
+    assert [o["kind"] for o in yaml.safe_load_all((tmp_path / "out.yaml").read_text())] == [
+        "ConfigMap",
+        "Job",
+    ]
+
+    literal = run_launch_k8s(str(spec), "--env", "AWS_SECRET_ACCESS_KEY=abc")
+    assert literal.returncode == 2 and "put it in a Secret and pass --secret" in literal.stderr
+    in_spec = run_launch_k8s(str(spec), "--set", 'storage_options={"s3": {"secret": "abc"}}')
+    assert in_spec.returncode == 2 and "storage_options.s3.secret" in in_spec.stderr
+    assert "abc" not in literal.stderr + in_spec.stderr
+
+
+def test_apply_without_a_reachable_cluster_is_exit_2(tmp_path):
+    spec = example_spec_file(tmp_path)
+    nothing = run_launch_k8s(str(spec), "--apply", env={"KUBECONFIG": str(tmp_path / "none")})
+    assert nothing.returncode == 2 and "cannot create the objects in Kubernetes" in nothing.stderr
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:9"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
+    closed = run_launch_k8s(str(spec), "--apply", env={"KUBECONFIG": str(tmp_path / "kubeconfig")})
+    assert closed.returncode == 2 and "cannot create the objects in Kubernetes" in closed.stderr
+    assert "Traceback" not in closed.stderr
+
+
+def pod_process(job: dict, config_map: dict, tmp_path: Path, output: str) -> subprocess.Popen:
+    """The pod's container command, here: its spec from the ConfigMap as a file where the pod mounts
+    it, its literal env, the downward-API values Kubernetes would fill, and JOB_COMPLETION_INDEX."""
+    container = the_container(job)
+    mount = tmp_path / "spec"
+    mount.mkdir(exist_ok=True)
+    spec = json.loads(config_map["data"]["spec.json"])
+    spec["output"]["uri"] = output
+    (mount / "spec.json").write_text(json.dumps(spec))
+    here = lambda value: value.replace("/spec/", f"{mount}/")  # noqa: E731
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "JOB_COMPLETION_INDEX": "0"}
+    downward = {"JOB_NAME": job["metadata"]["name"], "FTJOB_RESTART_ID": "uid-1", "NODE_RANK": "0", "POD_NAMESPACE": "default"}  # fmt: skip
+    for name, entry in env_of(container).items():
+        env[name] = here(entry["value"]) if "value" in entry else downward[name]
+    assert container["command"] == ["ftjob"]
+    argv = [sys.executable, "-m", "job", *(here(a) for a in container["args"])]
+    return subprocess.Popen(
+        argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )  # fmt: skip
+
+
+def test_the_pod_trains_publishes_and_stops_with_75(tiny_model_dir, tmp_path):
+    rows = [dict(r, output=f"{r['output']} {i}") for i, r in enumerate(ALPACA_ROWS * 15)]
+    spec = validate_spec(
+        {
+            "name": "pod",
+            "model": {"source": str(tiny_model_dir)},
+            "data": {"train": [str(write_jsonl(tmp_path / "train.jsonl", rows))], "max_seq_len": 48},
+            "train": {"max_steps": 40, "micro_batch_size": 2, "checkpoint_every": 1000, "log_every": 1},
+            "tracking": {"enabled": False},
+        }
+    )
+    config_map, job = render([spec], K8sOptions())
+    finished = pod_process(job, config_map, tmp_path, str(tmp_path / "done"))
+    out = finished.communicate(timeout=300)[0]
+    assert finished.returncode == 0, out
+    assert (tmp_path / "done" / "adapter" / "MANIFEST.json").is_file()
+
+    stopped = pod_process(job, config_map, tmp_path, str(tmp_path / "stopped"))
+    read_until(stopped, "step 5/40")
+    os.killpg(stopped.pid, signal.SIGTERM)  # what the kubelet does: SIGTERM to the container
+    out = stopped.communicate(timeout=300)[0]
+    assert stopped.returncode == 75, out
+    committed = list((tmp_path / "stopped" / "checkpoints").glob("step-*/COMMITTED"))
+    assert committed and not (tmp_path / "stopped" / "adapter").exists()
+
+
+class FakeApiServer:
+    """Answers object creation as the Kubernetes API does (201 with the object, 409 when it exists)
+    and records every request; the real one cannot run here."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from threading import Thread
+
+        self.requests: list[tuple[str, str]] = []
+        self.created: set[str] = set()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append((self.path, body["metadata"]["name"]))
+                key = f"{self.path.split('?')[0]}/{body['metadata']['name']}"
+                status = 409 if key in fake.created else 201
+                if status == 201 and "dryRun=All" not in self.path:
+                    fake.created.add(key)
+                data = json.dumps(body if status == 201 else {"kind": "Status", "code": 409, "reason": "AlreadyExists", "message": "already exists"}).encode()  # fmt: skip
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def kubeconfig(self, path: Path) -> Path:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "c", "cluster": {"server": self.url}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u", "namespace": "team"}}],
+            "current-context": "x",
+        }
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+
+def test_apply_dry_runs_everything_on_the_server_then_creates_it(tmp_path):
+    api = FakeApiServer()
+    env = {"KUBECONFIG": str(api.kubeconfig(tmp_path / "kubeconfig"))}
+    spec = example_spec_file(tmp_path)
+    applied = run_launch_k8s(str(spec), "--apply", "--nodes", "2", env=env)
+    assert applied.returncode == 0, applied.stderr
+    assert applied.stdout.splitlines() == [
+        "created configmap/ftjob-spec",
+        "created service/ftjob",
+        "created job/ftjob",
+    ]
+    paths = [path for path, _ in api.requests]
+    assert paths == [
+        "/api/v1/namespaces/team/configmaps?dryRun=All",
+        "/api/v1/namespaces/team/services?dryRun=All",
+        "/apis/batch/v1/namespaces/team/jobs?dryRun=All",
+        "/api/v1/namespaces/team/configmaps",
+        "/api/v1/namespaces/team/services",
+        "/apis/batch/v1/namespaces/team/jobs",
+    ]
+    api.requests.clear()
+    again = run_launch_k8s(str(spec), "--apply", "--namespace", "other", env=env)
+    assert again.returncode == 0, again.stderr  # another namespace: nothing there yet
+    assert all("/namespaces/other/" in path for path, _ in api.requests)
+    refused = run_launch_k8s(str(spec), "--apply", env=env)  # the same names again: the dry run refuses
+    assert refused.returncode == 2 and "AlreadyExists" in refused.stderr
+
+
+def test_names_are_valid_and_stay_apart():
+    from launch.k8s import object_name
+
+    assert object_name("Support_Bot.v2") == "support-bot-v2"
+    assert object_name("7b-lora") == "ftjob-7b-lora"  # a Service name starts with a letter
+    long_a, long_b = "x" * 60 + "-p00", "x" * 60 + "-p01"
+    assert len(object_name(long_a)) <= 52 and object_name(long_a) != object_name(long_b)
+    services = of_kind(render([validate_spec({**example_spec().model_dump(mode="json"), "name": "7b"})], K8sOptions(nodes=2)), "Service")  # fmt: skip
+    assert services[0]["metadata"]["name"] == "ftjob-7b"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        "AWS_SECRET_ACCESS_KEY=abc",
+        "GITHUB_PAT=ghp_abcdefghijklmnopqrstuvwxyz0123",
+        "DB_URL=postgres://u:pw@db/x",
+    ],
+)
+def test_a_literal_secret_in_env_is_refused_by_name_or_value(tmp_path, env):
+    refused = run_launch_k8s(str(example_spec_file(tmp_path)), "--env", env)
+    assert refused.returncode == 2 and "put it in a Secret" in refused.stderr
+    assert env.split("=", 1)[1] not in refused.stderr
+
+
+def test_a_local_output_is_refused_for_pods(tmp_path):
+    refused = run_launch_k8s(str(example_spec_file(tmp_path)), "--set", "output.uri=./runs/{name}")
+    assert refused.returncode == 2 and "a pod's local disk goes with the pod" in refused.stderr

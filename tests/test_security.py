@@ -1,0 +1,131 @@
+"""What ftjob refuses from storage it does not control (issue: hostile object keys, adapters, URLs)."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+
+from job.errors import UserError
+from job.storage import download_dir
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["m/a/../../../escape.txt", "m/../escape.txt", "m//abs/escape.txt", "m/./x/escape.txt"],
+)
+def test_an_object_key_that_leaves_the_target_folder_is_refused(s3, s3_server, tmp_path, key):
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.put_object(Bucket=s3.bucket, Key="m/config.json", Body=b"{}")
+    client.put_object(Bucket=s3.bucket, Key=key, Body=b"owned")
+    target = tmp_path / "deep" / "down" / "dl"
+    target.mkdir(parents=True)
+    with pytest.raises(UserError, match="refusing the object"):
+        download_dir(f"s3://{s3.bucket}/m", target)
+    assert not list(tmp_path.rglob("escape.txt"))  # nothing written, inside or out
+    assert not list(target.iterdir())  # refused before anything was copied
+
+
+def test_plain_keys_are_copied(s3, s3_server, tmp_path):
+    client = boto3.client("s3", endpoint_url=s3_server)
+    for key in ("m/config.json", "m/sub/dir/weights.safetensors", "m/a..b.txt"):
+        client.put_object(Bucket=s3.bucket, Key=key, Body=key.encode())
+    assert download_dir(f"s3://{s3.bucket}/m", tmp_path) == [
+        "a..b.txt",
+        "config.json",
+        "sub/dir/weights.safetensors",
+    ]
+    assert (tmp_path / "sub/dir/weights.safetensors").read_bytes() == b"m/sub/dir/weights.safetensors"
+
+
+def crafted_adapter(tmp_path, tiny_model_dir, data_files) -> tuple:
+    """A published adapter altered as an attacker would: its spec.json asks for remote code and its
+    tokenizer config points at Python shipped beside it; the MANIFEST is rewritten to match."""
+    import json
+
+    from helpers import spec_dict, train_in_process
+
+    from job.export import write_manifest
+
+    train_in_process(
+        spec_dict(tiny_model_dir, data_files, tracking={"enabled": False}, train={"max_steps": 2}),
+        restart=True,
+    )
+    adapter = tmp_path / "runs" / "t" / "adapter"
+    spec = json.loads((adapter / "spec.json").read_text())
+    spec["model"]["trust_remote_code"] = True
+    (adapter / "spec.json").write_text(json.dumps(spec))
+    marker = tmp_path / "code-ran"
+    (adapter / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((adapter / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    config["tokenizer_class"] = "EvilTokenizer"  # no such class without the shipped code
+    (adapter / "tokenizer_config.json").write_text(json.dumps(config))
+    write_manifest(adapter)
+    return adapter, marker
+
+
+def test_generate_never_runs_code_an_adapter_ships(tiny_model_dir, data_files, isolated):
+    from helpers import run_ftjob
+
+    adapter, marker = crafted_adapter(isolated, tiny_model_dir, data_files)
+    result = run_ftjob("generate", "--adapter", str(adapter), "--prompt", "Say hi", cwd=isolated)
+    assert result.returncode == 2, result.stderr
+    assert "trust_remote_code" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()  # the spec.json's trust_remote_code: true was not honoured
+
+
+def test_generate_takes_the_base_model_from_the_command_line(tiny_model_dir, data_files, isolated):
+    import json
+
+    from helpers import run_ftjob, spec_dict, train_in_process
+
+    train_in_process(
+        spec_dict(tiny_model_dir, data_files, tracking={"enabled": False}, train={"max_steps": 2}),
+        restart=True,
+    )
+    adapter = isolated / "runs" / "t" / "adapter"
+    spec = json.loads((adapter / "spec.json").read_text())
+    spec["model"]["source"] = str(isolated / "moved-away")
+    (adapter / "spec.json").write_text(json.dumps(spec))
+    from job.export import write_manifest
+
+    write_manifest(adapter)
+    missing = run_ftjob(
+        "generate", "--adapter", str(adapter), "--prompt", "Say hi", "--max-new-tokens", "2", cwd=isolated
+    )
+    assert missing.returncode == 2 and "moved-away" in missing.stderr
+    given = run_ftjob("generate", "--adapter", str(adapter), "--prompt", "Say hi", "--max-new-tokens", "2", "--base-model", str(tiny_model_dir), cwd=isolated)  # fmt: skip
+    assert given.returncode == 0, given.stderr
+
+
+@pytest.mark.parametrize(
+    "where,value",
+    [
+        ("model.source", "https://user:hunter2@models.example.com/llama"),
+        ("data.train[0]", "s3://AKIAEXAMPLE:hunter2@bucket/train.jsonl"),
+        ("data.eval[0]", "https://token-hunter2@data.example.com/eval.jsonl"),
+        ("output.uri", "s3://u:hunter2@bucket/runs"),
+        ("storage_options.s3.endpoint_url", "http://minio:hunter2@minio:9000"),
+    ],
+)
+def test_credentials_inside_a_url_are_refused_without_being_echoed(where, value):
+    from job.spec import apply_override, validate_spec
+
+    data = {"model": {"source": "m"}, "data": {"train": ["d.jsonl"]}, "train": {"max_steps": 1}}
+    apply_override(data, where.replace("[0]", ""), [value] if "[0]" in where else value, "test")
+    with pytest.raises(UserError) as refused:
+        validate_spec(data)
+    assert f"{where}: a URL with credentials in it" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+
+
+def test_urls_without_credentials_pass():
+    from job.spec import validate_spec
+
+    validate_spec(
+        {
+            "model": {"source": "https://models.example.com/llama?rev=main@x"},
+            "data": {"train": ["hf://datasets/org/name@v1.0", "s3://bucket/a@b.jsonl"]},
+            "train": {"max_steps": 1},
+        }
+    )
