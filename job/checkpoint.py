@@ -65,6 +65,7 @@ MAY_CHANGE_ON_RESUME = (
     "output",
     "storage_options",
 )
+CHECKPOINT_FORMAT = 2  # 2: with MANIFEST.json (a format-2 checkpoint without one is damaged)
 FINGERPRINT_VERSION = 2  # a checkpoint whose fingerprint has another version was written by another ftjob
 
 
@@ -121,6 +122,14 @@ def remove_all(output_uri: str) -> None:
         fs, path = filesystem(uri)
         if fs.exists(path):
             fs.rm(path, recursive=True)
+
+
+def whole_everywhere(whole: bool, accelerator) -> bool:
+    """Whether every rank found its copy of a checkpoint whole (a collective with several ranks)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return whole
+    damaged = torch.tensor([int(not whole)], device=accelerator.device)
+    return not bool(accelerator.reduce(damaged, reduction="max"))
 
 
 def rng_states() -> dict[str, Any]:
@@ -187,7 +196,8 @@ class Checkpointer:
         if accelerator.scaler is not None:
             states["scaler"] = accelerator.scaler.state_dict()
         torch.save(states, staging / "optimizer.pt")
-        (staging / "run.json").write_text(json.dumps({"step": step, **run, "last_metrics": history[-1]}))
+        record = {"step": step, **run, "last_metrics": history[-1], "checkpoint_format": CHECKPOINT_FORMAT}
+        (staging / "run.json").write_text(json.dumps(record))
         write_manifest(staging, rank_entries)
         (staging / COMMITTED).write_text(f"step {step}\n")
         segment = Path(tempfile.mkdtemp(prefix="ftjob-metrics-"))
@@ -251,22 +261,25 @@ class Checkpointer:
                 "the previous committed checkpoint is intact"
             ) from None
 
-    def load_latest(self, expected: dict[str, Any]) -> dict[str, Any] | None:
+    def load_latest(self, expected: dict[str, Any], accelerator=None) -> dict[str, Any] | None:
         """The newest committed checkpoint that is whole, downloaded: run.json's content, its metric
         history and its local directory; None if there is none. A damaged one (a file missing or not
         matching its MANIFEST, unreadable JSON) is skipped with a warning for the one before.
-        `expected`: the fingerprint the current spec gives."""
+        `expected`: the fingerprint the current spec gives. Every rank of `accelerator` takes the same
+        one: a checkpoint damaged as any rank sees it is skipped by all. A storage error is raised."""
         steps = committed_steps(self.output_uri)
         if not steps:
             return None
         for step in reversed(steps):
             local = Path(tempfile.mkdtemp(prefix="ftjob-resume-"))
             try:
-                run = self._download_whole(step, local)
+                run, damage = self._download_whole(step, local), None
+            except (UserError, ValueError, KeyError, FileNotFoundError) as e:  # not a storage outage
+                run, damage = None, e
+            if whole_everywhere(damage is None, accelerator):
                 break
-            except (JobError, OSError, ValueError, KeyError) as e:
-                shutil.rmtree(local, ignore_errors=True)
-                log.warning("the checkpoint at step %d is damaged (%s): trying the one before", step, e)
+            shutil.rmtree(local, ignore_errors=True)
+            log.warning("the checkpoint at step %d is damaged (%s): trying the one before", step, damage or "on another rank")  # fmt: skip
         else:
             raise UserError(
                 f"every committed checkpoint in {self.root} is damaged (the warnings above say how); "
@@ -292,8 +305,11 @@ class Checkpointer:
         download_dir(self.step_uri(step), local)
         if (local / MANIFEST).is_file():
             verify_manifest(local)
+        run = json.loads((local / "run.json").read_text())
+        if run.get("checkpoint_format", 1) >= CHECKPOINT_FORMAT and not (local / MANIFEST).is_file():
+            raise UserError(f"{MANIFEST} is missing")
         json.loads((local / f"rank-{self.rank:05d}.json").read_text())
-        return json.loads((local / "run.json").read_text())
+        return run
 
     def rank_state(self, saved: dict[str, Any]) -> dict[str, Any]:
         """This rank's data cursor and RNG states in a loaded checkpoint."""

@@ -54,7 +54,9 @@ def verify_manifest(directory: Path) -> None:
         )
     for name, entry in json.loads(manifest_path.read_text())["files"].items():
         path = directory / name
-        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+        if ".." in name.split("/") or name.startswith("/"):
+            raise UserError(f"{directory}/{MANIFEST}: names a file outside the folder: {name!r}")
+        if not path.is_file() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
             raise UserError(f"{directory}: {name} is missing or does not match {MANIFEST}")
 
 

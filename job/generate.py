@@ -28,9 +28,12 @@ def load_trained(
     data = json.loads((adapter_dir / "spec.json").read_text())
     data["model"] = {**data.get("model", {}), "trust_remote_code": trust_remote_code}
     if base_model:
-        data["model"]["source"] = base_model
+        data["model"].update(source=base_model, revision=None)
+    # Storage options are not taken from the file either (hidden values, or an endpoint of its choosing):
+    # the base model is read with this environment's storage settings.
+    data["storage_options"] = {}
     spec = validate_spec(data, f"{adapter_dir}/spec.json")
-    configure_storage(spec.storage_options)  # where the base model is read from, as in training
+    configure_storage(None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(adapter_dir, spec.model)
     if spec.adapter.method == "full":

@@ -370,7 +370,7 @@ def cross_key_problems(data: dict[str, Any]) -> list[str]:
         f"{where}: a URL with credentials in it (user:password@); they would be logged and published "
         "with the spec. Put them in the environment (AWS_*, HF_TOKEN, ...) or a Secret instead"
         for where, value in strings_in(data)
-        if URL_CREDENTIALS.match(value)
+        if URL_CREDENTIALS.search(value)
     ]
     full = adapter.get("method") == "full"
     if full and model.get("quantization"):
@@ -436,7 +436,8 @@ def json_schema() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Publishing: what goes to spec.json and MLflow params
 
-URL_CREDENTIALS = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+@")  # scheme://userinfo@host
+# scheme://userinfo@host anywhere in a value (fsspec chains URLs: simplecache::https://u:p@host/...)
+URL_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+@")
 _SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|key$|key_id|session)", re.IGNORECASE)
 # storage_options keys shown as they are (at any depth under a protocol); every other value is hidden:
 # headers, connection strings, SAS tokens and keys of any spelling stay out of spec.json and MLflow.
@@ -447,11 +448,14 @@ SAFE_STORAGE_KEYS = {
     "connect_timeout", "read_timeout", "retries", "max_attempts", "mode", "signature_version",
     "max_pool_connections", "addressing_style", "s3", "project", "account_name",
 }  # fmt: skip
-# Values that are credentials whatever their key: cloud key ids, GitHub/Slack/OpenAI/Hugging Face
-# tokens, bearer headers, JWTs.
+# Values that are credentials whatever their key: a whole value that is a cloud key id or a GitHub,
+# Slack, OpenAI or Hugging Face token or a JWT (a path that merely contains such letters is not), and
+# anywhere in a value a bearer header or a signed URL's signature.
 CREDENTIAL_VALUE = re.compile(
-    r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|\b(ghp|gho|ghs|ghu)_[A-Za-z0-9]{20,}|github_pat_\w{20,}|\bxox[abprs]-"
-    r"|\bsk-[A-Za-z0-9_-]{20,}|\bhf_[A-Za-z0-9]{20,}|\bBearer\s+\S+|\beyJ[\w-]{10,}\.[\w-]{10,}"
+    r"^\s*((AKIA|ASIA)[0-9A-Z]{16}|(ghp|gho|ghs|ghu)_[A-Za-z0-9]{20,}|github_pat_\w{20,}|xox[abprs]-\S+"
+    r"|sk-[A-Za-z0-9_-]{20,}|hf_[A-Za-z]{30,}|eyJ[\w-]{10,}\.[\w-]{10,}\.[\w-]*)\s*$"
+    r"|\bBearer\s+\S+|[?&](sig|X-Goog-Signature|X-Amz-Signature|X-Amz-Security-Token|token)=",
+    re.IGNORECASE,
 )
 # A free-text tag value that looks like a random token (mixed case and digits, 32+ characters); not
 # applied to the rest of the spec, where paths and ids look the same.
@@ -489,9 +493,11 @@ def public_dict(spec: Spec) -> dict[str, Any]:
 
 
 def public_tags(tags: Mapping[str, str]) -> dict[str, str]:
-    """tracking.tags as logged: values that look like credentials hidden."""
+    """tracking.tags as logged: values under secret-looking keys, and values that look like
+    credentials or random tokens, hidden."""
     return {
-        key: REDACTED if RANDOM_TOKEN.match(str(value)) else redact(str(value)) for key, value in tags.items()
+        key: REDACTED if _SECRET_KEY.search(key) or RANDOM_TOKEN.match(str(value)) else redact(str(value))
+        for key, value in tags.items()
     }
 
 

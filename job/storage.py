@@ -206,6 +206,8 @@ def download_dir(uri: str, local_dir: Path) -> list[str]:
     copies = []
     for path in sorted(fs.find(root)):
         name = path[len(root) :].removeprefix("/")  # one separator: "a//b" keeps its empty part
+        if not name or name.endswith("/"):  # a "folder" marker object (S3 consoles make them): no file
+            continue
         target = (local_dir / name).resolve()
         parts = name.split("/")
         if (

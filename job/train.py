@@ -134,7 +134,11 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     checkpointer = Checkpointer(
         spec.output_uri, accelerator.process_index, accelerator.num_processes, spec.output.keep_checkpoints
     )
-    saved = None if restart else checkpointer.load_latest(fingerprint(spec, accelerator.num_processes))
+    saved = (
+        None
+        if restart
+        else checkpointer.load_latest(fingerprint(spec, accelerator.num_processes), accelerator)
+    )
     rank_state = checkpointer.rank_state(saved) if saved else None
     if rank_state:  # the files and the cursor the run was reading, before the counting pass reads them
         data.load_state_dict(rank_state["data"])

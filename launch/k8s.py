@@ -226,7 +226,7 @@ def field_env(name: str, path: str) -> dict[str, Any]:
 
 def literal_env(item: str) -> dict[str, str]:
     name, value = pair(item, "--env")
-    if SECRET_NAME.search(name) or CREDENTIAL_VALUE.search(value) or URL_CREDENTIALS.match(value):
+    if SECRET_NAME.search(name) or CREDENTIAL_VALUE.search(value) or URL_CREDENTIALS.search(value):
         raise UserError(
             f"--env {name}: looks like a credential; put it in a Secret and pass --secret SECRET_NAME "
             "(its keys become the pod's variables), never as a literal in the manifest"

@@ -124,9 +124,11 @@ def test_a_resumed_run_reads_the_files_it_started_with(spec_path, workdir):
     assert_same_run(workdir, "glob-straight", "glob-stopped")
 
 
-@pytest.mark.parametrize("damage", ["truncated run.json", "missing rank file", "flipped weight byte"])
+@pytest.mark.parametrize(
+    "damage", ["truncated run.json", "missing rank file", "flipped weight byte", "missing MANIFEST.json"]
+)
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(spec_path, workdir, uninterrupted, damage):
-    output = f"./damaged-{damage.split()[0]}"
+    output = "./damaged-" + damage.replace(" ", "-")
     process = start_run(spec_path, output)
     read_until(process, "checkpoint step 10 committed")
     read_until(process, f"step 12/{STEPS}")
@@ -140,6 +142,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(spec_path, wor
         (newest / "run.json").write_text((newest / "run.json").read_text()[:20])
     elif damage == "missing rank file":
         (newest / "rank-00000.json").unlink()
+    elif damage == "missing MANIFEST.json":
+        (newest / "MANIFEST.json").unlink()
     else:
         weights = bytearray((newest / "trainable.safetensors").read_bytes())
         weights[-1] ^= 0xFF

@@ -27,7 +27,13 @@ def test_an_object_key_that_leaves_the_target_folder_is_refused(s3, s3_server, t
 
 def test_plain_keys_are_copied(s3, s3_server, tmp_path):
     client = boto3.client("s3", endpoint_url=s3_server)
-    for key in ("m/config.json", "m/sub/dir/weights.safetensors", "m/a..b.txt"):
+    for key in (
+        "m/",
+        "m/sub/",
+        "m/config.json",
+        "m/sub/dir/weights.safetensors",
+        "m/a..b.txt",
+    ):  # "/": folder markers
         client.put_object(Bucket=s3.bucket, Key=key, Body=key.encode())
     assert download_dir(f"s3://{s3.bucket}/m", tmp_path) == [
         "a..b.txt",
@@ -106,6 +112,7 @@ def test_generate_takes_the_base_model_from_the_command_line(tiny_model_dir, dat
         ("data.eval[0]", "https://token-hunter2@data.example.com/eval.jsonl"),
         ("output.uri", "s3://u:hunter2@bucket/runs"),
         ("storage_options.s3.endpoint_url", "http://minio:hunter2@minio:9000"),
+        ("model.source", "simplecache::https://u:hunter2@models.example.com/m"),  # a chained fsspec URL
     ],
 )
 def test_credentials_inside_a_url_are_refused_without_being_echoed(where, value):
@@ -129,3 +136,22 @@ def test_urls_without_credentials_pass():
             "train": {"max_steps": 1},
         }
     )
+
+
+def test_paths_that_merely_contain_token_letters_are_published_as_they_are():
+    from job.spec import public_dict, validate_spec
+
+    spec = validate_spec(
+        {
+            "model": {"source": "/models/hf_Llama3InstructFinetunedVersionTwoXyz"},
+            "data": {
+                "train": ["s3://b/sk-learn-datasets-2024-cleaned-v2/train.jsonl", "https://h/d.jsonl?sig=abc"]
+            },
+            "train": {"max_steps": 1},
+            "tracking": {"tags": {"api_token": "hunter2", "hf": "hf_abcdefghijklmnopqrstuvwxyzABCDEFGH"}},
+        }
+    )
+    public = public_dict(spec)
+    assert public["model"]["source"] == "/models/hf_Llama3InstructFinetunedVersionTwoXyz"
+    assert public["data"]["train"] == ["s3://b/sk-learn-datasets-2024-cleaned-v2/train.jsonl", "***"]
+    assert public["tracking"]["tags"] == {"api_token": "***", "hf": "***"}
