@@ -412,6 +412,26 @@ def add_launch_parser(commands, with_spec) -> None:
     k8s.set_defaults(handler=cmd_launch_k8s, secrets=None)
 
 
+def leave_process_group() -> bool:
+    """A worker that ends on an error (or a stop) leaves its process group first; whether it had one."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return False
+    distributed.destroy_process_group()
+    return True
+
+
+def exit_now(code: int) -> None:
+    """Exit with code without the interpreter's teardown, in which the process group's threads were
+    seen to abort a worker under load (SIGABRT in place of its 2 or 75, which the launcher passes on)."""
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -419,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except JobError as e:
         print(f"ftjob: error: {e}", file=sys.stderr)
+        if leave_process_group():
+            exit_now(e.exit_code)
         return e.exit_code
     except KeyboardInterrupt:
         print("ftjob: interrupted", file=sys.stderr)

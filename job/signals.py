@@ -38,6 +38,8 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.requested:  # leaving with 75: a late repeat of the stop (scheduler and launcher both
+            return  # deliver it) meets this handler, not the default action that would kill the process
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -60,3 +61,20 @@ def test_handlers_are_restored_after_the_loop():
     with StopRequest(grace_seconds=5):
         assert signal.getsignal(signal.SIGTERM) != before
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_late_repeat_of_a_stop_after_the_loop_still_exits_75():
+    """A worker leaving with 75 can get the stop once more (scheduler and launcher both deliver it):
+    that must not kill it with the signal's default action (-10 for SIGUSR1)."""
+    code = (
+        "import os, signal, time\n"
+        "from job.signals import StopRequest\n"
+        "with StopRequest(grace_seconds=60) as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    stop.checkpoint_committed = True\n"
+        "time.sleep(2.5)  # past the window in which a repeat counts as the same stop\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "time.sleep(5)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert done.returncode == 75, done.stderr
