@@ -36,6 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         if train(spec, make_accelerator(spec.train), restart=args.restart, stop=stop) is None:
             print(f"{spec.output_uri}/adapter is already published; nothing to do (--restart trains again)")
+        stop.ignore_from_now()  # the run is done: a stop signal on the way out changes nothing
     return 0
 
 

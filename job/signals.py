@@ -43,6 +43,11 @@ class StopRequest:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
+    def ignore_from_now(self) -> None:
+        """The process's work is done: stop signals from now on are ignored (not their default action,
+        which would end a finished run with 128 + the signal instead of 0)."""
+        self.previous = {s: signal.SIG_IGN for s in self.previous}
+
     @property
     def requested(self) -> bool:
         return self.signal is not None

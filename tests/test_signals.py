@@ -78,3 +78,18 @@ def test_a_late_repeat_of_a_stop_after_the_loop_still_exits_75():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
     assert done.returncode == 75, done.stderr
+
+
+def test_a_stop_signal_after_the_run_is_done_changes_nothing():
+    """ftjob run, once its adapter is published, ignores a stop on the way out (exit 0, not 138)."""
+    code = (
+        "import os, signal, time\n"
+        "from job.signals import StopRequest\n"
+        "with StopRequest(grace_seconds=60) as stop:\n"
+        "    stop.ignore_from_now()\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.5)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert done.returncode == 0, done.stderr

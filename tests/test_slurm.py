@@ -12,7 +12,7 @@ import pytest
 from helpers import REPO, run_ftjob, write_stop_spec
 from safetensors.torch import load_file
 
-STEPS = 30
+STEPS = 150  # long enough that a signal sent at step 8 lands before the end, on a fast machine too
 
 
 @pytest.fixture(scope="module")
