@@ -63,6 +63,12 @@ def test_handlers_are_restored_after_the_loop():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def run_snippet(code: str) -> subprocess.CompletedProcess:
+    """Python code with StopRequest in a process of its own (it sets signal handlers and signals itself)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+
+
 def test_a_late_repeat_of_a_stop_after_the_loop_still_exits_75():
     """A worker leaving with 75 can get the stop once more (scheduler and launcher both deliver it):
     that must not kill it with the signal's default action (-10 for SIGUSR1)."""
@@ -76,7 +82,7 @@ def test_a_late_repeat_of_a_stop_after_the_loop_still_exits_75():
         "os.kill(os.getpid(), signal.SIGUSR1)\n"
         "time.sleep(5)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    done = run_snippet(code)
     assert done.returncode == 75, done.stderr
 
 
@@ -91,5 +97,5 @@ def test_a_stop_signal_after_the_run_is_done_changes_nothing():
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "time.sleep(0.5)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    done = run_snippet(code)
     assert done.returncode == 0, done.stderr
