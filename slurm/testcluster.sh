@@ -4,7 +4,7 @@
 # /tmp/ftjob-slurm). Needs root and Debian's packages, which `start` installs when missing.
 #
 #   slurm/testcluster.sh up       # idempotent: installs, configures, starts; returns once the node is idle
-#   slurm/testcluster.sh down     # stops what up started, by the pids it recorded
+#   slurm/testcluster.sh down     # stops what up started, by the pids it recorded, and waits for them
 #   slurm/testcluster.sh status   # exit 0 when the node answers
 #
 # Clients need SLURM_CONF=$FTJOB_SLURM_DIR/etc/slurm.conf (up prints it).
@@ -17,6 +17,7 @@ DIR="${FTJOB_SLURM_DIR:-/tmp/ftjob-slurm}"
 HOST="$(hostname -s)"
 PACKAGES=(slurm-wlm slurmdbd munge mariadb-server)
 SOCKET=/run/mysqld/mysqld.sock
+CLUSTER=ftjobci
 
 log() { echo "testcluster: $*" >&2; }
 
@@ -45,7 +46,7 @@ write_config() {
     local cpus
     cpus="$(nproc)"
     cat > "$DIR/etc/slurm.conf" <<EOF
-ClusterName=ftjobci
+ClusterName=$CLUSTER
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
@@ -111,7 +112,15 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     return 1
 }
 
-alive() { [[ -f "$DIR/run/$1.pid" ]] && kill -0 "$(cat "$DIR/run/$1.pid")" 2>/dev/null; }
+# A killed daemon stays a zombie until it is reaped, and kill -0 succeeds on a zombie.
+alive() {
+    [[ -f "$DIR/run/$1.pid" ]] || return 1
+    local state
+    state="$(ps -o stat= -p "$(cat "$DIR/run/$1.pid")" 2>/dev/null)" || return 1
+    [[ $state != Z* ]]
+}
+
+stopped() { ! alive "$1"; }
 
 start_munge() {
     alive munged && return
@@ -151,9 +160,26 @@ start_daemon() {  # start_daemon NAME COMMAND...
 
 node_idle() { sinfo -h -N -o "%T" 2>/dev/null | grep -qE "^idle"; }
 
+# A cluster that is not running starts from nothing: state left by a killed run would bring back its jobs
+# (holding the node) and its accounting records (job ids start again at 1, and sacct would mix the two).
+# The jobs of a killed run outlive their slurmstepd; they are known by the cluster's name in their environment.
+forget_stopped_cluster() {
+    alive slurmctld && return
+    down
+    local environ
+    for environ in /proc/[0-9]*/environ; do
+        if tr '\0' '\n' <"$environ" 2>/dev/null | grep -qx "SLURM_CLUSTER_NAME=$CLUSTER"; then
+            kill -9 "$(basename "$(dirname "$environ")")" 2>/dev/null || true
+        fi
+    done
+    pkill -9 -x slurmstepd || true
+    rm -rf "$DIR"/{spool,mysql,run}
+}
+
 up() {
     [[ $(id -u) -eq 0 ]] || { log "needs root"; exit 1; }
     install_packages
+    forget_stopped_cluster
     write_config
     start_munge
     start_mariadb
@@ -170,6 +196,7 @@ down() {
     for name in slurmd slurmctld slurmdbd mariadbd munged; do
         if alive "$name"; then
             kill "$(cat "$DIR/run/$name.pid")" 2>/dev/null || true
+            wait_for 30 "$name to stop" stopped "$name" || true
         fi
     done
     log "stopped"
