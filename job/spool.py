@@ -19,6 +19,12 @@ that opens the same root. Delivering again never duplicates anything:
     steps, and are exempt.
 A record that MLflow rejects as invalid (not: unreachable) is skipped with a warning, so that it can
 never hold back the records after it.
+
+What a spool holds is data, never instructions. The root and every spool folder are created 0700, and
+only a real folder (not a link) of the current user is delivered. A spool whose state.json or records
+are not as this module writes them (damaged on disk, or planted) is quarantined: renamed to
+`<key>.bad-<ms>`, which no later run opens, with one warning. That includes an artifacts record whose
+folder is not under the spool's own files/, holds a symbolic link, or whose path leaves the run.
 """
 
 from __future__ import annotations
@@ -28,14 +34,18 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 log = logging.getLogger(__name__)
 RECORDS = "records.jsonl"
 STATE = "state.json"
+FILES = "files"
+QUARANTINED = ".bad-"  # a quarantined spool folder is named <key>.bad-<ms>
 RUN_KEY_TAG = "ftjob.run_key"
 SYSTEM_PREFIX = "system/"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
@@ -50,6 +60,20 @@ REJECTED = {
     "BAD_REQUEST",
     "INVALID_STATE",
 }
+# The fields _Sender reads from each kind of record, and their JSON types.
+FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "open": {"key": (str,), "experiment": (str,), "run_name": (str,), "tags": (dict,), "time": (int,)},
+    "params": {"params": (dict,)},
+    "metrics": {"step": (int,), "metrics": (dict,), "time": (int,)},
+    "inputs": {"datasets": (list,)},
+    "artifacts": {"dir": (str,), "path": (str, type(None))},
+    "register": {"name": (str,), "path": (str,)},
+    "status": {"status": (str,), "time": (int,)},
+}
+
+
+class CorruptSpool(Exception):
+    """A spool that is not as this module writes it: damaged on disk, or planted."""
 
 
 def now_ms() -> int:
@@ -73,29 +97,61 @@ class SpoolState:
     offset: int = 0  # bytes of records.jsonl delivered
     last_steps: dict[str, int] = field(default_factory=dict)  # training metric key -> last step delivered
 
+    @classmethod
+    def load(cls, path: Path) -> SpoolState:
+        """The state in path (a new one when there is none); CorruptSpool when it is not a state."""
+        if not path.exists():
+            return cls()
+        try:
+            state = cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as e:
+            raise CorruptSpool(f"{STATE}: {e}") from None
+        valid = (
+            isinstance(state.run_id, (str, type(None)))
+            and isinstance(state.offset, int)
+            and state.offset >= 0
+            and isinstance(state.last_steps, dict)
+            and all(isinstance(step, int) for step in state.last_steps.values())
+        )
+        if not valid:
+            raise CorruptSpool(f"{STATE}: not a spool state")
+        return state
+
 
 class Spool:
     """One run's records on disk; only the process holding its lock reads or writes it."""
 
     def __init__(self, directory: Path, lock_fd: int):
+        """Raises CorruptSpool when its state or a pending record is not one this module writes."""
         self.directory = directory
         self.lock_fd = lock_fd
         self.records_path = directory / RECORDS
-        state_path = directory / STATE
-        self.state = SpoolState(**json.loads(state_path.read_text())) if state_path.exists() else SpoolState()
+        self.state = SpoolState.load(directory / STATE)
         self._drop_torn_line()
+        self.pending()
 
     @classmethod
     def acquire(cls, directory: Path) -> Spool | None:
-        """The spool in directory (created when new), locked; None when another process holds it."""
-        directory.mkdir(parents=True, exist_ok=True)
+        """The spool in directory (created when new), locked. None when another process holds it, when
+        it is not a folder of the current user, or when it is corrupt (then it is quarantined)."""
+        directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            log.warning("MLflow spool %s is not a folder of uid %d; not delivered", directory, os.geteuid())
+            return None
         fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None
-        return cls(directory, fd)
+        try:
+            return cls(directory, fd)
+        except CorruptSpool as e:
+            quarantine(directory, str(e))  # still locked: no other process is delivering it
+            os.close(fd)
+            return None
 
     @property
     def key(self) -> str:
@@ -114,9 +170,40 @@ class Spool:
             data = f.read()
         records, offset = [], self.state.offset
         for line in data.splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise CorruptSpool(f"{RECORDS} at byte {offset}: not JSON") from None
+            problem = self._problem(record)
+            if problem:
+                raise CorruptSpool(f"{RECORDS} at byte {offset}: {problem}")
             offset += len(line)
-            records.append((json.loads(line), offset))
+            records.append((record, offset))
         return records
+
+    def _problem(self, record: Any) -> str | None:
+        """Why record is not one this module writes, or None."""
+        if not isinstance(record, dict) or record.get("kind") not in FIELDS:
+            return "not a record"
+        for name, types in FIELDS[record["kind"]].items():
+            if not isinstance(record.get(name), types):
+                return f"a {record['kind']} record without a valid {name!r}"
+        return self._artifacts_problem(record) if record["kind"] == "artifacts" else None
+
+    def _artifacts_problem(self, record: dict[str, Any]) -> str | None:
+        """An artifacts record may upload only a folder under this spool's files/, with no link in it
+        (a link could lead to any file of this user), and only to a path inside the run."""
+        files = (self.directory / FILES).resolve()
+        directory = Path(record["dir"]).resolve()
+        if not directory.is_relative_to(files):
+            return f"artifacts folder {record['dir']} is outside {files}"
+        for parent, folders, names in os.walk(directory):
+            if any(os.path.islink(os.path.join(parent, name)) for name in folders + names):
+                return f"artifacts folder {record['dir']} holds a symbolic link"
+        path = PurePosixPath(record["path"] or ".")
+        if path.is_absolute() or ".." in path.parts:
+            return f"artifacts path {record['path']} is outside the run"
+        return None
 
     @property
     def delivered(self) -> bool:
@@ -127,12 +214,15 @@ class Spool:
         """Everything before offset is in MLflow; written atomically with the rest of the state."""
         self.state.offset = offset
         tmp = self.directory / f"{STATE}.tmp"
-        tmp.write_text(json.dumps(asdict(self.state)))
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(asdict(self.state)))
+            f.flush()
+            os.fsync(f.fileno())  # else a crash soon after the rename can leave an empty state.json
         os.replace(tmp, self.directory / STATE)
 
     def files(self, name: str) -> Path:
         """An empty directory in the spool for artifact files that must outlive the job's temp dirs."""
-        directory = self.directory / "files" / name
+        directory = self.directory / FILES / name
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
         return directory
@@ -153,16 +243,33 @@ class Spool:
                 f.truncate(data.rfind(b"\n") + 1)
 
 
+def quarantine(directory: Path, reason: str) -> None:
+    """Rename a corrupt spool folder out of the way of every later run, keeping it for a person to read."""
+    target = directory.with_name(f"{directory.name}{QUARANTINED}{now_ms()}")
+    directory.rename(target)
+    log.warning(
+        "MLflow spool %s is corrupt (%s); quarantined as %s, its records are not delivered",
+        directory,
+        reason,
+        target,
+    )
+
+
+def leftovers(root: Path) -> list[Path]:
+    """The spool folders in root, in name order; quarantined ones left out."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and QUARANTINED not in p.name)
+
+
 def find_spool(root: Path, ref: str) -> Path | None:
     """The spool directory for a run: named by ref (its key), or recording ref as its run id."""
     if (root / ref).is_dir():
         return root / ref
-    for state_path in root.glob(f"*/{STATE}"):
-        try:
-            if json.loads(state_path.read_text()).get("run_id") == ref:
-                return state_path.parent
-        except (OSError, ValueError):
-            continue
+    for directory in leftovers(root):
+        with suppress(OSError, CorruptSpool):
+            if SpoolState.load(directory / STATE).run_id == ref:
+                return directory
     return None
 
 

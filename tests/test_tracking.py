@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from job import tracking
 from job.errors import Preempted
 from job.metrics import flops_per_token, gpu_peak_flops
 from job.spec import validate_spec
-from job.spool import Spool, SpoolState, deliver
+from job.spool import RECORDS, STATE, Spool, SpoolState, deliver
 from job.tracking import (
     Tracker,
     end_status,
@@ -535,6 +536,215 @@ def test_inactive_tracker_writes_nothing(tiny_model_dir, data_files, isolated):
         tracker.log_metrics({"train/loss": 1.0}, 1)
     assert tracker.run_id is None and tracker.resume_id is None
     assert not (isolated / "mlruns").exists() and not (isolated / ".ftjob-spool").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged and planted spools: quarantined, never in the way of this run or of the spools after them
+
+
+def leftover(spool_dir: Path, name: str, experiment: str) -> Path:
+    """A spool that an earlier job left undelivered."""
+    spool = Spool.acquire(spool_dir / name)
+    for record in spool_records(name, experiment):
+        spool.append(record)
+    spool.release()
+    return spool_dir / name
+
+
+def insert_line(path: Path, index: int, line: bytes) -> None:
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join([*lines[:index], line + b"\n", *lines[index:]]))
+
+
+def run_three_steps(spec) -> Tracker:
+    tracker = tracked(spec)
+    with tracker.run({}):
+        log_steps(tracker, range(1, 4))
+    return tracker
+
+
+DAMAGE = {
+    "garbage-line": lambda spool: insert_line(spool / RECORDS, 2, b"\x00\xff not json"),
+    "record-without-its-fields": lambda spool: insert_line(spool / RECORDS, 2, b'{"kind": "metrics"}'),
+    "unknown-kind": lambda spool: insert_line(spool / RECORDS, 2, b'{"kind": "shell", "time": 1}'),
+    "state-not-json": lambda spool: (spool / STATE).write_text('{"run_id": nu'),
+    "state-offset-negative": lambda spool: (spool / STATE).write_text('{"offset": -5}'),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_leftover_is_quarantined_and_the_next_one_still_delivered(
+    damage, server, client, tiny_model_dir, data_files, spool_dir, monkeypatch, caplog
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    damaged = leftover(spool_dir, "a-damaged", f"{damage}-damaged")
+    DAMAGE[damage](damaged)
+    leftover(spool_dir, "b-good", f"{damage}-good")
+    with caplog.at_level(logging.WARNING, logger="job"):
+        current = run_three_steps(tracker_spec(tiny_model_dir, data_files, f"{damage}-current"))
+
+    assert client.get_run(current.run_id).info.status == "FINISHED"
+    assert steps(client, current.run_id, "train/loss") == [1, 2, 3]
+    [good] = client.search_runs([client.get_experiment_by_name(f"{damage}-good").experiment_id])
+    assert good.info.status == "FINISHED" and steps(client, good.info.run_id, "train/loss") == [1, 2, 3]
+    assert client.get_experiment_by_name(f"{damage}-damaged") is None  # nothing of it delivered
+    [quarantined] = spool_dir.iterdir()
+    assert quarantined.name.removeprefix("a-damaged.bad-").isdigit()  # the time, in milliseconds
+    [warning] = messages(caplog, logging.WARNING, str(damaged))
+    assert str(quarantined) in warning
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="job"):
+        run_three_steps(tracker_spec(tiny_model_dir, data_files, f"{damage}-later"))
+    assert not messages(caplog, logging.WARNING, "spool")  # later runs leave the quarantined one alone
+    assert list(spool_dir.iterdir()) == [quarantined]
+
+
+def test_a_damaged_spool_of_the_run_to_resume_is_quarantined_and_the_run_goes_on(
+    server, client, tiny_model_dir, data_files, spool_dir, monkeypatch, caplog
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    damaged = leftover(spool_dir, "k-resume", "resume-damaged")
+    (damaged / STATE).write_text("{")
+    resumed = tracked(tracker_spec(tiny_model_dir, data_files, "resume-damaged"), resume_run_id="k-resume")
+    with caplog.at_level(logging.WARNING, logger="job"), resumed.run({}):
+        log_steps(resumed, range(4, 7))
+
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+    assert steps(client, resumed.run_id, "train/loss") == [4, 5, 6]
+    [quarantined] = spool_dir.iterdir()
+    assert quarantined.name.startswith("k-resume.bad-")
+    assert messages(caplog, logging.WARNING, str(damaged))
+
+
+PLANTED = {  # where a planted artifacts record points, given its spool folder and a secret file
+    "absolute-path": lambda spool, secret: str(secret.parent),
+    "dot-dot": lambda spool, secret: f"{spool}/files/../../../home/.aws",
+    "link-to-a-file": lambda spool, secret: str(
+        link(spool / "files" / "adapter" / "credentials", secret).parent
+    ),
+    "link-to-a-folder": lambda spool, secret: str(link(spool / "files" / "adapter", secret.parent)),
+}
+
+
+def link(path: Path, target: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target)
+    return path
+
+
+@pytest.mark.parametrize("planted", PLANTED)
+def test_a_planted_artifacts_record_uploads_nothing_from_outside_its_spool(
+    planted, server, client, tiny_model_dir, data_files, spool_dir, isolated, monkeypatch, caplog
+):
+    """A record pointing at a credentials file, the way a planted one made a run upload it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    marker = f"PLANTED-SECRET-{planted}".encode()
+    secret = isolated / "home" / ".aws" / "credentials"
+    secret.parent.mkdir(parents=True)
+    secret.write_bytes(marker)
+    spool = leftover(spool_dir, "planted", f"planted-{planted}")
+    (spool / "files").mkdir()
+    record = {"kind": "artifacts", "dir": PLANTED[planted](spool, secret), "path": "adapter", "time": 1}
+    insert_line(spool / RECORDS, 2, json.dumps(record).encode())
+    with caplog.at_level(logging.WARNING, logger="job"):
+        current = run_three_steps(tracker_spec(tiny_model_dir, data_files, f"planted-{planted}-current"))
+
+    stored = [p for p in (server.root / "artifacts").rglob("*") if p.is_file()]
+    assert not [p for p in stored if marker in p.read_bytes()]
+    assert client.get_experiment_by_name(f"planted-{planted}") is None
+    assert steps(client, current.run_id, "train/loss") == [1, 2, 3]
+    [quarantined] = spool_dir.iterdir()
+    assert quarantined.name.startswith("planted.bad-")
+    [warning] = messages(caplog, logging.WARNING, str(spool))
+    assert "artifacts" in warning and str(quarantined) in warning
+    assert secret.read_bytes() == marker
+
+
+def test_an_artifacts_record_that_would_write_outside_the_run_is_quarantined(
+    server, client, tiny_model_dir, data_files, spool_dir, monkeypatch, caplog
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    spool = leftover(spool_dir, "escape", "escape")
+    (spool / "files" / "spec").mkdir(parents=True)
+    (spool / "files" / "spec" / "spec.json").write_text("{}")
+    record = {"kind": "artifacts", "dir": str(spool / "files" / "spec"), "path": "../../escape", "time": 1}
+    insert_line(spool / RECORDS, 2, json.dumps(record).encode())
+    leftover(spool_dir, "later", "escape-later")
+    with caplog.at_level(logging.WARNING, logger="job"):
+        run_three_steps(tracker_spec(tiny_model_dir, data_files, "escape-current"))
+
+    assert client.get_experiment_by_name("escape") is None
+    assert client.search_runs([client.get_experiment_by_name("escape-later").experiment_id])
+    [quarantined] = spool_dir.iterdir()
+    assert quarantined.name.startswith("escape.bad-")
+    assert messages(caplog, logging.WARNING, str(spool))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another user needs root")
+def test_spools_of_another_user_or_behind_a_link_are_not_delivered(
+    server, client, tiny_model_dir, data_files, spool_dir, isolated, monkeypatch, caplog
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    other = leftover(spool_dir, "other-user", "other-user")
+    for path in [other, *other.rglob("*")]:
+        os.chown(path, 65534, 65534)
+    elsewhere = leftover(isolated / "elsewhere", "linked", "linked")
+    (spool_dir / "linked").symlink_to(elsewhere)
+    with caplog.at_level(logging.WARNING, logger="job"):
+        run_three_steps(tracker_spec(tiny_model_dir, data_files, "not-mine-current"))
+
+    assert client.get_experiment_by_name("other-user") is None
+    assert client.get_experiment_by_name("linked") is None
+    assert other.stat().st_uid == 65534 and (spool_dir / "linked").is_symlink()  # left as they are
+    assert messages(caplog, logging.WARNING, str(other))
+    assert messages(caplog, logging.WARNING, str(spool_dir / "linked"))
+    assert Spool.acquire(other) is None  # nor adopted as the spool of a run to resume
+
+
+def test_spool_folders_are_created_0700_under_a_permissive_umask(spool_dir):
+    previous = os.umask(0)
+    try:
+        spool = Spool.acquire(spool_dir / "k")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(spool_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(spool.directory.stat().st_mode) == 0o700
+    spool.release()
+
+
+def test_state_is_fsynced_before_it_replaces_the_old_one(spool_dir, monkeypatch):
+    spool = Spool.acquire(spool_dir / "k")
+    spool.append({"kind": "params", "params": {"a": "1"}})
+    end = spool.records_path.stat().st_size
+    spool.acknowledge(end)
+    os.close(spool.lock_fd)
+    (spool.directory / f"{STATE}.tmp").write_text('{"run_id": "r')  # a crash in the middle of a write
+    again = Spool.acquire(spool.directory)
+    assert again.state == SpoolState(offset=end)
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def fsync_spy(fd: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        events.append(("fsync", path.name, path.read_text()))
+        fsync(fd)
+
+    def replace_spy(source, target) -> None:
+        events.append(("replace", Path(source).name, Path(target).name))
+        replace(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", fsync_spy)
+        patch.setattr(os, "replace", replace_spy)
+        again.state.run_id = "r1"
+        again.acknowledge(end)
+    state = json.dumps({"run_id": "r1", "offset": end, "last_steps": {}})
+    assert events == [("fsync", f"{STATE}.tmp", state), ("replace", f"{STATE}.tmp", STATE)]
+    assert (again.directory / STATE).read_text() == state
+    assert not (again.directory / f"{STATE}.tmp").exists()
+    again.release()
 
 
 # ---------------------------------------------------------------------------------------------
