@@ -37,7 +37,7 @@ from job import __version__
 from job.data.sources import expand
 from job.errors import EXIT_REQUEUE
 from job.spec import Spec, TrackingSpec, flatten, public_dict, public_tags
-from job.spool import RUN_KEY_TAG, Spool, deliver, find_spool, now_ms, spool_root
+from job.spool import RUN_KEY_TAG, Spool, deliver, find_spool, leftovers, now_ms, spool_root
 from job.storage import absolute, filesystem, protocol_of
 from job.system_metrics import SystemSampler
 
@@ -248,6 +248,12 @@ class Tracker:
         for name, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(name, value)
         uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+        if "MLFLOW_TRACKING_URI" not in os.environ and "KUBERNETES_SERVICE_HOST" in os.environ:
+            log.warning(
+                "MLFLOW_TRACKING_URI is not set in this pod: the run is logged to %s, which is lost with "
+                "the pod; set it (e.g. in the pod's Secret) to keep the run",
+                uri,
+            )
         self.uri = redact_url(uri)
         self.client = MlflowClient(uri)
         root = spool_root()
@@ -361,8 +367,11 @@ class Tracker:
                 log.info("MLflow tracking at %s is back: %d spooled records delivered", self.uri, sent)
 
     def _deliver_leftovers(self, root: Path) -> None:
-        """Deliver spools that earlier jobs left behind (a job that is still running holds its lock)."""
-        for directory in sorted(p for p in root.iterdir() if p.is_dir() and p != self.spool.directory):
+        """Deliver spools that earlier jobs left behind (a job that is still running holds its lock; a
+        corrupt one is quarantined, another user's is left alone)."""
+        for directory in leftovers(root):
+            if directory == self.spool.directory:
+                continue
             spool = Spool.acquire(directory)
             if spool is None:
                 continue
