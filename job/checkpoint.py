@@ -1,16 +1,26 @@
-"""Checkpoints under output.uri/checkpoints/step-NNNNNN/: everything needed to continue a run exactly.
+"""Checkpoints under output.uri/checkpoints/step-NNNNNN-gG/ (G: the generation of output.uri's lease that
+wrote it, job/lease.py): everything needed to continue a run exactly.
 
     trainable.safetensors   the trainable weights (adapter, or the whole model for `full`)      rank 0
     optimizer.pt            optimizer, schedule and grad-scaler states (read with weights_only)  rank 0
     run.json                step, last metrics, MLflow run id, what the run depends on           rank 0
     rank-00000.json         that rank's RNG states and data cursor                               each rank
     MANIFEST.json           sha256 and size of every file above, the other ranks' included       rank 0
-    COMMITTED               written last by rank 0, after every other file is uploaded
+    COMMITTED               written last by rank 0, after every other file is uploaded, while   rank 0
+                            the job still holds output.uri's lease (job/lease.py); names the
+                            lease's generation (as run.json does), host and pid
+
+A job writes only folders of its own generation, so a job that lost the lease (a frozen node) and the
+job that took it over never write the same folder, even for the same step. The newest checkpoint is the
+one of the highest step, and of the highest generation among those (folders named step-NNNNNN, from
+before generations, are generation 0).
 
 A reader trusts only a checkpoint with COMMITTED whose files match its MANIFEST; a damaged newest one
 (a truncated or missing file) is skipped with a warning for the one before. Rank files are uploaded before a barrier; rank 0
 then uploads its files from a background thread and writes COMMITTED, so training goes on meanwhile.
 At most one upload is in flight: a checkpoint that comes while one is uploading waits for it.
+Retention runs right after a commit, which happens only while the lease is this job's; a failure to
+list or delete checkpoints there is a warning.
 The metric curve is not in checkpoints: each one adds a segment of it (job/metrics_log.py).
 """
 
@@ -24,7 +34,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,13 +44,14 @@ from safetensors.torch import load_file, save_file
 from job.data.stream import random_state, set_random_state
 from job.errors import JobError, UserError
 from job.export import MANIFEST, manifest_entry, verify_manifest, write_manifest
+from job.lease import Lease, LeaseLost, holder, rank_0_outcome
 from job.metrics_log import CURVE, read_history, remove_segments_after, segments_uri, to_lines
 from job.spec import Spec, flatten
 from job.storage import download_dir, filesystem, join, upload_dir
 
 log = logging.getLogger(__name__)
 COMMITTED = "COMMITTED"
-STEP_DIR = re.compile(r"step-(\d+)$")
+STEP_DIR = re.compile(r"step-(\d+)(?:-g(\d+))?")
 
 
 def checkpoints_uri(output_uri: str) -> str:
@@ -56,6 +67,7 @@ MAY_CHANGE_ON_RESUME = (
     "train.checkpoint_every",
     "train.stop_grace_seconds",
     "train.collective_timeout_seconds",
+    "train.lease_seconds",
     "train.eval_every",
     "train.log_every",
     "train.gradient_checkpointing",
@@ -66,7 +78,9 @@ MAY_CHANGE_ON_RESUME = (
     "storage_options",
 )
 CHECKPOINT_FORMAT = 2  # 2: with MANIFEST.json (a format-2 checkpoint without one is damaged)
-FINGERPRINT_VERSION = 2  # a checkpoint whose fingerprint has another version was written by another ftjob
+# A checkpoint whose fingerprint has another version was written by another ftjob. 3: the data cursor
+# holds the positions of buffered and carried-over rows, not the rows.
+FINGERPRINT_VERSION = 3
 
 
 def fingerprint(spec: Spec, world_size: int) -> dict[str, Any]:
@@ -91,27 +105,50 @@ def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[
     ]
 
 
-def committed_steps(output_uri: str) -> list[int]:
-    """Steps of the committed checkpoints under output.uri, oldest first."""
+class StepFolder(NamedTuple):
+    """A checkpoint's folder under checkpoints/; sorts oldest first."""
+
+    step: int
+    generation: int  # of the lease that wrote it; 0 for a folder from before generations
+    name: str
+
+
+def step_folder_name(step: int, generation: int) -> str:
+    return f"step-{step:06d}-g{generation}"
+
+
+def folder_uri(output_uri: str, folder: StepFolder) -> str:
+    return join(checkpoints_uri(output_uri), folder.name)
+
+
+def step_folders(output_uri: str) -> list[StepFolder]:
+    """Every checkpoint folder under output.uri, committed or not, oldest first."""
     fs, root = filesystem(checkpoints_uri(output_uri))
     if not fs.exists(root):
         return []
-    steps = []
+    folders = []
     for path in fs.ls(root, detail=False):
-        match = STEP_DIR.search(path.rstrip("/"))
-        if match and fs.exists(f"{path.rstrip('/')}/{COMMITTED}"):
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if match := STEP_DIR.fullmatch(name):
+            folders.append(StepFolder(int(match.group(1)), int(match.group(2) or 0), name))
+    return sorted(folders)
+
+
+def is_committed(output_uri: str, folder: StepFolder) -> bool:
+    fs, path = filesystem(join(folder_uri(output_uri, folder), COMMITTED))
+    return fs.exists(path)
+
+
+def committed_checkpoints(output_uri: str) -> list[StepFolder]:
+    """The committed checkpoints under output.uri, oldest first."""
+    return [folder for folder in step_folders(output_uri) if is_committed(output_uri, folder)]
 
 
 def remove_uncommitted(output_uri: str) -> None:
     """Checkpoints without COMMITTED are leftovers of an interrupted upload: never trusted, removed."""
-    fs, root = filesystem(checkpoints_uri(output_uri))
-    if not fs.exists(root):
-        return
-    for path in fs.ls(root, detail=False):
-        path = path.rstrip("/")
-        if STEP_DIR.search(path) and not fs.exists(f"{path}/{COMMITTED}"):
+    for folder in step_folders(output_uri):
+        if not is_committed(output_uri, folder):
+            fs, path = filesystem(folder_uri(output_uri, folder))
             log.info("removing incomplete checkpoint %s", path)
             fs.rm(path, recursive=True)
 
@@ -159,20 +196,35 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 class Checkpointer:
-    """Writes checkpoints (one upload in flight at most) and reads the newest committed one."""
+    """Writes checkpoints (one upload in flight at most) and reads the newest committed one. As a
+    context manager: however the run ends, the upload in flight ends before the block does (and so
+    before the lease is released)."""
 
-    def __init__(self, output_uri: str, rank: int, world_size: int, keep: int):
+    def __init__(self, output_uri: str, rank: int, world_size: int, keep: int, lease: Lease):
         self.output_uri = output_uri
         self.root = checkpoints_uri(output_uri)
         self.rank = rank
         self.world_size = world_size
         self.keep = keep
+        self.lease = lease
         self.upload: threading.Thread | None = None
         self.upload_error: BaseException | None = None
         self.curve_saved_to = 0  # the last step whose metrics are in a segment
 
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.upload is not None:  # only when the run ends on an error: else wait() has joined it
+            self.upload.join()
+            self.upload = None
+        if self.upload_error is not None:
+            log.warning("the checkpoint upload in flight failed too: %s: %s", type(self.upload_error).__name__, self.upload_error)  # fmt: skip
+            self.upload_error = None
+
     def step_uri(self, step: int) -> str:
-        return join(self.root, f"step-{step:06d}")
+        """Where this job writes its checkpoint of step: a folder of its own lease generation."""
+        return join(self.root, step_folder_name(step, self.lease.generation))
 
     def save(
         self, step: int, model, optimizer, scheduler, accelerator, data_state: dict, run: dict, history: list
@@ -196,10 +248,10 @@ class Checkpointer:
         if accelerator.scaler is not None:
             states["scaler"] = accelerator.scaler.state_dict()
         torch.save(states, staging / "optimizer.pt")
-        record = {"step": step, **run, "last_metrics": history[-1], "checkpoint_format": CHECKPOINT_FORMAT}
+        record = {"step": step, **run, "last_metrics": history[-1], "checkpoint_format": CHECKPOINT_FORMAT,
+                  "lease_generation": self.lease.generation}  # fmt: skip
         (staging / "run.json").write_text(json.dumps(record))
         write_manifest(staging, rank_entries)
-        (staging / COMMITTED).write_text(f"step {step}\n")
         segment = Path(tempfile.mkdtemp(prefix="ftjob-metrics-"))
         (segment / f"{step:06d}.jsonl").write_text(
             to_lines([h for h in history if h["step"] > self.curve_saved_to])
@@ -211,31 +263,26 @@ class Checkpointer:
         self.upload.start()
 
     def wait_committed(self, accelerator) -> None:
-        """Every rank: wait until rank 0's upload in flight is committed. When it failed for good, every
-        rank ends the job (exit 1), not rank 0 alone while the others wait for it in a collective."""
-        error = None
-        if self.rank == 0:
-            try:
-                self.wait()
-            except JobError as e:
-                error = e
-        failed = torch.tensor([int(error is not None)], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            failed = accelerator.reduce(failed, reduction="max")
-        if error is not None:
-            raise error
-        if int(failed):
-            raise JobError(
-                f"checkpoint upload to {self.root} failed on rank 0 (its log says why); "
-                "the previous committed checkpoint is intact"
-            )
+        """Every rank: wait until rank 0's upload in flight is committed, and check that the lease is still
+        this job's. When either failed, every rank ends the job with rank 0's error (exit 1), not rank 0
+        alone while the others wait for it in a collective."""
+
+        def committed_and_held() -> None:
+            self.wait()
+            self.lease.check()  # nothing of this checkpoint is written by a job that lost the lease
+
+        rank_0_outcome(accelerator, committed_and_held)
 
     def _upload(self, staging: Path, segment: Path, uri: str, step: int) -> None:
         try:
             upload_dir(segment, segments_uri(self.output_uri))
-            upload_dir(staging, uri, last=COMMITTED)
+            upload_dir(staging, uri, last=COMMITTED)  # without the marker: only an old one goes first
+            self.lease.check()
+            fs, path = filesystem(join(uri, COMMITTED))
+            writer = f"lease generation {self.lease.generation}, {holder(self.lease.me)}"
+            fs.pipe_file(path, f"step {step}, {writer}\n".encode())
             log.info("checkpoint step %d committed to %s", step, uri)
-            self._apply_retention()
+            self._apply_retention()  # under the check just made: no second read of the lease
         except BaseException as e:  # surfaced to the training thread by wait()
             self.upload_error = e
         finally:
@@ -243,11 +290,19 @@ class Checkpointer:
             shutil.rmtree(segment, ignore_errors=True)
 
     def _apply_retention(self) -> None:
-        """Older committed checkpoints go only once a newer one is committed."""
-        steps = committed_steps(self.output_uri)
-        for old in steps[: max(0, len(steps) - self.keep)]:
-            fs, path = filesystem(self.step_uri(old))
-            fs.rm(path, recursive=True)
+        """Older committed checkpoints go only once a newer one is committed. Checkpoints that cannot be
+        listed or deleted stay, with a warning: the next commit tries again."""
+        try:
+            committed = committed_checkpoints(self.output_uri)
+        except Exception as e:  # every backend raises its own types
+            log.warning("could not list the checkpoints in %s to delete old ones (%s: %s); they stay, the next commit tries again", self.root, type(e).__name__, e)  # fmt: skip
+            return
+        for old in committed[: max(0, len(committed) - self.keep)]:
+            try:
+                fs, path = filesystem(folder_uri(self.output_uri, old))
+                fs.rm(path, recursive=True)
+            except Exception as e:  # every backend raises its own types
+                log.warning("could not delete the checkpoint at step %d (%s: %s); it stays, the next commit tries again", old.step, type(e).__name__, e)  # fmt: skip
 
     def wait(self) -> None:
         """Rank 0: block until the upload in flight is done; an upload that failed for good ends the job."""
@@ -256,6 +311,8 @@ class Checkpointer:
             self.upload = None
         if self.upload_error is not None:
             error, self.upload_error = self.upload_error, None
+            if isinstance(error, LeaseLost):
+                raise error
             raise JobError(
                 f"checkpoint upload to {self.root} failed: {type(error).__name__}: {error}; "
                 "the previous committed checkpoint is intact"
@@ -267,13 +324,13 @@ class Checkpointer:
         matching its MANIFEST, unreadable JSON) is skipped with a warning for the one before.
         `expected`: the fingerprint the current spec gives. Every rank of `accelerator` takes the same
         one: a checkpoint damaged as any rank sees it is skipped by all. A storage error is raised."""
-        steps = committed_steps(self.output_uri)
-        if not steps:
+        committed = committed_checkpoints(self.output_uri)
+        if not committed:
             return None
-        for step in reversed(steps):
-            local = Path(tempfile.mkdtemp(prefix="ftjob-resume-"))
+        for folder in reversed(committed):
+            step, local = folder.step, Path(tempfile.mkdtemp(prefix="ftjob-resume-"))
             try:
-                run, damage = self._download_whole(step, local), None
+                run, damage = self._download_whole(folder, local), None
             except (UserError, ValueError, KeyError, FileNotFoundError) as e:  # not a storage outage
                 run, damage = None, e
             if whole_everywhere(damage is None, accelerator):
@@ -299,10 +356,10 @@ class Checkpointer:
         self.curve_saved_to = run["step"]
         return {**run, "history": read_history(self.output_uri, run["step"]), "dir": local}
 
-    def _download_whole(self, step: int, local: Path) -> dict[str, Any]:
+    def _download_whole(self, folder: StepFolder, local: Path) -> dict[str, Any]:
         """The checkpoint's files into local, checked against its MANIFEST (checkpoints written before
         there were manifests have none); its run.json."""
-        download_dir(self.step_uri(step), local)
+        download_dir(folder_uri(self.output_uri, folder), local)
         if (local / MANIFEST).is_file():
             verify_manifest(local)
         run = json.loads((local / "run.json").read_text())

@@ -169,7 +169,7 @@ def cmd_launch_k8s(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from job.spec import load_spec
-    from launch.k8s import K8sOptions, apply, render, to_yaml
+    from launch.k8s import K8sOptions, apply, k8s_warnings, render, to_yaml
     from launch.sweep import load_points, point_specs, start_parent_run
 
     spec = load_spec(args.spec, args.set)
@@ -183,14 +183,10 @@ def cmd_launch_k8s(args: argparse.Namespace) -> int:
             f"output.uri {spec.output.uri}: a pod's local disk goes with the pod (checkpoints and the adapter "
             "with it); give object storage, e.g. s3://bucket/runs/{name}"
         )
-    if spec.tracking.enabled:
-        print(
-            "note: the pods log to MLFLOW_TRACKING_URI from their Secret; without it, runs go to a sqlite "
-            "file inside the pod and are lost with it",
-            file=sys.stderr,
-        )
     given = {name: getattr(args, name) for name in K8sOptions.__dataclass_fields__}
     options = K8sOptions(**{name: value for name, value in given.items() if value is not None})
+    for warning in k8s_warnings(spec, options, len(specs)):
+        print(f"warning: {warning}", file=sys.stderr)
     parent = None
     if args.apply and points and spec.tracking.enabled:
         if os.environ.get("MLFLOW_TRACKING_URI"):  # the server the pods log to, reached from here too
@@ -381,11 +377,25 @@ def add_launch_parser(commands, with_spec) -> None:
     )
     slurm.set_defaults(handler=cmd_launch_slurm)
 
-    k8s.add_argument("--image", default="ftjob:latest")
+    k8s.add_argument(
+        "--image",
+        help=f"the image, pinned by tag or digest (default: ftjob:{__version__}, this ftjob's version)",
+    )
     k8s.add_argument("--namespace")
     k8s.add_argument("--cpu", default="4", help="CPU request per pod")
     k8s.add_argument("--memory", default="32Gi", help="memory request and limit per pod")
     k8s.add_argument("--shm", default="8Gi", help="size of the memory-backed /dev/shm")
+    k8s.add_argument(
+        "--disk",
+        default="100Gi",
+        help="ephemeral storage per pod: request, limit and size of each writable folder (model cache, staging)",
+    )
+    k8s.add_argument(
+        "--spool-claim",
+        metavar="PVC",
+        help="a PersistentVolumeClaim for the MLflow spool, so that records kept through a tracking outage "
+        "outlive the pod (a later pod delivers them)",
+    )
     k8s.add_argument(
         "--secret",
         dest="secrets",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -14,7 +13,7 @@ from job.errors import UserError
 from job.export import fetch_published
 from job.model import load_model, load_tokenizer, quiet_libraries
 from job.model_source import resolve_model_dir
-from job.spec import Spec, validate_spec
+from job.spec import Spec, parse_spec_text, read_spec_text, validate_spec
 from job.storage import configure_storage, is_local
 
 
@@ -25,14 +24,15 @@ def load_trained(
     whose MANIFEST was verified (fetch_published). The adapter's spec.json is data from storage, not
     an instruction: its trust_remote_code is never honoured (only the caller's), and `base_model`
     replaces the base it names."""
-    data = json.loads((adapter_dir / "spec.json").read_text())
+    where = str(adapter_dir / "spec.json")
+    data = parse_spec_text(read_spec_text(where)[0], where)
     data["model"] = {**data.get("model", {}), "trust_remote_code": trust_remote_code}
     if base_model:
         data["model"].update(source=base_model, revision=None)
     # Storage options are not taken from the file either (hidden values, or an endpoint of its choosing):
     # the base model is read with this environment's storage settings.
     data["storage_options"] = {}
-    spec = validate_spec(data, f"{adapter_dir}/spec.json")
+    spec = validate_spec(data, where)
     configure_storage(None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(adapter_dir, spec.model)

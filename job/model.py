@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from job.errors import UserError
 from job.model_source import resolve_model_dir
@@ -96,8 +97,15 @@ def load_model(model_dir: Path, model_spec: ModelSpec, device: torch.device, ful
             quantization_config=quantization,
             device_map={"": device} if quantization else None,
         )
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, SafetensorError) as e:  # SafetensorError: a damaged file
         raise UserError(f"model.source: cannot load {model_spec.source}: {e}") from None
+    except RuntimeError as e:  # also CUDA's out-of-memory and others, which are not the user's to fix
+        if "mismatched_sizes" not in str(e) and "size mismatch" not in str(e):
+            raise
+        raise UserError(
+            f"model.source: the weights in {model_spec.source} do not fit its config.json (tensor shapes "
+            "differ): is config.json from another model?"
+        ) from None
     if quantization and device.type == "cpu":
         keep_4bit_weights_trainable_on_cpu(model)
     return model

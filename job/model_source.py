@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from job.errors import UserError
-from job.storage import download_dir, filesystem, is_local
+from job.storage import download_dir, filesystem, is_local, storage_error, storage_errors
 
 log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -92,11 +92,9 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
 
 def content_key(url: str) -> tuple[str, list[str]]:
     """A cache key from the URL and each file's name and ETag (or size and mtime); also the file list."""
-    try:
+    with storage_errors(f"model.source: cannot list {url}"):
         fs, root = filesystem(url)
         listing = fs.find(root.rstrip("/"), detail=True)
-    except Exception as e:
-        raise UserError(f"model.source: cannot list {url}: {type(e).__name__}: {e}") from None
     if not listing:
         raise UserError(f"model.source: no files under {url}")
     entries = []
@@ -131,5 +129,5 @@ def fetch_cached(url: str) -> Path:
             staging.rename(target)
         except Exception as e:
             shutil.rmtree(staging, ignore_errors=True)
-            raise UserError(f"model.source: cannot download {url}: {type(e).__name__}: {e}") from None
+            raise storage_error(e, f"model.source: cannot download {url}") from None
     return target

@@ -12,9 +12,10 @@ import sys
 from collections import Counter
 from typing import TextIO
 
+from job.data.files import expand
 from job.data.formats import BadRow, Formatter
 from job.data.pipeline import DataPipeline, train_sources
-from job.data.sources import expand, read_rows
+from job.data.sources import read_rows
 from job.data.stream import EPOCH_END
 from job.data.tokens import IGNORE_INDEX, tokenize
 from job.errors import UserError

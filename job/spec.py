@@ -102,6 +102,14 @@ class DataSpec(_Section):
         description="completion: loss on responses (assistant turns) only; all: loss on prompts too.",
     )
     bad_rows: BadRowsSpec = Field(default_factory=BadRowsSpec)
+    max_row_bytes: int = Field(
+        8 << 20,
+        gt=0,
+        description="A row longer than this many bytes (a line of JSON Lines or text, a CSV record with "
+        "all its lines, an item of a JSON array, a Parquet row) is a bad row, read past without being "
+        "held in memory; so is every row of a Parquet row group over this many bytes per row on average, "
+        "which is not decoded.",
+    )
 
     def train_groups(self) -> list[tuple[list[str], float]]:
         """data.train entries as (patterns, weight)."""
@@ -160,6 +168,12 @@ class TrainSpec(_Section):
         description="With several processes: how long a rank waits for the others in a collective (each "
         "checkpoint waits for the previous upload to commit) before the job fails.",
     )
+    lease_seconds: float = Field(
+        120,
+        ge=5,
+        description="How long the job's hold on <output.uri>/lease.json lasts unless renewed (every third "
+        "of it); another job takes output.uri over once it is released or has expired.",
+    )
     eval_every: int = Field(
         100, ge=0, description="Eval loss every N steps (and at the end); 0: only at the end."
     )
@@ -210,6 +224,13 @@ class Spec(_Section):
 # Reading
 
 
+# A spec is a few kilobytes; these bound what a hostile or broken one can cost before it is refused
+# (a 1 KB YAML alias bomb expands to a billion values).
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_VALUES = 100_000
+MAX_SPEC_DEPTH = 64
+
+
 def read_spec_text(source: str | None) -> tuple[str, str]:
     """Return (text, where) for SPEC: a path, an fsspec URL, '-' for stdin, or FTJOB_SPEC when None."""
     if source is None:
@@ -217,23 +238,29 @@ def read_spec_text(source: str | None) -> tuple[str, str]:
         if not source:
             raise UserError("no spec given: pass SPEC (a path, URL or '-') or set FTJOB_SPEC")
         if source.lstrip().startswith("{"):
-            return source, "FTJOB_SPEC"
+            return _bounded(source, "FTJOB_SPEC"), "FTJOB_SPEC"
     if source == "-":
-        return sys.stdin.read(), "<stdin>"
+        return _bounded(sys.stdin.read(MAX_SPEC_BYTES + 1), "<stdin>"), "<stdin>"
     try:
         if "://" in source:
             import fsspec
 
             with fsspec.open(source, "rt", encoding="utf-8") as f:
-                return f.read(), source
+                return _bounded(f.read(MAX_SPEC_BYTES + 1), source), source
         with open(source, encoding="utf-8") as f:
-            return f.read(), source
+            return _bounded(f.read(MAX_SPEC_BYTES + 1), source), source
     except FileNotFoundError:
         raise UserError(f"spec file not found: {source}") from None
     except IsADirectoryError:
         raise UserError(f"spec is a directory, not a file: {source}") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"cannot read spec {source}: {e}") from None
+
+
+def _bounded(text: str, where: str) -> str:
+    if len(text) > MAX_SPEC_BYTES:
+        raise UserError(f"{where}: larger than {MAX_SPEC_BYTES // 1024} KiB; is this a spec?")
+    return text
 
 
 def parse_spec_text(text: str, where: str) -> dict[str, Any]:
@@ -250,15 +277,35 @@ def parse_spec_text(text: str, where: str) -> dict[str, Any]:
         except RecursionError:
             raise UserError(f"{where}: nested too deeply") from None
     else:
-        data = _load_yaml(text, where)
+        data = load_yaml(text, where)
     if not isinstance(data, dict):
         raise UserError(f"{where}: the spec must be a mapping of sections, got {type(data).__name__}")
     return data
 
 
-def _load_yaml(text: str, where: str) -> Any:
+def _check_size(data: Any, where: str) -> None:
+    """Refuse a spec whose values, with every YAML alias expanded, are too many or too deep, before
+    anything walks it. Counted without recursion, and stopped at the limit, so a bomb costs little."""
+    values = 0
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        values += 1
+        if values > MAX_SPEC_VALUES:
+            raise UserError(
+                f"{where}: more than {MAX_SPEC_VALUES} values once YAML aliases (*name) are expanded"
+            )
+        if depth > MAX_SPEC_DEPTH:
+            raise UserError(f"{where}: nested more than {MAX_SPEC_DEPTH} levels deep")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+
+
+def load_yaml(text: str, where: str) -> Any:
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"{where}: nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         position = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -266,7 +313,7 @@ def _load_yaml(text: str, where: str) -> Any:
         raise UserError(f"{where}{position}: invalid YAML: {problem}") from None
 
 
-def parse_value(text: str) -> Any:
+def parse_value(text: str, origin: str) -> Any:
     """An override's value: JSON where it parses (1e-4, true, null), YAML for [lists] and {maps}, else text.
 
     Plain words stay strings: YAML would turn `no` or `on` into booleans.
@@ -275,11 +322,15 @@ def parse_value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         pass
+    except RecursionError:
+        raise UserError(f"{origin}: nested too deeply") from None
     if text.lstrip().startswith(("[", "{")):
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError:
             pass
+        except RecursionError:
+            raise UserError(f"{origin}: nested too deeply") from None
     return text
 
 
@@ -316,17 +367,19 @@ def load_spec(
     text, where = read_spec_text(source)
     data = parse_spec_text(text, where)
     for key, value in env_overrides(environ):
-        apply_override(data, key, parse_value(value), f"FTJOB__{key.upper().replace('.', '__')}")
+        origin = f"FTJOB__{key.upper().replace('.', '__')}"
+        apply_override(data, key, parse_value(value, origin), origin)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
-        apply_override(data, key.strip(), parse_value(value), f"--set {item}")
+        apply_override(data, key.strip(), parse_value(value, f"--set {key.strip()}"), f"--set {item}")
     return validate_spec(data, where)
 
 
 def validate_spec(data: dict[str, Any], where: str = "spec") -> Spec:
     """A Spec from a mapping, or UserError listing every problem: field errors and cross-key rules."""
+    _check_size(data, where)
     problems = []
     try:
         spec = Spec.model_validate(data)
@@ -365,6 +418,15 @@ def cross_key_problems(data: dict[str, Any]) -> list[str]:
     if train.get("epochs") is not None and any(isinstance(e, dict) for e in data_spec.get("train") or []):
         problems.append(
             "train.epochs: sources mixed by weight have no common epoch; set train.max_steps instead"
+        )
+    lease, collective = (
+        train.get(key, TrainSpec.model_fields[key].default)
+        for key in ("lease_seconds", "collective_timeout_seconds")
+    )
+    if type(lease) in (int, float) and type(collective) in (int, float) and lease >= collective:
+        problems.append(
+            f"train.lease_seconds: {lease} must be under train.collective_timeout_seconds ({collective}): "
+            "rank 0 may wait that long for another run's lease to expire while the other ranks wait in a collective"
         )
     problems += [
         f"{where}: a URL with credentials in it (user:password@); they would be logged and published "
@@ -426,7 +488,13 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{path}: unknown key{suggestion}"
     if kind == "missing":
         return f"{path}: required key is missing"
-    return f"{path}: {error['msg']} (got {error.get('input')!r})"
+    return f"{path}: {error['msg']} (got {echo(error.get('input'))})"
+
+
+def echo(value: Any, limit: int = 80) -> str:
+    """A value from the user's input as it may be shown in a message: redacted and cut short."""
+    text = repr(redact(value))
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def json_schema() -> dict[str, Any]:

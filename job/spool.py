@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
@@ -126,6 +127,7 @@ class Spool:
         self.directory = directory
         self.lock_fd = lock_fd
         self.records_path = directory / RECORDS
+        self._file = threading.Lock()  # one thread appends while another reads what is pending
         self.state = SpoolState.load(directory / STATE)
         self._drop_torn_line()
         self.pending()
@@ -158,14 +160,15 @@ class Spool:
         return self.directory.name
 
     def append(self, record: dict[str, Any]) -> None:
-        with open(self.records_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        with self._file, open(self.records_path, "a", encoding="utf-8") as f:
+            f.write(line)
 
     def pending(self) -> list[tuple[dict[str, Any], int]]:
         """The records not yet acknowledged, in order, each with the offset just after it."""
         if not self.records_path.exists():
             return []
-        with open(self.records_path, "rb") as f:
+        with self._file, open(self.records_path, "rb") as f:
             f.seek(self.state.offset)
             data = f.read()
         records, offset = [], self.state.offset

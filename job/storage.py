@@ -20,10 +20,12 @@ retries) and the AWS_RETRY_MODE / AWS_MAX_ATTEMPTS variables take precedence ove
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -149,10 +151,70 @@ def absolute(uri: str) -> str:
     return str(Path(filesystem(uri)[1]).resolve()) if is_local(uri) else uri
 
 
+# S3 error codes that mean "these credentials may not do this" (s3fs passes some on as OSError).
+ACCESS_DENIED_CODES = {
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+    "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "InvalidSecurity", "403",
+}  # fmt: skip
+# Local errors that a retry cannot fix: the path itself is wrong.
+PATH_ERRNOS = {
+    errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL,
+}  # fmt: skip
+
+
+def storage_error(error: Exception, what: str) -> JobError:
+    """A storage failure as the user meets it. Exit 2 for what the user must fix (access denied, no
+    credentials, an endpoint that cannot be reached, nothing there); exit 1 for what a later attempt may
+    fix (a store outage that outlasted the retries, a full local disk), so the scheduler retries it."""
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(error, JobError):
+        return error
+    detail = f"{type(error).__name__}: {error}"
+    cause = error.__cause__ or error.__context__
+    code = ""
+    for candidate in (error, cause):
+        if isinstance(candidate, ClientError):
+            code = str(candidate.response.get("Error", {}).get("Code", ""))
+    if isinstance(error, NoCredentialsError):
+        return UserError(
+            f"{what}: no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS "
+            "profile or role), or storage_options in the spec for other stores"
+        )
+    if isinstance(error, PermissionError) or code in ACCESS_DENIED_CODES:
+        return UserError(
+            f"{what}: access denied ({detail}); check the credentials (AWS_* variables, a mounted "
+            "Secret, storage_options) and that they may read and write there"
+        )
+    if isinstance(error, EndpointConnectionError) or isinstance(cause, EndpointConnectionError):
+        return UserError(
+            f"{what}: cannot reach the storage endpoint ({detail}); check AWS_ENDPOINT_URL or "
+            "storage_options.s3.endpoint_url and the network"
+        )
+    if isinstance(error, FileNotFoundError):
+        return UserError(f"{what}: not found ({detail})")
+    if isinstance(error, OSError) and error.errno in PATH_ERRNOS:
+        return UserError(f"{what}: {detail}")
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return JobError(f"{what}: the local disk is full ({detail})")
+    if isinstance(error, (OSError, BotoCoreError, ClientError)):
+        return JobError(f"{what}: storage failed ({detail}); a later attempt may succeed")
+    return UserError(f"{what}: {detail}")  # a URL no backend takes, a backend not installed, ...
+
+
+@contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Around storage calls only: what they raise becomes storage_error(error, what)."""
+    try:
+        yield
+    except Exception as e:  # every backend raises its own types
+        raise storage_error(e, what) from None
+
+
 def check_writable(uri: str) -> None:
     """Write and delete a probe under uri, so a bad output location fails before training, not after."""
     probe = join(uri, f".ftjob-write-check-{uuid.uuid4().hex}")
-    try:
+    with storage_errors(f"output.uri {uri} is not writable"):
         fs, path = filesystem(uri)
         if is_local(uri):  # object stores have no directories, and makedirs there would create a bucket
             fs.makedirs(path, exist_ok=True)
@@ -160,8 +222,6 @@ def check_writable(uri: str) -> None:
         with fs.open(probe_path, "wb") as f:
             f.write(b"ok")
         fs.rm(probe_path)
-    except Exception as e:  # every backend raises its own types; all mean the same to the user here
-        raise UserError(f"output.uri {uri} is not writable: {type(e).__name__}: {e}") from None
 
 
 def upload_dir(local_dir: Path, uri: str, last: str = "") -> None:
@@ -209,11 +269,9 @@ def download_dir(uri: str, local_dir: Path) -> list[str]:
         if not name or name.endswith("/"):  # a "folder" marker object (S3 consoles make them): no file
             continue
         target = (local_dir / name).resolve()
-        parts = name.split("/")
         if (
-            not name
-            or name.startswith("/")
-            or any(p in ("", ".", "..") for p in parts)
+            name.startswith("/")
+            or any(p in ("", ".", "..") for p in name.split("/"))
             or not target.is_relative_to(inside)
         ):
             raise UserError(

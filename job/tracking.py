@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from job import __version__
-from job.data.sources import expand
+from job.data.files import expand
 from job.errors import EXIT_REQUEUE
 from job.spec import Spec, TrackingSpec, flatten, public_dict, public_tags
 from job.spool import RUN_KEY_TAG, Spool, deliver, find_spool, leftovers, now_ms, spool_root
@@ -217,7 +217,10 @@ class Tracker:
         self.reachable = True
         self.retry_delay = RETRY_SECONDS[0]
         self.retry_at = 0.0
-        self._lock = threading.RLock()  # the system metrics thread logs too
+        self._lock = threading.Lock()  # one delivery at a time
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._deliverer: threading.Thread | None = None
 
     @property
     def run_id(self) -> str | None:
@@ -276,6 +279,10 @@ class Tracker:
         self._deliver(force=True)
         if self.reachable:
             self._deliver_leftovers(root)
+        self._deliverer = threading.Thread(
+            target=self._deliver_in_background, name="ftjob-mlflow", daemon=True
+        )
+        self._deliverer.start()
         if cfg.system_metrics:
             self.system_metrics = SystemSampler(self.log_metrics)
             self.system_metrics.start()
@@ -322,6 +329,10 @@ class Tracker:
     def _finish(self, status: str) -> None:
         if self.system_metrics:
             self.system_metrics.stop()
+        if self._deliverer:
+            self._stopping.set()
+            self._wake.set()
+            self._deliverer.join()
         self._record(kind="status", status=status)
         self._deliver(force=True)
         if not self.spool.delivered:
@@ -334,12 +345,19 @@ class Tracker:
         self.spool.release()
 
     def _log(self, **record: Any) -> None:
+        """Into the spool now; to MLflow from the delivery thread, so a step never waits on the server."""
         self._record(**record)
-        self._deliver()
+        self._wake.set()
 
     def _record(self, **record: Any) -> None:
-        with self._lock:
-            self.spool.append({**record, "time": now_ms()})
+        self.spool.append({**record, "time": now_ms()})
+
+    def _deliver_in_background(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if not self._stopping.is_set():
+                self._deliver()
 
     def _deliver(self, force: bool = False) -> None:
         """Send what is pending, unless a recent failure says to wait (force: try anyway)."""

@@ -25,6 +25,7 @@ from job.checkpoint import Checkpointer, fingerprint, remove_all, remove_uncommi
 from job.data.batching import Batch, empty_batch, flatten_packed
 from job.data.pipeline import DataPipeline, shared_plan
 from job.export import is_published, publish, publish_merged, remove_published
+from job.lease import Lease
 from job.loss import eval_metrics, loss_sum, loss_tokens
 from job.metrics import data_metrics, data_summary, flops_per_token, mfu, peak_flops, peak_memory_gib
 from job.metrics_log import remove_segments, write_curve
@@ -35,7 +36,7 @@ from job.restart import record_restart, restart_pending
 from job.schedule import epoch_run_steps, make_scheduler
 from job.signals import StopRequest
 from job.spec import Spec
-from job.storage import absolute, check_writable, configure_storage
+from job.storage import absolute, check_writable, configure_storage, storage_errors
 from job.tracking import Tracker, run_record
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Run:
     optimizer: Any
     scheduler: Any
     checkpointer: Checkpointer
+    lease: Lease  # output.uri's, held by rank 0
     tracker: Tracker
     total_steps: int
     first_step: int
@@ -84,35 +86,43 @@ def train(
     quiet_libraries()
     configure_storage(spec.storage_options)
     set_seed(spec.train.seed)
-    restart = restart and restart_pending(spec)  # once per scheduler job: a requeued restart resumes
-    if not restart and is_published(spec):
+    with storage_errors(f"output.uri {spec.output_uri}"):
+        restart = restart and restart_pending(spec)  # once per scheduler job: a requeued restart resumes
+        published = not restart and is_published(spec)
+    if published:
         if accelerator.is_main_process and spec.output.merge and not is_published(spec, "merged"):
-            model_dir = resolve_model_dir(spec.model.source, spec.model.revision)
-            log.info("merged model published to %s", publish_merged(spec, model_dir))
+            with Lease(spec.output_uri, spec.train.lease_seconds) as lease:  # a writer like any other
+                lease.take(stop)
+                model_dir = resolve_model_dir(spec.model.source, spec.model.revision)
+                log.info("merged model published to %s", publish_merged(spec, model_dir))
         log.info("%s is already published: nothing to do (ftjob run --restart trains again)", spec.output_uri)
         return None
 
-    run = setup(spec, accelerator, restart, stop)
     device = torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else "cpu"
     tags = {
         "world_size": str(accelerator.num_processes),
         "adapter.method": spec.adapter.method,
         "device": device,
     }
-    with run.tracker.run(tags):
-        history = train_loop(run, accelerator, stop)
-        model = accelerator.unwrap_model(run.model).eval()
-        if not accelerator.is_main_process:
-            return TrainResult(model, run.tokenizer, "", history)
-        # Rank 0 alone from here, after the last collective: a slow upload or merge cannot run into the
-        # process group's timeout, the other ranks are done.
-        run.checkpointer.wait()
-        adapter_uri = publish_adapter(run, model, history)
-        run.progress.message(f"adapter published to {adapter_uri}")
-        if spec.output.merge:
-            run.progress.message(f"merged model published to {publish_merged(spec, run.model_dir)}")
-        if run.tracker.run_id:
-            run.progress.message(f"MLflow run {run.tracker.run_id} in {run.tracker.uri}")
+    # Released however train() ends, so that the next job (a requeued one) takes over at once; but only
+    # once the checkpoint upload in flight has ended (the checkpointer's block).
+    with Lease(spec.output_uri, spec.train.lease_seconds) as lease:
+        run = setup(spec, accelerator, restart, stop, lease)
+        with run.checkpointer, run.tracker.run(tags):
+            history = train_loop(run, accelerator, stop)
+            model = accelerator.unwrap_model(run.model).eval()
+            if not accelerator.is_main_process:
+                return TrainResult(model, run.tokenizer, "", history)
+            # Rank 0 alone from here, after the last collective: a slow upload or merge cannot run into
+            # the process group's timeout, the other ranks are done.
+            run.checkpointer.wait()
+            lease.check()  # a job that lost output.uri to another publishes nothing there
+            adapter_uri = publish_adapter(run, model, history)
+            run.progress.message(f"adapter published to {adapter_uri}")
+            if spec.output.merge:
+                run.progress.message(f"merged model published to {publish_merged(spec, run.model_dir)}")
+            if run.tracker.run_id:
+                run.progress.message(f"MLflow run {run.tracker.run_id} in {run.tracker.uri}")
     return TrainResult(model, run.tokenizer, adapter_uri, history, run.tracker.run_id)
 
 
@@ -120,7 +130,7 @@ def train(
 # 1. Setup
 
 
-def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest) -> Run:
+def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest, lease: Lease) -> Run:
     cfg, is_main = spec.train, accelerator.is_main_process
     model_dir, tokenizer = model_dir_and_tokenizer(spec.model, spec.data.chat_template)
     plan = shared_plan(spec.data, accelerator)  # rank 0 resolves the files; every rank follows it
@@ -128,12 +138,11 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     data = DataPipeline(spec.data, tokenizer, cfg.seed, cfg.epochs, rank, world, plan)
     if is_main:
         check_writable(spec.output_uri)
-        if not restart:
-            remove_uncommitted(spec.output_uri)
+    lease.acquire(accelerator, stop)  # before anything under output.uri is written or deleted
+    if is_main and not restart:
+        remove_uncommitted(spec.output_uri)
     accelerator.wait_for_everyone()
-    checkpointer = Checkpointer(
-        spec.output_uri, accelerator.process_index, accelerator.num_processes, spec.output.keep_checkpoints
-    )
+    checkpointer = Checkpointer(spec.output_uri, rank, world, spec.output.keep_checkpoints, lease)
     saved = (
         None
         if restart
@@ -175,8 +184,8 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     tracker = Tracker(spec.tracking, record, resume_run_id=saved.get("run_id") if saved else None)
     progress = Progress(total_steps, cfg.log_every, enabled=is_main, first_step=first_step)
     return Run(
-        spec, model_dir, tokenizer, data, model, optimizer, scheduler, checkpointer, tracker, total_steps,
-        first_step, history, flops_per_token(total, trainable), peak_flops(accelerator), progress,
+        spec, model_dir, tokenizer, data, model, optimizer, scheduler, checkpointer, lease, tracker,
+        total_steps, first_step, history, flops_per_token(total, trainable), peak_flops(accelerator), progress,
     )  # fmt: skip
 
 
@@ -230,7 +239,12 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
                 step, run.model, run.optimizer, run.scheduler, accelerator, data.state_dict(), state, history
             )
         if stopping:
-            run.checkpointer.wait_committed(accelerator)  # every rank: exit 75 only once it is committed
+            # Every rank exits 75 only once the checkpoint is committed and rank 0 has released the lease
+            # for the requeued job: a launcher that sees one worker exit stops the others.
+            run.checkpointer.wait_committed(accelerator)
+            if accelerator.is_main_process:
+                run.lease.release()
+            accelerator.wait_for_everyone()
             raise stop.committed_at(step)
     progress.close()
     data.budget.check()  # a run that ends before the data does still answers for its bad rows

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from job import __version__
 from job.errors import EXIT_REQUEUE, DataError, UserError
 from job.spec import CREDENTIAL_VALUE, URL_CREDENTIALS, Spec, flatten, public_dict
 
@@ -29,17 +30,20 @@ UID = 10001  # the image's user (docker/Dockerfile)
 SECRET_NAME = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|AUTH)", re.IGNORECASE)
 # Writable paths of a pod whose root filesystem is read-only (the image keeps its state under these).
 WRITABLE = {"work": "/work", "tmp": "/tmp", "home": "/home/ftjob"}
+SPOOL_DIR = "/spool"
 
 
 @dataclass
 class K8sOptions:
     nodes: int = 1
     gpus_per_node: int = 0
-    image: str = "ftjob:latest"
+    image: str = f"ftjob:{__version__}"
     namespace: str | None = None
     cpu: str = "4"
     memory: str = "32Gi"
     shm: str = "8Gi"
+    disk: str = "100Gi"  # ephemeral storage: the writable folders (model cache, staging) and logs
+    spool_claim: str | None = None  # a PersistentVolumeClaim for the MLflow spool
     secrets: list[str] = field(default_factory=lambda: ["ftjob-credentials"])  # envFrom, optional
     env: list[str] = field(default_factory=list)  # NAME=VALUE, never a secret
     node_selector: list[str] = field(default_factory=list)  # KEY=VALUE
@@ -75,6 +79,33 @@ def render(specs: list[Spec], options: K8sOptions, parent_run_id: str | None = N
             objects.append(service(name, options))
         objects.append(job(name, spec, options, parent_run_id))
     return objects
+
+
+def k8s_warnings(spec: Spec, options: K8sOptions, runs: int) -> list[str]:
+    """What the rendering cannot check but a user should hear before the pods start (`runs`: Jobs
+    rendered, one per sweep point)."""
+    warnings = []
+    if "@" not in options.image and options.image.rpartition("/")[2].partition(":")[2] in ("", "latest"):
+        warnings.append(
+            f"--image {options.image} is not pinned: a retried pod may pull another image; give a version tag "
+            "or a digest"
+        )
+    named = {pair(item, "--env")[0] for item in options.env}
+    if spec.tracking.enabled and "MLFLOW_TRACKING_URI" not in named:
+        warnings.append(
+            "no MLFLOW_TRACKING_URI in --env: unless a --secret sets it, the pods log to a sqlite file inside "
+            "the pod and the runs are lost with it"
+        )
+    if spec.tracking.enabled and not options.spool_claim:
+        warnings.append(
+            "no --spool-claim: MLflow records kept through a tracking outage are lost with the pod"
+        )
+    if options.spool_claim and options.nodes * runs > 1:
+        warnings.append(
+            f"--spool-claim {options.spool_claim} is mounted by all {options.nodes * runs} pods: it must be "
+            "ReadWriteMany (with ReadWriteOnce, pods on other nodes stay Pending)"
+        )
+    return warnings
 
 
 def metadata(name: str, options: K8sOptions, **labels: str) -> dict[str, Any]:
@@ -160,10 +191,12 @@ def pod(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | None) -
         "containers": [container(name, options, parent_run_id)],
         "volumes": [
             {"name": "spec", "configMap": {"name": f"{name}-spec"}},
-            *({"name": volume, "emptyDir": {}} for volume in WRITABLE),
+            *({"name": volume, "emptyDir": {"sizeLimit": options.disk}} for volume in WRITABLE),
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": options.shm}},
         ],
     }
+    if options.spool_claim:
+        body["volumes"].append({"name": "spool", "persistentVolumeClaim": {"claimName": options.spool_claim}})
     if options.nodes > 1:
         body["subdomain"] = name
     optional = {
@@ -193,7 +226,10 @@ def container(name: str, options: K8sOptions, parent_run_id: str | None) -> dict
         env.append({"name": "MASTER_ADDR", "value": f"$(JOB_NAME)-0.{name}"})
     if parent_run_id:
         env.append({"name": "FTJOB_PARENT_RUN_ID", "value": parent_run_id})
+    if options.spool_claim:
+        env.append({"name": "FTJOB_SPOOL_DIR", "value": SPOOL_DIR})
     env += [literal_env(item) for item in options.env]
+    spool = [{"name": "spool", "mountPath": SPOOL_DIR}] if options.spool_claim else []
     return {
         "name": "ftjob",
         "image": options.image,
@@ -204,8 +240,13 @@ def container(name: str, options: K8sOptions, parent_run_id: str | None) -> dict
         "envFrom": [{"secretRef": {"name": secret, "optional": True}} for secret in options.secrets],
         "ports": [{"name": "rendezvous", "containerPort": PORT}],
         "resources": {
-            "requests": {"cpu": options.cpu, "memory": options.memory, **gpus},
-            "limits": {"memory": options.memory, **gpus},
+            "requests": {
+                "cpu": options.cpu,
+                "memory": options.memory,
+                "ephemeral-storage": options.disk,
+                **gpus,
+            },
+            "limits": {"memory": options.memory, "ephemeral-storage": options.disk, **gpus},
         },
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -216,6 +257,7 @@ def container(name: str, options: K8sOptions, parent_run_id: str | None) -> dict
             {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
             *({"name": volume, "mountPath": path} for volume, path in WRITABLE.items()),
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *spool,
         ],
     }
 

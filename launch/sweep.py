@@ -19,10 +19,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from job.errors import UserError
-from job.spec import Spec, apply_override, validate_spec
+from job.spec import Spec, apply_override, load_yaml, validate_spec
 
 PARENT_ENV = "FTJOB_PARENT_RUN_ID"
 MAX_POINTS = 1000
@@ -31,9 +29,10 @@ MAX_POINTS = 1000
 def load_points(path: str) -> list[dict[str, Any]]:
     """The sweep's points, each {dotted key: value}; UserError naming the file for a malformed one."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--sweep {path}: cannot read: {e}") from None
+    data = load_yaml(text, f"--sweep {path}")
     if not isinstance(data, dict) or not data:
         raise UserError(
             f"--sweep {path}: expected a mapping of spec keys to lists of values (or grid:/points:)"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import ALPACA_ROWS, REPO, S3_ENV, causal_attention, free_port, write_jsonl
 
-INTEGRATION_FIXTURES = {"tiny_model_dir", "s3_server", "data_files", "slurm"}
+INTEGRATION_FIXTURES = {"tiny_model_dir", "s3_server", "data_files", "slurm", "image"}
 
 
 def pytest_collection_modifyitems(items) -> None:

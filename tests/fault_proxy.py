@@ -5,10 +5,14 @@ upstream's answer:
 
 - "503":   no forwarding; an S3-style XML error, SlowDown or ServiceUnavailable, with status 503;
 - "reset": no forwarding; the connection is closed with a TCP reset and no response;
-- "slow":  forwarded, and the answer is sent `slow_seconds` late.
+- "slow":  forwarded, and the answer is sent `slow_seconds` late;
+- "403":   no forwarding; S3's AccessDenied error, with status 403.
 
 Everything is settable while the proxy runs (`proxy.fail_fraction = 0.3`, `proxy.mode = "reset"`);
-`outage()` fails every request from now (or after a number of good ones), `heal()` ends it.
+`outage()` fails every request from now (or after a number of good ones), `heal()` ends it. With
+`proxy.only` set (a test of method and path), faults go only to the requests it accepts, and only
+those count towards `outage(after=...)`: `only = lambda method, path: method == "GET"` fails reads of
+objects and listings, not HEAD requests.
 
 Requests are forwarded as they came: method, path and query, headers (Host included: botocore signs
 it, and moto routes path-style requests without looking at it), body. A chunked request body is
@@ -26,11 +30,12 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import urlsplit
 
-MODES = ("503", "reset", "slow")
+MODES = ("503", "reset", "slow", "403")
 # Headers that describe one connection, not the message: never forwarded as they are.
 HOP_BY_HOP = {
     "connection",
@@ -72,6 +77,7 @@ class FaultProxy:
         self.mode = mode
         self.slow_seconds = slow_seconds
         self.timeout = timeout  # seconds: idle client connections, and each upstream exchange
+        self.only: Callable[[str, str], bool] | None = None  # (method, path) -> whether faults apply
         self.requests = 0  # requests received
         self.faults: Counter[str] = Counter()  # faults injected, by mode
         self._good_left: int | None = None  # an outage begins after this many more good requests
@@ -167,10 +173,12 @@ class FaultProxy:
             self.requests = 0
             self.faults.clear()
 
-    def _draw(self) -> str | None:
+    def _draw(self, method: str, path: str) -> str | None:
         """Count a request and decide its fault (a mode), or None to forward it untouched."""
         with self._lock:
             self.requests += 1
+            if self.only is not None and not self.only(method, path):
+                return None
             if self._good_left is not None:
                 self._good_left -= 1
                 if self._good_left < 0:
@@ -224,9 +232,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _proxy(self) -> None:
         proxy = self.server.proxy
         body = self._read_body()
-        fault = proxy._draw()
+        fault = proxy._draw(self.command, self.path)
         if fault == "503":
-            self._send_s3_error(*proxy._s3_error())
+            self._send_s3_error(503, *proxy._s3_error())
+            return
+        if fault == "403":
+            self._send_s3_error(403, "AccessDenied", "Access Denied")
             return
         if fault == "reset":
             self._reset()
@@ -287,7 +298,7 @@ class _Handler(BaseHTTPRequestHandler):
         if has_body:
             self.wfile.write(payload)
 
-    def _send_s3_error(self, code: str, message: str) -> None:
+    def _send_s3_error(self, status: int, code: str, message: str) -> None:
         xml = (
             '<?xml version="1.0" encoding="UTF-8"?>\n'
             f"<Error><Code>{code}</Code><Message>{message}</Message>"
@@ -296,7 +307,8 @@ class _Handler(BaseHTTPRequestHandler):
         headers = [("Content-Type", "application/xml"), ("x-amz-request-id", "fault-proxy")]
         if self.command == "HEAD":  # a HEAD answer has no body; its length is that of the GET's
             headers.append(("Content-Length", str(len(xml))))
-        self._respond(503, "Slow Down" if code == "SlowDown" else "Service Unavailable", headers, xml)
+        reason = {"SlowDown": "Slow Down", "AccessDenied": "Forbidden"}.get(code, "Service Unavailable")
+        self._respond(status, reason, headers, xml)
 
     def _reset(self) -> None:
         """Close with RST (SO_LINGER 0) and no response, as a dropped or crashed peer does."""

@@ -1,6 +1,7 @@
 """The deployment files (docker/, k8s/, slurm/) checked the ways these machines allow (DESIGN.md, "Real parts").
 
-Docker: hadolint on docker/Dockerfile (no engine can build images here) plus the image contract.
+Docker: hadolint on docker/Dockerfile, the image contract, the lock and the build scripts (the image itself
+is built and run in tests/test_container.py).
 (Kubernetes manifests: tests/test_k8s.py.)
 Slurm: `bash -n`, the #SBATCH contract, and the script run for real with stand-in `srun` and `scontrol`.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,8 +96,47 @@ def test_dockerignore_lets_the_package_through():
     patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
     patterns = [p for p in patterns if p and not p.startswith("#")]
     assert patterns[0] == "*", "an allow-list keeps .venv, .git and runs out of the build context"
-    for needed in ("pyproject.toml", "job/", "launch/"):
+    for needed in ("pyproject.toml", "job/", "launch/", "docker/requirements.lock", "docker/entrypoint.sh"):
         assert f"!{needed}" in patterns, f".dockerignore must let {needed} through"
+
+
+def test_the_lock_pins_every_dependency_and_the_makefiles_torch():
+    """docker/requirements.lock (`make lock`): one version per package, every runtime dependency of
+    pyproject.toml among them, and torch at the version the Makefile and the Dockerfile name."""
+    import tomllib
+
+    pins = {}
+    for line in (REPO / "docker" / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = re.fullmatch(r"([a-z0-9-]+)==([0-9][0-9A-Za-z.+!-]*)", line).groups()
+            pins[name] = version
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dependency in dependencies:
+        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", dependency).group()).lower()
+        assert name in pins, f"{name} is not in docker/requirements.lock: run `make lock`"
+    makefile_torch = re.search(r"torch==([0-9.]+)", (REPO / "Makefile").read_text()).group(1)
+    dockerfile_torch = re.search(r"ARG TORCH_VERSION=(\S+)", DOCKERFILE.read_text()).group(1)
+    assert pins["torch"] == makefile_torch == dockerfile_torch
+
+
+def test_the_final_image_stage_has_no_build_tools():
+    stages = DOCKERFILE.read_text().split("\nFROM ")
+    assert len(stages) >= 2, "a multi-stage build"
+    final = stages[-1]
+    assert "apt-get" not in final and "COPY . " not in final, "packages and the source stay in the builder"
+    assert "COPY --from=builder /usr/bin/tini" in final
+
+
+@pytest.mark.parametrize("script", ["docker/image.sh", "docker/entrypoint.sh"])
+def test_the_image_scripts_parse_and_pass_shellcheck(script):
+    path = REPO / script
+    shell = "sh" if path.read_text().startswith("#!/bin/sh") else "bash"
+    parsed = subprocess.run([shell, "-n", str(path)], capture_output=True, text=True, timeout=30)
+    assert parsed.returncode == 0, parsed.stderr
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    checked = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +238,31 @@ def test_sbatch_without_a_spec_is_a_usage_error(slurm_stand_ins):
     assert result.returncode == 2
     assert "no spec" in result.stderr
     assert not logged(env["FAKE_LOG"])
+
+
+@pytest.mark.parametrize(
+    "args,spec,shown",
+    [
+        ((), '{"name": "t", "storage_options": {"s3": {"secret": "hunter2"}}}', "inline JSON in FTJOB_SPEC"),
+        (("s3://AKIAEXAMPLE:hunter2@bucket/spec.yaml",), "", "spec s3://***@bucket/spec.yaml"),
+        (("s3://AKIAEXAMPLE:hun/ter2@bucket/spec.yaml",), "", "spec s3://***@bucket/spec.yaml"),
+        ((), "https://u:hunter2@host/spec.yaml", "spec https://***@host/spec.yaml (FTJOB_SPEC)"),
+        (("spec.yaml",), "", "spec spec.yaml"),
+    ],
+)
+def test_sbatch_logs_the_spec_without_its_content_or_credentials(slurm_stand_ins, args, spec, shown):
+    result = run_sbatch({**slurm_stand_ins, "FTJOB_SPEC": spec}, *args)
+    assert result.returncode == 0, result.stderr
+    assert shown in result.stderr and "hunter2" not in result.stderr and "ter2" not in result.stderr
+
+
+def test_sbatch_writes_with_a_private_umask(slurm_stand_ins, tmp_path):
+    (Path(slurm_stand_ins["PATH"].split(os.pathsep)[0]) / "ftjob").write_text(
+        '#!/bin/sh\numask > "$FAKE_LOG"\n'
+    )
+    result = run_sbatch({**slurm_stand_ins, "FTJOB_SPEC": "spec.yaml"})
+    assert result.returncode == 0, result.stderr
+    assert logged(slurm_stand_ins["FAKE_LOG"]).strip() == "0077"
 
 
 def test_sbatch_runs_the_real_ftjob_and_passes_its_exit_2_on(slurm_stand_ins, tmp_path):

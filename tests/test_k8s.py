@@ -59,6 +59,8 @@ EVERY_OPTION = {
     "active_deadline_seconds": 86400,
     "env": ["LOG_LEVEL=debug"],
     "secrets": ["s3-credentials", "hf"],
+    "disk": "500Gi",
+    "spool_claim": "ftjob-spool",
 }
 MANIFEST_SETS = {
     "k8s/base": lambda: file_objects(K8S / "base"),
@@ -156,6 +158,10 @@ def test_pods_are_restricted_with_writable_scratch_only(objects):
         assert {"/work", "/tmp", "/home/ftjob"} <= {path for path, v in mounts.items() if "emptyDir" in v}
         assert mounts["/dev/shm"]["emptyDir"]["medium"] == "Memory"
         assert "configMap" in mounts["/spec"]
+        # the disk a pod may fill is bounded: each writable folder, and the pod's ephemeral storage
+        disk = container["resources"]["limits"]["ephemeral-storage"]
+        assert container["resources"]["requests"]["ephemeral-storage"] == disk
+        assert all(v["emptyDir"].get("sizeLimit") for v in mounts.values() if "emptyDir" in v)
 
 
 def test_credentials_only_by_reference(objects):
@@ -204,6 +210,17 @@ def test_every_option_reaches_the_manifest():
     assert container["image"] == "registry.example.com/ftjob:0.2"
     assert env_of(container)["LOG_LEVEL"]["value"] == "debug"
     assert [s["secretRef"]["name"] for s in container["envFrom"]] == ["s3-credentials", "hf"]
+    assert container["resources"]["limits"]["ephemeral-storage"] == "500Gi"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (spool,) = [
+        m
+        for m in container["volumeMounts"]
+        if m["mountPath"] == env_of(container)["FTJOB_SPOOL_DIR"]["value"]
+    ]
+    assert volumes[spool["name"]] == {
+        "name": spool["name"],
+        "persistentVolumeClaim": {"claimName": "ftjob-spool"},
+    }
     cpu_pod = of_kind(rendered(), "Job")[0]["spec"]["template"]["spec"]
     assert (
         "tolerations" not in cpu_pod
@@ -249,6 +266,17 @@ def test_the_kustomizations_build_what_launch_renders(directory, nodes):
     assert built == expected
 
 
+def test_the_spool_overlay_is_the_base_with_a_claim_for_the_spool():
+    built = sorted(
+        (without_kustomize_labels(o) for o in kustomize(K8S / "overlays" / "spool")), key=lambda o: o["kind"]
+    )
+    claims = of_kind(built, "PersistentVolumeClaim")
+    assert [c["metadata"]["name"] for c in claims] == ["ftjob-spool"]
+    kubernetes_validate.validate(claims[0], kubernetes_validate.latest_version(), strict=True)
+    expected = sorted(rendered(gpus_per_node=1, spool_claim="ftjob-spool"), key=lambda o: o["kind"])
+    assert [o for o in built if o["kind"] != "PersistentVolumeClaim"] == expected
+
+
 def run_launch_k8s(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "job", "launch", "k8s", *args],
@@ -281,6 +309,24 @@ def test_the_command_prints_writes_or_refuses(tmp_path):
     assert "abc" not in literal.stderr + in_spec.stderr
 
 
+def test_the_image_is_pinned_and_what_cannot_be_checked_is_warned_about(tmp_path):
+    from job import __version__
+
+    assert the_container(of_kind(rendered(), "Job")[0])["image"] == f"ftjob:{__version__}"
+    spec = example_spec_file(tmp_path)
+    defaults = run_launch_k8s(str(spec))
+    assert defaults.returncode == 0, defaults.stderr
+    assert "is not pinned" not in defaults.stderr
+    assert "no MLFLOW_TRACKING_URI in --env" in defaults.stderr and "no --spool-claim" in defaults.stderr
+    for image in ("ftjob", "ftjob:latest", "registry:5000/team/ftjob"):
+        assert f"--image {image} is not pinned" in run_launch_k8s(str(spec), "--image", image).stderr
+    shared = run_launch_k8s(str(spec), "--spool-claim", "spool", "--nodes", "2")
+    assert "--spool-claim spool is mounted by all 2 pods: it must be ReadWriteMany" in shared.stderr
+    pinned = run_launch_k8s(str(spec), "--image", "registry:5000/ftjob@sha256:" + "a" * 64, "--env",
+                            "MLFLOW_TRACKING_URI=http://mlflow:5000", "--spool-claim", "spool")  # fmt: skip
+    assert pinned.returncode == 0 and "warning" not in pinned.stderr, pinned.stderr
+
+
 def test_apply_without_a_reachable_cluster_is_exit_2(tmp_path):
     spec = example_spec_file(tmp_path)
     nothing = run_launch_k8s(str(spec), "--apply", env={"KUBECONFIG": str(tmp_path / "none")})
@@ -309,7 +355,9 @@ def pod_process(job: dict, config_map: dict, tmp_path: Path, output: str) -> sub
     spec["output"]["uri"] = output
     (mount / "spec.json").write_text(json.dumps(spec))
     here = lambda value: value.replace("/spec/", f"{mount}/")  # noqa: E731
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "JOB_COMPLETION_INDEX": "0"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "JOB_COMPLETION_INDEX": "0",
+           "KUBERNETES_SERVICE_HOST": "10.96.0.1"}  # fmt: skip
+    env.pop("MLFLOW_TRACKING_URI", None)
     downward = {"JOB_NAME": job["metadata"]["name"], "FTJOB_RESTART_ID": "uid-1", "NODE_RANK": "0", "POD_NAMESPACE": "default"}  # fmt: skip
     for name, entry in env_of(container).items():
         env[name] = here(entry["value"]) if "value" in entry else downward[name]
@@ -328,7 +376,7 @@ def test_the_pod_trains_publishes_and_stops_with_75(tiny_model_dir, tmp_path):
             "model": {"source": str(tiny_model_dir)},
             "data": {"train": [str(write_jsonl(tmp_path / "train.jsonl", rows))], "max_seq_len": 48},
             "train": {"max_steps": 40, "micro_batch_size": 2, "checkpoint_every": 1000, "log_every": 1},
-            "tracking": {"enabled": False},
+            "tracking": {"experiment": "pod"},
         }
     )
     config_map, job = render([spec], K8sOptions())
@@ -336,6 +384,7 @@ def test_the_pod_trains_publishes_and_stops_with_75(tiny_model_dir, tmp_path):
     out = finished.communicate(timeout=300)[0]
     assert finished.returncode == 0, out
     assert (tmp_path / "done" / "adapter" / "MANIFEST.json").is_file()
+    assert "MLFLOW_TRACKING_URI is not set in this pod" in out  # loud: the run dies with the pod
 
     stopped = pod_process(job, config_map, tmp_path, str(tmp_path / "stopped"))
     read_until(stopped, "step 5/40")

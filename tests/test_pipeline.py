@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import torch
 from helpers import CHATML, pipeline_for, write_jsonl
 
 from job.data import stream as stream_module
+from job.data import tokens as tokens_module
 from job.data.batching import pad_batch
 from job.data.formats import BadRow, Formatter
-from job.data.stream import SourceStream
+from job.data.stream import EPOCH_END, SourceStream
 from job.data.tokens import IGNORE_INDEX, fit, tokenize
 from job.errors import UserError
 from job.spec import validate_spec
@@ -241,7 +243,7 @@ def test_ranks_read_only_their_share_of_the_files_exactly_once_and_resume_exactl
     for rank in (0, 1):
         monkeypatch.setattr(
             stream_module, "read_rows",
-            lambda url, start, keep, rank=rank: opened[rank].append(url) or real_read_rows(url, start, keep),
+            lambda url, start, keep, limit, rank=rank: opened[rank].append(url) or real_read_rows(url, start, keep, limit),
         )  # fmt: skip
         spec = make_spec(files, shuffle_buffer=4)
         for batch in pipeline_for(spec, tokenizer, rank, 2).train_batches(3):
@@ -393,7 +395,7 @@ def test_resume_continues_reading_where_it_stopped(tokenizer, isolated, monkeypa
     monkeypatch.setattr(
         stream_module,
         "read_rows",
-        lambda url, start, keep: starts.append(start) or real_read_rows(url, start, keep),
+        lambda url, start, keep, limit: starts.append(start) or real_read_rows(url, start, keep, limit),
     )
     resumed = pipeline_for(spec, tokenizer)
     resumed.load_state_dict(state)
@@ -422,6 +424,148 @@ def test_a_resumed_cursor_reads_the_files_it_was_saved_with(tokenizer, isolated)
     following = resumed.train_batches(2)
     for _ in range(8):
         assert torch.equal(next(following)["input_ids"], next(batches)["input_ids"])
+
+
+def long_number_lists(state, key: str = "") -> list[list]:
+    """Lists of more than four numbers in a JSON state (token ids would be), RNG states left out."""
+    if isinstance(state, dict):
+        return [found for k, v in state.items() if k != "rng" for found in long_number_lists(v, k)]
+    if isinstance(state, list):
+        own = [state] if len(state) > 4 and all(isinstance(v, int) for v in state) else []
+        return own + [found for v in state for found in long_number_lists(v, key)]
+    return []
+
+
+def buffered_rows(rows_state: dict) -> int:
+    streams = rows_state.get("streams", [rows_state])
+    return sum(len(stream["buffer"]) for stream in streams)
+
+
+@pytest.mark.parametrize("sources", ["jsonl", "csv.gz", "weighted"])
+def test_a_saved_data_state_holds_where_rows_are_not_what_they_say(tokenizer, isolated, sources):
+    """Checkpoints go to output.uri: the shuffle buffer, the pieces of a long text still to come and
+    the packer's open row are saved as places in the files (rows may hold personal data; token ids
+    are the text too), read and tokenized again on resume, which stays exact."""
+    texts, files = [], []
+    for k in range(2):
+        rows = text_rows(9, prefix=f"f{k}")
+        texts += [r["text"] for r in rows]
+        if sources == "csv.gz":
+            lines = ["text", *(r["text"] for r in rows)]
+            files.append(isolated / f"p{k}.csv.gz")
+            files[-1].write_bytes(gzip.compress("\n".join(lines).encode()))
+        else:
+            files.append(write_jsonl(isolated / f"p{k}.jsonl", rows))
+    weighted = {"train": [{"path": str(f), "weight": w} for f, w in zip(files, (2, 1), strict=True)]}
+    options = {"shuffle_buffer": 5, "packing": True, "max_seq_len": 8}  # texts longer: split into pieces
+    spec = make_spec(files, endless=True, **options, **(weighted if sources == "weighted" else {}))
+    held = Counter()
+    for cut in range(1, 13):
+        reference = pipeline_for(spec, tokenizer)
+        batches = reference.train_batches(2)
+        for _ in range(cut):
+            next(batches)
+        state = json.loads(json.dumps(reference.state_dict()))  # it travels as JSON in a checkpoint
+        saved = json.dumps(state)
+        assert [t for t in texts if t in saved] == [] and long_number_lists(state) == []
+        held.update(
+            buffered=buffered_rows(state["rows"]),
+            pending=len(state["examples"]["pending"]),
+            open=len(state["packer"]["open"]),
+        )
+        expected = batches_as_lists(next(batches) for _ in range(6))
+
+        resumed = pipeline_for(spec, tokenizer)
+        resumed.load_state_dict(state)
+        assert batches_as_lists(next(resumed.train_batches(2)) for _ in range(6)) == expected, f"cut {cut}"
+    assert held["buffered"] and held["pending"] and held["open"]  # each kind of carry-over was saved
+
+
+class RecordingTokenizer:
+    """A tokenizer that records the length of every text it is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.lengths: list[int] = []
+
+    def __call__(self, text: str, **kwargs):
+        self.lengths.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+
+def random_text(rng: random.Random, words: int) -> str:
+    vocabulary = ["word", "a", "été", "😀", "1234567", "\n", "  ", "-", "lorem,", "x" * 40, "(ok)", "\t"]
+    return " ".join(rng.choices(vocabulary, k=words))
+
+
+@pytest.mark.parametrize(
+    "chars_per_token",
+    [None, 2, 1],
+    ids=["as-shipped", "cut-close-to-the-tokens-kept", "cut-too-short-so-tokenized-whole"],
+)
+def test_long_texts_are_cut_before_tokenizing_and_keep_the_same_tokens(
+    tokenizer, monkeypatch, chars_per_token
+):
+    if chars_per_token:
+        monkeypatch.setattr(tokens_module, "CHARS_PER_TOKEN", chars_per_token)
+    bound = (32 + tokens_module.CUT_MARGIN) * tokens_module.CHARS_PER_TOKEN
+    rng = random.Random(0)
+    recording = RecordingTokenizer(tokenizer)
+    formatter = Formatter("completion", {}, "completion")
+    for _ in range(150):
+        row = {
+            "prompt": random_text(rng, rng.randint(1, 900)),
+            "completion": random_text(rng, rng.randint(1, 900)),
+        }
+        example = formatter(row)
+        for truncation in ("truncate", "drop"):
+            whole = fit(tokenize(example, tokenizer), 32, False, truncation)
+            assert fit(tokenize(example, recording, max_tokens=32), 32, False, truncation) == whole
+    assert max(recording.lengths) > bound if chars_per_token == 1 else max(recording.lengths) == bound
+
+
+def test_the_pipeline_cuts_long_texts_but_not_documents_split_into_pieces(tokenizer, isolated):
+    huge = "word " * 200_000
+    rows = [{"prompt": "p", "completion": huge}, {"prompt": huge, "completion": "c"}]
+    data = write_jsonl(isolated / "d.jsonl", rows)
+    recording = RecordingTokenizer(tokenizer)
+    truncated = pipeline_for(make_spec([data], format="completion", max_seq_len=16), recording)
+    assert len([e for e in truncated.examples if e is not EPOCH_END]) == 1  # the prompt-only head is dropped
+    assert (truncated.examples.counts.truncated, truncated.examples.counts.dropped) == (1, 1)
+    assert max(recording.lengths) <= (16 + tokens_module.CUT_MARGIN) * tokens_module.CHARS_PER_TOKEN
+
+    document = write_jsonl(isolated / "t.jsonl", [{"text": "word " * 2000}])
+    pieces = [
+        e
+        for e in pipeline_for(make_spec([document], max_seq_len=16), tokenizer).examples
+        if e is not EPOCH_END
+    ]
+    assert sum(len(p.input_ids) for p in pieces) == len(
+        tokenize(Formatter("text", {}, "all")({"text": "word " * 2000}), tokenizer).input_ids
+    )
+
+
+def test_a_row_over_max_row_bytes_is_a_bad_row_and_a_resumed_cursor_is_past_it(tokenizer, isolated):
+    rows = text_rows(6)
+    rows[2] = {"text": "long " * 100}
+    data = write_jsonl(isolated / "d.jsonl", rows)
+    spec = make_spec([data], max_row_bytes=200, bad_rows={"max_fraction": 0.5})
+    reference = pipeline_for(spec, tokenizer)
+    reference.budget.quiet = True
+    batches = reference.train_batches(1)
+    while not reference.budget.bad:
+        next(batches)
+    assert reference.budget.first_bad == [f"{data}:3: longer than data.max_row_bytes (200 bytes)"]
+    state = json.loads(json.dumps(reference.state_dict()))
+    expected = batches_as_lists(batches)
+
+    resumed = pipeline_for(spec, tokenizer)
+    resumed.load_state_dict(state)
+    assert batches_as_lists(resumed.train_batches(1)) == expected and len(expected) == 2  # rows 5 and 6
+    assert resumed.budget.bad == reference.budget.bad == 1
 
 
 # --- mixing, eval split ------------------------------------------------------------------------

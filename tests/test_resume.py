@@ -84,6 +84,18 @@ def test_stop_signal_checkpoints_exits_75_and_resumes_exactly(spec_path, workdir
     ).exists()
 
 
+def test_checkpoints_hold_no_training_text(workdir, uninterrupted):
+    """What checkpoints copy into output.uri holds where the buffered and carried-over rows are in the
+    files, never what they say (rows may carry personal data)."""
+    rows = [json.loads(line) for line in (workdir / "train.jsonl").read_text().splitlines()]
+    texts = {r["instruction"] for r in rows} | {r["output"] for r in rows}
+    checkpoints = workdir / uninterrupted / "checkpoints"
+    files = [path for path in checkpoints.rglob("*") if path.is_file()]
+    assert [(path.name, text) for path in files for text in texts if text.encode() in path.read_bytes()] == []
+    cursors = [json.loads(path.read_text())["data"] for path in checkpoints.glob("*/rank-*.json")]
+    assert cursors and any(cursor["rows"]["buffer"] for cursor in cursors)  # there were rows to hold
+
+
 def test_sigkill_after_a_checkpoint_resumes_exactly(spec_path, workdir, uninterrupted):
     process = start_run(spec_path, "./killed")
     read_until(process, "checkpoint step 10 committed")
@@ -175,7 +187,7 @@ def test_retention_incomplete_checkpoints_finished_runs_and_spec_changes(spec_pa
     )
     assert first.returncode == 0, first.stderr
     checkpoints = workdir / "o" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000005", "step-000010"]  # keep 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000005-g1", "step-000010-g1"]  # keep 2
 
     again = run_ftjob(
         "run", str(spec_path), "--set", "train.max_steps=12", "--set", "output.uri=./o", cwd=workdir
@@ -307,7 +319,7 @@ def test_publishing_on_rank_0_sits_behind_no_collective(slow_s3_spec, workdir, s
     are done by then (a big full fine-tune's upload takes minutes; NCCL's default timeout is 10)."""
     output = f"s3://{s3.bucket}/slow-publish"
     settings = ["--set", "train.max_steps=4", "--set", "train.checkpoint_every=0", "--set",
-                "train.collective_timeout_seconds=5"]  # fmt: skip
+                "train.collective_timeout_seconds=6", "--set", "train.lease_seconds=5"]  # fmt: skip
     rank0, rank1 = ranks(slow_s3_spec, output, workdir, *settings)
     read_until(rank0, "step 2/4")
     fault_proxy.slow_seconds = 1.5  # the adapter's ~10 requests now take ~15 s
@@ -472,8 +484,8 @@ def test_transient_storage_faults_leave_the_run_unchanged(
     weights = "adapter/adapter_model.safetensors"
     assert s3.cat(f"{s3.bucket}/runs/faulty/{weights}") == s3.cat(f"{s3.bucket}/runs/clean/{weights}")
     assert sorted(p.rsplit("/", 1)[1] for p in s3.ls(f"{s3.bucket}/runs/faulty/checkpoints")) == [
-        "step-000006",
-        "step-000008",
+        "step-000006-g1",
+        "step-000008-g1",
     ]
 
 
@@ -486,7 +498,7 @@ def test_an_upload_that_keeps_failing_ends_the_job_and_keeps_the_last_commit(
     from job.errors import JobError
 
     spec = s3_spec(tiny_model_dir, workdir, fault_proxy, s3.bucket, total_max_attempts=2)
-    first_commit = f"{s3.bucket}/runs/r/checkpoints/step-000002/COMMITTED"
+    first_commit = f"{s3.bucket}/runs/r/checkpoints/step-000002-g1/COMMITTED"
 
     def cut_the_line_after_the_first_commit():
         deadline = time.monotonic() + 120
@@ -498,7 +510,11 @@ def test_an_upload_that_keeps_failing_ends_the_job_and_keeps_the_last_commit(
     with pytest.raises(JobError) as failure:
         train_in_process(spec)
     assert failure.value.exit_code == 1
-    assert "cannot upload" in str(failure.value) or "checkpoint upload" in str(failure.value)
+    # the next checkpoint's upload, or the read of output.uri's lease before it, meets the outage
+    assert any(
+        what in str(failure.value)
+        for what in ("cannot upload", "checkpoint upload", "lease.json: storage failed")
+    )
 
     fault_proxy.heal()
     s3.invalidate_cache()

@@ -155,3 +155,60 @@ def test_paths_that_merely_contain_token_letters_are_published_as_they_are():
     assert public["model"]["source"] == "/models/hf_Llama3InstructFinetunedVersionTwoXyz"
     assert public["data"]["train"] == ["s3://b/sk-learn-datasets-2024-cleaned-v2/train.jsonl", "***"]
     assert public["tracking"]["tags"] == {"api_token": "***", "hf": "***"}
+
+
+# ---- chat templates: code from the spec or the model, run under a budget
+
+LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    "template,problem",
+    [("{{ 'a' * 10**10 }}", "needed more than 4 GiB"), (LOOPS, "took more than 3 s")],
+)
+def test_a_template_that_blows_up_on_any_conversation_is_a_spec_error(
+    tokenizer, monkeypatch, template, problem
+):
+    from job.data import template_budget
+    from job.data.formats import Formatter
+
+    monkeypatch.setattr(template_budget, "CHECK_SECONDS", 3.0)
+    with pytest.raises(UserError, match=f"data.chat_template.*{problem}"):
+        Formatter("chat", {}, "completion", tokenizer, template)
+
+
+def test_a_named_template_of_the_tokenizer_is_checked_too(tokenizer, monkeypatch):
+    from job.data.formats import Formatter
+
+    monkeypatch.setattr(tokenizer, "chat_template", {"default": "{{ 'a' * 10**10 }}", "tool_use": "x"})
+    with pytest.raises(UserError, match="needed more than 4 GiB"):
+        Formatter("chat", {}, "completion", tokenizer, None)
+
+
+def test_a_row_whose_rendering_runs_out_of_memory_is_a_bad_row(tokenizer):
+    from job.data.formats import BadRow, Formatter
+
+    huge_on_request = (
+        "{% for m in messages %}{% if m['content'] == 'huge' %}{{ 'a' * 10**15 }}{% endif %}"
+        "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    formatter = Formatter("chat", {}, "completion", tokenizer, huge_on_request)
+    with pytest.raises(BadRow, match="chat template: rendering ran out of memory"):
+        formatter({"messages": [{"role": "user", "content": "huge"}, {"role": "assistant", "content": "yo"}]})
+
+
+def test_a_row_that_makes_the_template_run_long_is_a_bad_row(tokenizer, monkeypatch):
+    from job.data import template_budget
+    from job.data.formats import BadRow, Formatter
+
+    slow_on_request = (
+        "{% for m in messages %}{% if m['content'] == 'slow' %}" + LOOPS + "{% endif %}"
+        "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    formatter = Formatter("chat", {}, "completion", tokenizer, slow_on_request)
+    monkeypatch.setattr(template_budget, "ROW_SECONDS", 0.5)
+    fine = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    assert formatter(fine).segments
+    with pytest.raises(BadRow, match="chat template: rendering took more than 0.5 s"):
+        formatter({"messages": [{"role": "user", "content": "slow"}, {"role": "assistant", "content": "yo"}]})
+    assert formatter(fine).segments  # and the next row renders as before

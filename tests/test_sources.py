@@ -5,7 +5,11 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
+import itertools
 import json
+import subprocess
+import sys
+import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import write_jsonl
 
-from job.data.sources import Position, Row, expand, file_format, read_rows
+from job.data.files import expand, file_format
+from job.data.sources import Position, Row, read_rows
 from job.errors import DataError, UserError
 from job.storage import configure_storage
 
@@ -118,6 +123,15 @@ def test_keep_is_asked_about_every_row_once_in_order(written):
     assert asked == list(range(2, len(expected)))
 
 
+def test_a_row_is_read_again_from_where_it_starts(written):
+    """What state saves in place of a row: its start, from which reading yields that very row."""
+    url, _ = written
+    for row, _ in read_rows(url):
+        start = Position.from_dict(json.loads(json.dumps(row.start.to_dict())))
+        again, _ = next(read_rows(url, start, keep=lambda i, row=row: i == row.start.row))
+        assert again == row  # its start included
+
+
 def test_row_numbers_of_array_formats(tmp_path):
     for name in ["d.json", "d.parquet"]:
         url = str(tmp_path / name)
@@ -148,7 +162,8 @@ def test_read_jsonl_line_numbers_and_errors(tmp_path):
     assert rows[2].error is not None and rows[2].error.startswith("invalid JSON")
     assert all(r.error is None for r in rows if r.line != 4)
     assert rows[2].where == f"{path}:4"
-    assert rows[3] == Row(str(path), 6, value={"n": 3})
+    last = Position(5, path.stat().st_size - len(b'{"n": 3}\n'))  # where the last line begins
+    assert rows[3] == Row(str(path), 6, value={"n": 3}, start=last)
 
 
 def test_jsonl_blank_lines_count_as_rows_and_resume(tmp_path):
@@ -518,3 +533,219 @@ def test_a_saved_dataset_dict_names_its_splits(isolated):
     with pytest.raises(UserError, match="holds a DatasetDict; name one split's directory"):
         expand([str(isolated / "dd")], "data.train")
     assert expand([str(isolated / "dd" / "train")], "data.train") == [str(isolated / "dd" / "train")]
+
+
+# ---------------------------------------------------------------------------------------------
+# rows over data.max_row_bytes, CSV fields over the csv module's limit, streaming JSON arrays
+
+EDGES = [{"text": "first"}, {"text": "x" * 3000}, {"text": "last"}]  # the middle row is over 1000 bytes
+
+
+def write_as(path: Path, rows: list[dict]) -> None:
+    """Rows in the format path's name says (a .json file as an array), gzipped for a .gz name."""
+    name = path.name.removesuffix(".gz")
+    if name.endswith(".jsonl"):
+        data = jsonl_bytes(rows)
+    elif name.endswith(".json"):
+        data = json.dumps(rows, indent=1).encode()
+    elif name.endswith(".txt"):
+        data = "".join(r["text"] + "\n" for r in rows).encode()
+    else:
+        write_csv(path, rows)
+        data = path.read_bytes()
+    path.write_bytes(gzip.compress(data, compresslevel=1) if path.name.endswith(".gz") else data)
+
+
+@pytest.mark.parametrize(
+    "name", ["d.jsonl", "d.jsonl.gz", "d.txt", "d.csv", "d.csv.gz", "d.json", "d.json.gz"]
+)
+def test_a_row_over_max_row_bytes_is_a_bad_row_and_reading_goes_on(tmp_path, name):
+    """Parquet: test_parquet_rows_over_max_row_bytes."""
+    url = str(tmp_path / name)
+    write_as(tmp_path / name, EDGES)
+    full = list(read_rows(url, max_row_bytes=1000))
+    rows = [row for row, _ in full]
+    assert [r.value for r in rows] == [EDGES[0], None, EDGES[2]]
+    line = 3 if ".csv" in name else 2  # CSV: the record's line, after the header
+    assert rows[1].where == f"{url}:{line}"
+    assert rows[1].error == "longer than data.max_row_bytes (1000 bytes)"
+    for cut in range(len(full)):  # the cursor moves past it: a resumed read goes on after it
+        assert full[: cut + 1] + list(read_rows(url, full[cut][1], max_row_bytes=1000)) == full
+    assert values(read_rows(url, max_row_bytes=10_000)) == EDGES
+    assert values(read_rows(url, keep=lambda i: i != 1, max_row_bytes=1000)) == [EDGES[0], EDGES[2]]
+
+
+@pytest.mark.parametrize("name", ["d.jsonl.gz", "d.txt.gz", "d.csv.gz", "d.json.gz"])
+def test_a_huge_row_is_read_past_without_being_held(tmp_path, name):
+    """A 64 MiB row in a small compressed file: read past in blocks, never held whole."""
+    write_as(tmp_path / name, [{"text": "first"}, {"text": "x" * (64 << 20)}, {"text": "last"}])
+    tracemalloc.start()
+    try:
+        rows = [row for row, _ in read_rows(str(tmp_path / name), max_row_bytes=1 << 20)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r.value for r in rows] == [{"text": "first"}, None, {"text": "last"}]
+    assert "max_row_bytes" in rows[1].error
+    assert peak < 16 << 20
+
+
+def test_parquet_rows_over_max_row_bytes(tmp_path, groups_read):
+    """A row group whose uncompressed size (the file's metadata) is over max_row_bytes per row holds
+    rows over the limit: it is not decoded, and all its rows are bad rows. In the groups that are
+    decoded, a row is over by its Arrow size, and only that row is bad."""
+    small = [{"text": f"row {i}"} for i in range(7)]
+    big = {"text": "x" * 5000}
+    groups = [[small[0], big], [small[1], big, *small[2:6]], [small[6]]]  # 10 KB for 2 rows, 5 KB for 6
+    path, url = tmp_path / "d.parquet", str(tmp_path / "d.parquet")
+    with pq.ParquetWriter(path, pa.schema([("text", pa.string())])) as writer:
+        for group in groups:
+            writer.write_table(pa.Table.from_pylist(group, schema=writer.schema))
+    full = list(read_rows(url, max_row_bytes=1000))
+    rows = [row for row, _ in full]
+    assert [r.value for r in rows] == [None, None, small[1], None, *small[2:]]
+    assert [r.where for r in rows if r.error] == [f"{url}:1", f"{url}:2", f"{url}:4"]
+    assert rows[0].error == rows[1].error
+    assert "in a row group of 2 rows and " in rows[0].error
+    assert "over data.max_row_bytes (1000 bytes) per row: not read" in rows[0].error
+    assert rows[3].error == "longer than data.max_row_bytes (1000 bytes)"
+    assert groups_read == [[1], [2]]
+    for cut in range(len(full)):  # the cursor moves past them: a resumed read goes on after them
+        assert full[: cut + 1] + list(read_rows(url, full[cut][1], max_row_bytes=1000)) == full
+    assert values(read_rows(url, keep=lambda i: i > 2 and i != 3, max_row_bytes=1000)) == small[2:]
+    assert values(read_rows(url, max_row_bytes=6000)) == [row for group in groups for row in group]
+
+
+# Rows read in a process of their own: Arrow allocates outside tracemalloc's sight, so the peak is
+# the process's high-water mark of resident memory (Linux's VmHWM; unlike ru_maxrss, not inherited
+# from the parent), over what it held before reading.
+PEAK_READ = """
+import json, re, sys
+from pathlib import Path
+from job.data.sources import read_rows
+
+def high_water_mark():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1]) << 10
+
+before = high_water_mark()
+rows = [(row.value, row.error) for row, _ in read_rows(sys.argv[1], max_row_bytes=1 << 20)]
+print(json.dumps({"rows": rows, "peak": high_water_mark() - before}))
+"""
+
+
+def test_a_huge_parquet_row_is_read_past_without_being_decoded(tmp_path):
+    """A 64 MiB row in a 3 MB Parquet file, in a row group of its own: over max_row_bytes by the
+    group's metadata, so never decoded."""
+    huge = [{"text": "first"}, {"text": "x" * (64 << 20)}, {"text": "last"}]
+    pq.write_table(pa.Table.from_pylist(huge), tmp_path / "d.parquet", row_group_size=1)
+    read = subprocess.run(
+        [sys.executable, "-c", PEAK_READ, str(tmp_path / "d.parquet")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(read.stdout)
+    assert [value for value, _ in result["rows"]] == [{"text": "first"}, None, {"text": "last"}]
+    assert "max_row_bytes" in result["rows"][1][1]
+    assert result["peak"] < 16 << 20, result["peak"]
+
+
+def test_a_csv_record_over_max_row_bytes_is_a_bad_row_whatever_its_lines(tmp_path):
+    """The limit is on the record, all its lines together: a quoted field of 200 short lines is a
+    record of 100 KB, over a limit of 1000 bytes, though each line is under it."""
+    long = {"text": "\n".join(["y" * 499] * 200), "n": "2"}
+    path, url = tmp_path / "d.csv", str(tmp_path / "d.csv")
+    write_csv(path, [{"text": "first", "n": "1"}, long, {"text": "last", "n": "3"}])
+    full = list(read_rows(url, max_row_bytes=1000))
+    rows = [row for row, _ in full]
+    assert [(r.line, r.value) for r in rows] == [
+        (2, {"text": "first", "n": "1"}),
+        (3, None),
+        (203, {"text": "last", "n": "3"}),
+    ]
+    assert rows[1].error == "longer than data.max_row_bytes (1000 bytes)"
+    for cut in range(len(full)):
+        assert full[: cut + 1] + list(read_rows(url, full[cut][1], max_row_bytes=1000)) == full
+    assert values(read_rows(url, max_row_bytes=200_000))[1] == long
+
+
+def test_a_csv_field_over_the_csv_modules_limit_is_a_bad_row(tmp_path):
+    limit = csv.field_size_limit()
+    quoted = '"' + 'a, ""b""\n' * (limit // 7 + 1) + '"'  # 'a, "b"\n' over and over: over the limit
+    path = tmp_path / "d.csv"
+    path.write_text(f"text,n\nfirst,1\n{'y' * (limit + 1)},2\n{quoted},3\nlast,4\n", newline="")
+    full = list(read_rows(str(path)))
+    rows = [row for row, _ in full]
+    assert [(r.line, r.value) for r in rows] == [
+        (2, {"text": "first", "n": "1"}),
+        (3, None),
+        (4, None),
+        (5 + quoted.count("\n"), {"text": "last", "n": "4"}),
+    ]
+    assert rows[1].error == rows[2].error == f"field larger than field limit ({limit})"
+    for cut in range(len(full)):
+        assert full[: cut + 1] + list(read_rows(str(path), full[cut][1])) == full
+    assert [r.line for r, _ in read_rows(str(path), keep=lambda i: i == 3)] == [5 + quoted.count("\n")]
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7, 64])
+def test_json_array_items_are_found_across_blocks(tmp_path, monkeypatch, block):
+    monkeypatch.setattr("job.data.sources.BUFFER_SIZE", block)
+    items = [
+        {"text": 'a ] } , [ { " \\ \\" \\\\'},
+        {"nested": [[1, [2]], {"k": {"l": []}}], "été": "日本 😀"},
+        "scalar",
+        12.5,
+        None,
+        [],
+        {},
+    ]
+    text = "\ufeff [\n" + ",\n\t".join(json.dumps(i, ensure_ascii=False) for i in items) + "\n]\n"
+    (tmp_path / "d.json").write_bytes(text.encode())
+    pairs = list(read_rows(str(tmp_path / "d.json")))
+    assert values(pairs) == items
+    assert [(row.line, pos.row) for row, pos in pairs] == [(i + 1, i + 1) for i in range(len(items))]
+    (tmp_path / "e.json").write_text(" [ ] ")
+    assert list(read_rows(str(tmp_path / "e.json"))) == []
+
+
+def test_the_first_rows_of_a_big_json_array_come_before_the_rest_is_read(tmp_path):
+    items = [{"text": f"row {i}", "pad": "p" * 100} for i in range(200_000)]  # about 25 MB
+    (tmp_path / "d.json").write_text(json.dumps(items))
+    tracemalloc.start()
+    try:
+        first = [row.value for row, _ in itertools.islice(read_rows(str(tmp_path / "d.json")), 10)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert first == items[:10]
+    assert peak < 8 << 20
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('[{"a": 1},\n {"a": 2}', r"d\.json:2:10: invalid JSON: the array is not closed"),
+        (
+            '[{"a": 1}]\n[{"a": 2}]',
+            r"d\.json:2:1: invalid JSON: Extra data \(JSON Lines\? name the file \.jsonl\)",
+        ),
+        ('[{"a": 1}}', r"d\.json:1:10: invalid JSON: expected ',' or ']'"),
+        ("", r"d\.json:1:1: invalid JSON: Expecting value"),
+    ],
+)
+def test_a_broken_json_array_is_a_data_error_naming_line_and_column(tmp_path, text, match):
+    (tmp_path / "d.json").write_text(text)
+    with pytest.raises(DataError, match=match):
+        list(read_rows(str(tmp_path / "d.json")))
+
+
+def test_parquet_asks_keep_about_rows_as_it_reads_them(tmp_path, monkeypatch):
+    """No index of a row group's rows is made before they are read: keep is asked batch by batch."""
+    monkeypatch.setattr("job.data.sources.PARQUET_BATCH_ROWS", 2)
+    pq.write_table(pa.Table.from_pylist([{"n": i} for i in range(25)]), tmp_path / "d.parquet")
+    events = []
+    for row, _ in read_rows(str(tmp_path / "d.parquet"), keep=lambda i: events.append(("keep", i)) or True):
+        events.append(("row", row.value["n"]))
+    assert events.index(("row", 0)) < events.index(("keep", 10))
+    assert sorted(i for what, i in events if what == "keep") == list(range(25))

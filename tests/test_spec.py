@@ -642,9 +642,12 @@ def test_output_uri_name_substitution():
 def test_plain_words_in_overrides_stay_strings():
     from job.spec import parse_value
 
-    assert parse_value("no") == "no" and parse_value("on") == "on"
-    assert parse_value("true") is True and parse_value("null") is None and parse_value("1e-4") == 1e-4
-    assert parse_value("[a, b]") == ["a", "b"]
+    def parse(text: str):
+        return parse_value(text, "--set x")
+
+    assert parse("no") == "no" and parse("on") == "on"
+    assert parse("true") is True and parse("null") is None and parse("1e-4") == 1e-4
+    assert parse("[a, b]") == ["a", "b"]
 
 
 def test_mixed_precision_no_survives_yaml_and_set(tmp_path):

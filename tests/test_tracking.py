@@ -324,6 +324,33 @@ def test_server_outage_mid_run_loses_and_duplicates_nothing(
     assert not list(spool_dir.iterdir())
 
 
+def test_a_step_never_waits_on_the_server(server, client, tiny_model_dir, data_files, spool_dir, monkeypatch):
+    """Logging appends to the spool; a thread delivers. With the server frozen (a delivery then waits up
+    to MLFLOW_HTTP_REQUEST_TIMEOUT, 10 s), logging still returns at once, and nothing is lost."""
+    import threading
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    tracker = tracked(tracker_spec(tiny_model_dir, data_files, "frozen"))
+    with tracker.run({}):
+        tracker.log_metrics({"train/loss": 1.0}, step=1)
+        deadline = time.monotonic() + 60
+        while steps(client, tracker.run_id, "train/loss") != [1]:
+            assert time.monotonic() < deadline, "step 1 was never delivered"
+            time.sleep(0.1)
+        os.killpg(server.process.pid, signal.SIGSTOP)
+        try:
+            logging_steps = threading.Thread(
+                target=lambda: [tracker.log_metrics({"train/loss": 0.5}, step=s) for s in (2, 3, 4)]
+            )
+            logging_steps.start()
+            logging_steps.join(timeout=5)
+            assert not logging_steps.is_alive(), "a log call waited on the frozen server"
+            assert [r["step"] for r, _ in tracker.spool.pending() if r["kind"] == "metrics"][-3:] == [2, 3, 4]
+        finally:
+            os.killpg(server.process.pid, signal.SIGCONT)
+    assert steps(client, tracker.run_id, "train/loss") == [1, 2, 3, 4]
+
+
 def test_unreachable_at_start_run_created_by_the_next_job(
     server, client, tiny_model_dir, data_files, spool_dir, monkeypatch, caplog
 ):

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from job.data.template_budget import TemplateTimeout, check_template, row_time_limit
 from job.errors import UserError
 from job.spec import FORMAT_FIELDS, OPTIONAL_FIELDS, DataSpec
 
@@ -33,7 +34,7 @@ class Example:
     split_long: bool = False  # text: a long document becomes several max_seq_len pieces, not one truncated
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values (a shuffle buffer's examples go into checkpoints)."""
+        """Plain values: what a formatted row holds."""
         return {
             "segments": [[text, loss] for text, loss in self.segments],
             "add_bos_eos": self.add_bos_eos,
@@ -85,6 +86,8 @@ class Formatter:
                 "to a Jinja template (or use the alpaca, completion or text format)"
             )
         if data_format == "chat":
+            template = tokenizer.get_chat_template(chat_template)  # a name picks one of the tokenizer's
+            check_template(template, SAMPLE_CONVERSATION, tokenizer.special_tokens_map)
             try:
                 self._render(SAMPLE_CONVERSATION, add_generation_prompt=False)
             except BadRow as e:
@@ -126,14 +129,17 @@ class Formatter:
         from jinja2 import TemplateError
 
         try:
-            return self.tokenizer.apply_chat_template(
-                messages,
-                chat_template=self.chat_template,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-            )
-        except (TemplateError, ValueError) as e:  # e.g. templates that insist on alternating roles
+            with row_time_limit():
+                return self.tokenizer.apply_chat_template(
+                    messages,
+                    chat_template=self.chat_template,
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt,
+                )
+        except (TemplateError, ValueError, TemplateTimeout) as e:  # e.g. roles that must alternate
             raise BadRow(f"chat template: {e}") from None
+        except MemoryError:
+            raise BadRow("chat template: rendering ran out of memory") from None
 
     def end_of_turn(self) -> str:
         """What the chat template writes after an assistant turn's content (e.g. "<|im_end|>"), where

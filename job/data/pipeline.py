@@ -9,7 +9,10 @@
 
 `state_dict()` taken between two micro-batches holds every stage's cursor, buffer and carry-over, so a
 pipeline given it by `load_state_dict()` yields exactly the micro-batches the first would have yielded
-next, without re-reading or re-tokenizing what came before.
+next. It holds where rows are, never what they say or their token ids (rows may carry personal data,
+and checkpoints are copied to output.uri): the rows in the shuffle buffer, and those whose examples
+are still to come or in the packer's open row, are read and tokenized again on load; nothing before
+them is.
 """
 
 from __future__ import annotations
@@ -17,15 +20,16 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
 from job.data.batching import Batch, pack_row, pad_batch, stack_packed
+from job.data.files import expand, file_sizes
 from job.data.formats import BadRow, Example, Formatter
-from job.data.sources import Row, expand, file_sizes
+from job.data.sources import Position, Row
 from job.data.stream import EPOCH_END, EpochEnd, Mixture, ShuffleBuffer, SourceStream, file_shares, held_out
-from job.data.tokens import TokenizedExample, fit, tokenize
+from job.data.tokens import Fitted, TokenizedExample, fit, tokenize
 from job.errors import DataError, JobError
 from job.spec import BadRowsSpec, DataSpec
 
@@ -74,15 +78,20 @@ class FitCounts:
 def format_row(formatter: Formatter, row: Row) -> Row:
     """A row as the format reads it: its value becomes an Example's plain form, or the row an error.
 
-    Done as rows are read, before the shuffle buffer: the buffer (which goes into checkpoints) then
-    holds only the text the format uses, whatever other columns the file has (Parquet timestamps,
-    decimals, bytes)."""
+    Done as rows are read, before the shuffle buffer: the buffer then holds only the text the format
+    uses, whatever other columns the file has (Parquet timestamps, decimals, bytes)."""
     if row.error:
         return row
     try:
-        return Row(row.source, row.line, value=formatter(row.value).to_dict())
+        return replace(row, value=formatter(row.value).to_dict())
     except BadRow as e:
-        return Row(row.source, row.line, error=str(e))
+        return replace(row, value=None, error=str(e))
+
+
+def origin_state(example: TokenizedExample) -> list:
+    """Where an example comes from, as state saves it: [file, row index, byte offset, piece]."""
+    url, start, piece = example.origin
+    return [url, start.row, start.offset, piece]
 
 
 class ExampleStream:
@@ -116,13 +125,7 @@ class ExampleStream:
             if row.error:
                 self.budget.record_bad(row.where, row.error)
                 continue
-            example = Example.from_dict(row.value)
-            fitted = fit(
-                tokenize(example, self.tokenizer),
-                self.config.max_seq_len,
-                example.split_long,
-                self.config.truncation,
-            )
+            fitted = self._fit(row)
             self.counts.truncated += fitted.truncated
             self.counts.dropped += fitted.dropped
             self.counts.examples += len(fitted.pieces)
@@ -133,15 +136,37 @@ class ExampleStream:
                 yield self.pending.pop(0)
         self.budget.check()
 
+    def _fit(self, row: Row) -> Fitted:
+        """A formatted row's example, tokenized and fitted to max_seq_len; each piece knows its origin."""
+        example = Example.from_dict(row.value)
+        length = self.config.max_seq_len
+        # the first max_seq_len tokens are all that truncate and drop look at; a split document needs all
+        tokenized = tokenize(example, self.tokenizer, None if example.split_long else length)
+        fitted = fit(tokenized, length, example.split_long, self.config.truncation)
+        pieces = [replace(p, origin=(row.source, row.start, k)) for k, p in enumerate(fitted.pieces)]
+        return replace(fitted, pieces=pieces)
+
+    def examples_at(self, origins: list[list]) -> list[TokenizedExample]:
+        """The examples that origin_state() saved: their rows read again (every source of a pipeline
+        reads and formats rows alike) and tokenized again, once each."""
+        rows = self.rows.source.read_again([(url, Position(row, offset)) for url, row, offset, _ in origins])
+        fitted: dict[tuple[str, int], Fitted] = {}
+        examples = []
+        for row, (url, index, _, piece) in zip(rows, origins, strict=True):
+            if (url, index) not in fitted:
+                fitted[url, index] = self._fit(row)
+            examples.append(fitted[url, index].pieces[piece])
+        return examples
+
     def state_dict(self) -> dict[str, Any]:
         return {
-            "pending": [e.to_dict() for e in self.pending],
+            "pending": [origin_state(e) for e in self.pending],
             "counts": asdict(self.counts),
             "budget": {"rows": self.budget.rows, "bad": self.budget.bad, "first_bad": self.budget.first_bad},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pending = [TokenizedExample(**e) for e in state["pending"]]
+        self.pending = self.examples_at(state["pending"])
         self.counts = FitCounts(**state["counts"])
         for key, value in state["budget"].items():
             setattr(self.budget, key, value)
@@ -150,7 +175,7 @@ class ExampleStream:
 class Packer:
     """Examples, in order, side by side in rows of max_seq_len (a row closes when the next one won't fit)."""
 
-    def __init__(self, examples: Iterable[TokenizedExample], length: int, pad_token_id: int):
+    def __init__(self, examples: ExampleStream, length: int, pad_token_id: int):
         self.examples = examples
         self.length = length
         self.pad_token_id = pad_token_id
@@ -192,10 +217,14 @@ class Packer:
         return row
 
     def state_dict(self) -> dict[str, Any]:
-        return {"open": [e.to_dict() for e in self.open], "rows": self.rows, "real_tokens": self.real_tokens}
+        return {
+            "open": [origin_state(e) for e in self.open],
+            "rows": self.rows,
+            "real_tokens": self.real_tokens,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.open = [TokenizedExample(**e) for e in state["open"]]
+        self.open = self.examples.examples_at(state["open"])
         self.rows = state["rows"]
         self.real_tokens = state["real_tokens"]
 
@@ -325,6 +354,7 @@ class DataPipeline:
                     epochs=self.epochs,
                     transform=partial(format_row, self.formatter),
                     striped=striped,
+                    max_row_bytes=self.config.max_row_bytes,
                 ),
                 self.config.shuffle_buffer,
                 seed,
@@ -412,6 +442,7 @@ class DataPipeline:
             epochs=1,
             shuffle_files=False,
             transform=partial(format_row, self.formatter),
+            max_row_bytes=self.config.max_row_bytes,
         )
         budget = BadRowBudget(self.config.bad_rows, "data.eval")
         examples = [e for e in ExampleStream(rows, self.tokenizer, self.config, budget) if e is not EPOCH_END]

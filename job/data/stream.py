@@ -3,7 +3,9 @@
 Every stream keeps, in plain attributes, where it will read next; a stream rebuilt from
 `state_dict()` continues with exactly the rows the original would have produced next, without
 re-reading what came before (uncompressed JSONL seeks to a byte offset; other formats skip rows
-without parsing them).
+without parsing them). State holds where rows are, never what they say (rows may carry personal
+data, and checkpoints are copied to output.uri): a shuffle buffer saves the places of its rows and
+reads them again when loaded.
 
 Sharding: when the files can be split into per-rank shares of nearly equal size (file_shares), each
 rank reads only its own files, whole. Otherwise (fewer files than ranks, or sizes too uneven) every
@@ -20,7 +22,7 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from job.data.sources import Position, Row, read_rows
+from job.data.sources import MAX_ROW_BYTES, Position, Row, read_rows
 from job.errors import DataError
 
 
@@ -89,9 +91,10 @@ class SourceStream:
         shuffle_files: bool = True,
         transform: Callable[[Row], Row] | None = None,
         striped: bool = True,
+        max_row_bytes: int = MAX_ROW_BYTES,
     ):
         """`striped`: every rank reads `files` and keeps its rows (k % world_size); False when `files`
-        is this rank's own share, read whole."""
+        is this rank's own share, read whole. A row over `max_row_bytes` is a bad row."""
         self.files = files
         self.striped = striped
         self.seed = seed
@@ -101,6 +104,7 @@ class SourceStream:
         self.epochs = epochs
         self.shuffle_files = shuffle_files
         self.transform = transform or (lambda row: row)  # applied to each row as it is read
+        self.max_row_bytes = max_row_bytes
         # the cursor: epoch, file within the epoch's order, rows before that file, position inside it
         self.epoch = 0
         self.file_index = 0
@@ -132,7 +136,7 @@ class SourceStream:
                     owner = (self.rows_before + row) % self.world_size if self.striped else self.rank
                     return owner == self.rank and self.keep_row(url, row)
 
-                for row, position in read_rows(url, self.position, mine):
+                for row, position in read_rows(url, self.position, mine, self.max_row_bytes):
                     self.position = position
                     produced = True
                     yield self.transform(row)
@@ -148,6 +152,28 @@ class SourceStream:
             self.file_index = 0
             self.rows_before = 0
             yield EPOCH_END
+
+    def read_again(self, places: list[tuple[str, Position]]) -> list[Row]:
+        """The rows that begin at these places (a file and a Row.start), read and transformed again as
+        when first read, in the order given. Each file is read once, from its first place to its last."""
+        starts: dict[str, dict[int, Position]] = {}
+        for url, start in places:
+            starts.setdefault(url, {})[start.row] = start
+        rows: dict[tuple[str, int], Row] = {}
+        for url, in_file in starts.items():
+            left = set(in_file)
+            for row, _ in read_rows(url, in_file[min(in_file)], in_file.__contains__, self.max_row_bytes):
+                rows[url, row.start.row] = self.transform(row)
+                left.discard(row.start.row)
+                if not left:
+                    break
+        for url, start in places:
+            if (url, start.row) not in rows:
+                raise DataError(
+                    f"{url}: row {start.row + 1}, saved in the data cursor, is gone: the file changed "
+                    "since the checkpoint; cannot resume exactly"
+                )
+        return [rows[url, start.row] for url, start in places]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -208,14 +234,15 @@ class ShuffleBuffer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "rng": random_state(self.rng),
-            "buffer": [[r.source, r.line, r.value, r.error] for r in self.buffer],
+            "buffer": [[r.source, r.start.row, r.start.offset] for r in self.buffer],  # where, not what
             "draining": self.draining,
             "source": self.source.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_random_state(self.rng, state["rng"])
-        self.buffer = [Row(source, line, value, error) for source, line, value, error in state["buffer"]]
+        places = [(url, Position(row, offset)) for url, row, offset in state["buffer"]]
+        self.buffer = self.source.read_again(places)
         self.draining = state["draining"]
         self.source.load_state_dict(state["source"])
 
