@@ -168,7 +168,7 @@ forget_stopped_cluster() {
     down
     local environ
     for environ in /proc/[0-9]*/environ; do
-        if tr '\0' '\n' <"$environ" 2>/dev/null | grep -qx "SLURM_CLUSTER_NAME=$CLUSTER"; then
+        if { tr '\0' '\n' <"$environ"; } 2>/dev/null | grep -qx "SLURM_CLUSTER_NAME=$CLUSTER"; then
             kill -9 "$(basename "$(dirname "$environ")")" 2>/dev/null || true
         fi
     done
