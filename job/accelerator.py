@@ -31,11 +31,18 @@ def cpu_supports_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def cpu_bf16_is_faster() -> bool:
+    """Whether the CPU has bf16 matrix units (AMX). AVX512-BF16 alone runs bf16 matmuls at about half
+    the float32 speed: the bench's CPU reached 174 against 348 GFLOP/s, and trained 27% slower in bf16."""
+    return torch.cpu._is_amx_tile_supported()
+
+
 def resolve_mixed_precision(requested: str, cuda: bool) -> str:
-    """auto: bf16 on GPUs that have it, else fp16 on GPUs, none on CPUs. Unsupported choices fall back."""
+    """auto: what the hardware runs fastest: bf16 on GPUs that have it, else fp16 on GPUs; on CPUs bf16
+    where they have AMX, else none. Unsupported choices fall back."""
     if requested == "auto":
         if not cuda:
-            return "no"
+            return "bf16" if cpu_bf16_is_faster() else "no"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if requested == "bf16" and not (torch.cuda.is_bf16_supported() if cuda else cpu_supports_bf16()):
         log.warning(

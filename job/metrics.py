@@ -59,11 +59,24 @@ def peak_memory_gib(accelerator: Accelerator) -> float:
     if accelerator.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(accelerator.device)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        peak = peak_rss_bytes()
     peak = torch.tensor(float(peak), device=accelerator.device)
     if accelerator.num_processes > 1:
         peak = accelerator.reduce(peak, reduction="max")
     return float(peak) / 2**30
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started its program (VmHWM). Not ru_maxrss: Linux
+    carries that across exec, so a worker that torchrun started would report its launcher's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux without /proc: KiB
 
 
 def data_metrics(data: DataPipeline, accelerator: Accelerator) -> dict[str, float]:

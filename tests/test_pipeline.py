@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import random
 from collections import Counter
@@ -17,7 +18,7 @@ from job.data import tokens as tokens_module
 from job.data.batching import pad_batch
 from job.data.formats import BadRow, Formatter
 from job.data.stream import EPOCH_END, SourceStream
-from job.data.tokens import IGNORE_INDEX, fit, tokenize
+from job.data.tokens import IGNORE_INDEX, TokenizedExample, fit, tokenize
 from job.errors import UserError
 from job.spec import validate_spec
 
@@ -208,6 +209,32 @@ def test_packing_fills_rows_and_reports_efficiency(tokenizer, isolated):
     assert 0.5 < pipeline.packer.efficiency <= 1.0
     real = sum(int(b["real_tokens"]) for b in batches)
     assert pipeline.packer.efficiency == pytest.approx(real / (pipeline.packer.rows * 32))
+
+
+def test_best_fit_packing_fills_95_percent_of_rows_of_length_skewed_data_as_it_streams():
+    """Pareto lengths, as instruction data has them: most examples short, a few near max_seq_len."""
+    from job.data.pipeline import Packer
+
+    rng = random.Random(0)
+    lengths = [min(int(rng.paretovariate(1.3) * 40), 512) for _ in range(1200)]
+    stream = [TokenizedExample([k] * n, [k] * n) for k, n in enumerate(lengths)]
+    stream.insert(600, EPOCH_END)
+    rows_when_read = []  # rows closed when each example was read
+
+    def examples():
+        for example in stream:
+            rows_when_read.append(packer.rows)
+            yield example
+
+    packer = Packer(examples(), 512, pad_token_id=0)
+    rows = [row for row in packer if row is not EPOCH_END]
+
+    packed = [[k for k, _ in itertools.groupby(row["input_ids"][: row["real_tokens"]])] for row in rows]
+    assert sorted(k for row in packed for k in row) == list(range(1200))  # each example once, whole
+    assert all(max(row) < 600 or min(row) >= 600 for row in packed)  # no row spans the epochs
+    assert packer.efficiency >= 0.95
+    waits = [closed - rows_when_read[k + (k >= 600)] for closed, row in enumerate(packed) for k in row]
+    assert max(waits) <= Packer.OPEN_ROWS  # it streams
 
 
 # --- sharding and epochs ------------------------------------------------------------------------
@@ -471,7 +498,7 @@ def test_a_saved_data_state_holds_where_rows_are_not_what_they_say(tokenizer, is
         held.update(
             buffered=buffered_rows(state["rows"]),
             pending=len(state["examples"]["pending"]),
-            open=len(state["packer"]["open"]),
+            open=sum(map(len, state["packer"]["open_rows"])),
         )
         expected = batches_as_lists(next(batches) for _ in range(6))
 

@@ -834,6 +834,20 @@ def test_peak_flops_of_known_gpus_and_model_flops():
     assert flops_per_token(100, 0) == 400
 
 
+def test_cpu_peak_memory_is_the_programs_own_not_what_ran_before_exec():
+    """A worker that torchrun starts is a fork of the launcher followed by exec: ru_maxrss carries the
+    launcher's peak across the exec, VmHWM does not."""
+    worker = "import resource; from job.metrics import peak_rss_bytes; print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    launcher = (
+        f"import os, sys; big = b'x' * 2**31; os.execv(sys.executable, [sys.executable, '-c', {worker!r}])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", launcher], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    ours, carried = map(int, out.stdout.split())
+    assert carried > 2**31 > ours + 2**30  # ftjob's imports take about 300 MB
+
+
 def test_system_sampler_logs_host_metrics_with_increasing_steps():
     from job.system_metrics import SystemSampler
 

@@ -419,9 +419,18 @@ def test_data_error_beyond_budget_exits_3_naming_file_and_line(tiny_model_dir, d
     assert not (isolated / "runs" / "t" / "adapter" / MANIFEST).exists()
 
 
-def test_mixed_precision_falls_back_on_cpu_with_one_warning(caplog):
+@pytest.mark.parametrize("amx,expected", [(True, "bf16"), (False, "no")])
+def test_auto_mixed_precision_on_cpu_is_bf16_only_with_bf16_matrix_units(monkeypatch, amx, expected):
     from job.accelerator import resolve_mixed_precision
 
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_mixed_precision("auto", cuda=False) == expected
+
+
+def test_mixed_precision_falls_back_on_cpu_with_one_warning(caplog, monkeypatch):
+    from job.accelerator import resolve_mixed_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert resolve_mixed_precision("auto", cuda=False) == "no"
     assert resolve_mixed_precision("no", cuda=False) == "no"
     with caplog.at_level("WARNING"):
