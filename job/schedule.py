@@ -49,3 +49,11 @@ def epoch_run_steps(
     if int(count) == 0:
         raise DataError(f"data.train: no example to train on; {data_summary(stats)}")
     return math.ceil(int(count) / grad_accum)
+
+
+def saved_total_steps(saved: dict | None) -> int | None:
+    """The step count a checkpoint's run planned, so that a resumed epoch-based run skips the counting
+    pass (a full read of the data): the fingerprint ties the checkpoint to this spec, data plan and
+    world size, so the count would come out the same. None where it holds none (older checkpoints)."""
+    steps = saved.get("total_steps") if saved else None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None

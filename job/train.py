@@ -33,7 +33,7 @@ from job.model import apply_adapter, count_parameters, load_model, model_dir_and
 from job.model_source import resolve_model_dir
 from job.progress import Progress
 from job.restart import record_restart, restart_pending
-from job.schedule import epoch_run_steps, make_scheduler
+from job.schedule import epoch_run_steps, make_scheduler, saved_total_steps
 from job.signals import StopRequest
 from job.spec import Spec
 from job.storage import absolute, check_writable, configure_storage, storage_errors
@@ -121,8 +121,8 @@ def train(
             run.progress.message(f"adapter published to {adapter_uri}")
             if spec.output.merge:
                 run.progress.message(f"merged model published to {publish_merged(spec, run.model_dir)}")
-            if run.tracker.run_id:
-                run.progress.message(f"MLflow run {run.tracker.run_id} in {run.tracker.uri}")
+        if run.tracker.run_id:  # ended and delivered: the run exists unless MLflow was unreachable
+            run.progress.message(f"MLflow run {run.tracker.run_id} in {run.tracker.uri}")
     return TrainResult(model, run.tokenizer, adapter_uri, history, run.tracker.run_id)
 
 
@@ -151,7 +151,11 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     rank_state = checkpointer.rank_state(saved) if saved else None
     if rank_state:  # the files and the cursor the run was reading, before the counting pass reads them
         data.load_state_dict(rank_state["data"])
-    total_steps = cfg.max_steps or epoch_run_steps(data, accelerator, cfg.micro_batch_size, cfg.grad_accum)
+    total_steps = (
+        cfg.max_steps
+        or saved_total_steps(saved)
+        or epoch_run_steps(data, accelerator, cfg.micro_batch_size, cfg.grad_accum)
+    )
     stop.raise_if_agreed(accelerator, saved)  # between the phases that can take long: the counting pass...
 
     full = spec.adapter.method == "full"
@@ -234,6 +238,7 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
             state = {
                 "run_id": run.tracker.resume_id,
                 "fingerprint": fingerprint(spec, accelerator.num_processes),
+                "total_steps": run.total_steps,
             }
             run.checkpointer.save(
                 step, run.model, run.optimizer, run.scheduler, accelerator, data.state_dict(), state, history

@@ -136,6 +136,31 @@ def test_a_resumed_run_reads_the_files_it_started_with(spec_path, workdir):
     assert_same_run(workdir, "glob-straight", "glob-stopped")
 
 
+def test_a_resumed_epoch_run_takes_its_step_count_from_the_checkpoint(spec_path, workdir, monkeypatch):
+    """The counting pass reads all of the data before step 1; a requeued job must not pay for it
+    again: the count travels in the checkpoint, and the schedule still ends on the last step."""
+    from job.data.pipeline import DataPipeline
+
+    spec = json.loads(spec_path.read_text())
+    spec["train"].update(max_steps=None, epochs=1, checkpoint_every=3, scheduler="linear")
+    epoch_spec = workdir / "epoch-spec.json"
+    epoch_spec.write_text(json.dumps(spec))
+    process = start_run(epoch_spec, "./epoch-run")
+    read_until(process, "checkpoint step 6 committed")
+    process.terminate()
+    assert process.wait(timeout=120) == 75
+    saved = [json.loads(p.read_text()) for p in (workdir / "epoch-run" / "checkpoints").glob("*/run.json")]
+    planned = max(saved, key=lambda run: run["step"])["total_steps"]
+    assert planned > 6
+
+    def counting_pass(*args):
+        raise AssertionError("the resumed run counted the data again")
+
+    monkeypatch.setattr(DataPipeline, "count_micro_batches", counting_pass)
+    history = train_in_process({**spec, "output": {"uri": str(workdir / "epoch-run")}}).history
+    assert history[-1]["step"] == planned and history[-1]["train/learning_rate"] == 0.0
+
+
 @pytest.mark.parametrize(
     "damage", ["truncated run.json", "missing rank file", "flipped weight byte", "missing MANIFEST.json"]
 )

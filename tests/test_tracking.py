@@ -334,7 +334,9 @@ def test_a_step_never_waits_on_the_server(server, client, tiny_model_dir, data_f
     with tracker.run({}):
         tracker.log_metrics({"train/loss": 1.0}, step=1)
         deadline = time.monotonic() + 60
-        while steps(client, tracker.run_id, "train/loss") != [1]:
+        while not tracker.run_id or steps(client, tracker.run_id, "train/loss") != [
+            1
+        ]:  # run made by the thread
             assert time.monotonic() < deadline, "step 1 was never delivered"
             time.sleep(0.1)
         os.killpg(server.process.pid, signal.SIGSTOP)
@@ -349,6 +351,31 @@ def test_a_step_never_waits_on_the_server(server, client, tiny_model_dir, data_f
         finally:
             os.killpg(server.process.pid, signal.SIGCONT)
     assert steps(client, tracker.run_id, "train/loss") == [1, 2, 3, 4]
+
+
+def test_training_starts_before_the_mlflow_client_is_made(
+    server, client, tiny_model_dir, data_files, spool_dir, monkeypatch
+):
+    """MLflow's import and client take 1 to 2.5 s: the delivery thread makes them, not the first step."""
+    import threading
+
+    import mlflow
+
+    made = threading.Event()
+    real_client = mlflow.MlflowClient
+
+    def slow_client(uri):
+        made.wait(timeout=60)
+        return real_client(uri)
+
+    monkeypatch.setattr(mlflow, "MlflowClient", slow_client)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    tracker = tracked(tracker_spec(tiny_model_dir, data_files, "client-later"))
+    with tracker.run({}):
+        tracker.log_metrics({"train/loss": 1.0}, step=1)
+        assert tracker.client is None and tracker.run_id is None  # training went on meanwhile
+        made.set()
+    assert steps(client, tracker.run_id, "train/loss") == [1]
 
 
 def test_unreachable_at_start_run_created_by_the_next_job(
@@ -438,7 +465,7 @@ def test_restart_continues_the_same_run_at_the_next_step(
         checkpointed = first.resume_id  # the checkpoint at step 4 keeps it
         log_steps(first, range(5, 7))  # steps 5 and 6 are trained again after the restart
         raise Preempted
-    assert checkpointed == first.run_id
+    assert checkpointed in (first.run_id, first.spool.key)  # the key while the run is being created
     assert client.get_run(first.run_id).info.status == "KILLED"
 
     second = tracked(spec, resume_run_id=checkpointed)
