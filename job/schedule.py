@@ -52,8 +52,11 @@ def epoch_run_steps(
 
 
 def saved_total_steps(saved: dict | None) -> int | None:
-    """The step count a checkpoint's run planned, so that a resumed epoch-based run skips the counting
-    pass (a full read of the data): the fingerprint ties the checkpoint to this spec, data plan and
-    world size, so the count would come out the same. None where it holds none (older checkpoints)."""
+    """The step count that a checkpoint's run planned, so that a resumed epoch-based run skips the
+    counting pass (a full read of the data). The resumed run trains the same spec (the fingerprint) on
+    as many processes over the files the run started with (the plan travels with the cursor), so a
+    count made again would only differ if those files changed meanwhile. None where the checkpoint
+    holds none (older checkpoints) or one that cannot be right (not past the checkpoint's step)."""
     steps = saved.get("total_steps") if saved else None
-    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
+    valid = isinstance(steps, int) and not isinstance(steps, bool) and steps >= saved.get("step", 0) >= 0
+    return steps if valid and steps > 0 else None

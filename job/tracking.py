@@ -229,9 +229,10 @@ class Tracker:
 
     @property
     def resume_id(self) -> str | None:
-        """What a checkpoint keeps for `resume_run_id`: the run id, or, while the run does not exist
-        yet, the spool key that the run will be created with (and found by)."""
-        return self.run_id or (self.spool.key if self.spool else None)
+        """What a checkpoint keeps for `resume_run_id`: the run id; while the delivery thread has not
+        made or found the run yet, the reference this run resumed (so that a later restart finds the
+        same run), or else the spool key that the run will be created with (and found by)."""
+        return self.run_id or self.resume_run_id or (self.spool.key if self.spool else None)
 
     @contextmanager
     def run(self, extra_tags: Mapping[str, str]) -> Iterator[Tracker]:
@@ -349,9 +350,9 @@ class Tracker:
         self.spool.append({**record, "time": now_ms()})
 
     def _deliver_in_background(self, uri: str, root: Path) -> None:
-        from mlflow import MlflowClient
-
         try:
+            from mlflow import MlflowClient
+
             self.client = MlflowClient(uri)
         except Exception as e:  # a tracking URI MLflow cannot use: the records stay in the spool
             log.warning(
@@ -363,7 +364,10 @@ class Tracker:
             return
         self._deliver(force=True)
         if self.reachable:
-            self._deliver_leftovers(root)
+            try:
+                self._deliver_leftovers(root)
+            except Exception as e:  # e.g. a leftover that cannot be opened: this run's delivery goes on
+                log.warning("MLflow spools of earlier jobs not delivered: %s: %s", type(e).__name__, e)
         while not self._stopping.is_set():
             self._wake.wait()
             self._wake.clear()

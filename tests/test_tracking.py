@@ -129,6 +129,14 @@ def tracked(spec, resume_run_id: str | None = None) -> Tracker:
     return Tracker(spec.tracking, run_record(spec), resume_run_id)
 
 
+def wait_for_run(tracker: Tracker) -> None:
+    """Until the delivery thread has created (or found) the tracker's MLflow run."""
+    deadline = time.monotonic() + 60
+    while tracker.run_id is None:
+        assert time.monotonic() < deadline, "the run was never created"
+        time.sleep(0.05)
+
+
 def tracker_spec(tiny_model_dir, data_files, experiment: str, **tracking_cfg):
     return validate_spec(
         spec_dict(
@@ -293,6 +301,7 @@ def test_server_outage_mid_run_loses_and_duplicates_nothing(
         if "train/loss" not in metrics:
             return
         if step == 4:
+            wait_for_run(self)  # the outage starts mid-run
             server.stop()
         elif step == 10:
             server.start()
@@ -353,10 +362,9 @@ def test_a_step_never_waits_on_the_server(server, client, tiny_model_dir, data_f
     assert steps(client, tracker.run_id, "train/loss") == [1, 2, 3, 4]
 
 
-def test_training_starts_before_the_mlflow_client_is_made(
-    server, client, tiny_model_dir, data_files, spool_dir, monkeypatch
-):
-    """MLflow's import and client take 1 to 2.5 s: the delivery thread makes them, not the first step."""
+@pytest.fixture
+def client_made(monkeypatch):
+    """An event that MLflow's client waits for before it is made: the delivery thread is held back."""
     import threading
 
     import mlflow
@@ -369,12 +377,19 @@ def test_training_starts_before_the_mlflow_client_is_made(
         return real_client(uri)
 
     monkeypatch.setattr(mlflow, "MlflowClient", slow_client)
+    return made
+
+
+def test_training_starts_before_the_mlflow_client_is_made(
+    server, client, tiny_model_dir, data_files, spool_dir, monkeypatch, client_made
+):
+    """MLflow's import and client take 1 to 2.5 s: the delivery thread makes them, not the first step."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     tracker = tracked(tracker_spec(tiny_model_dir, data_files, "client-later"))
     with tracker.run({}):
         tracker.log_metrics({"train/loss": 1.0}, step=1)
         assert tracker.client is None and tracker.run_id is None  # training went on meanwhile
-        made.set()
+        client_made.set()
     assert steps(client, tracker.run_id, "train/loss") == [1]
 
 
@@ -455,22 +470,29 @@ def test_killed_job_restarted_from_its_checkpoint_continues_its_run(server, clie
 
 
 def test_restart_continues_the_same_run_at_the_next_step(
-    server, client, tiny_model_dir, data_files, spool_dir, monkeypatch
+    server, client, tiny_model_dir, data_files, spool_dir, monkeypatch, client_made
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     spec = tracker_spec(tiny_model_dir, data_files, "restart")
     first = tracked(spec)
     with pytest.raises(Preempted), first.run({}):
+        client_made.set()
         log_steps(first, range(1, 5))
+        wait_for_run(first)
         checkpointed = first.resume_id  # the checkpoint at step 4 keeps it
         log_steps(first, range(5, 7))  # steps 5 and 6 are trained again after the restart
         raise Preempted
-    assert checkpointed in (first.run_id, first.spool.key)  # the key while the run is being created
+    assert checkpointed == first.run_id
     assert client.get_run(first.run_id).info.status == "KILLED"
 
+    client_made.clear()
     second = tracked(spec, resume_run_id=checkpointed)
     with second.run({}):
-        log_steps(second, range(5, 11))
+        log_steps(second, range(5, 9))
+        rechecked = second.resume_id  # its checkpoint before the thread found the run
+        client_made.set()
+        log_steps(second, range(9, 11))
+    assert rechecked == checkpointed  # not the second job's own spool key: a third job finds the run too
     assert second.run_id == first.run_id
     assert steps(client, first.run_id, "train/loss") == list(range(1, 11))
     assert client.get_run(first.run_id).info.status == "FINISHED"

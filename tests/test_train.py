@@ -424,6 +424,7 @@ def test_auto_mixed_precision_on_cpu_is_bf16_only_with_bf16_matrix_units(monkeyp
     from job.accelerator import resolve_mixed_precision
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: amx)  # the kernel lets the process use them
     assert resolve_mixed_precision("auto", cuda=False) == expected
 
 

@@ -177,8 +177,9 @@ class Packer:
 
     Each example goes into the open row it fills most tightly; when it fits none, it opens a row, and
     with OPEN_ROWS rows open the oldest is closed. A greedy packer (one open row, closed when the next
-    example won't fit) filled 89% of the rows of the bench's length-skewed data, this one fills 96%: a
-    short example fills a gap that a long one left instead of starting the next row. It still streams
+    example won't fit) took 61 optimizer steps for the bench's length-skewed data (87% of the rows'
+    tokens real at most), this one 55 (96%): a short example fills a gap that a long one left instead
+    of starting the next row. It still streams
     (an example waits at most OPEN_ROWS rows), rows never span epochs, and the state is the open rows'
     origins.
     """
@@ -244,7 +245,8 @@ class Packer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state["open_rows"] if "open_rows" in state else [state["open"]]  # older: one open row
-        self.open = [self.examples.examples_at(row) for row in saved if row]
+        examples = iter(self.examples.examples_at([origin for row in saved for origin in row]))  # one read
+        self.open = [[next(examples) for _ in row] for row in saved if row]
         self.closing_epoch = state.get("closing_epoch", False)
         self.rows = state["rows"]
         self.real_tokens = state["real_tokens"]
