@@ -1,9 +1,14 @@
 """Stop requests from the scheduler: SIGTERM (Kubernetes eviction, preemption), SIGUSR1/SIGUSR2 (Slurm
 `--signal`), SIGINT. The first one asks the loop to finish its step, publish a checkpoint and exit 75;
-a second one, or the grace period running out, exits at once (the last committed checkpoint stays).
-The same stop often arrives twice within moments (scancel signals every process of the step, and a
-launcher such as torchrun passes its own copy on): a signal within REPEAT_SECONDS of the first is that
-same stop, not a second one.
+the grace period running out, or a second Ctrl-C (SIGINT, REPEAT_SECONDS or more after the first),
+exits at once (the last committed checkpoint stays).
+
+Any other repeat is the same stop: scancel signals every process of the step and a launcher passes its
+own copy on, Slurm follows its warning signal with SIGTERM at the time limit. Its timing says nothing:
+Python runs a handler only when the main thread is back in the interpreter, so a copy that arrived
+with the first runs seconds later when it came during a collective operation (a worker waiting for
+the checkpoint's commit). Exiting on it would lose the checkpoint being written; the scheduler's own
+SIGKILL and the grace period bound the stop anyway.
 """
 
 from __future__ import annotations
@@ -85,13 +90,13 @@ class StopRequest:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
-        if self.signal is not None and self.seconds_since() < REPEAT_SECONDS:
-            log.warning("%s again within %.0f s: the same stop, already under way", name, REPEAT_SECONDS)
-            return
         if self.signal is not None:
-            log.warning("%s again: exiting now; the last committed checkpoint is kept", name)
-            logging.shutdown()
-            os._exit(EXIT_REQUEUE if self.checkpoint_committed else 128 + signum)
+            if signum == signal.SIGINT and self.seconds_since() >= REPEAT_SECONDS:
+                log.warning("%s again: exiting now; the last committed checkpoint is kept", name)
+                logging.shutdown()
+                os._exit(EXIT_REQUEUE if self.checkpoint_committed else 128 + signum)
+            log.warning("%s again: the same stop, already under way", name)
+            return
         self.signal, self.received_at = signum, time.monotonic()
         log.warning(
             "%s: finishing this step, then a checkpoint and exit %d (at most %.0f s)",
