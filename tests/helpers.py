@@ -111,9 +111,10 @@ def pipeline_for(spec, tokenizer, rank: int = 0, world_size: int = 1):
 
 
 def write_stop_spec(
-    directory: Path, model_dir: Path, name: str, steps: int, checkpoint_every: int, seed: int
+    directory: Path, model_dir: Path, name: str, steps: int, checkpoint_every: int, seed: int, **sections
 ) -> Path:
-    """A small packed LoRA run with dropout (the RNG must resume too), for stop-and-resume tests."""
+    """A small packed LoRA run with dropout (the RNG must resume too), for stop-and-resume tests;
+    `sections` update the spec's sections (e.g. train={"lease_seconds": 6})."""
     rows = [dict(r, output=f"{r['output']} {i}") for i, r in enumerate(ALPACA_ROWS * 15)]
     spec = {
         "name": name,
@@ -123,6 +124,8 @@ def write_stop_spec(
         "train": {"max_steps": steps, "micro_batch_size": 2, "checkpoint_every": checkpoint_every, "log_every": 1, "seed": seed},
         "tracking": {"enabled": False},
     }  # fmt: skip
+    for section, values in sections.items():
+        spec[section].update(values)
     path = directory / "spec.json"
     path.write_text(json.dumps(spec))
     return path

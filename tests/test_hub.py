@@ -141,11 +141,8 @@ def test_a_private_repo_is_read_with_hf_token(hub, tiny_model_dir, tmp_path, mon
 
 
 def test_training_from_a_repo_stops_and_resumes_exactly(hub, tiny_model_dir, tmp_path):
-    path = write_stop_spec(tmp_path, tiny_model_dir, "hub", 30, checkpoint_every=5, seed=3)
-    spec = json.loads(path.read_text())
-    spec["data"]["train"] = ["hf://datasets/org/plain"]
-    spec["data"]["shuffle_buffer"] = 16
-    path.write_text(json.dumps(spec))
+    data = {"train": ["hf://datasets/org/plain"], "shuffle_buffer": 16}
+    path = write_stop_spec(tmp_path, tiny_model_dir, "hub", 30, checkpoint_every=5, seed=3, data=data)
     straight = run_ftjob("run", str(path), "--set", "output.uri=./straight", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
 

@@ -42,11 +42,15 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def spec_path(tiny_model_dir, workdir):
-    path = write_stop_spec(workdir, tiny_model_dir, "lease", STEPS, checkpoint_every=10, seed=3)
-    spec = json.loads(path.read_text())
-    spec["train"]["lease_seconds"] = LEASE_SECONDS
-    path.write_text(json.dumps(spec))
-    return path
+    return write_stop_spec(
+        workdir,
+        tiny_model_dir,
+        "lease",
+        STEPS,
+        checkpoint_every=10,
+        seed=3,
+        train={"lease_seconds": LEASE_SECONDS},
+    )
 
 
 def small_spec(tiny_model_dir, data_files, **train) -> dict:

@@ -31,11 +31,9 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def spec_path(tiny_model_dir, workdir):
-    path = write_stop_spec(workdir, tiny_model_dir, "r", STEPS, checkpoint_every=5, seed=3)
-    spec = json.loads(path.read_text())
-    spec["data"]["shuffle_buffer"] = 16
-    path.write_text(json.dumps(spec))
-    return path
+    return write_stop_spec(
+        workdir, tiny_model_dir, "r", STEPS, checkpoint_every=5, seed=3, data={"shuffle_buffer": 16}
+    )
 
 
 def losses(output_dir) -> list[float]:

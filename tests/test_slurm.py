@@ -22,11 +22,10 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def spec_path(tiny_model_dir, workdir):
-    path = write_stop_spec(workdir, tiny_model_dir, "sl", STEPS, checkpoint_every=5, seed=3)
-    spec = json.loads(path.read_text())
-    spec["tracking"] = {"enabled": True, "experiment": "slurm", "system_metrics": False}
-    path.write_text(json.dumps(spec))
-    return path
+    tracking = {"enabled": True, "experiment": "slurm", "system_metrics": False}
+    return write_stop_spec(
+        workdir, tiny_model_dir, "sl", STEPS, checkpoint_every=5, seed=3, tracking=tracking
+    )
 
 
 def launch(spec_path, output: str, *args: str, **popen) -> subprocess.Popen:

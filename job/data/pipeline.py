@@ -179,9 +179,8 @@ class Packer:
     with OPEN_ROWS rows open the oldest is closed. A greedy packer (one open row, closed when the next
     example won't fit) took 61 optimizer steps for the bench's length-skewed data (87% of the rows'
     tokens real at most), this one 55 (96%): a short example fills a gap that a long one left instead
-    of starting the next row. It still streams
-    (an example waits at most OPEN_ROWS rows), rows never span epochs, and the state is the open rows'
-    origins.
+    of starting the next row. It still streams (an example waits at most OPEN_ROWS rows), rows never
+    span epochs, and the state is the open rows' origins.
     """
 
     OPEN_ROWS = 8
