@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from job import __version__
@@ -43,7 +44,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 def launch_workers(spec, args: argparse.Namespace) -> int:
     """This node's workers through torch's elastic launcher, placed by the arguments, else by the
     scheduler's environment (job/cluster.py)."""
-    import os
 
     from job.cluster import node_placement
     from job.launcher import nproc_auto, run_workers
@@ -110,7 +110,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_launch_slurm(args: argparse.Namespace) -> int:
-    import os
 
     from job.spec import load_spec
     from launch.slurm import (
@@ -165,7 +164,6 @@ def cmd_launch_slurm(args: argparse.Namespace) -> int:
 
 
 def cmd_launch_k8s(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     from job.spec import load_spec
@@ -435,7 +433,6 @@ def leave_process_group() -> bool:
 def exit_now(code: int) -> None:
     """Exit with code without the interpreter's teardown, in which the process group's threads were
     seen to abort a worker under load (SIGABRT in place of its 2 or 75, which the launcher passes on)."""
-    import os
 
     logging.shutdown()
     sys.stdout.flush()
@@ -444,6 +441,9 @@ def exit_now(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # MLflow 3 reports usage to its makers from every process that imports it, unless told not to; a
+    # batch job on a cluster sends nothing anywhere but where its spec says
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = build_parser().parse_args(argv)
     setup_logging()
     try:

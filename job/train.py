@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 from job.checkpoint import Checkpointer, fingerprint, remove_all, remove_uncommitted, set_rng_states
 from job.data.batching import Batch, empty_batch, flatten_packed
 from job.data.pipeline import DataPipeline, shared_plan
+from job.dropout import use_cpu_dropout
 from job.export import is_published, publish, publish_merged, remove_published
 from job.lease import Lease
 from job.loss import eval_metrics, loss_sum, loss_tokens
@@ -161,6 +162,8 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     full = spec.adapter.method == "full"
     model = load_model(model_dir, spec.model, accelerator.device, full_finetune=full)
     model = apply_adapter(model, spec.adapter, bool(spec.model.quantization), cfg.gradient_checkpointing)
+    if accelerator.device.type == "cpu":
+        use_cpu_dropout(model)
     if restart:  # only now that the model and adapter load is anything deleted
         if is_main:
             remove_published(spec)

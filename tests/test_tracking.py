@@ -915,3 +915,24 @@ def test_system_sampler_logs_host_metrics_with_increasing_steps():
 def test_end_status():
     assert end_status(Preempted()) == "KILLED" and end_status(KeyboardInterrupt()) == "KILLED"
     assert end_status(ValueError()) == "FAILED"
+
+
+@pytest.mark.parametrize(("given", "disabled"), [(None, True), ("false", False)])
+def test_mlflow_usage_telemetry_is_off_unless_the_user_turns_it_on(given, disabled):
+    """MLflow 3 reports usage from any process that imports it, except under CI markers (pytest's own
+    among them): the child runs without them, as on a cluster."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CI", "PYTEST_CURRENT_TEST", "MLFLOW_DISABLE_TELEMETRY")
+    }
+    if given is not None:
+        env["MLFLOW_DISABLE_TELEMETRY"] = given
+    code = (
+        "import io, contextlib; from job.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()): main(['schema'])\n"
+        "from mlflow.telemetry.utils import is_telemetry_disabled; print(is_telemetry_disabled())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(disabled)]
