@@ -42,8 +42,9 @@ def drop_positions(count: int, p: float) -> torch.Tensor:
     return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
 
 
-def _zero_at(x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
-    out = torch.mul(x.contiguous(), scale)
+def drop(x: torch.Tensor, positions: torch.Tensor, p: float) -> torch.Tensor:
+    """x with the elements at `positions` (flat indices) zeroed and the others scaled by 1/(1-p)."""
+    out = torch.mul(x.contiguous(), 1 / (1 - p))
     out.view(-1).index_fill_(0, positions, 0)
     return out
 
@@ -53,13 +54,13 @@ class _Dropout(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         positions = drop_positions(x.numel(), p)
         ctx.save_for_backward(positions)
-        ctx.scale = 1 / (1 - p)
-        return _zero_at(x, positions, ctx.scale)
+        ctx.p = p
+        return drop(x, positions, p)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (positions,) = ctx.saved_tensors
-        return _zero_at(grad, positions, ctx.scale), None
+        return drop(grad, positions, ctx.p), None
 
 
 class CpuDropout(nn.Module):

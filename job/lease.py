@@ -21,7 +21,7 @@ exit 2 would deny). So is one that cannot be read or written: while taking the l
 job.storage.storage_error says; once it is held, exit 1.
 
 Object stores offer no compare-and-swap through fsspec, so taking the lease is write, wait
-SETTLE_SECONDS, read back: of two jobs whose writes land within that time, the later write wins and
+SETTLE_SECONDS, read back (train() loads the model meanwhile: claim, then settle): of two jobs whose writes land within that time, the later write wins and
 the other is refused. When one job's write takes longer than SETTLE_SECONDS while another job takes
 the lease, both start, with the same generation; the one whose lease was overwritten stops at its
 next checkpoint, before committing. Best effort, not a lock service.
@@ -124,7 +124,8 @@ class Lease:
             "job": restart_id(os.environ),
         }
         self.generation = 0
-        self._held = False  # taken: from now on no error here is exit 2
+        self._claimed: tuple[float, dict[str, Any] | None, bool] | None = None  # when, over what
+        self._held = False  # claimed and confirmed: from now on no error here is exit 2
         self._released = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -135,19 +136,30 @@ class Lease:
         self.release()
 
     def acquire(self, accelerator, stop: StopRequest) -> None:
-        """Every rank: rank 0 takes the lease; its error (held by another job, a damaged lease, a stop
-        while waiting) is raised on every rank, not only on rank 0."""
+        """Every rank: rank 0 claims the lease; its error (held by another job, a damaged lease, a stop
+        while waiting) is raised on every rank, not only on rank 0. The claim holds once settle() has
+        confirmed it: work in between may write nothing under output.uri."""
 
-        def take() -> int:
-            self.take(stop)
+        def claim() -> int:
+            self.claim(stop)
             return self.generation
 
-        self.generation = rank_0_outcome(accelerator, take)
+        self.generation = rank_0_outcome(accelerator, claim)
+
+    def settle(self, accelerator) -> None:
+        """Every rank: rank 0 confirms its claim (a rival's later write wins); its error is raised on
+        every rank."""
+        rank_0_outcome(accelerator, self.confirm)
 
     def take(self, stop: StopRequest | None = None) -> None:
-        """Take the lease with the next generation and renew it until release(). A live lease of another
-        job is a UserError naming it, except one left by a run of this same scheduler job (killed before
-        it could release it): that one is waited for until it expires, unless it is renewed meanwhile."""
+        """Claim the lease and confirm the claim: held from now on, renewed until release()."""
+        self.claim(stop)
+        self.confirm()
+
+    def claim(self, stop: StopRequest | None = None) -> None:
+        """Write this job's lease with the next generation. A live lease of another job is a UserError
+        naming it, except one left by a run of this same scheduler job (killed before it could release
+        it): that one is waited for until it expires, unless it is renewed meanwhile."""
         waited_for, ended = None, False
         while (current := self._read()) is not None and current["expires_at"] > time.time():
             if ended := self._holder_ended(current):
@@ -168,16 +180,22 @@ class Lease:
 
         self.generation = (current["generation"] if current else 0) + 1
         self._write(self._renewed())
-        time.sleep(SETTLE_SECONDS)
+        self._claimed = (time.monotonic(), current, ended)
+
+    def confirm(self) -> None:
+        """SETTLE_SECONDS after the claim was written, read the lease back: still this job's, it is held
+        and renewed until release(); a rival's is a UserError naming it."""
+        claimed_at, previous, ended = self._claimed
+        time.sleep(max(0.0, claimed_at + SETTLE_SECONDS - time.monotonic()))
         winner = self._read()
         if winner is None or winner["owner"] != self.me["owner"]:
             raise UserError(self._held_by(winner) if winner else f"{self.uri} vanished as this job took it")
         self._held = True
-        if current is None:
+        if previous is None:
             log.info("took the lease on %s as generation %d", self.output_uri, self.generation)
         else:
-            how = "its process had ended" if ended else "released" if current["released"] else "expired"
-            log.info("took the lease on %s as generation %d from %s (%s)", self.output_uri, self.generation, holder(current), how)  # fmt: skip
+            how = "its process had ended" if ended else "released" if previous["released"] else "expired"
+            log.info("took the lease on %s as generation %d from %s (%s)", self.output_uri, self.generation, holder(previous), how)  # fmt: skip
         self._heartbeat = threading.Thread(target=self._renew, name="ftjob-lease", daemon=True)
         self._heartbeat.start()
 
@@ -196,11 +214,13 @@ class Lease:
     def release(self) -> None:
         """Stop renewing. A lease still ours is marked released, so that the next job (a requeued one)
         takes over at once; a lease another job took is left alone."""
-        if self._heartbeat is None:
+        if self._claimed is None:
             return
+        self._claimed = None
         self._released.set()
-        self._heartbeat.join()
-        self._heartbeat = None
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+            self._heartbeat = None
         try:
             current = self._read()
             if current is not None and current["owner"] == self.me["owner"]:

@@ -26,12 +26,14 @@ from job.data.batching import Batch, empty_batch, flatten_packed
 from job.data.pipeline import DataPipeline, shared_plan
 from job.dropout import use_cpu_dropout
 from job.export import is_published, publish, publish_merged, remove_published
+from job.fused_lora import fuse_lora_linears
 from job.lease import Lease
 from job.loss import eval_metrics, loss_sum, loss_tokens
 from job.metrics import data_metrics, data_summary, flops_per_token, mfu, peak_flops, peak_memory_gib
 from job.metrics_log import remove_segments, write_curve
 from job.model import apply_adapter, count_parameters, load_model, model_dir_and_tokenizer, quiet_libraries
 from job.model_source import resolve_model_dir
+from job.packed_attention import use_packed_attention
 from job.progress import Progress
 from job.restart import record_restart, restart_pending
 from job.schedule import epoch_run_steps, make_scheduler, saved_total_steps
@@ -139,7 +141,17 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     data = DataPipeline(spec.data, tokenizer, cfg.seed, cfg.epochs, rank, world, plan)
     if is_main:
         check_writable(spec.output_uri)
-    lease.acquire(accelerator, stop)  # before anything under output.uri is written or deleted
+    lease.acquire(accelerator, stop)  # claimed: refused at once if another job holds output.uri
+    # The claim settles while the model loads, which writes nothing under output.uri.
+    full, on_cpu = spec.adapter.method == "full", accelerator.device.type == "cpu"
+    model = load_model(model_dir, spec.model, accelerator.device, full_finetune=full)
+    if on_cpu and spec.data.packing and spec.model.attn_implementation == "sdpa":
+        use_packed_attention(model)
+    model = apply_adapter(model, spec.adapter, bool(spec.model.quantization), cfg.gradient_checkpointing)
+    if on_cpu:  # on GPUs torch's and peft's own kernels are the fast ones
+        use_cpu_dropout(model)
+        fuse_lora_linears(model)
+    lease.settle(accelerator)  # held: only from here on is anything under output.uri written or deleted
     if is_main and not restart:
         remove_uncommitted(spec.output_uri)
     accelerator.wait_for_everyone()
@@ -152,25 +164,19 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     rank_state = checkpointer.rank_state(saved) if saved else None
     if rank_state:  # the files and the cursor the run was reading, before the counting pass reads them
         data.load_state_dict(rank_state["data"])
+    stop.raise_if_agreed(accelerator, saved)  # between the phases that can take long: the model load...
     total_steps = (
         cfg.max_steps
         or saved_total_steps(saved)
         or epoch_run_steps(data, accelerator, cfg.micro_batch_size, cfg.grad_accum)
     )
-    stop.raise_if_agreed(accelerator, saved)  # between the phases that can take long: the counting pass...
-
-    full = spec.adapter.method == "full"
-    model = load_model(model_dir, spec.model, accelerator.device, full_finetune=full)
-    model = apply_adapter(model, spec.adapter, bool(spec.model.quantization), cfg.gradient_checkpointing)
-    if accelerator.device.type == "cpu":
-        use_cpu_dropout(model)
+    stop.raise_if_agreed(accelerator, saved)  # ...and the counting pass
     if restart:  # only now that the model and adapter load is anything deleted
         if is_main:
             remove_published(spec)
             remove_all(spec.output_uri)
             record_restart(spec)
         accelerator.wait_for_everyone()
-    stop.raise_if_agreed(accelerator, saved)  # ...and the model load
     trainable, total = count_parameters(model)
 
     optimizer = torch.optim.AdamW(

@@ -275,6 +275,58 @@ def test_a_rival_whose_write_lands_during_the_settle_delay_wins(isolated, monkey
     assert read_lease(output) == rival
 
 
+def test_the_settle_delay_runs_while_the_job_works_and_a_rival_writing_meanwhile_still_wins(
+    isolated, monkeypatch
+):
+    """train() claims the lease, loads the model, then settles: the wait is what is left of
+    SETTLE_SECONDS after the work, and a rival whose write lands during the work wins as before."""
+    from job import lease as lease_module
+
+    output = isolated / "out"
+    output.mkdir()
+    waits = []
+    monkeypatch.setattr(lease_module.time, "sleep", waits.append)
+    lease = lease_module.Lease(str(output), LEASE_SECONDS)
+    lease.claim()
+    clock = time.monotonic()
+    monkeypatch.setattr(lease_module.time, "monotonic", lambda: clock + 0.7)  # 0.7 s of model loading
+    lease.confirm()
+    assert waits == [pytest.approx(lease_module.SETTLE_SECONDS - 0.7, abs=0.05)]
+    lease.release()
+
+    rival = lease_record(host="node-9", pid=99, generation=2)
+    late = lease_module.Lease(str(output), LEASE_SECONDS)
+    late.claim()
+    assert read_lease(output)["generation"] == 2  # after a released one
+    monkeypatch.setattr(lease_module.time, "monotonic", lambda: clock + 5)  # a load longer than the delay
+    write_lease(output, rival)
+    with pytest.raises(UserError, match="held by another job: host node-9, pid 99"):
+        late.confirm()
+    assert waits[1:] == [0.0]
+    late.release()
+    assert read_lease(output) == rival  # a lost claim is not released: it is not ours
+
+
+def test_a_job_that_fails_between_claiming_the_lease_and_confirming_it_releases_it(
+    tiny_model_dir, data_files, isolated, tmp_path
+):
+    """The model loads between the claim and its confirmation: a model that fails to load leaves the
+    lease released, so that the next job takes it at once."""
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    spec = small_spec(tiny_model_dir, data_files)
+    spec["model"]["source"] = str(broken)
+    with pytest.raises(UserError, match="model.source: cannot load"):
+        train_in_process(spec)
+    lease = read_lease(isolated / "runs" / "t")
+    assert lease["generation"] == 1 and lease["released"] and lease["expires_at"] <= time.time()
+    assert files_under(isolated / "runs" / "t") == ["lease.json"]
+
+
 def test_a_retention_delete_that_fails_is_a_warning(
     tiny_model_dir, data_files, isolated, monkeypatch, caplog
 ):

@@ -1,0 +1,104 @@
+"""A LoRA linear layer computed as one autograd function, for CPUs.
+
+peft computes a LoRA layer as base(x) + lora_B(lora_A(dropout(x))) * scaling, a chain of modules
+whose forward and backward each make their own pass over a [tokens, features] tensor: the scaling,
+the sum, and in backward the scaling again and the sum of the two paths' input gradients. On a CPU,
+where such passes cost about as much as a small model's matmuls, FusedLoraLinear does the same
+arithmetic with the scaling and the sums folded into the matmuls (addmm). It keeps the layer's input
+(one tensor that q, k and v share) and the dropped positions (job/dropout.py) for backward instead of
+a dropped copy of the input per layer.
+
+It takes over only plain LoRA on an nn.Linear with one active adapter, unmerged, on a CPU; anything
+else (DoRA, quantized layers, several adapters, mixed dtypes without autocast) runs peft's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+
+from job.dropout import CpuDropout, drop, drop_positions
+
+
+class _LoraLinear(torch.autograd.Function):
+    """x W^T + b + scaling * dropout(x) A^T B^T, every tensor already in one dtype, 2-D x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float):
+        positions = drop_positions(x.numel(), p) if p else None
+        a = (x if positions is None else drop(x, positions, p)) @ lora_a.t()
+        out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        out.addmm_(a, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, a, positions)
+        ctx.scaling, ctx.p = scaling, p
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b, a, positions = ctx.saved_tensors
+        scaling, p = ctx.scaling, ctx.p
+        grad_b_side = grad @ lora_b  # the gradient at A's output, before the scaling
+        dropped = x if positions is None else drop(x, positions, p)
+        grad_a = torch.mm(grad_b_side.t(), dropped).mul_(scaling)
+        grad_b = torch.mm(grad.t(), a).mul_(scaling)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            lora_path = grad_b_side @ lora_a
+            if positions is not None:
+                lora_path.view(-1).index_fill_(0, positions, 0)
+            grad_x = torch.addmm(lora_path, grad, weight, beta=scaling / (1 - p))
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+class FusedLoraLinear(LoraLinear):
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter = self._fusable_adapter(x, args, kwargs)
+        if adapter is None:
+            return super().forward(x, *args, **kwargs)
+        autocast = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+        base, lora_a, lora_b = self.base_layer, self.lora_A[adapter], self.lora_B[adapter]
+        dropout = self.lora_dropout[adapter]
+        p = dropout.p if self.training and isinstance(dropout, CpuDropout) else 0.0
+        with torch.autocast("cpu", enabled=False):  # cast here, once, as autocast would
+            out = _LoraLinear.apply(
+                x.reshape(-1, x.shape[-1]).to(dtype),
+                base.weight.to(dtype),
+                None if base.bias is None else base.bias.to(dtype),
+                lora_a.weight.to(dtype),
+                lora_b.weight.to(dtype),
+                self.scaling[adapter],
+                p,
+            )
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _fusable_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+        """The one active plain-LoRA adapter this call can be fused for, or None."""
+        if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+            return None
+        adapter = self.active_adapters[0]
+        if adapter not in self.lora_A or adapter in self.lora_variant or x.device.type != "cpu":
+            return None
+        base = self.base_layer
+        if type(base) is not nn.Linear or any(
+            t.requires_grad for t in (base.weight, base.bias) if t is not None
+        ):
+            return None
+        if not isinstance(self.lora_dropout[adapter], (CpuDropout, nn.Identity)):
+            return None
+        if torch.is_autocast_enabled("cpu"):
+            return adapter
+        tensors = (self.base_layer.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
+        return adapter if all(t.dtype == x.dtype for t in tensors) else None
+
+
+def fuse_lora_linears(model: nn.Module) -> int:
+    """Make every peft LoRA Linear in `model` a FusedLoraLinear (same parameters, same state); returns
+    how many."""
+    fused = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:
+            module.__class__ = FusedLoraLinear
+            fused += 1
+    return fused

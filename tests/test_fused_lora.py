@@ -1,0 +1,106 @@
+"""The fused CPU LoRA linear computes what peft's layers compute (same loss, same gradients, same
+dropout masks from the same generator state), with or without bias, dropout and bf16 autocast, and
+leaves what it cannot fuse (DoRA, a merged adapter) to peft."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import job.fused_lora
+from job.dropout import use_cpu_dropout
+from job.fused_lora import FusedLoraLinear, fuse_lora_linears
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list[int]:
+    """One entry per layer call that took the fused path."""
+    calls, apply = [], job.fused_lora._LoraLinear.apply
+
+    def counted(*args):
+        calls.append(1)
+        return apply(*args)
+
+    monkeypatch.setattr(job.fused_lora._LoraLinear, "apply", counted)
+    return calls
+
+
+def lora_model(arch: str, dropout: float, method: str = "lora"):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_class, model_class = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[arch]
+    config = config_class(
+        vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", use_dora=method == "dora"
+    )
+    model = get_peft_model(model_class(config), lora)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero, which would hide half of the arithmetic
+            torch.nn.init.normal_(param, std=0.02)
+    use_cpu_dropout(model)
+    return model.train()
+
+
+def loss_and_grads(model, autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ids = torch.arange(64).remainder(96).view(2, 32)
+    torch.manual_seed(1)  # the same dropout masks for both models
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(("arch", "dropout", "autocast"), [
+    ("llama", 0.05, False), ("llama", 0.0, False), ("qwen2", 0.1, False), ("llama", 0.05, True),
+])  # fmt: skip
+def test_the_fused_layers_give_peft_s_loss_and_gradients(arch, dropout, autocast, fused_calls):
+    reference = lora_model(arch, dropout)
+    fused = copy.deepcopy(reference)
+    assert fuse_lora_linears(fused) == 2 * 7
+    expected_loss, expected = loss_and_grads(reference, autocast)
+    assert fused_calls == []
+    loss, grads = loss_and_grads(fused, autocast)
+    assert len(fused_calls) == 2 * 7
+    tolerance = {"rtol": 2e-2, "atol": 2e-3} if autocast else {"rtol": 1e-4, "atol": 1e-6}
+    assert torch.allclose(loss, expected_loss, **tolerance)
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        assert grad.dtype == expected[name].dtype
+        assert torch.allclose(grad, expected[name], **tolerance), name
+
+
+def test_dora_and_merged_adapters_run_peft_s_own_forward(fused_calls):
+    dora = lora_model("llama", 0.05, "dora")
+    fused = copy.deepcopy(dora)
+    fuse_lora_linears(fused)
+    assert torch.allclose(loss_and_grads(fused)[0], loss_and_grads(dora)[0])
+    assert fused_calls == []
+
+    model = lora_model("llama", 0.0)
+    fuse_lora_linears(model)
+    model.eval()
+    ids = torch.arange(32).view(1, 32)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        merged = model.merge_and_unload()
+        assert not any(isinstance(m, FusedLoraLinear) for m in merged.modules())
+        assert torch.allclose(merged(input_ids=ids).logits, before, atol=1e-5)
+
+
+def test_eval_mode_drops_nothing():
+    model = lora_model("llama", 0.5)
+    fuse_lora_linears(model)
+    model.eval()
+    ids = torch.arange(32).view(1, 32)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
