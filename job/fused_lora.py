@@ -5,11 +5,12 @@ whose forward and backward each make their own pass over a [tokens, features] te
 the sum, and in backward the scaling again and the sum of the two paths' input gradients. On a CPU,
 where such passes cost about as much as a small model's matmuls, FusedLoraLinear does the same
 arithmetic with the scaling and the sums folded into the matmuls (addmm). It keeps the layer's input
-(one tensor that q, k and v share) and the dropped positions (job/dropout.py) for backward instead of
-a dropped copy of the input per layer.
+(without autocast, one tensor that q, k and v share) and the dropped positions (job/dropout.py) for backward
+instead of a dropped copy of the input per layer.
 
-It takes over only plain LoRA on an nn.Linear with one active adapter, unmerged, on a CPU; anything
-else (DoRA, quantized layers, several adapters, mixed dtypes without autocast) runs peft's own forward.
+It takes over only plain LoRA (no DoRA, no LoRA bias) on an nn.Linear with one active adapter,
+unmerged and enabled, on a CPU; anything else (quantized layers, several adapters, mixed dtypes
+without autocast) runs peft's own forward.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class FusedLoraLinear(LoraLinear):
             return None
         adapter = self.active_adapters[0]
         if adapter not in self.lora_A or adapter in self.lora_variant or x.device.type != "cpu":
+            return None
+        if self.lora_B[adapter].bias is not None:
             return None
         base = self.base_layer
         if type(base) is not nn.Linear or any(

@@ -5,7 +5,7 @@
      "expires_at": <unix time>, "released": false}
 
 Rank 0 takes the lease before it changes anything under output.uri (but a write probe) and renews
-it every third of train.lease_seconds from a thread. A lease that is absent, released or expired is
+it every third of train.lease_seconds from a thread, from the moment it writes its claim. A lease that is absent, released or expired is
 taken with the next generation, and so is one whose process has ended on this machine (same boot and
 pid namespace, so its pid can be looked up); a live one held by another job is refused (UserError,
 exit 2).
@@ -20,11 +20,12 @@ written under output.uri yet), exit 1 once it is held (the job may have committe
 exit 2 would deny). So is one that cannot be read or written: while taking the lease, exit 2 or 1 as
 job.storage.storage_error says; once it is held, exit 1.
 
-Object stores offer no compare-and-swap through fsspec, so taking the lease is write, wait
-SETTLE_SECONDS, read back (train() loads the model meanwhile: claim, then settle): of two jobs whose writes land within that time, the later write wins and
-the other is refused. When one job's write takes longer than SETTLE_SECONDS while another job takes
-the lease, both start, with the same generation; the one whose lease was overwritten stops at its
-next checkpoint, before committing. Best effort, not a lock service.
+Object stores offer no compare-and-swap through fsspec, so taking the lease is write (claim), wait
+SETTLE_SECONDS, read back (confirm; train() loads the model in between): of two jobs whose writes
+land within that time, the later write wins and the other is refused. When one job's write takes
+longer than SETTLE_SECONDS while another job takes the lease, both start, with the same generation;
+the one whose lease was overwritten stops at its next checkpoint, before committing. Best effort, not
+a lock service.
 """
 
 from __future__ import annotations
@@ -157,9 +158,10 @@ class Lease:
         self.confirm()
 
     def claim(self, stop: StopRequest | None = None) -> None:
-        """Write this job's lease with the next generation. A live lease of another job is a UserError
-        naming it, except one left by a run of this same scheduler job (killed before it could release
-        it): that one is waited for until it expires, unless it is renewed meanwhile."""
+        """Write this job's lease with the next generation and renew it from now on. A live lease of
+        another job is a UserError naming it, except one left by a run of this same scheduler job (killed
+        before it could release it): that one is waited for until it expires, unless it is renewed
+        meanwhile."""
         waited_for, ended = None, False
         while (current := self._read()) is not None and current["expires_at"] > time.time():
             if ended := self._holder_ended(current):
@@ -181,10 +183,12 @@ class Lease:
         self.generation = (current["generation"] if current else 0) + 1
         self._write(self._renewed())
         self._claimed = (time.monotonic(), current, ended)
+        self._heartbeat = threading.Thread(target=self._renew, name="ftjob-lease", daemon=True)
+        self._heartbeat.start()  # from the claim on: the work before confirm() may outlast the lease
 
     def confirm(self) -> None:
         """SETTLE_SECONDS after the claim was written, read the lease back: still this job's, it is held
-        and renewed until release(); a rival's is a UserError naming it."""
+        until release(); a rival's is a UserError naming it."""
         claimed_at, previous, ended = self._claimed
         time.sleep(max(0.0, claimed_at + SETTLE_SECONDS - time.monotonic()))
         winner = self._read()
@@ -196,8 +200,6 @@ class Lease:
         else:
             how = "its process had ended" if ended else "released" if previous["released"] else "expired"
             log.info("took the lease on %s as generation %d from %s (%s)", self.output_uri, self.generation, holder(previous), how)  # fmt: skip
-        self._heartbeat = threading.Thread(target=self._renew, name="ftjob-lease", daemon=True)
-        self._heartbeat.start()
 
     def check(self) -> None:
         """Rank 0, before committing or publishing: LeaseLost unless the lease is still ours and not

@@ -22,10 +22,9 @@ PACKED_SDPA = "ftjob_packed_sdpa"
 
 
 def example_lengths(position_ids: torch.Tensor) -> list[int]:
-    """The lengths of a row's examples: each starts where its position id is 0 (and at the row's start)."""
-    starts = (position_ids == 0).nonzero().flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts.insert(0, 0)
+    """The lengths of a row's examples: a new one starts wherever the position id does not follow the
+    previous one (transformers' rule for packed rows)."""
+    starts = [0, *((position_ids[1:] != position_ids[:-1] + 1).nonzero().flatten() + 1).tolist()]
     return [end - start for start, end in zip(starts, starts[1:] + [len(position_ids)], strict=True)]
 
 
@@ -36,7 +35,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
 
     position_ids = kwargs.get("position_ids")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if attention_mask is not None or position_ids is None or not causal or query.shape[2] == 1:
+    whole_rows = query.shape[2] == 1 or key.shape[2] != query.shape[2]  # decoding with a cache
+    if attention_mask is not None or position_ids is None or not causal or whole_rows:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )  # fmt: skip
@@ -56,10 +56,14 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
 
 
 def packed_rows_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
-    """No mask for rows without padding (the position ids say where examples start); sdpa's otherwise."""
+    """No mask for full-attention layers over rows without padding (the position ids say where the
+    examples start); sdpa's mask for padded rows and for sliding-window layers (local_size), whose
+    attention then runs as sdpa."""
     from transformers.masking_utils import sdpa_mask
 
-    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    if attention_mask is None and kwargs.get("local_size") is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
 def use_packed_attention(model) -> bool:

@@ -145,8 +145,13 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     # The claim settles while the model loads, which writes nothing under output.uri.
     full, on_cpu = spec.adapter.method == "full", accelerator.device.type == "cpu"
     model = load_model(model_dir, spec.model, accelerator.device, full_finetune=full)
-    if on_cpu and spec.data.packing and spec.model.attn_implementation == "sdpa":
-        use_packed_attention(model)
+    if (
+        on_cpu
+        and spec.data.packing
+        and spec.model.attn_implementation == "sdpa"
+        and not use_packed_attention(model)
+    ):
+        log.info("this model's layers get no position ids: packed rows are attended under sdpa's block mask")
     model = apply_adapter(model, spec.adapter, bool(spec.model.quantization), cfg.gradient_checkpointing)
     if on_cpu:  # on GPUs torch's and peft's own kernels are the fast ones
         use_cpu_dropout(model)

@@ -27,7 +27,7 @@ def fused_calls(monkeypatch) -> list[int]:
     return calls
 
 
-def lora_model(arch: str, dropout: float, method: str = "lora"):
+def lora_model(arch: str, dropout: float, method: str = "lora", lora_bias: bool = False):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -41,11 +41,16 @@ def lora_model(arch: str, dropout: float, method: str = "lora"):
     )  # fmt: skip
     torch.manual_seed(0)
     lora = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", use_dora=method == "dora"
+        r=4,
+        lora_alpha=8,
+        lora_dropout=dropout,
+        target_modules="all-linear",
+        use_dora=method == "dora",
+        lora_bias=lora_bias,
     )
     model = get_peft_model(model_class(config), lora)
     for name, param in model.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero, which would hide half of the arithmetic
+        if "lora_B" in name:  # peft starts B (and its bias) at zero, which would hide half of the arithmetic
             torch.nn.init.normal_(param, std=0.02)
     use_cpu_dropout(model)
     return model.train()
@@ -79,22 +84,37 @@ def test_the_fused_layers_give_peft_s_loss_and_gradients(arch, dropout, autocast
         assert torch.allclose(grad, expected[name], **tolerance), name
 
 
-def test_dora_and_merged_adapters_run_peft_s_own_forward(fused_calls):
-    dora = lora_model("llama", 0.05, "dora")
-    fused = copy.deepcopy(dora)
+@pytest.mark.parametrize("variant", ["dora", "lora_bias"])
+def test_dora_and_lora_bias_run_peft_s_own_forward(variant, fused_calls):
+    reference = lora_model(
+        "llama", 0.05, "dora" if variant == "dora" else "lora", lora_bias=variant == "lora_bias"
+    )
+    fused = copy.deepcopy(reference)
     fuse_lora_linears(fused)
-    assert torch.allclose(loss_and_grads(fused)[0], loss_and_grads(dora)[0])
+    expected_loss, expected = loss_and_grads(reference)
+    loss, grads = loss_and_grads(fused)
     assert fused_calls == []
+    assert torch.allclose(loss, expected_loss)
+    assert all(torch.allclose(grads[name], grad) for name, grad in expected.items())
 
+
+def test_merged_and_disabled_adapters_run_peft_s_own_forward(fused_calls):
     model = lora_model("llama", 0.0)
     fuse_lora_linears(model)
     model.eval()
     ids = torch.arange(32).view(1, 32)
     with torch.no_grad():
-        before = model(input_ids=ids).logits
+        adapted = model(input_ids=ids).logits
+        fused_calls.clear()
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        assert fused_calls == [] and not torch.allclose(base, adapted)
+        model.merge_adapter()
+        assert torch.allclose(model(input_ids=ids).logits, adapted, atol=1e-5) and fused_calls == []
+        model.unmerge_adapter()
         merged = model.merge_and_unload()
         assert not any(isinstance(m, FusedLoraLinear) for m in merged.modules())
-        assert torch.allclose(merged(input_ids=ids).logits, before, atol=1e-5)
+        assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-5)
 
 
 def test_eval_mode_drops_nothing():

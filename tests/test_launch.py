@@ -247,7 +247,10 @@ def test_missing_data_found_by_rank_0_ends_every_rank_with_exit_2(spec_path, wor
 @pytest.mark.parametrize("how", ["arguments", "indexed job"])
 def test_two_nodes_of_one_process_each_train_one_run(spec_path, workdir, two_processes, how):
     """Two "nodes" on 127.0.0.1: placed by --nnodes/--node-rank, or by a Kubernetes Indexed Job's
-    environment. The same 2-rank run as two processes on one node."""
+    environment. The same 2-rank run as two processes on one node, bitwise: each worker with one
+    thread, as accelerate gives each of two processes on this 2-core node (alone on a node it would
+    take both cores, and CPU kernels may sum in another order with another thread count)."""
+    one_thread = {"OMP_NUM_THREADS": "1"}
     port = str(free_port())
     output = f"./nodes-{how.replace(' ', '-')}"
     nodes = []
@@ -263,9 +266,10 @@ def test_two_nodes_of_one_process_each_train_one_run(spec_path, workdir, two_pro
                 "--master-port",
                 port,
             ]
-            nodes.append(start_run(spec_path, output, "--nproc-per-node", "1", *args))
+            nodes.append(start_run(spec_path, output, "--nproc-per-node", "1", *args, env=one_thread))
         else:
             env = {
+                **one_thread,
                 "JOB_COMPLETION_INDEX": str(rank),
                 "NNODES": "2",
                 "MASTER_ADDR": "127.0.0.1",

@@ -646,3 +646,21 @@ def test_merging_an_already_published_adapter_takes_the_lease(tiny_model_dir, da
     with pytest.raises(UserError, match="held by another job: host node-7, pid 4242"):
         train_in_process(spec)
     assert not (output / "merged").exists() and read_lease(output)["pid"] == 4242
+
+
+def test_a_claim_is_renewed_while_the_job_loads_its_model(isolated):
+    """A model load can outlast train.lease_seconds: the claim must not expire under a live job."""
+    from job import lease as lease_module
+
+    output = isolated / "out"
+    output.mkdir()
+    lease = lease_module.Lease(str(output), 0.3)  # renewed every 0.1 s
+    lease.claim()
+    claimed = read_lease(output)
+    time.sleep(0.6)  # twice the lease's length, unconfirmed
+    renewed = read_lease(output)
+    assert renewed["owner"] == claimed["owner"] and renewed["renewed_at"] > claimed["renewed_at"] + 0.3
+    assert renewed["expires_at"] > time.time()
+    lease.confirm()
+    lease.release()
+    assert read_lease(output)["released"]

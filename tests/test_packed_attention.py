@@ -13,9 +13,10 @@ import job.packed_attention
 from job.packed_attention import example_lengths, use_packed_attention
 
 
-def test_example_lengths_start_at_each_zero_position_and_at_the_row_start():
+def test_an_example_starts_wherever_the_position_does_not_follow_the_previous_one():
     assert example_lengths(torch.tensor([0, 1, 2, 0, 1, 0, 0, 1])) == [3, 2, 1, 2]
     assert example_lengths(torch.tensor([5, 6, 0, 1])) == [2, 2]  # a row cut inside an example
+    assert example_lengths(torch.tensor([0, 1, 2, 5, 6])) == [3, 2]
     assert example_lengths(torch.arange(4)) == [4]
 
 
@@ -97,3 +98,23 @@ def test_a_model_whose_layers_get_no_position_ids_keeps_sdpa(monkeypatch):
     monkeypatch.setattr(job.packed_attention, "packed_sdpa_attention", without_positions)
     assert not use_packed_attention(packed)
     assert packed.config._attn_implementation == "sdpa"
+
+
+def test_sliding_window_layers_keep_their_window():
+    """Mistral with a window of 4: its layers attend as sdpa does, packed or not."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = MistralForCausalLM(config).eval()
+    packed = copy.deepcopy(reference)
+    assert use_packed_attention(packed)
+    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(1))
+    for positions in (torch.arange(16)[None], torch.cat([torch.arange(10), torch.arange(6)])[None]):
+        with torch.no_grad():
+            expected = reference(input_ids=ids, position_ids=positions, use_cache=False).logits
+            logits = packed(input_ids=ids, position_ids=positions, use_cache=False).logits
+        assert torch.allclose(logits, expected, atol=1e-5)

@@ -590,3 +590,24 @@ def test_second_spec_entry_is_named_in_errors(tiny_model_dir, data_files, isolat
     (isolated / "spec.json").write_text(json.dumps(spec))
     assert main(["run", "spec.json"]) == 2
     assert "data.train[1]: no such file: missing-*.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_cpu_run_trains_with_the_cpu_layers(tiny_model_dir, data_files, isolated, packing):
+    """On a CPU: LoRA's dropout drawn by gaps, the LoRA linears fused, and packed rows attended
+    example by example (sdpa as it is for unpacked ones)."""
+    from job.dropout import CpuDropout
+    from job.fused_lora import FusedLoraLinear
+    from job.packed_attention import PACKED_SDPA
+
+    spec = spec_dict(
+        tiny_model_dir,
+        data_files,
+        adapter={"dropout": 0.05},
+        data={"packing": packing},
+        train={"max_steps": 2},
+    )
+    model = train_in_process(spec).model
+    assert model.get_base_model().config._attn_implementation == (PACKED_SDPA if packing else "sdpa")
+    layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
+    assert len(layers) == 2 * 7 and all(isinstance(m.lora_dropout["default"], CpuDropout) for m in layers)
