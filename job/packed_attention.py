@@ -41,6 +41,9 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )  # fmt: skip
     grouped = query.shape[1] != key.shape[1]
+    if torch.is_autocast_enabled(query.device.type):  # cast once, not each example's slice on its own
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     rows = []
     for q, k, v, positions in zip(query, key, value, position_ids.expand(query.shape[0], -1), strict=True):
         lengths = example_lengths(positions)

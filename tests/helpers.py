@@ -153,3 +153,29 @@ def read_until(process: subprocess.Popen, marker: str) -> list[str]:
         if marker in line:
             return lines
     raise AssertionError(f"{marker!r} never appeared:\n{''.join(lines)}")
+
+
+def tiny_causal_lm(arch: str = "llama", **config):
+    """A randomly initialized two-layer Llama, Qwen2 (biases on q, k, v) or Mistral with grouped key/value
+    heads, in memory, seeded; config overrides the small defaults."""
+    import torch
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    config_class, model_class = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }[arch]
+    settings = {
+        "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "attn_implementation": "sdpa", **config,
+    }  # fmt: skip
+    torch.manual_seed(0)
+    return model_class(config_class(**settings))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_causal_lm
 from torch import nn
 
 import job.dropout
@@ -73,13 +74,9 @@ def test_eval_mode_and_a_zero_probability_pass_the_input_through():
 
 def test_every_lora_dropout_of_a_peft_model_is_replaced_and_nothing_else():
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
-    )
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules="all-linear")
-    model = get_peft_model(LlamaForCausalLM(config), lora)
+    model = get_peft_model(tiny_causal_lm(), lora)
     own = model.base_model.model.model.own_dropout = nn.Dropout(0.1)  # as GPT-2's embedding dropout
 
     assert use_cpu_dropout(model) == 2 * 7  # q, k, v, o, gate, up, down in each decoder layer
@@ -88,5 +85,5 @@ def test_every_lora_dropout_of_a_peft_model_is_replaced_and_nothing_else():
     assert len(dropouts) == 14 and all(d.p == 0.05 for d in dropouts)
     assert model.peft_config["default"].lora_dropout == 0.05  # what is published with the adapter
     model.train()
-    model(input_ids=torch.randint(0, 64, (2, 16)), labels=torch.randint(0, 64, (2, 16))).loss.backward()
+    model(input_ids=torch.randint(0, 96, (2, 16)), labels=torch.randint(0, 96, (2, 16))).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)

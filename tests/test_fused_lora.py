@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_causal_lm
 
 import job.fused_lora
 from job.dropout import use_cpu_dropout
@@ -29,17 +30,7 @@ def fused_calls(monkeypatch) -> list[int]:
 
 def lora_model(arch: str, dropout: float, method: str = "lora", lora_bias: bool = False):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    config_class, model_class = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    }[arch]
-    config = config_class(
-        vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
     lora = LoraConfig(
         r=4,
         lora_alpha=8,
@@ -48,7 +39,7 @@ def lora_model(arch: str, dropout: float, method: str = "lora", lora_bias: bool 
         use_dora=method == "dora",
         lora_bias=lora_bias,
     )
-    model = get_peft_model(model_class(config), lora)
+    model = get_peft_model(tiny_causal_lm(arch), lora)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # peft starts B (and its bias) at zero, which would hide half of the arithmetic
             torch.nn.init.normal_(param, std=0.02)

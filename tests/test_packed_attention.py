@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_causal_lm
 
 import job.packed_attention
 from job.packed_attention import example_lengths, use_packed_attention
@@ -21,18 +22,7 @@ def test_an_example_starts_wherever_the_position_does_not_follow_the_previous_on
 
 
 def model_pair(arch: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    config_class, model_class = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    }[arch]
-    config = config_class(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, attn_implementation="sdpa",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    reference = model_class(config).train()
+    reference = tiny_causal_lm(arch).train()
     packed = copy.deepcopy(reference)
     assert use_packed_attention(packed)
     return reference, packed
@@ -102,14 +92,7 @@ def test_a_model_whose_layers_get_no_position_ids_keeps_sdpa(monkeypatch):
 
 def test_sliding_window_layers_keep_their_window():
     """Mistral with a window of 4: its layers attend as sdpa does, packed or not."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    config = MistralConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, sliding_window=4, attn_implementation="sdpa",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    reference = MistralForCausalLM(config).eval()
+    reference = tiny_causal_lm("mistral", sliding_window=4).eval()
     packed = copy.deepcopy(reference)
     assert use_packed_attention(packed)
     ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(1))
