@@ -145,7 +145,7 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     # The claim settles while the model loads, which writes nothing under output.uri.
     full, on_cpu = spec.adapter.method == "full", accelerator.device.type == "cpu"
     model = load_model(model_dir, spec.model, accelerator.device, full_finetune=full)
-    # Not under bf16 autocast: there it raised the bench's peak memory by 0.65 GiB (cause not yet found).
+    # Not under bf16 autocast: there peak memory grew with the steps (bench/RESULTS.md; cause not yet found).
     packed_rows = spec.data.packing and spec.model.attn_implementation == "sdpa"
     if on_cpu and packed_rows and accelerator.mixed_precision == "no" and not use_packed_attention(model):
         log.info("this model's layers get no position ids: packed rows are attended under sdpa's block mask")
