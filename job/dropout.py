@@ -42,8 +42,11 @@ def drop_positions(count: int, p: float) -> torch.Tensor:
     return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
 
 
-def drop(x: torch.Tensor, positions: torch.Tensor, p: float) -> torch.Tensor:
-    """x with the elements at `positions` (flat indices) zeroed and the others scaled by 1/(1-p)."""
+def drop(x: torch.Tensor, positions: torch.Tensor | None, p: float) -> torch.Tensor:
+    """x with the elements at `positions` (flat indices) zeroed and the others scaled by 1/(1-p); x
+    itself when there are no positions (p = 0)."""
+    if positions is None:
+        return x
     out = torch.mul(x.contiguous(), 1 / (1 - p))
     out.view(-1).index_fill_(0, positions, 0)
     return out

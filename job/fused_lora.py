@@ -28,7 +28,7 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float):
         positions = drop_positions(x.numel(), p) if p else None
-        a = (x if positions is None else drop(x, positions, p)) @ lora_a.t()
+        a = drop(x, positions, p) @ lora_a.t()
         out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
         out.addmm_(a, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, a, positions)
@@ -40,8 +40,7 @@ class _LoraLinear(torch.autograd.Function):
         x, weight, lora_a, lora_b, a, positions = ctx.saved_tensors
         scaling, p = ctx.scaling, ctx.p
         grad_b_side = grad @ lora_b  # the gradient at A's output, before the scaling
-        dropped = x if positions is None else drop(x, positions, p)
-        grad_a = torch.mm(grad_b_side.t(), dropped).mul_(scaling)
+        grad_a = torch.mm(grad_b_side.t(), drop(x, positions, p)).mul_(scaling)
         grad_b = torch.mm(grad.t(), a).mul_(scaling)
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -92,7 +91,7 @@ class FusedLoraLinear(LoraLinear):
             return None
         if torch.is_autocast_enabled("cpu"):
             return adapter
-        tensors = (self.base_layer.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
+        tensors = (base.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
         return adapter if all(t.dtype == x.dtype for t in tensors) else None
 
 

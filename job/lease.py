@@ -5,10 +5,10 @@
      "expires_at": <unix time>, "released": false}
 
 Rank 0 takes the lease before it changes anything under output.uri (but a write probe) and renews
-it every third of train.lease_seconds from a thread, from the moment it writes its claim. A lease that is absent, released or expired is
-taken with the next generation, and so is one whose process has ended on this machine (same boot and
-pid namespace, so its pid can be looked up); a live one held by another job is refused (UserError,
-exit 2).
+it every third of train.lease_seconds from a thread, from the moment it writes its claim. A lease
+that is absent, released or expired is taken with the next generation, and so is one whose process has
+ended on this machine (same boot and pid namespace, so its pid can be looked up); a live one held by
+another job is refused (UserError, exit 2).
 Checkpoints are written in folders of the generation that writes them (job/checkpoint.py), so two
 generations never write the same folder. Before a checkpoint is committed and before publishing, rank 0
 reads the lease again: a job whose lease another job took (it stopped renewing for longer than
@@ -125,7 +125,8 @@ class Lease:
             "job": restart_id(os.environ),
         }
         self.generation = 0
-        self._claimed: tuple[float, dict[str, Any] | None, bool] | None = None  # when, over what
+        self._claimed_at = 0.0  # time.monotonic() of the claim's write
+        self._taken_from = ""  # whose lease the claim replaced, for the log
         self._held = False  # claimed and confirmed: from now on no error here is exit 2
         self._released = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -182,24 +183,24 @@ class Lease:
 
         self.generation = (current["generation"] if current else 0) + 1
         self._write(self._renewed())
-        self._claimed = (time.monotonic(), current, ended)
+        self._claimed_at = time.monotonic()
+        if current is not None:
+            how = "its process had ended" if ended else "released" if current["released"] else "expired"
+            self._taken_from = f" from {holder(current)} ({how})"
         self._heartbeat = threading.Thread(target=self._renew, name="ftjob-lease", daemon=True)
         self._heartbeat.start()  # from the claim on: the work before confirm() may outlast the lease
 
     def confirm(self) -> None:
         """SETTLE_SECONDS after the claim was written, read the lease back: still this job's, it is held
         until release(); a rival's is a UserError naming it."""
-        claimed_at, previous, ended = self._claimed
-        time.sleep(max(0.0, claimed_at + SETTLE_SECONDS - time.monotonic()))
+        time.sleep(max(0.0, self._claimed_at + SETTLE_SECONDS - time.monotonic()))
         winner = self._read()
         if winner is None or winner["owner"] != self.me["owner"]:
             raise UserError(self._held_by(winner) if winner else f"{self.uri} vanished as this job took it")
         self._held = True
-        if previous is None:
-            log.info("took the lease on %s as generation %d", self.output_uri, self.generation)
-        else:
-            how = "its process had ended" if ended else "released" if previous["released"] else "expired"
-            log.info("took the lease on %s as generation %d from %s (%s)", self.output_uri, self.generation, holder(previous), how)  # fmt: skip
+        log.info(
+            "took the lease on %s as generation %d%s", self.output_uri, self.generation, self._taken_from
+        )
 
     def check(self) -> None:
         """Rank 0, before committing or publishing: LeaseLost unless the lease is still ours and not
@@ -216,13 +217,11 @@ class Lease:
     def release(self) -> None:
         """Stop renewing. A lease still ours is marked released, so that the next job (a requeued one)
         takes over at once; a lease another job took is left alone."""
-        if self._claimed is None:
+        if self._heartbeat is None:  # never claimed, or released already
             return
-        self._claimed = None
         self._released.set()
-        if self._heartbeat is not None:
-            self._heartbeat.join()
-            self._heartbeat = None
+        self._heartbeat.join()
+        self._heartbeat = None
         try:
             current = self._read()
             if current is not None and current["owner"] == self.me["owner"]:
