@@ -9,9 +9,11 @@ the same number of tokens. Prints a table with ratios against ftjob, writes JSON
 appends the table to bench/RESULTS.md unless --no-record.
 
     .venv/bin/python -m bench                 # CPU: the ~10M model, bf16 (where the CPU has it) and fp32
-    python -m bench --device cuda             # GPU: 0.5B (Qwen2.5 shape) and 1B (Llama 3.2 shape), bf16
+    python -m bench --device cuda             # GPU: 0.5B (Qwen2.5 shape) and 1B (Llama 3.2 shape), bf16,
+                                              # and ftjob-qlora too
     [--size tiny|small|0.5b|1b[,...]] [--rows 1200] [--precisions bf16,fp32] [--rounds 1]
-    [--systems ftjob,trl,padding] [--micro-batch 4] [--json FILE] [--no-record] [--note TEXT]
+    [--systems ftjob,ftjob-qlora,trl,padding] [--micro-batch 4] [--gradient-checkpointing]
+    [--json FILE] [--no-record] [--note TEXT]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from bench.systems import create_tracking_store, ftjob_measures, ftjob_spec
 from bench.workload import MAX_SEQ_LEN, SIZES, build_workspace
 
 REPO = Path(__file__).resolve().parent.parent
-SYSTEMS = ("ftjob", "trl", "padding")
+SYSTEMS = ("ftjob", "ftjob-qlora", "trl", "padding")
 SAMPLE_SECONDS = 0.2
 VERSIONS = ("torch", "transformers", "peft", "accelerate", "trl")
 
@@ -50,8 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precisions", help="comma-separated bf16, fp32 (both where the CPU has bf16; bf16 on cuda)"
     )
     parser.add_argument("--rounds", type=int, default=1, help="runs of each system; the fastest is reported")
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--systems", help="comma-separated (ftjob,trl,padding; on cuda ftjob-qlora too)")
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="in every system (off by default, as in ftjob)"
+    )
     parser.add_argument("--json", type=Path, help="write every round's measures here")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     parser.add_argument(
@@ -60,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.size = (args.size or ("0.5b,1b" if args.device == "cuda" else "small")).split(",")
     args.precisions = (args.precisions or default_precisions(args.device)).split(",")
-    args.systems = args.systems.split(",")
+    args.systems = (args.systems or default_systems(args.device)).split(",")
     for name, values, allowed in (
         ("--size", args.size, SIZES),
         ("--precisions", args.precisions, ("bf16", "fp32")),
@@ -75,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def default_systems(device: str) -> str:
+    """ftjob-qlora on GPUs only: bitsandbytes' 4-bit kernels on CPUs are a fallback, not a fast path."""
+    return ",".join(s for s in SYSTEMS if device == "cuda" or s != "ftjob-qlora")
+
+
 def default_precisions(device: str) -> str:
     if device == "cuda":
         return "bf16"
@@ -83,9 +93,14 @@ def default_precisions(device: str) -> str:
     return "bf16,fp32" if cpu_supports_bf16() else "fp32"
 
 
+class SystemFailed(Exception):
+    """A system's process exited non-zero; the others still run and are reported."""
+
+
 def run_measured(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, float, str]:
     """Run command to its end, sampling the peak RSS of its process tree.
-    Returns (started, ended) as epoch seconds, the peak in MiB, and its output (stdout and stderr)."""
+    Returns (started, ended) as epoch seconds, the peak in MiB, and its output (stdout and stderr).
+    Raises SystemFailed with the end of its output if it fails."""
     log = cwd / "output.log"
     with open(log, "w") as out:
         started = time.time()
@@ -101,18 +116,24 @@ def run_measured(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[fl
         ended = time.time()
     output = log.read_text()
     if process.returncode:
-        sys.exit(f"{shlex.join(command)} failed with exit {process.returncode}:\n{output[-4000:]}")
+        raise SystemFailed(f"{shlex.join(command)} failed with exit {process.returncode}:\n{output[-4000:]}")
     return started, ended, peak, output
+
+
+def child_environment() -> dict[str, str]:
+    """This environment, with the repository first on PYTHONPATH (what was there stays, after it)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def run_system(system: str, job: dict, workdir: Path) -> dict:
     """One fresh process of system training one epoch; its measures."""
     run_dir = workdir / f"{system}-{job['precision']}-{job['round']}"
     run_dir.mkdir(parents=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {**child_environment(), "HF_HUB_OFFLINE": "1"}
     if job["device"] == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    if system == "ftjob":
+    if system.startswith("ftjob"):
         tracking_uri, experiment = tracking_store(workdir), run_dir.name
         env.update(
             MLFLOW_TRACKING_URI=tracking_uri,
@@ -120,7 +141,7 @@ def run_system(system: str, job: dict, workdir: Path) -> dict:
             FTJOB_CACHE=str(run_dir / "cache"),
         )
         spec = run_dir / "spec.json"
-        spec.write_text(json.dumps(ftjob_spec(job, run_dir / "out", experiment)))
+        spec.write_text(json.dumps(ftjob_spec(job, run_dir / "out", experiment, system == "ftjob-qlora")))
         started, ended, peak_rss, _ = run_measured(
             [sys.executable, "-m", "job", "run", str(spec)], run_dir, env
         )
@@ -156,7 +177,7 @@ def tracking_store(workdir: Path) -> str:
 def calibrate(model_dir: str, device: str, precisions: list[str], workdir: Path) -> dict:
     command = [sys.executable, "-m", "bench.workload", "calibrate", model_dir, "--device", device]
     command += ["--precisions", ",".join(precisions)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_environment()
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
@@ -171,19 +192,28 @@ def bench_size(size: str, args: argparse.Namespace, workdir: Path) -> dict:
     calibration = calibrate(workspace["model"], args.device, args.precisions, workdir)
     if "ftjob" in args.systems:
         create_tracking_store(tracking_store(workdir))
-    runs = []
+    runs, failed = [], []
     for precision in args.precisions:
         for round_ in range(1, args.rounds + 1):
             for system in args.systems:
                 job = {**workspace, "device": args.device, "precision": precision, "round": round_}
-                result = run_system(system, {**job, "micro_batch": args.micro_batch}, workdir)
+                job |= {
+                    "micro_batch": args.micro_batch,
+                    "gradient_checkpointing": args.gradient_checkpointing,
+                }
+                try:
+                    result = run_system(system, job, workdir)
+                except SystemFailed as error:
+                    print(f"  {size} {precision} round {round_} {system}: FAILED\n{error}", file=sys.stderr)
+                    failed.append(f"{size} {precision} round {round_} {system}")
+                    continue
                 speed, peak = result["tokens_per_s"], calibration["matmul_flops"][precision]
                 result["mfu"] = calibration["flops_per_token"] * speed / peak if speed else None
                 runs.append({"size": size, **result})
                 print(
                     f"  {size} {precision} round {round_} {system}: {result['wall_s']:.1f} s", file=sys.stderr
                 )
-    return {"size": size, "workspace": workspace, "calibration": calibration, "runs": runs}
+    return {"size": size, "workspace": workspace, "calibration": calibration, "runs": runs, "failed": failed}
 
 
 def best_runs(sizes: list[dict]) -> list[dict]:
@@ -278,13 +308,16 @@ def record(report: dict, text: str) -> None:
         for s in report["sizes"]
     )
     note = f"\n{report['note']}\n" if report["note"] else ""
+    if failed := [run for size in report["sizes"] for run in size["failed"]]:
+        note += f"\nFailed, so not in the table: {', '.join(failed)}.\n"
     entry = f"""
 ## End to end: ftjob vs TRL SFTTrainer vs padding (`bench/__main__.py`), {report["date"]}
 
 Command: `{report["command"]}` ({report["ftjob"]})
 Machine: {report["machine"]}.
 Workload: {sizes}; LoRA r16 all-linear, one epoch, max_seq_len {MAX_SEQ_LEN}, micro batch {report["micro_batch"]};
-each system in a fresh process, fastest of {report["rounds"]} round(s) by wall time.
+gradient checkpointing {"on" if report["gradient_checkpointing"] else "off"}; each system in a fresh process,
+fastest of {report["rounds"]} round(s) by wall time. ftjob-qlora: ftjob with the base model quantized to 4 bits.
 {note}
 {text}
 
@@ -318,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
         "note": args.note,
         "rounds": args.rounds,
         "micro_batch": args.micro_batch,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "sizes": sizes,
         "best": runs,
     }
@@ -327,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("the systems did not train on the same tokens:\n" + "\n".join(mismatches))
     if not args.no_record:
         record(report, text)
+    if failed := [run for size in sizes for run in size["failed"]]:
+        sys.exit("failed (their output is above; the table holds the others): " + ", ".join(failed))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ FlashAttention kernels (`torch.nn.attention.varlen.varlen_attn` for packed rows,
 scaled_dot_product_attention for dense rows), and the JSON says which. Packs examples into a [4, L] micro-batch, flattens it as training
 does (job.data.batching.flatten_packed) and compares its summed loss with the examples one by one
 (sdpa, unpacked); also reports the unflattened [4, L] loss, which let examples attend to each other
-before the fix. Prints one JSON line.
+before the fix. Also checks ftjob's own packed attention (job/packed_attention.py, PyTorch's varlen
+kernel on CUDA) on the [4, L] micro-batch against sdpa's block-diagonal mask: loss, gradients, and the
+time of a forward and backward. Prints one JSON line.
 
     .venv/bin/python -m bench.flash_packing
 """
@@ -15,7 +17,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -71,13 +76,14 @@ def main() -> None:
     from job.data.tokens import tokenize
     from job.loss import loss_sum
 
+    if not torch.cuda.is_available():
+        sys.exit("bench.flash_packing needs a CUDA GPU: the flash kernels run on CUDA only")
     rows = alpaca_rows(16, seed=0, instruction_words=(5, 40), output_words=12)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = bench_model(Path(tmp), rows * 4)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: a dry run of the script
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        load = {"dtype": dtype, "device_map": {"": device}}
+        device = "cuda"
+        load = {"dtype": torch.bfloat16, "device_map": {"": device}}
         sdpa = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", **load)
         if importlib.util.find_spec("flash_attn"):
             kernels = "flash_attn"
@@ -104,16 +110,62 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                "device": torch.cuda.get_device_name(),
                 "kernels": kernels,
                 "one_by_one_sdpa": one_by_one,
                 "flash_flattened": flat,
                 "flash_unflattened": unflattened,
                 "flattened_rel_diff": abs(flat - one_by_one) / one_by_one,
                 "unflattened_rel_diff": abs(unflattened - one_by_one) / one_by_one,
+                **packed_attention_check(sdpa, on_gpu(packed), one_by_one),
             }
         )
     )
+
+
+def packed_attention_check(sdpa, batch: dict, one_by_one: float) -> dict:
+    """ftjob's packed attention (job/packed_attention.py: the varlen kernel on CUDA in half precision)
+    against sdpa under transformers' block-diagonal mask on the same [B, L] packed micro-batch: summed
+    loss, every gradient, and the time of a forward and backward."""
+    import copy
+
+    from job.loss import loss_sum
+    from job.packed_attention import use_packed_attention
+
+    packed_model = copy.deepcopy(sdpa).train()
+    assert use_packed_attention(packed_model)
+    results = {}
+    for name, model in (("sdpa_block_mask", sdpa.train()), ("ftjob_packed", packed_model)):
+        model.zero_grad()
+        loss = loss_sum(model, batch)
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+        results[name] = (loss.item(), grads, step_ms(model, batch))
+    (mask_loss, mask_grads, mask_ms), (loss, grads, ms) = results.values()
+    return {
+        "packed_attention_loss": loss,
+        "sdpa_block_mask_loss": mask_loss,
+        "packed_attention_rel_diff": abs(loss - one_by_one) / one_by_one,
+        "packed_attention_grad_rel_diff": float((grads - mask_grads).norm() / mask_grads.norm()),
+        "sdpa_block_mask_step_ms": mask_ms,
+        "packed_attention_step_ms": ms,
+    }
+
+
+def step_ms(model, batch: dict, repeats: int = 10) -> float:
+    """Median milliseconds of a forward and backward."""
+    from job.loss import loss_sum
+
+    times = []
+    for _ in range(repeats + 2):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        loss_sum(model, batch).backward()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times[2:])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
   ftjob    its real CLI, `python -m job run spec.json`: LoRA, packing, one epoch, MLflow tracking on
            (a local store); its measures are read back from the run's metrics.jsonl and MLflow
+  ftjob-qlora  the same with the base model quantized to 4 bits (bitsandbytes NF4)
   trl      TRL's SFTTrainer with its fast path: packing (best-fit decreasing, padding-free batches)
   padding  the common recipe: transformers' Trainer, every example padded to max_seq_len, no packing
 
@@ -25,12 +26,13 @@ from bench.workload import LORA, MAX_SEQ_LEN
 LEARNING_RATE = 2e-4
 
 
-def ftjob_spec(job: dict, output: Path, experiment: str) -> dict:
+def ftjob_spec(job: dict, output: Path, experiment: str, quantized: bool = False) -> dict:
     precision = job["precision"]
     on_gpu_bf16 = job["device"] == "cuda" and precision == "bf16"
+    model = {"source": job["model"], "dtype": "bfloat16" if on_gpu_bf16 else "float32"}
     return {
         "name": "bench",
-        "model": {"source": job["model"], "dtype": "bfloat16" if on_gpu_bf16 else "float32"},
+        "model": model | ({"quantization": "4bit"} if quantized else {}),
         "adapter": {
             "method": "lora",
             "r": LORA["r"],
@@ -43,6 +45,7 @@ def ftjob_spec(job: dict, output: Path, experiment: str) -> dict:
             "micro_batch_size": job["micro_batch"],
             "learning_rate": LEARNING_RATE,
             "mixed_precision": "bf16" if precision == "bf16" else "no",
+            "gradient_checkpointing": job["gradient_checkpointing"],
         },
         "tracking": {"enabled": True, "experiment": experiment},
         "output": {"uri": str(output)},
@@ -115,7 +118,7 @@ def run_trainer(system: str, job: dict) -> dict:
         "max_grad_norm": 1.0,
         "optim": "adamw_torch_fused",
         "bf16": job["precision"] == "bf16",
-        "gradient_checkpointing": False,  # SFTConfig turns it on by default; ftjob's default is off
+        "gradient_checkpointing": job["gradient_checkpointing"],  # SFTConfig's default is on, ftjob's off
         "logging_steps": 1,  # the last step's own loss
         "save_strategy": "no",
         "report_to": "none",

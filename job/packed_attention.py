@@ -1,10 +1,13 @@
-"""Attention over packed rows, one example at a time, for sdpa on CPUs.
+"""Attention over packed rows, one example at a time, for sdpa.
 
 A packed row holds several examples whose position ids restart at 0. transformers turns that into a
 block-diagonal causal mask and sdpa then computes every block of the row, the masked ones included
-(a mask rules out the causal kernel's skipping). Here each example is attended on its own with the
-causal kernel: the same result (no example sees another), with the work of its own length squared
-instead of the row's. On the bench's length-skewed data that halves the time spent in attention.
+(a mask rules out the causal kernel's skipping). Here each example is attended on its own: the same
+result (no example sees another), with the work of its own length squared instead of the row's.
+On CPUs each example is one call of sdpa's causal kernel (on the bench's length-skewed data that
+halves the time spent in attention); on CUDA in half precision every example of the micro-batch is
+one call of PyTorch's FlashAttention variable-length kernel (`torch.nn.attention.varlen`), so packing
+runs on flash attention without the flash-attn package.
 
 Registered with transformers as the attention implementation PACKED_SDPA. Its mask function builds
 no mask for rows without padding (their structure is all in the position ids); a batch with a padding
@@ -15,10 +18,31 @@ sdpa where they do not.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 PACKED_SDPA = "ftjob_packed_sdpa"
+HALF = (torch.float16, torch.bfloat16)
+
+
+def once_per_forward(derive: Callable) -> Callable:
+    """Cache what `derive` computes from a forward's position ids: transformers hands every layer (and
+    its recomputation under gradient checkpointing) the same tensor, so this runs once per forward
+    instead of once per layer (on CUDA it waits for the device each time)."""
+    last: list = [None, None, None]  # position ids, the other arguments, the result
+
+    @functools.wraps(derive)
+    def cached(position_ids: torch.Tensor, *args):
+        if last[0] is not position_ids or last[1] != args:
+            last[:] = position_ids, args, derive(position_ids, *args)
+        return last[2]
+
+    return cached
 
 
 def example_lengths(position_ids: torch.Tensor) -> list[int]:
@@ -26,6 +50,56 @@ def example_lengths(position_ids: torch.Tensor) -> list[int]:
     previous one (transformers' rule for packed rows)."""
     starts = [0, *((position_ids[1:] != position_ids[:-1] + 1).nonzero().flatten() + 1).tolist()]
     return [end - start for start, end in zip(starts, starts[1:] + [len(position_ids)], strict=True)]
+
+
+@once_per_forward
+def rows_example_lengths(position_ids: torch.Tensor, rows: int) -> list[list[int]]:
+    """example_lengths of each of `rows` rows (position ids of one row stand for every row)."""
+    return [example_lengths(positions) for positions in position_ids.expand(rows, -1)]
+
+
+@once_per_forward
+def cumulative_lengths(position_ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, int]:
+    """The examples of `rows` rows laid end to end, as the variable-length kernels take them: the
+    offsets where each starts and where the last ends (int32, on the ids' device), and the longest's
+    length. Every row starts an example, whatever its first position id."""
+    flat = position_ids.expand(rows, -1).reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1] + 1
+    starts[:: position_ids.shape[-1]] = True
+    offsets = torch.cat([starts.nonzero().flatten(), flat.new_tensor([len(flat)])]).to(torch.int32)
+    return offsets, int((offsets[1:] - offsets[:-1]).max())
+
+
+def varlen_kernel_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+@functools.cache
+def kernel_parameters(kernel: Callable) -> frozenset[str]:
+    return frozenset(inspect.signature(kernel).parameters)  # they changed between torch 2.10 and 2.13
+
+
+def varlen_attention(query, key, value, position_ids, scaling, kernel: Callable | None = None):
+    """Every example of the batch in one call of a variable-length causal kernel (PyTorch's
+    FlashAttention varlen_attn unless `kernel` is given): query [batch, heads, length, dim] in, the
+    output as [batch, length, heads, dim] out."""
+    if kernel is None:
+        from torch.nn.attention.varlen import varlen_attn as kernel
+    batch, heads, length, dim = query.shape
+    offsets, longest = cumulative_lengths(position_ids, batch)
+    query, key, value = (
+        x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value)
+    )
+    parameters = kernel_parameters(kernel)
+    options = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+    if key.shape[1] != heads:  # grouped key/value heads
+        if "enable_gqa" in parameters:
+            options["enable_gqa"] = True
+        else:
+            key, value = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (key, value))
+    out = kernel(query, key, value, offsets, offsets, longest, longest, scale=scaling, **options)
+    return out.reshape(batch, length, heads, dim)
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):  # fmt: skip
@@ -40,13 +114,16 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )  # fmt: skip
-    grouped = query.shape[1] != key.shape[1]
     if torch.is_autocast_enabled(query.device.type):  # cast once, not each example's slice on its own
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if query.is_cuda and query.dtype in HALF and not dropout and varlen_kernel_available():
+        return varlen_attention(query, key, value, position_ids, scaling), None
+    grouped = query.shape[1] != key.shape[1]
     rows = []
-    for q, k, v, positions in zip(query, key, value, position_ids.expand(query.shape[0], -1), strict=True):
-        lengths = example_lengths(positions)
+    for q, k, v, lengths in zip(
+        query, key, value, rows_example_lengths(position_ids, query.shape[0]), strict=True
+    ):
         examples = [
             F.scaled_dot_product_attention(
                 q_part[None], k_part[None], v_part[None], dropout_p=dropout, is_causal=True, scale=scaling,
@@ -67,6 +144,16 @@ def packed_rows_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs
     if attention_mask is None and kwargs.get("local_size") is None:
         return None
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def packed_attention_pays(device_type: str, mixed_precision: str, dtype: torch.dtype) -> bool:
+    """Where attending example by example is the faster way: on CPUs without mixed precision (under
+    bf16 autocast peak memory grew with the steps; bench/RESULTS.md), and on CUDA where attention runs
+    in half precision (bf16 or fp16 autocast, or a half-precision model) on the varlen kernel."""
+    if device_type == "cpu":
+        return mixed_precision == "no"
+    half = mixed_precision in ("bf16", "fp16") or dtype in HALF
+    return device_type == "cuda" and half and varlen_kernel_available()
 
 
 def use_packed_attention(model) -> bool:

@@ -33,7 +33,7 @@ from job.metrics import data_metrics, data_summary, flops_per_token, mfu, peak_f
 from job.metrics_log import remove_segments, write_curve
 from job.model import apply_adapter, count_parameters, load_model, model_dir_and_tokenizer, quiet_libraries
 from job.model_source import resolve_model_dir
-from job.packed_attention import use_packed_attention
+from job.packed_attention import packed_attention_pays, use_packed_attention
 from job.progress import Progress
 from job.restart import record_restart, restart_pending
 from job.schedule import epoch_run_steps, make_scheduler, saved_total_steps
@@ -145,9 +145,9 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     # The claim settles while the model loads, which writes nothing under output.uri.
     full, on_cpu = spec.adapter.method == "full", accelerator.device.type == "cpu"
     model = load_model(model_dir, spec.model, accelerator.device, full_finetune=full)
-    # Not under bf16 autocast: there peak memory grew with the steps (bench/RESULTS.md; cause not yet found).
     packed_rows = spec.data.packing and spec.model.attn_implementation == "sdpa"
-    if on_cpu and packed_rows and accelerator.mixed_precision == "no" and not use_packed_attention(model):
+    pays = packed_attention_pays(accelerator.device.type, accelerator.mixed_precision, model.dtype)
+    if packed_rows and pays and not use_packed_attention(model):
         log.info("this model's layers get no position ids: packed rows are attended under sdpa's block mask")
     model = apply_adapter(model, spec.adapter, bool(spec.model.quantization), cfg.gradient_checkpointing)
     if on_cpu:  # on GPUs torch's and peft's own kernels are the fast ones

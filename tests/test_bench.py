@@ -55,3 +55,46 @@ def test_systems_train_on_the_same_tokens(bench):
     assert size["workspace"]["tokens"] > 0
     assert {r["real_tokens"] for r in report["best"]} == {size["workspace"]["tokens"]}
     assert len({r["examples"] for r in report["best"]}) == 1
+
+
+def test_ftjob_qlora_runs_on_a_4bit_base_and_by_default_on_gpus_only():
+    from bench.__main__ import parse_args
+    from bench.systems import ftjob_spec
+    from job.spec import validate_spec
+
+    cpu, cuda = (parse_args(["--device", device]) for device in ("cpu", "cuda"))
+    assert cpu.systems == ["ftjob", "trl", "padding"]
+    assert cuda.systems == ["ftjob", "ftjob-qlora", "trl", "padding"]
+    job = {"model": "m", "data": "d.jsonl", "device": "cuda", "precision": "bf16", "micro_batch": 4}
+    for quantized, checkpointing in ((False, False), (True, True)):
+        spec = ftjob_spec(job | {"gradient_checkpointing": checkpointing}, REPO / "out", "x", quantized)
+        spec = validate_spec(spec)
+        assert spec.model.quantization == ("4bit" if quantized else None)
+        assert spec.train.gradient_checkpointing is checkpointing
+
+
+def test_a_failing_system_is_reported_and_the_others_still_measured(tmp_path, monkeypatch, capsys):
+    import bench.__main__ as bench_main
+
+    measures = {"wall_s": 2.0, "first_step_s": 1.0, "loop_s": 1.0, "steps": 2, "examples": 3}
+    measures |= {"real_tokens": 100, "tokens_per_s": 50.0, "peak_rss_mib": 10.0, "peak_gpu_mib": None}
+
+    def run_system(system, job, workdir):
+        if system == "trl":
+            raise bench_main.SystemFailed("trl failed with exit 1:\nout of memory")
+        return {"system": system, "precision": job["precision"], "round": job["round"], **measures} | {
+            "final_loss": 6.9
+        }
+
+    monkeypatch.setattr(bench_main, "build_workspace", lambda *a: {"model": "m", "tokens": 100, "rows": 3})
+    calibration = {"flops_per_token": 1.0, "matmul_flops": {"fp32": 1e4}}
+    monkeypatch.setattr(bench_main, "calibrate", lambda *a: calibration)
+    monkeypatch.setattr(bench_main, "create_tracking_store", lambda uri: None)
+    monkeypatch.setattr(bench_main, "run_system", run_system)
+    report = tmp_path / "report.json"
+    argv = ["--size", "tiny", "--precisions", "fp32", "--systems", "ftjob,trl,padding", "--no-record"]
+    with pytest.raises(SystemExit, match="failed .*: tiny fp32 round 1 trl$"):
+        bench_main.main([*argv, "--json", str(report)])
+    assert [r["system"] for r in json.loads(report.read_text())["best"]] == ["ftjob", "padding"]
+    out, err = capsys.readouterr()
+    assert "| tiny | fp32 | padding |" in out and "out of memory" in err

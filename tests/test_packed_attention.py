@@ -8,10 +8,17 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import tiny_causal_lm
 
 import job.packed_attention
-from job.packed_attention import example_lengths, use_packed_attention
+from job.packed_attention import (
+    cumulative_lengths,
+    example_lengths,
+    packed_attention_pays,
+    use_packed_attention,
+    varlen_attention,
+)
 
 
 def test_an_example_starts_wherever_the_position_does_not_follow_the_previous_one():
@@ -101,3 +108,91 @@ def test_sliding_window_layers_keep_their_window():
             expected = reference(input_ids=ids, position_ids=positions, use_cache=False).logits
             logits = packed(input_ids=ids, position_ids=positions, use_cache=False).logits
         assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_the_examples_of_a_batch_laid_end_to_end_start_at_every_row():
+    positions = torch.tensor([[0, 1, 2, 0, 1], [3, 4, 0, 1, 2]])  # the second row starts inside an example
+    offsets, longest = cumulative_lengths(positions, 2)
+    assert offsets.dtype == torch.int32
+    assert offsets.tolist() == [0, 3, 5, 7, 10]
+    assert longest == 3
+    offsets, longest = cumulative_lengths(torch.arange(4)[None], 3)  # one row's ids stand for three
+    assert offsets.tolist() == [0, 4, 8, 12] and longest == 4
+
+
+def test_what_is_derived_from_the_position_ids_is_computed_once_per_forward(monkeypatch):
+    """Both layers of a forward, and a second forward over new ids, each derived once."""
+    _, packed = model_pair("llama")
+    derived = []
+    monkeypatch.setattr(job.packed_attention, "example_lengths", lambda p: derived.append(1) or [len(p)])
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for _ in range(2):
+            packed(input_ids=ids, position_ids=torch.arange(8)[None], use_cache=False)
+    assert len(derived) == 2  # one row, two forwards; the model has two layers
+
+
+def stand_in_kernel(signature: str):
+    """PyTorch's varlen_attn, computed with sdpa on the CPU (the real one runs on CUDA only), in the
+    signature of torch 2.10 (is_causal, no grouped heads) or of later releases (window_size, enable_gqa)."""
+
+    def attend(query, key, value, cu_q, cu_k, max_q, max_k, scale=None, causal=False, enable_gqa=False):
+        assert torch.equal(cu_q, cu_k) and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+        assert query.dim() == 3 and (enable_gqa or key.shape[1] == query.shape[1])
+        bounds = cu_q.tolist()
+        parts = [
+            F.scaled_dot_product_attention(
+                *(x[start:end].transpose(0, 1)[None] for x in (query, key, value)),
+                is_causal=causal, scale=scale, enable_gqa=enable_gqa,
+            )[0].transpose(0, 1)
+            for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+        ]  # fmt: skip
+        return torch.cat(parts)
+
+    if signature == "2.10":
+        return lambda q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False: attend(
+            q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal
+        )
+
+    def later(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        return attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size == (-1, 0), enable_gqa)
+
+    return later
+
+
+@pytest.mark.parametrize("signature", ["2.10", "later"])
+def test_the_varlen_call_attends_each_example_of_the_batch_alone(signature):
+    """The reshaping around the kernel, and its arguments in either signature, on grouped heads."""
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 4, 9, 8, generator=generator, requires_grad=True)
+    key, value = (torch.randn(2, 2, 9, 8, generator=generator, requires_grad=True) for _ in range(2))
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 0, 1]])
+    out = varlen_attention(query, key, value, positions, 0.3, kernel=stand_in_kernel(signature))
+    assert out.shape == (2, 9, 4, 8)
+    for row, lengths in ((0, [4, 2, 3]), (1, [7, 2])):
+        start = 0
+        for n in lengths:
+            part = slice(start, start + n)
+            expected = F.scaled_dot_product_attention(
+                query[row : row + 1, :, part], key[row : row + 1, :, part], value[row : row + 1, :, part],
+                is_causal=True, scale=0.3, enable_gqa=True,
+            )  # fmt: skip
+            assert torch.allclose(out[row, part], expected[0].transpose(0, 1), atol=1e-6)
+            start += n
+    out.sum().backward()  # the kernel's gradients flow back through the reshaping
+    assert query.grad.abs().sum() > 0 and key.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("device", "mixed_precision", "dtype", "pays"),
+    [
+        ("cpu", "no", torch.float32, True),
+        ("cpu", "bf16", torch.float32, False),  # peak memory grew with the steps
+        ("cuda", "bf16", torch.float32, True),
+        ("cuda", "no", torch.bfloat16, True),
+        ("cuda", "no", torch.float32, False),  # the varlen kernel takes half precision only
+        ("mps", "no", torch.float32, False),
+    ],
+)
+def test_packed_attention_is_used_where_it_pays(device, mixed_precision, dtype, pays):
+    assert packed_attention_pays(device, mixed_precision, dtype) is pays
