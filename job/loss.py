@@ -15,29 +15,116 @@ from job.data.tokens import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 
-def loss_sum(model, batch: Batch) -> torch.Tensor:
-    """Summed next-token cross-entropy over the tokens that carry loss (labels != -100)."""
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),  # padded batches
-        position_ids=batch.get("position_ids"),  # packed rows: positions restart at each example
-        use_cache=False,  # no KV cache in training; with one, transformers ignores packed positions
-    ).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+CHUNK_LOGITS = 2**26  # logits computed at once by linear_cross_entropy: 256 MiB in float32
+
+
+def loss_sum(model, batch: Batch, head: torch.nn.Linear | None = None) -> torch.Tensor:
+    """Summed next-token cross-entropy over the tokens that carry loss (labels != -100).
+
+    With `head`, the model's output layer (see output_head), the model returns its last hidden states
+    and linear_cross_entropy applies the head: the whole [tokens, vocabulary] logits never exist."""
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch.get("attention_mask"),  # padded batches
+        "position_ids": batch.get("position_ids"),  # packed rows: positions restart at each example
+        "use_cache": False,  # no KV cache in training; with one, transformers ignores packed positions
+    }
+    labels = batch["labels"][:, 1:].flatten()
+    if head is None:
+        logits = model(**inputs).logits
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+    hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    return linear_cross_entropy(hidden[:, :-1].flatten(0, 1), head.weight, labels)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(hidden @ weight.T, labels, reduction="sum", ignore_index=-100) in the precision
+    autocast would compute the logits in, one chunk of rows at a time (float32 softmax)."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    rows = max(1, CHUNK_LOGITS // weight.shape[0])
+    return LinearCrossEntropy.apply(hidden, weight, labels, rows)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The forward pass computes the loss and, chunk by chunk, its gradients with respect to the hidden
+    states and (where it trains) the weight: softmax minus one-hot, times the other factor. Backward
+    only scales them. So no pass holds more than one chunk's logits, and no matmul is done twice."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, rows):
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, len(hidden), rows):
+                part, targets = hidden[start : start + rows], labels[start : start + rows, None]
+                counted = (targets != IGNORE_INDEX).float()
+                targets = targets.clamp(min=0)  # an ignored row's target: any id, its terms times 0
+                logits = (part @ weight.T).float()
+                log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+                total += ((log_norm - logits.gather(1, targets)) * counted).sum()
+                if not (want_hidden or want_weight):
+                    continue
+                gradient = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
+                gradient.scatter_add_(1, targets, -counted).mul_(counted)
+                gradient = gradient.to(hidden.dtype)
+                if want_hidden:
+                    grad_hidden[start : start + rows] = gradient @ weight
+                if want_weight:
+                    grad_weight += (gradient.T @ part).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if want_weight else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output.to(torch.float32)
+        return (
+            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+            None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype),
+            None,
+            None,
+        )
+
+
+def output_head(model) -> torch.nn.Linear | None:
+    """The model's output layer, for loss_sum's `head`, if linear_cross_entropy reproduces the model's
+    own loss with it (checked on a few tokens: a bias, logit scaling or soft-capping would not); None
+    where the head is not a plain bias-free Linear (quantized, adapted by LoRA), the forward cannot
+    return hidden states without the logits, or the check fails."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    device = head.weight.device
+    ids = torch.arange(1, 9, device=device)[None] % head.weight.shape[0]
+    batch = {"input_ids": ids, "labels": ids}
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected, chunked = loss_sum(model, batch), loss_sum(model, batch, head)
+    except TypeError:  # a forward that takes no logits_to_keep or output_hidden_states
+        return None
+    finally:
+        model.train(training)
+    return head if torch.allclose(chunked, expected, rtol=1e-3) else None
 
 
 def loss_tokens(batch: Batch) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def eval_metrics(model, batches: list[Batch], accelerator: Accelerator) -> dict[str, float]:
+def eval_metrics(
+    model, batches: list[Batch], accelerator: Accelerator, head: torch.nn.Linear | None = None
+) -> dict[str, float]:
     """eval/loss and eval/perplexity; none when the eval split has no loss-bearing token on any rank."""
-    loss = evaluate(model, batches, accelerator)
+    loss = evaluate(model, batches, accelerator, head)
     if loss is None:
         log.warning("the eval split has no token to score: no eval metric is logged")
         return {}
@@ -45,7 +132,9 @@ def eval_metrics(model, batches: list[Batch], accelerator: Accelerator) -> dict[
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[Batch], accelerator: Accelerator) -> float | None:
+def evaluate(
+    model, batches: list[Batch], accelerator: Accelerator, head: torch.nn.Linear | None = None
+) -> float | None:
     """Token-weighted mean loss over the eval split of every rank; None when it has no loss-bearing
     token at all (a small data.eval_fraction can leave it empty).
 
@@ -57,7 +146,9 @@ def evaluate(model, batches: list[Batch], accelerator: Accelerator) -> float | N
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for batch in batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        total += torch.tensor([loss_sum(model, batch).item(), loss_tokens(batch)], device=accelerator.device)
+        total += torch.tensor(
+            [loss_sum(model, batch, head).item(), loss_tokens(batch)], device=accelerator.device
+        )
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return float(total[0] / total[1]) if total[1] else None

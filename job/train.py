@@ -28,7 +28,7 @@ from job.dropout import use_cpu_dropout
 from job.export import is_published, publish, publish_merged, remove_published
 from job.fused_lora import fuse_lora_linears
 from job.lease import Lease
-from job.loss import eval_metrics, loss_sum, loss_tokens
+from job.loss import eval_metrics, loss_sum, loss_tokens, output_head
 from job.metrics import data_metrics, data_summary, flops_per_token, mfu, peak_flops, peak_memory_gib
 from job.metrics_log import remove_segments, write_curve
 from job.model import apply_adapter, count_parameters, load_model, model_dir_and_tokenizer, quiet_libraries
@@ -74,6 +74,7 @@ class Run:
     model_flops: float  # per trained token
     device_flops: float | None  # peak FLOP/s of one device; None where MFU means nothing
     progress: Progress
+    head: torch.nn.Linear | None  # the output layer the loss is computed through, chunk by chunk (loss.py)
 
 
 def train(
@@ -153,6 +154,7 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     if on_cpu:  # on GPUs torch's and peft's own kernels are the fast ones
         use_cpu_dropout(model)
         fuse_lora_linears(model)
+    head = output_head(model)
     lease.settle(accelerator)  # held: only from here on is anything under output.uri written or deleted
     if is_main and not restart:
         remove_uncommitted(spec.output_uri)
@@ -201,6 +203,7 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     return Run(
         spec, model_dir, tokenizer, data, model, optimizer, scheduler, checkpointer, lease, tracker,
         total_steps, first_step, history, flops_per_token(total, trainable), peak_flops(accelerator), progress,
+        head,
     )  # fmt: skip
 
 
@@ -238,7 +241,7 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
             metrics.update(data_metrics(data, accelerator))
             metrics["train/peak_memory_gib"] = peak_memory_gib(accelerator)
         if has_eval and cfg.eval_every and step % cfg.eval_every == 0:
-            scores = eval_metrics(run.model, eval_batches, accelerator)
+            scores = eval_metrics(run.model, eval_batches, accelerator, run.head)
             has_eval = bool(scores)  # an eval split with nothing to score stays so (warned once)
             metrics.update(scores)
         history.append({"step": step, **metrics})
@@ -266,7 +269,7 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
     data.budget.check()  # a run that ends before the data does still answers for its bad rows
     final = data_metrics(data, accelerator)
     if has_eval and "eval/loss" not in history[-1]:
-        final.update(eval_metrics(run.model, eval_batches, accelerator))
+        final.update(eval_metrics(run.model, eval_batches, accelerator, run.head))
     history[-1].update(final)
     run.tracker.log_metrics(final, history[-1]["step"])
     progress.message(data_summary(final))
@@ -297,7 +300,7 @@ def optimizer_step(run: Run, window: list[Batch], accelerator: Accelerator) -> d
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         last = i == len(window) - 1
         with nullcontext() if last else accelerator.no_sync(model):  # gradients sync once per step
-            loss = loss_sum(model, batch)
+            loss = loss_sum(model, batch, run.head)
             accelerator.backward(loss * scale)
         step_loss += loss.detach()
     params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -615,3 +615,20 @@ def test_a_cpu_run_trains_with_the_cpu_layers(tiny_model_dir, data_files, isolat
     assert model.get_base_model().config._attn_implementation == (PACKED_SDPA if per_example else "sdpa")
     layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
     assert len(layers) == 2 * 7 and all(isinstance(m.lora_dropout["default"], CpuDropout) for m in layers)
+
+
+@pytest.mark.parametrize(("dtype", "kept"), [("bfloat16", torch.bfloat16), ("float16", torch.float32)])
+def test_a_quantized_bf16_model_keeps_its_other_weights_in_bf16(tiny_model_dir, data_files, dtype, kept):
+    """peft casts embeddings and norms to float32 for float16's range; bfloat16 does not need it."""
+    from job.model import apply_adapter, load_model
+
+    spec = validate_spec(
+        spec_dict(tiny_model_dir, data_files, model={"quantization": "4bit", "dtype": dtype})
+    )
+    model = load_model(tiny_model_dir, spec.model, torch.device("cpu"))
+    model = apply_adapter(model, spec.adapter, quantized=True, gradient_checkpointing=True)
+    base = model.get_base_model()
+    assert base.model.embed_tokens.weight.dtype == kept
+    assert base.model.norm.weight.dtype == kept
+    assert base.is_gradient_checkpointing
+    assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)

@@ -1,0 +1,96 @@
+"""The chunked loss: linear_cross_entropy gives cross_entropy's loss and gradients without forming the
+whole logits, and output_head uses it only where it reproduces the model's own loss."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_causal_lm
+
+import job.loss
+from job.loss import linear_cross_entropy, loss_sum, output_head
+
+
+def reference_and_chunked(hidden, weight, labels, chunk_logits: int, monkeypatch):
+    """(loss, grad of hidden, grad of weight) by F.cross_entropy on the whole logits, then chunked."""
+    results = []
+    for chunked in (False, True):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if chunked:
+            monkeypatch.setattr(job.loss, "CHUNK_LOGITS", chunk_logits)
+            loss = linear_cross_entropy(h, w, labels)
+        else:
+            loss = F.cross_entropy((h @ w.T).float(), labels, ignore_index=-100, reduction="sum")
+        (loss * 0.7).backward()  # a scale on the way back, as the loop's 1/tokens
+        results.append((loss.detach(), h.grad, w.grad))
+    return results
+
+
+@pytest.mark.parametrize("chunk_logits", [7 * 11, 3 * 11, 10**6])  # 7 rows a chunk, 3, all at once
+def test_chunks_give_cross_entropy_s_loss_and_gradients(chunk_logits, monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(20, 8, generator=generator), torch.randn(11, 8, generator=generator)
+    labels = torch.randint(0, 11, (20,), generator=generator)
+    labels[[0, 5, 6, 19]] = -100  # ignored rows, one chunk ignored entirely at 3 rows a chunk
+    (loss, grad_h, grad_w), (chunked, chunked_h, chunked_w) = reference_and_chunked(
+        hidden, weight, labels, chunk_logits, monkeypatch
+    )
+    assert torch.allclose(chunked, loss, rtol=1e-6)
+    assert torch.allclose(chunked_h, grad_h, atol=1e-6)
+    assert torch.allclose(chunked_w, grad_w, atol=1e-6)
+    assert not chunked_h[[0, 5, 6, 19]].any()  # no gradient from an ignored token
+
+
+def test_under_autocast_the_logits_are_bf16_matmuls_and_the_softmax_float32():
+    generator = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(12, 16, generator=generator), torch.randn(40, 16, generator=generator)
+    labels = torch.randint(0, 40, (12,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum")
+        chunked = linear_cross_entropy(hidden, weight, labels)
+    assert chunked.dtype == torch.float32
+    assert torch.allclose(chunked, expected, rtol=1e-5)
+
+
+def test_a_frozen_weight_gets_no_gradient_and_eval_computes_none():
+    hidden, weight = torch.randn(6, 4, requires_grad=True), torch.randn(9, 4)
+    labels = torch.randint(0, 9, (6,))
+    linear_cross_entropy(hidden, weight, labels).backward()
+    assert weight.grad is None and hidden.grad is not None
+    with torch.no_grad():
+        assert linear_cross_entropy(hidden, weight, labels).grad_fn is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_model_s_loss_and_gradients_are_the_same_through_its_head(arch):
+    """Packed rows with ignored labels; every parameter's gradient, the tied head's included."""
+    reference = tiny_causal_lm(arch, tie_word_embeddings=True).train()
+    model = copy.deepcopy(reference)
+    head = output_head(model)
+    assert head is model.lm_head
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    batch = {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]] * 2),
+    }
+    for m, h in ((reference, None), (model, head)):
+        loss_sum(m, batch, h).backward()
+    assert torch.allclose(loss_sum(model, batch, head), loss_sum(reference, batch), rtol=1e-5)
+    for (name, p), q in zip(reference.named_parameters(), model.parameters(), strict=True):
+        assert torch.allclose(q.grad, p.grad, atol=1e-5), name
+
+
+def test_heads_it_cannot_reproduce_keep_the_model_s_own_loss():
+    scaled = tiny_causal_lm("llama")
+    scaled.lm_head.register_forward_hook(lambda module, args, out: out * 30)  # as logit scaling would
+    assert output_head(scaled) is None
+    biased = tiny_causal_lm("llama")
+    biased.lm_head = torch.nn.Linear(64, 96, bias=True)
+    assert output_head(biased) is None
+    assert output_head(tiny_causal_lm("llama")) is not None
