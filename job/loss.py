@@ -40,12 +40,13 @@ def loss_sum(model, batch: Batch, head: torch.nn.Linear | None = None) -> torch.
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """F.cross_entropy(hidden @ weight.T, labels, reduction="sum", ignore_index=-100) in the precision
-    autocast would compute the logits in, one chunk of rows at a time (float32 softmax)."""
+    """F.cross_entropy(hidden @ weight.T, labels, reduction="sum", ignore_index=-100), one chunk of rows
+    at a time (float32 softmax). The logits are computed as the model's own layer would: in autocast's
+    dtype where autocast is on (the caller's job: accelerate's autocast covers only the model's forward,
+    whose outputs it hands back in float32), else in the weight's dtype."""
     device = hidden.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
     rows = max(1, CHUNK_LOGITS // weight.shape[0])
     return LinearCrossEntropy.apply(hidden, weight, labels, rows)
 
@@ -146,9 +147,9 @@ def evaluate(
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for batch in batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        total += torch.tensor(
-            [loss_sum(model, batch, head).item(), loss_tokens(batch)], device=accelerator.device
-        )
+        with accelerator.autocast():
+            loss = loss_sum(model, batch, head)
+        total += torch.tensor([loss.item(), loss_tokens(batch)], device=accelerator.device)
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return float(total[0] / total[1]) if total[1] else None

@@ -300,7 +300,8 @@ def optimizer_step(run: Run, window: list[Batch], accelerator: Accelerator) -> d
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         last = i == len(window) - 1
         with nullcontext() if last else accelerator.no_sync(model):  # gradients sync once per step
-            loss = loss_sum(model, batch, run.head)
+            with accelerator.autocast():  # over the loss's output layer too (run.head)
+                loss = loss_sum(model, batch, run.head)
             accelerator.backward(loss * scale)
         step_loss += loss.detach()
     params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -94,3 +94,24 @@ def test_heads_it_cannot_reproduce_keep_the_model_s_own_loss():
     biased.lm_head = torch.nn.Linear(64, 96, bias=True)
     assert output_head(biased) is None
     assert output_head(tiny_causal_lm("llama")) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_under_accelerate_s_bf16_autocast_the_head_computes_as_the_model_s_own(dtype):
+    """accelerate's autocast covers the model's forward and hands its outputs back in float32: the
+    chunked head must compute in bf16 all the same (the job runs the loss under accelerator.autocast)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    model = accelerator.prepare(tiny_causal_lm("llama", tie_word_embeddings=True).to(dtype))
+    head = output_head(model)
+    assert head is not None
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    batch = {"input_ids": ids, "labels": ids}
+    with accelerator.autocast():
+        chunked, expected = loss_sum(model, batch, head), loss_sum(model, batch)
+    assert torch.allclose(chunked, expected, rtol=1e-6)
+    with torch.autocast("cpu", enabled=False):  # the float32 hidden states the model's forward returns
+        outside = loss_sum(model, batch, head)
+    # a bf16 head computes in its own dtype; a float32 one outside autocast in float32, not as the model
+    assert torch.allclose(outside, expected, rtol=1e-6) is (dtype == torch.bfloat16)
