@@ -93,25 +93,29 @@ def test_heads_it_cannot_reproduce_keep_the_model_s_own_loss():
     biased = tiny_causal_lm("llama")
     biased.lm_head = torch.nn.Linear(64, 96, bias=True)
     assert output_head(biased) is None
-    assert output_head(tiny_causal_lm("llama")) is not None
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(tiny_causal_lm("llama"), LoraConfig(target_modules=["q_proj", "lm_head"]))
+    assert output_head(adapted) is None
+    assert output_head(get_peft_model(tiny_causal_lm("llama"), LoraConfig(target_modules=["q_proj"])))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_under_accelerate_s_bf16_autocast_the_head_computes_as_the_model_s_own(dtype):
-    """accelerate's autocast covers the model's forward and hands its outputs back in float32: the
-    chunked head must compute in bf16 all the same (the job runs the loss under accelerator.autocast)."""
-    from accelerate import Accelerator
+    """accelerate's mixed precision wraps only the model's forward in autocast and hands its outputs
+    back in float32 (as below; the job's own run of it is test_train's bf16 test): the chunked head must
+    compute in bf16 all the same, so the loop runs the loss under autocast too."""
+    from accelerate.utils import convert_outputs_to_fp32
 
-    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
-    model = accelerator.prepare(tiny_causal_lm("llama", tie_word_embeddings=True).to(dtype))
+    model = tiny_causal_lm("llama", tie_word_embeddings=True).to(dtype)
+    model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
     head = output_head(model)
     assert head is not None
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
     batch = {"input_ids": ids, "labels": ids}
-    with accelerator.autocast():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         chunked, expected = loss_sum(model, batch, head), loss_sum(model, batch)
     assert torch.allclose(chunked, expected, rtol=1e-6)
-    with torch.autocast("cpu", enabled=False):  # the float32 hidden states the model's forward returns
-        outside = loss_sum(model, batch, head)
+    outside = loss_sum(model, batch, head)  # the float32 hidden states the wrapped forward returns
     # a bf16 head computes in its own dtype; a float32 one outside autocast in float32, not as the model
     assert torch.allclose(outside, expected, rtol=1e-6) is (dtype == torch.bfloat16)

@@ -749,14 +749,14 @@ def test_two_ranks_compute_the_same_step_as_one_rank_accumulating(tiny_model_dir
     import sys
     from pathlib import Path
 
-    from helpers import ALPACA_ROWS, run_ftjob
+    from helpers import ALPACA_ROWS, NO_AUTOCAST, run_ftjob
 
     data = write_jsonl(isolated / "d.jsonl", ALPACA_ROWS)
     spec = {
         "model": {"source": str(tiny_model_dir)},
         "adapter": {"dropout": 0.0},
         "data": {"train": [str(data)], "shuffle_buffer": 0},
-        "train": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 2},
+        "train": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 2, "mixed_precision": NO_AUTOCAST},
         "tracking": {"enabled": False},
     }
     (isolated / "spec.json").write_text(json.dumps(spec))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -206,6 +207,14 @@ def test_packed_micro_batches_reach_flash_attention_as_one_row(
     import job.model
 
     monkeypatch.setattr(job.train, "load_model", load_then_flash)
+    probe = job.train.output_head  # its forwards over a few unpacked tokens are not training's
+
+    def probe_then_forget(model):
+        head = probe(model)
+        cpu_flash_kernels.clear()
+        return head
+
+    monkeypatch.setattr(job.train, "output_head", probe_then_forget)
     spec = spec_dict(
         tiny_model_dir,
         data_files,
@@ -632,3 +641,20 @@ def test_a_quantized_bf16_model_keeps_its_other_weights_in_bf16(tiny_model_dir, 
     assert base.model.norm.weight.dtype == kept
     assert base.is_gradient_checkpointing
     assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
+
+
+def test_a_bf16_model_trains_under_bf16_autocast(tiny_model_dir, data_files, isolated):
+    """A GPU's usual setting (bf16 weights and autocast), on the CPU with the real CLI: accelerate's
+    autocast returns the model's outputs in float32, and the loss's bf16 output layer still computes."""
+    spec = spec_dict(
+        tiny_model_dir, data_files, model={"dtype": "bfloat16"}, train={"mixed_precision": "bf16"}
+    )
+    (isolated / "spec.json").write_text(json.dumps(spec | {"tracking": {"enabled": False}}))
+    done = run_ftjob("run", "spec.json", cwd=isolated)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mixed precision bf16" in done.stdout + done.stderr
+    losses = [
+        h["train/loss"]
+        for h in json.loads((isolated / "runs" / "t" / "adapter" / "metrics.json").read_text())["history"]
+    ]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
