@@ -190,7 +190,7 @@ def bench_size(size: str, args: argparse.Namespace, workdir: Path) -> dict:
     """Every system at every precision on one model size: the workspace, calibration and all rounds."""
     workspace = build_workspace(workdir, size, args.rows)
     calibration = calibrate(workspace["model"], args.device, args.precisions, workdir)
-    if "ftjob" in args.systems:
+    if any(system.startswith("ftjob") for system in args.systems):
         create_tracking_store(tracking_store(workdir))
     runs, failed = [], []
     for precision in args.precisions:

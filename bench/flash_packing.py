@@ -158,12 +158,10 @@ def step_ms(model, batch: dict, repeats: int = 10) -> float:
 
     times = []
     for _ in range(repeats + 2):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
         started = time.perf_counter()
         loss_sum(model, batch).backward()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
         times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times[2:])
 

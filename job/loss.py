@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 
@@ -35,7 +36,8 @@ def loss_sum(model, batch: Batch, head: torch.nn.Linear | None = None) -> torch.
         return F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum"
         )
-    hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    # -1: only the last hidden state (transformers 5.25; earlier 5.x return them all, the last the same)
+    hidden = model(**inputs, output_hidden_states=-1, logits_to_keep=1).hidden_states[-1]
     return linear_cross_entropy(hidden[:, :-1].flatten(0, 1), head.weight, labels)
 
 
@@ -47,6 +49,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if not torch.is_grad_enabled():  # eval: a trained weight would still have its gradient computed
+        hidden, weight = hidden.detach(), weight.detach()
     rows = max(1, CHUNK_LOGITS // weight.shape[0])
     return LinearCrossEntropy.apply(hidden, weight, labels, rows)
 
@@ -84,23 +88,30 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_output.to(torch.float32)
-        return (
-            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
-            None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype),
-            None,
-            None,
+        scale = grad_output.float()  # in float32: a float16 loss scale over few tokens can pass 65504
+        grad_hidden, grad_weight = (
+            (g.float() * scale).to(g.dtype) if g is not None else None for g in ctx.saved_tensors
         )
+        return grad_hidden, grad_weight, None, None
+
+
+# Config fields of transformers models that change the logits after the output layer (Gemma 2/3,
+# Cohere, Granite, ...): none of them is left to the probe, whose few tokens may not show them.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def output_head(model) -> torch.nn.Linear | None:
-    """The model's output layer, for loss_sum's `head`, if linear_cross_entropy reproduces the model's
-    own loss with it (checked on a few tokens: a bias, logit scaling or soft-capping would not); None
-    where the head is not a plain bias-free Linear (quantized, adapted by LoRA), the forward cannot
-    return hidden states without the logits, or the check fails."""
-    head = model.get_output_embeddings()
+    """The model's output layer, for loss_sum's `head`, where linear_cross_entropy reproduces the
+    model's own loss with it; None where the head is not a plain bias-free Linear (quantized, adapted
+    by LoRA), the model's forward takes no logits_to_keep, its config transforms the logits
+    (LOGIT_TRANSFORMS), or the loss on a few tokens differs (anything else done to the logits)."""
+    head, config = model.get_output_embeddings(), model.config
     if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" not in inspect.signature(type(base).forward).parameters:
+        return None  # it would compute the whole logits anyway
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
         return None
     device = head.weight.device
     ids = torch.arange(1, 9, device=device)[None] % head.weight.shape[0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -45,24 +46,12 @@ def once_per_forward(derive: Callable) -> Callable:
     return cached
 
 
-def example_lengths(position_ids: torch.Tensor) -> list[int]:
-    """The lengths of a row's examples: a new one starts wherever the position id does not follow the
-    previous one (transformers' rule for packed rows)."""
-    starts = [0, *((position_ids[1:] != position_ids[:-1] + 1).nonzero().flatten() + 1).tolist()]
-    return [end - start for start, end in zip(starts, starts[1:] + [len(position_ids)], strict=True)]
-
-
-@once_per_forward
-def rows_example_lengths(position_ids: torch.Tensor, rows: int) -> list[list[int]]:
-    """example_lengths of each of `rows` rows (position ids of one row stand for every row)."""
-    return [example_lengths(positions) for positions in position_ids.expand(rows, -1)]
-
-
 @once_per_forward
 def cumulative_lengths(position_ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, int]:
     """The examples of `rows` rows laid end to end, as the variable-length kernels take them: the
     offsets where each starts and where the last ends (int32, on the ids' device), and the longest's
-    length. Every row starts an example, whatever its first position id."""
+    length. An example starts wherever the position id does not follow the previous one (transformers'
+    rule for packed rows), and at every row's start (one row's ids stand for every row)."""
     flat = position_ids.expand(rows, -1).reshape(-1)
     starts = torch.ones_like(flat, dtype=torch.bool)
     starts[1:] = flat[1:] != flat[:-1] + 1
@@ -71,30 +60,54 @@ def cumulative_lengths(position_ids: torch.Tensor, rows: int) -> tuple[torch.Ten
     return offsets, int((offsets[1:] - offsets[:-1]).max())
 
 
-def varlen_kernel_available() -> bool:
-    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+@once_per_forward
+def rows_example_lengths(position_ids: torch.Tensor, rows: int) -> list[list[int]]:
+    """The lengths of each row's examples."""
+    offsets, _ = cumulative_lengths(position_ids, rows)
+    length, lengths = position_ids.shape[-1], []
+    for start, end in itertools.pairwise(offsets.tolist()):
+        if start % length == 0:
+            lengths.append([])
+        lengths[-1].append(end - start)
+    return lengths
+
+
+@functools.cache
+def varlen_kernel() -> Callable | None:
+    """PyTorch's FlashAttention varlen_attn in the signature used here (torch 2.11 and later: scale,
+    window_size), else None."""
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return None
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn if {"scale", "window_size"} <= kernel_parameters(varlen_attn) else None
 
 
 @functools.cache
 def kernel_parameters(kernel: Callable) -> frozenset[str]:
-    return frozenset(inspect.signature(kernel).parameters)  # they changed between torch 2.10 and 2.13
+    return frozenset(inspect.signature(kernel).parameters)
+
+
+def flash_can_attend(query: torch.Tensor, value: torch.Tensor) -> bool:
+    """FlashAttention's limits: half precision, one head size for queries and values, at most 256 and
+    a multiple of 8."""
+    dim = query.shape[-1]
+    return query.dtype in HALF and value.shape[-1] == dim and dim <= 256 and dim % 8 == 0
 
 
 def varlen_attention(query, key, value, position_ids, scaling, kernel: Callable | None = None):
-    """Every example of the batch in one call of a variable-length causal kernel (PyTorch's
-    FlashAttention varlen_attn unless `kernel` is given): query [batch, heads, length, dim] in, the
-    output as [batch, length, heads, dim] out."""
-    if kernel is None:
-        from torch.nn.attention.varlen import varlen_attn as kernel
+    """Every example of the batch in one call of a variable-length causal kernel (varlen_kernel()
+    unless `kernel` is given): query [batch, heads, length, dim] in, the output as [batch, length,
+    heads, dim] out."""
+    kernel = kernel or varlen_kernel()
     batch, heads, length, dim = query.shape
     offsets, longest = cumulative_lengths(position_ids, batch)
     query, key, value = (
         x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value)
     )
-    parameters = kernel_parameters(kernel)
-    options = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+    options = {"window_size": (-1, 0)}  # causal
     if key.shape[1] != heads:  # grouped key/value heads
-        if "enable_gqa" in parameters:
+        if "enable_gqa" in kernel_parameters(kernel):
             options["enable_gqa"] = True
         else:
             key, value = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (key, value))
@@ -117,7 +130,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     if torch.is_autocast_enabled(query.device.type):  # cast once, not each example's slice on its own
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    if query.is_cuda and query.dtype in HALF and not dropout and varlen_kernel_available():
+    if query.is_cuda and not dropout and flash_can_attend(query, value) and varlen_kernel():
         return varlen_attention(query, key, value, position_ids, scaling), None
     grouped = query.shape[1] != key.shape[1]
     rows = []
@@ -148,12 +161,16 @@ def packed_rows_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs
 
 def packed_attention_pays(device_type: str, mixed_precision: str, dtype: torch.dtype) -> bool:
     """Where attending example by example is the faster way: on CPUs without mixed precision (under
-    bf16 autocast peak memory grew with the steps; bench/RESULTS.md), and on CUDA where attention runs
-    in half precision (bf16 or fp16 autocast, or a half-precision model) on the varlen kernel."""
+    bf16 autocast peak memory grew with the steps; bench/RESULTS.md), and on CUDA GPUs that run
+    FlashAttention (Ampere or newer) where attention runs in half precision (bf16 or fp16 autocast, or
+    a half-precision model) on the varlen kernel; a layer it cannot take (head sizes, attention
+    dropout) attends example by example with sdpa."""
     if device_type == "cpu":
         return mixed_precision == "no"
+    if device_type != "cuda" or torch.version.hip or not varlen_kernel():
+        return False
     half = mixed_precision in ("bf16", "fp16") or dtype in HALF
-    return device_type == "cuda" and half and varlen_kernel_available()
+    return half and torch.cuda.get_device_capability() >= (8, 0)  # FlashAttention: Ampere or newer
 
 
 def use_packed_attention(model) -> bool:

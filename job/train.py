@@ -155,6 +155,9 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
         use_cpu_dropout(model)
         fuse_lora_linears(model)
     head = output_head(model)
+    log.info(
+        "the loss %s", "goes through the output layer chunk by chunk" if head else "uses the model's logits"
+    )
     lease.settle(accelerator)  # held: only from here on is anything under output.uri written or deleted
     if is_main and not restart:
         remove_uncommitted(spec.output_uri)

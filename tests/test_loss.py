@@ -55,13 +55,21 @@ def test_under_autocast_the_logits_are_bf16_matmuls_and_the_softmax_float32():
     assert torch.allclose(chunked, expected, rtol=1e-5)
 
 
-def test_a_frozen_weight_gets_no_gradient_and_eval_computes_none():
+def test_a_frozen_weight_gets_no_gradient_and_eval_computes_none(monkeypatch):
     hidden, weight = torch.randn(6, 4, requires_grad=True), torch.randn(9, 4)
     labels = torch.randint(0, 9, (6,))
     linear_cross_entropy(hidden, weight, labels).backward()
     assert weight.grad is None and hidden.grad is not None
-    with torch.no_grad():
-        assert linear_cross_entropy(hidden, weight, labels).grad_fn is None
+    computed, forward = [], job.loss.LinearCrossEntropy.forward
+
+    def recorded(ctx, *args):
+        computed.append(ctx.needs_input_grad[:2])
+        return forward(ctx, *args)
+
+    monkeypatch.setattr(job.loss.LinearCrossEntropy, "forward", staticmethod(recorded))
+    with torch.no_grad():  # eval of a full fine-tune: the weight trains, but no gradient is wanted
+        linear_cross_entropy(hidden, weight.requires_grad_(True), labels)
+    assert computed == [(False, False)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -90,6 +98,9 @@ def test_heads_it_cannot_reproduce_keep_the_model_s_own_loss():
     scaled = tiny_causal_lm("llama")
     scaled.lm_head.register_forward_hook(lambda module, args, out: out * 30)  # as logit scaling would
     assert output_head(scaled) is None
+    capped = tiny_causal_lm("llama")
+    capped.config.final_logit_softcapping = 30.0  # Gemma 2's: near the identity on small logits
+    assert output_head(capped) is None
     biased = tiny_causal_lm("llama")
     biased.lm_head = torch.nn.Linear(64, 96, bias=True)
     assert output_head(biased) is None

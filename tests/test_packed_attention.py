@@ -14,18 +14,22 @@ from helpers import tiny_causal_lm
 import job.packed_attention
 from job.packed_attention import (
     cumulative_lengths,
-    example_lengths,
+    flash_can_attend,
     packed_attention_pays,
+    rows_example_lengths,
     use_packed_attention,
     varlen_attention,
 )
 
 
 def test_an_example_starts_wherever_the_position_does_not_follow_the_previous_one():
-    assert example_lengths(torch.tensor([0, 1, 2, 0, 1, 0, 0, 1])) == [3, 2, 1, 2]
-    assert example_lengths(torch.tensor([5, 6, 0, 1])) == [2, 2]  # a row cut inside an example
-    assert example_lengths(torch.tensor([0, 1, 2, 5, 6])) == [3, 2]
-    assert example_lengths(torch.arange(4)) == [4]
+    def lengths(*rows):
+        return rows_example_lengths(torch.tensor(rows), len(rows))
+
+    assert lengths([0, 1, 2, 0, 1, 0, 0, 1]) == [[3, 2, 1, 2]]
+    assert lengths([5, 6, 0, 1]) == [[2, 2]]  # a row cut inside an example
+    assert lengths([0, 1, 2, 5, 6]) == [[3, 2]]
+    assert lengths([0, 1, 2, 3], [0, 1, 0, 1]) == [[4], [2, 2]]
 
 
 def model_pair(arch: str):
@@ -111,7 +115,7 @@ def test_sliding_window_layers_keep_their_window():
 
 
 def test_the_examples_of_a_batch_laid_end_to_end_start_at_every_row():
-    positions = torch.tensor([[0, 1, 2, 0, 1], [3, 4, 0, 1, 2]])  # the second row starts inside an example
+    positions = torch.tensor([[0, 1, 2, 0, 1], [2, 3, 0, 1, 2]])  # 2 follows 1, but a new row starts
     offsets, longest = cumulative_lengths(positions, 2)
     assert offsets.dtype == torch.int32
     assert offsets.tolist() == [0, 3, 5, 7, 10]
@@ -123,8 +127,10 @@ def test_the_examples_of_a_batch_laid_end_to_end_start_at_every_row():
 def test_what_is_derived_from_the_position_ids_is_computed_once_per_forward(monkeypatch):
     """Both layers of a forward, and a second forward over new ids, each derived once."""
     _, packed = model_pair("llama")
-    derived = []
-    monkeypatch.setattr(job.packed_attention, "example_lengths", lambda p: derived.append(1) or [len(p)])
+    derived, derive = [], job.packed_attention.cumulative_lengths
+    monkeypatch.setattr(
+        job.packed_attention, "cumulative_lengths", lambda *a: derived.append(1) or derive(*a)
+    )
     ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         for _ in range(2):
@@ -132,42 +138,40 @@ def test_what_is_derived_from_the_position_ids_is_computed_once_per_forward(monk
     assert len(derived) == 2  # one row, two forwards; the model has two layers
 
 
-def stand_in_kernel(signature: str):
-    """PyTorch's varlen_attn, computed with sdpa on the CPU (the real one runs on CUDA only), in the
-    signature of torch 2.10 (is_causal, no grouped heads) or of later releases (window_size, enable_gqa)."""
+def stand_in_kernel(grouped_heads: bool):
+    """PyTorch's varlen_attn, computed with sdpa on the CPU (the real one runs on CUDA only), with or
+    without its enable_gqa argument (torch 2.13 has it)."""
 
-    def attend(query, key, value, cu_q, cu_k, max_q, max_k, scale=None, causal=False, enable_gqa=False):
+    def attend(query, key, value, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):  # fmt: skip
         assert torch.equal(cu_q, cu_k) and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
         assert query.dim() == 3 and (enable_gqa or key.shape[1] == query.shape[1])
+        assert window_size == (-1, 0)  # causal
         bounds = cu_q.tolist()
         parts = [
             F.scaled_dot_product_attention(
                 *(x[start:end].transpose(0, 1)[None] for x in (query, key, value)),
-                is_causal=causal, scale=scale, enable_gqa=enable_gqa,
+                is_causal=True, scale=scale, enable_gqa=enable_gqa,
             )[0].transpose(0, 1)
             for start, end in zip(bounds[:-1], bounds[1:], strict=True)
         ]  # fmt: skip
         return torch.cat(parts)
 
-    if signature == "2.10":
-        return lambda q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False: attend(
-            q, k, v, cu_q, cu_k, max_q, max_k, scale, is_causal
-        )
-
-    def later(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
-        return attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size == (-1, 0), enable_gqa)
-
-    return later
+    if grouped_heads:
+        return attend
+    return lambda q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1): attend(
+        q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size
+    )
 
 
-@pytest.mark.parametrize("signature", ["2.10", "later"])
-def test_the_varlen_call_attends_each_example_of_the_batch_alone(signature):
-    """The reshaping around the kernel, and its arguments in either signature, on grouped heads."""
+@pytest.mark.parametrize("grouped_heads", [True, False])
+def test_the_varlen_call_attends_each_example_of_the_batch_alone(grouped_heads):
+    """The reshaping around the kernel and its arguments, on grouped heads (repeated for a kernel
+    without enable_gqa)."""
     generator = torch.Generator().manual_seed(4)
     query = torch.randn(2, 4, 9, 8, generator=generator, requires_grad=True)
     key, value = (torch.randn(2, 2, 9, 8, generator=generator, requires_grad=True) for _ in range(2))
     positions = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 0, 1]])
-    out = varlen_attention(query, key, value, positions, 0.3, kernel=stand_in_kernel(signature))
+    out = varlen_attention(query, key, value, positions, 0.3, kernel=stand_in_kernel(grouped_heads))
     assert out.shape == (2, 9, 4, 8)
     for row, lengths in ((0, [4, 2, 3]), (1, [7, 2])):
         start = 0
@@ -184,15 +188,35 @@ def test_the_varlen_call_attends_each_example_of_the_batch_alone(signature):
 
 
 @pytest.mark.parametrize(
-    ("device", "mixed_precision", "dtype", "pays"),
+    ("device", "mixed_precision", "dtype", "capability", "pays"),
     [
-        ("cpu", "no", torch.float32, True),
-        ("cpu", "bf16", torch.float32, False),  # peak memory grew with the steps
-        ("cuda", "bf16", torch.float32, True),
-        ("cuda", "no", torch.bfloat16, True),
-        ("cuda", "no", torch.float32, False),  # the varlen kernel takes half precision only
-        ("mps", "no", torch.float32, False),
+        ("cpu", "no", torch.float32, None, True),
+        ("cpu", "bf16", torch.float32, None, False),  # peak memory grew with the steps
+        ("cuda", "bf16", torch.float32, (9, 0), True),
+        ("cuda", "no", torch.bfloat16, (8, 0), True),
+        ("cuda", "no", torch.float32, (9, 0), False),  # the varlen kernel takes half precision only
+        ("cuda", "fp16", torch.float32, (7, 5), False),  # FlashAttention needs Ampere or newer
+        ("mps", "no", torch.float32, None, False),
     ],
 )
-def test_packed_attention_is_used_where_it_pays(device, mixed_precision, dtype, pays):
+def test_packed_attention_is_used_where_it_pays(
+    device, mixed_precision, dtype, capability, pays, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     assert packed_attention_pays(device, mixed_precision, dtype) is pays
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value_dim", "dim", "can"),
+    [
+        (torch.bfloat16, 64, 64, True),
+        (torch.float16, 128, 128, True),
+        (torch.float32, 64, 64, False),
+        (torch.bfloat16, 128, 192, False),  # value heads of another size (DeepSeek's attention)
+        (torch.bfloat16, 288, 288, False),
+        (torch.bfloat16, 60, 60, False),
+    ],
+)
+def test_flash_attends_only_the_head_sizes_it_takes(dtype, value_dim, dim, can):
+    query, value = torch.zeros(1, 2, 4, dim, dtype=dtype), torch.zeros(1, 2, 4, value_dim, dtype=dtype)
+    assert flash_can_attend(query, value) is can

@@ -653,6 +653,7 @@ def test_a_bf16_model_trains_under_bf16_autocast(tiny_model_dir, data_files, iso
     done = run_ftjob("run", "spec.json", cwd=isolated)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "mixed precision bf16" in done.stdout + done.stderr
+    assert "the loss goes through the output layer chunk by chunk" in done.stdout + done.stderr
     losses = [
         h["train/loss"]
         for h in json.loads((isolated / "runs" / "t" / "adapter" / "metrics.json").read_text())["history"]
