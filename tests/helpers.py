@@ -55,7 +55,8 @@ def run_ftjob(*args: str, cwd: Path, env: dict | None = None, stdin: str | None 
     )
 
 
-# float32 on every CPU, where `auto` means bf16 on those with AMX: the tests compare numbers tightly
+# float32 on every CPU, where `auto` means bf16 on those with AMX: the tests compare numbers tightly,
+# and in-process runs share one accelerator, whose mixed precision cannot change within a process
 NO_AUTOCAST = "no"
 
 

@@ -9,7 +9,7 @@ import sys
 import threading
 
 import pytest
-from helpers import ALPACA_ROWS, REPO, write_jsonl
+from helpers import ALPACA_ROWS, NO_AUTOCAST, REPO, write_jsonl
 
 from job import model_source
 from job.cli import main
@@ -117,7 +117,7 @@ def bad_run(isolated, capsys, tiny_model_dir, **changes):
         "name": "bad",
         "model": {"source": str(tiny_model_dir)},
         "data": {"train": [str(data)]},
-        "train": {"max_steps": 1},
+        "train": {"max_steps": 1, "mixed_precision": NO_AUTOCAST},  # the process's accelerator's, in-process
         "output": {"uri": str(isolated / "out")},
         "tracking": {"enabled": False},
     }
