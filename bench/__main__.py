@@ -308,8 +308,8 @@ def record(report: dict, text: str) -> None:
         for s in report["sizes"]
     )
     note = f"\n{report['note']}\n" if report["note"] else ""
-    if failed := [run for size in report["sizes"] for run in size["failed"]]:
-        note += f"\nFailed, so not in the table: {', '.join(failed)}.\n"
+    if report["failed"]:
+        note += f"\nFailed, so not in the table: {', '.join(report['failed'])}.\n"
     entry = f"""
 ## End to end: ftjob vs TRL SFTTrainer vs padding (`bench/__main__.py`), {report["date"]}
 
@@ -354,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         "gradient_checkpointing": args.gradient_checkpointing,
         "sizes": sizes,
         "best": runs,
+        "failed": [run for size in sizes for run in size["failed"]],
     }
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
@@ -361,8 +362,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("the systems did not train on the same tokens:\n" + "\n".join(mismatches))
     if not args.no_record:
         record(report, text)
-    if failed := [run for size in sizes for run in size["failed"]]:
-        sys.exit("failed (their output is above; the table holds the others): " + ", ".join(failed))
+    if report["failed"]:
+        sys.exit("failed (their output is above; the table holds the others): " + ", ".join(report["failed"]))
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def output_head(model) -> torch.nn.Linear | None:
     try:
         with torch.no_grad():
             expected, chunked = loss_sum(model, batch), loss_sum(model, batch, head)
-    except TypeError:  # a forward that takes no logits_to_keep or output_hidden_states
+    except TypeError:  # a forward that takes no output_hidden_states
         return None
     finally:
         model.train(training)
