@@ -27,6 +27,7 @@ from job.data.pipeline import DataPipeline, shared_plan
 from job.dropout import use_cpu_dropout
 from job.export import is_published, publish, publish_merged, remove_published
 from job.fused_lora import fuse_lora_linears
+from job.fused_norm import fuse_rms_norms
 from job.lease import Lease
 from job.loss import eval_metrics, loss_sum, loss_tokens, output_head
 from job.metrics import data_metrics, data_summary, flops_per_token, mfu, peak_flops, peak_memory_gib
@@ -154,6 +155,7 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     if on_cpu:  # on GPUs torch's and peft's own kernels are the fast ones
         use_cpu_dropout(model)
         fuse_lora_linears(model)
+        fuse_rms_norms(model)
     head = output_head(model)
     log.info(
         "the loss %s", "goes through the output layer chunk by chunk" if head else "uses the model's logits"

@@ -603,13 +603,14 @@ def test_second_spec_entry_is_named_in_errors(tiny_model_dir, data_files, isolat
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_a_cpu_run_trains_with_the_cpu_layers(tiny_model_dir, data_files, isolated, packing):
-    """On a CPU: LoRA's dropout drawn by gaps, the LoRA linears fused, and without mixed precision
+    """On a CPU: LoRA's dropout drawn by gaps, the LoRA linears and the RMSNorms fused, and without mixed precision
     (auto, on a CPU without AMX) packed rows attended example by example (sdpa as it is for unpacked
     ones and under bf16 autocast)."""
     import helpers
 
     from job.dropout import CpuDropout
     from job.fused_lora import FusedLoraLinear
+    from job.fused_norm import FusedRMSNorm
     from job.packed_attention import PACKED_SDPA
 
     spec = spec_dict(
@@ -624,6 +625,7 @@ def test_a_cpu_run_trains_with_the_cpu_layers(tiny_model_dir, data_files, isolat
     assert model.get_base_model().config._attn_implementation == (PACKED_SDPA if per_example else "sdpa")
     layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
     assert len(layers) == 2 * 7 and all(isinstance(m.lora_dropout["default"], CpuDropout) for m in layers)
+    assert sum(isinstance(m, FusedRMSNorm) for m in model.modules()) == 2 * 2 + 1
 
 
 @pytest.mark.parametrize(("dtype", "kept"), [("bfloat16", torch.bfloat16), ("float16", torch.float32)])

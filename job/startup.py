@@ -1,0 +1,48 @@
+"""What a training process sets up before it imports torch and the libraries built on it."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit systems
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 * 2**20
+TRIM_THRESHOLD = 2**30
+ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def prepare_training_process(quantized: bool) -> None:
+    keep_freed_memory()
+    if not quantized:
+        leave_out_bitsandbytes()
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for the next allocation instead of handing it back to the kernel.
+
+    Every training step allocates the same large activations again. By default glibc gives them fresh
+    pages (mmap, or a heap it trims after each step), which the kernel zero-fills on first touch: 1.4M
+    page faults in the CPU bench's epoch, each step 5% slower (bench/RESULTS.md). False where this is not
+    glibc, or where the environment already sets glibc's allocator (its choice stands).
+    """
+    if not sys.platform.startswith("linux") or any(name in os.environ for name in ALLOCATOR_SETTINGS):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # another C library (musl)
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def leave_out_bitsandbytes() -> None:
+    """Keep peft, transformers and accelerate from importing bitsandbytes, for a run that quantizes nothing.
+
+    They import it whenever it is installed, and its import costs about a second of start-up (it wraps
+    its kernels in torch.compile, which imports the compiler). A module that is None in sys.modules
+    cannot be imported and reads as not installed. Only before any of them is imported: they remember
+    what they found.
+    """
+    if not {"bitsandbytes", "peft", "transformers", "accelerate"} & sys.modules.keys():
+        sys.modules["bitsandbytes"] = None

@@ -1,0 +1,133 @@
+"""The fused CPU RMSNorm computes what transformers' norms compute (output, input and weight gradients),
+in whole models too, and leaves to the model what it cannot take over (other formulas, other dtypes)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import tiny_causal_lm
+from torch import nn
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+import job.fused_norm
+from job.fused_norm import FusedRMSNorm, computes_rms_norm, fuse_rms_norms
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list[int]:
+    """One entry per norm call that took the fused path."""
+    calls, apply = [], job.fused_norm._RMSNorm.apply
+
+    def counted(*args):
+        calls.append(1)
+        return apply(*args)
+
+    monkeypatch.setattr(job.fused_norm._RMSNorm, "apply", counted)
+    return calls
+
+
+def random_norm(features: int, eps: float = 1e-6) -> LlamaRMSNorm:
+    norm = LlamaRMSNorm(features, eps=eps)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    return norm
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 16), (7, 16)])
+@pytest.mark.parametrize("eps", [1e-6, 1.0])
+def test_output_and_gradients_match_transformers(shape, eps, fused_calls):
+    reference = random_norm(shape[-1], eps)
+    fused = copy.deepcopy(reference)
+    assert fuse_rms_norms(fused) == 1
+    x = torch.randn(*shape) * 3
+    grad = torch.randn(*shape)
+    results = []
+    for norm in (reference, fused):
+        leaf = x.clone().requires_grad_()
+        out = norm(leaf)
+        out.backward(grad)
+        results.append((out, leaf.grad, norm.weight.grad))
+    assert fused_calls == [1]
+    for expected, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_no_gradient_is_computed_for_what_needs_none():
+    norm = random_norm(8)
+    fuse_rms_norms(norm)
+    norm.weight.requires_grad_(False)
+    x = torch.randn(3, 8, requires_grad=True)
+    norm(x).sum().backward()
+    assert x.grad is not None and norm.weight.grad is None
+    norm.weight.requires_grad_(True)
+    frozen_input = torch.randn(3, 8)
+    norm(frozen_input).sum().backward()
+    assert norm.weight.grad is not None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_a_model_trains_the_same(arch, autocast, fused_calls):
+    """Every norm of the model fused (two per layer and the final one); loss and every gradient as before,
+    the norms' weights trained as in a full fine-tune."""
+    reference = tiny_causal_lm(arch)
+    fused = copy.deepcopy(reference)
+    assert fuse_rms_norms(fused) == 2 * 2 + 1
+    ids = torch.randint(0, 96, (2, 12))
+    results = []
+    for model in (reference, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+    assert len(fused_calls) == 5
+    (loss, grads), (fused_loss, fused_grads) = results
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-5)
+    tolerance = {"rtol": 2e-2, "atol": 2e-3} if autocast else {"rtol": 1e-4, "atol": 1e-5}
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, **tolerance, msg=name)
+
+
+def test_other_dtypes_run_the_models_own_forward(fused_calls):
+    reference = random_norm(8).to(torch.bfloat16)
+    fused = copy.deepcopy(reference)
+    fuse_rms_norms(fused)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert torch.equal(fused(x), reference(x))
+    assert fused_calls == []
+
+
+class WeightlessRMSNorm(LlamaRMSNorm):
+    """Ignores its weight: the same as the plain formula while the weight is all ones, as at init."""
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+class OffsetRMSNorm(LlamaRMSNorm):
+    """Gemma's formula, (1 + weight), under Llama's attribute names."""
+
+    def forward(self, x):
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return normed * (1 + self.weight)
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [WeightlessRMSNorm(8), OffsetRMSNorm(8), GemmaRMSNorm(8), nn.LayerNorm(8, bias=False)],
+    ids=["weightless", "offset", "gemma", "layernorm"],
+)
+def test_other_formulas_are_left_alone(norm):
+    assert not computes_rms_norm(norm)
+    assert fuse_rms_norms(norm) == 0 and not isinstance(norm, FusedRMSNorm)
+
+
+def test_fused_twice_is_fused_once():
+    model = tiny_causal_lm("llama")
+    assert fuse_rms_norms(model) == 5
+    assert fuse_rms_norms(model) == 0
+    assert type(model.model.norm).__name__ == "FusedLlamaRMSNorm"
+    assert set(model.state_dict()) == set(tiny_causal_lm("llama").state_dict())

@@ -1,0 +1,88 @@
+"""The training process's set-up before its heavy imports (job/startup.py), each in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, run_ftjob, spec_dict
+
+# Allocates and frees 64 MiB of tensors, as a training step does its activations, then prints how much
+# freed memory glibc's heap keeps for the next step (mallinfo2's fordblks) instead of handing it back.
+FREED = """
+import ctypes, sys, torch
+from job.startup import keep_freed_memory
+print(keep_freed_memory() if sys.argv[1] == "tuned" else None)
+blocks = [torch.ones(2**20) for _ in range(16)]
+del blocks
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = MallInfo2
+print(mallinfo2().fordblks // 2**20)
+"""
+
+
+def kept_mib(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]:
+    done = subprocess.run(
+        [sys.executable, "-c", FREED, mode],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    tuned, kept = done.stdout.split()
+    return tuned, int(kept)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_freed_memory_is_kept_for_the_next_step():
+    assert kept_mib("untuned")[1] < 16  # each block had pages of its own (mmap), unmapped when freed
+    assert kept_mib("tuned") == ("True", 64)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_an_allocator_set_in_the_environment_is_left_alone():
+    tuned, kept = kept_mib("tuned", {"MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert tuned == "False" and kept < 16
+
+
+IMPORTS = """
+import sys
+from job.startup import prepare_training_process
+prepare_training_process(quantized=sys.argv[1] == "quantized")
+import job.train
+from peft.import_utils import is_bnb_available
+print(is_bnb_available(), "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is not None)
+"""
+
+
+@pytest.mark.parametrize("mode, available", [("quantized", "True True"), ("plain", "False False")])
+def test_bitsandbytes_is_imported_only_for_a_quantized_run(mode, available):
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORTS, mode], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split("\n")[-2] == available
+
+
+def test_a_run_imports_bitsandbytes_only_when_it_quantizes(tiny_model_dir, data_files, tmp_path):
+    """The real CLI: an unquantized run trains without ever importing bitsandbytes; a 4-bit run has it."""
+    for quantization in (None, "4bit"):
+        spec = spec_dict(tiny_model_dir, data_files, model={"quantization": quantization})
+        spec["train"] |= {"max_steps": 2}
+        spec["tracking"] = {"enabled": False}
+        spec["output"] = {"uri": str(tmp_path / f"out-{quantization}")}
+        path = tmp_path / f"spec-{quantization}.json"
+        path.write_text(json.dumps(spec))
+        done = run_ftjob("run", str(path), cwd=tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+        # a refused import is listed too, as bitsandbytes alone: its submodules show it was loaded
+        assert any(name.startswith("bitsandbytes.") for name in imported) == (quantization is not None)
+        assert json.loads((tmp_path / f"out-{quantization}" / "adapter" / "adapter_config.json").read_text())
