@@ -1,5 +1,5 @@
 import sys
 
-from job.cli import main
+from job.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,13 +49,22 @@ def test_freed_memory_is_kept_for_the_next_step():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_an_allocator_set_in_the_environment_is_left_alone():
-    tuned, kept = kept_mib("tuned", {"MALLOC_MMAP_THRESHOLD_": "131072"})
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("MALLOC_MMAP_THRESHOLD_", "131072"),
+        ("MALLOC_TRIM_THRESHOLD_", "131072"),
+        ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=131072"),
+    ],
+)
+def test_an_allocator_set_in_the_environment_is_left_alone(name, value):
+    tuned, kept = kept_mib("tuned", {name: value})
     assert tuned == "False" and kept < 16
 
 
 IMPORTS = """
 import sys
+from pathlib import Path
 from job.startup import prepare_training_process
 prepare_training_process(quantized=sys.argv[1] == "quantized")
 import job.train
@@ -86,3 +96,18 @@ def test_a_run_imports_bitsandbytes_only_when_it_quantizes(tiny_model_dir, data_
         # a refused import is listed too, as bitsandbytes alone: its submodules show it was loaded
         assert any(name.startswith("bitsandbytes.") for name in imported) == (quantization is not None)
         assert json.loads((tmp_path / f"out-{quantization}" / "adapter" / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize("how", ["module", "script"])
+def test_the_program_ends_without_the_collectors_passes(how, tmp_path):
+    """python -m job and the ftjob script freeze the collector after the command (its exit code kept),
+    so the interpreter's teardown does not walk every object torch and the rest left behind."""
+    probe = "import atexit, gc; atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n"
+    (tmp_path / "sitecustomize.py").write_text(probe)
+    program = (
+        [sys.executable, "-m", "job"] if how == "module" else [str(Path(sys.executable).parent / "ftjob")]
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    done = subprocess.run([*program, "schema"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and json.loads(done.stdout.rsplit("frozen", 1)[0])
+    assert done.stdout.split()[-2:] == ["frozen", "True"]
