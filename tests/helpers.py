@@ -185,3 +185,15 @@ def tiny_causal_lm(arch: str = "llama", **config):
     }  # fmt: skip
     torch.manual_seed(0)
     return model_class(config_class(**settings))
+
+
+def count_applies(monkeypatch, function) -> list[int]:
+    """One entry per call of function.apply (a torch.autograd.Function) from now on in this test."""
+    calls, apply = [], function.apply
+
+    def counted(*args):
+        calls.append(1)
+        return apply(*args)
+
+    monkeypatch.setattr(function, "apply", counted)
+    return calls

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_causal_lm
+from helpers import count_applies, tiny_causal_lm
 
 import job.fused_lora
 from job.dropout import use_cpu_dropout
@@ -18,14 +18,7 @@ from job.fused_lora import FusedLoraLinear, fuse_lora_linears
 @pytest.fixture
 def fused_calls(monkeypatch) -> list[int]:
     """One entry per layer call that took the fused path."""
-    calls, apply = [], job.fused_lora._LoraLinear.apply
-
-    def counted(*args):
-        calls.append(1)
-        return apply(*args)
-
-    monkeypatch.setattr(job.fused_lora._LoraLinear, "apply", counted)
-    return calls
+    return count_applies(monkeypatch, job.fused_lora._LoraLinear)
 
 
 def lora_model(arch: str, dropout: float, method: str = "lora", lora_bias: bool = False):

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_causal_lm
+from helpers import count_applies, tiny_causal_lm
 from torch import nn
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -19,14 +19,7 @@ from job.fused_norm import FusedRMSNorm, computes_rms_norm, fuse_rms_norms
 @pytest.fixture
 def fused_calls(monkeypatch) -> list[int]:
     """One entry per norm call that took the fused path."""
-    calls, apply = [], job.fused_norm._RMSNorm.apply
-
-    def counted(*args):
-        calls.append(1)
-        return apply(*args)
-
-    monkeypatch.setattr(job.fused_norm._RMSNorm, "apply", counted)
-    return calls
+    return count_applies(monkeypatch, job.fused_norm._RMSNorm)
 
 
 def random_norm(features: int, eps: float = 1e-6) -> LlamaRMSNorm:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, run_ftjob, spec_dict
+from helpers import REPO, run_ftjob, spec_dict
 
 # Allocates and frees 64 MiB of tensors, as a training step does its activations, then prints how much
 # freed memory glibc's heap keeps for the next step (mallinfo2's fordblks) instead of handing it back.
