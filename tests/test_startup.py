@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, run_ftjob, spec_dict
 
 # Allocates and frees 64 MiB of tensors, as a training step does its activations, then prints how much
