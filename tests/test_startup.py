@@ -63,7 +63,6 @@ def test_an_allocator_set_in_the_environment_is_left_alone(name, value):
 
 IMPORTS = """
 import sys
-from pathlib import Path
 from job.startup import prepare_training_process
 prepare_training_process(quantized=sys.argv[1] == "quantized")
 import job.train
