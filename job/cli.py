@@ -20,7 +20,7 @@ from job.errors import JobError, UserError
 def cmd_run(args: argparse.Namespace) -> int:
     from job.signals import StopRequest
     from job.spec import load_spec
-    from job.startup import prepare_training_process
+    from job.startup import leave_out_bitsandbytes
 
     spec = load_spec(args.spec, args.set)
     if args.nproc_per_node is not None:
@@ -34,7 +34,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"{', '.join(placed)}: placement for --nproc-per-node, which is not given")
     # Before the heavy imports: a stop during them, the model download or the counting pass exits 75 too.
     with StopRequest(spec.train.stop_grace_seconds) as stop:
-        prepare_training_process(quantized=spec.model.quantization is not None)
+        if spec.model.quantization is None:
+            leave_out_bitsandbytes()
         from job.accelerator import make_accelerator
         from job.train import train
 

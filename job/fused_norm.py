@@ -3,7 +3,8 @@
 transformers computes a Llama-style RMSNorm (x * rsqrt(mean(x^2) + eps) * weight) from single
 operations, and autograd backpropagates through each: about a dozen passes over the [tokens, features]
 tensor per norm, two norms per decoder layer. On a CPU those passes are a good part of a small model's
-step; _RMSNorm makes three in forward and four in backward, keeping the input and one number per token.
+step; _RMSNorm makes three in forward and four in backward (five when the weight trains too), keeping
+the input and one number per token.
 
 It takes over norms that compute exactly that formula (checked on random inputs and weights, so
 variants such as Gemma's (1 + weight) keep their own forward), for float32 inputs and weights on a CPU;
@@ -16,10 +17,12 @@ import functools
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         features = x.shape[-1]
         squares = torch.linalg.vecdot(x, x).unsqueeze(-1)
@@ -28,6 +31,9 @@ class _RMSNorm(torch.autograd.Function):
         return (x * rstd).mul_(weight)
 
     @staticmethod
+    # in float32 as forward, also when backward() is called under autocast
+    @torch.amp.custom_bwd(device_type="cpu")
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         grad_weight = None
@@ -51,11 +57,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class FusedRMSNorm(nn.Module):
     """Mixed into a model's RMSNorm class (fused_class): its forward, through _RMSNorm where it applies."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         weight = self.weight
-        if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+        if not (args or kwargs) and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
             return rms_norm(x, weight, self.variance_epsilon)
-        return super().forward(x)
+        return super().forward(x, *args, **kwargs)
 
 
 @functools.cache
@@ -64,12 +70,14 @@ def fused_class(norm_class: type) -> type:
 
 
 def computes_rms_norm(module: nn.Module) -> bool:
-    """Whether module is an RMSNorm of the plain formula: a one-dimensional weight, variance_epsilon,
-    and that formula's output for a random input and a random weight."""
+    """Whether module is an RMSNorm of the plain formula: a one-dimensional weight as its only parameter
+    and state, variance_epsilon, and that formula's output for a random input and a random weight."""
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     if not type(module).__name__.endswith("RMSNorm") or not isinstance(eps, float):
         return False
-    if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or getattr(module, "bias", None) is not None:
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+        return False
+    if [name for name, _ in module.named_parameters()] != ["weight"] or any(True for _ in module.buffers()):
         return False
     generator = torch.Generator().manual_seed(0)
     probe_weight = torch.rand(weight.shape, generator=generator) + 0.5
@@ -78,9 +86,13 @@ def computes_rms_norm(module: nn.Module) -> bool:
     with torch.no_grad():
         try:
             got = torch.func.functional_call(module, {"weight": probe_weight}, (probe,))
-        except Exception:  # a forward that takes more than the hidden states
+            return (
+                isinstance(got, torch.Tensor)
+                and got.shape == probe.shape
+                and torch.allclose(got.float(), expected, rtol=1e-5, atol=1e-6)
+            )
+        except Exception:  # a forward that takes more than the hidden states, or returns something else
             return False
-    return got.shape == probe.shape and torch.allclose(got.float(), expected, rtol=1e-5, atol=1e-6)
 
 
 def fuse_rms_norms(model: nn.Module) -> int:

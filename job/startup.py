@@ -1,4 +1,4 @@
-"""What a training process sets up before it imports torch and the libraries built on it."""
+"""How a training process sets up its C allocator and which libraries it leaves out, outside torch."""
 
 from __future__ import annotations
 
@@ -10,13 +10,7 @@ import sys
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 2**30
-ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-
-
-def prepare_training_process(quantized: bool) -> None:
-    keep_freed_memory()
-    if not quantized:
-        leave_out_bitsandbytes()
+ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def keep_freed_memory() -> bool:
@@ -24,10 +18,16 @@ def keep_freed_memory() -> bool:
 
     Every training step allocates the same large activations again. By default glibc gives them fresh
     pages (mmap, or a heap it trims after each step), which the kernel zero-fills on first touch: 1.4M
-    page faults in the CPU bench's epoch, each step 5% slower (bench/RESULTS.md). False where this is not
-    glibc, or where the environment already sets glibc's allocator (its choice stands).
+    page faults in the CPU bench's epoch, each step 5% slower (bench/RESULTS.md). Blocks up to 32 MiB come
+    from the heap, and each of glibc's heaps (one per thread that allocates) keeps up to 1 GiB of freed
+    memory: the process's memory does not shrink between steps. For CPU runs, where activations live in
+    this allocator. False where this is not glibc, or where the environment already sets glibc's
+    allocator (its choice stands).
     """
-    if not sys.platform.startswith("linux") or any(name in os.environ for name in ALLOCATOR_SETTINGS):
+    chosen = any(name in os.environ for name in ALLOCATOR_SETTINGS)
+    if chosen or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    if not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

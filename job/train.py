@@ -40,6 +40,7 @@ from job.restart import record_restart, restart_pending
 from job.schedule import epoch_run_steps, make_scheduler, saved_total_steps
 from job.signals import StopRequest
 from job.spec import Spec
+from job.startup import keep_freed_memory
 from job.storage import absolute, check_writable, configure_storage, storage_errors
 from job.tracking import Tracker, run_record
 
@@ -152,7 +153,8 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     if packed_rows and pays and not use_packed_attention(model):
         log.info("this model's layers get no position ids: packed rows are attended under sdpa's block mask")
     model = apply_adapter(model, spec.adapter, bool(spec.model.quantization), cfg.gradient_checkpointing)
-    if on_cpu:  # on GPUs torch's and peft's own kernels are the fast ones
+    if on_cpu:  # on GPUs torch's and peft's own kernels and allocator are the fast ones
+        keep_freed_memory()
         use_cpu_dropout(model)
         fuse_lora_linears(model)
         fuse_rms_norms(model)

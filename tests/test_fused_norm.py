@@ -61,6 +61,34 @@ def test_no_gradient_is_computed_for_what_needs_none():
     assert norm.weight.grad is not None
 
 
+def test_backward_called_under_autocast_stays_in_float32(fused_calls):
+    """A loop that calls backward() inside its autocast block gets the gradients forward's float32 implies."""
+    norm = random_norm(64)
+    fuse_rms_norms(norm)
+    x, grad = torch.randn(4, 64) * 3, torch.randn(4, 64)
+    grads = []
+    for autocast in (False, True):
+        leaf = x.clone().requires_grad_()
+        out = norm(leaf)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out.backward(grad)
+        grads.append((leaf.grad, norm.weight.grad.clone()))
+        norm.weight.grad = None
+    assert len(fused_calls) == 2
+    for expected, got in zip(*grads, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_second_derivative_is_refused():
+    norm = random_norm(8)
+    fuse_rms_norms(norm)
+    x = torch.randn(3, 8, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(norm(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        grad_x.sum().backward()
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_a_model_trains_the_same(arch, autocast, fused_calls):
@@ -108,10 +136,52 @@ class OffsetRMSNorm(LlamaRMSNorm):
         return normed * (1 + self.weight)
 
 
+class ResidualRMSNorm(LlamaRMSNorm):
+    """The plain formula, with a residual added first when one is passed."""
+
+    def forward(self, x, residual=None):
+        return super().forward(x if residual is None else x + residual)
+
+
+class TupleRMSNorm(LlamaRMSNorm):
+    def forward(self, x):
+        return super().forward(x), None
+
+
+class BufferRMSNorm(LlamaRMSNorm):
+    """State beyond the weight (a running scale, here at its neutral value) is not the plain formula's."""
+
+    def __init__(self, features):
+        super().__init__(features)
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_a_call_with_more_than_the_hidden_states_runs_the_models_own_forward(fused_calls):
+    reference = ResidualRMSNorm(8)
+    fused = copy.deepcopy(reference)
+    assert fuse_rms_norms(fused) == 1
+    x, residual = torch.randn(3, 8), torch.randn(3, 8)
+    torch.testing.assert_close(fused(x, residual=residual), reference(x, residual=residual))
+    torch.testing.assert_close(fused(x, residual), reference(x, residual))
+    assert fused_calls == []
+    torch.testing.assert_close(fused(x), reference(x))
+    assert fused_calls == [1]
+
+
 @pytest.mark.parametrize(
     "norm",
-    [WeightlessRMSNorm(8), OffsetRMSNorm(8), GemmaRMSNorm(8), nn.LayerNorm(8, bias=False)],
-    ids=["weightless", "offset", "gemma", "layernorm"],
+    [
+        WeightlessRMSNorm(8),
+        OffsetRMSNorm(8),
+        GemmaRMSNorm(8),
+        nn.LayerNorm(8, bias=False),
+        TupleRMSNorm(8),
+        BufferRMSNorm(8),
+    ],
+    ids=["weightless", "offset", "gemma", "layernorm", "tuple", "buffer"],
 )
 def test_other_formulas_are_left_alone(norm):
     assert not computes_rms_norm(norm)

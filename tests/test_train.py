@@ -602,8 +602,9 @@ def test_second_spec_entry_is_named_in_errors(tiny_model_dir, data_files, isolat
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_a_cpu_run_trains_with_the_cpu_layers(tiny_model_dir, data_files, isolated, packing):
-    """On a CPU: LoRA's dropout drawn by gaps, the LoRA linears and the RMSNorms fused, and without mixed precision
+def test_a_cpu_run_trains_with_the_cpu_layers(tiny_model_dir, data_files, isolated, packing, monkeypatch):
+    """On a CPU: glibc keeps freed memory, LoRA's dropout drawn by gaps, the LoRA linears and the RMSNorms
+    fused, and without mixed precision
     (auto, on a CPU without AMX) packed rows attended example by example (sdpa as it is for unpacked
     ones and under bf16 autocast)."""
     import helpers
@@ -620,7 +621,10 @@ def test_a_cpu_run_trains_with_the_cpu_layers(tiny_model_dir, data_files, isolat
         data={"packing": packing},
         train={"max_steps": 2},
     )
+    allocator_tuned = []
+    monkeypatch.setattr("job.train.keep_freed_memory", lambda: allocator_tuned.append(True))
     model = train_in_process(spec).model
+    assert allocator_tuned == [True]
     per_example = packing and helpers._accelerator.mixed_precision == "no"
     assert model.get_base_model().config._attn_implementation == (PACKED_SDPA if per_example else "sdpa")
     layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
