@@ -19,21 +19,23 @@ from job.errors import JobError, UserError
 
 def cmd_run(args: argparse.Namespace) -> int:
     from job.signals import StopRequest
-    from job.spec import load_spec
+    from job.spec import TrainSpec, load_spec
     from job.startup import leave_out_bitsandbytes
 
-    spec = load_spec(args.spec, args.set)
-    if args.nproc_per_node is not None:
-        return launch_workers(spec, args)
-    placed = [
-        f"--{k.replace('_', '-')}"
-        for k in ("nnodes", "node_rank", "master_addr", "master_port")
-        if getattr(args, k) is not None
-    ]
-    if placed:
-        raise UserError(f"{', '.join(placed)}: placement for --nproc-per-node, which is not given")
-    # Before the heavy imports: a stop during them, the model download or the counting pass exits 75 too.
-    with StopRequest(spec.train.stop_grace_seconds) as stop:
+    # First: a stop while the spec is read, the libraries are imported, the workers start, the model
+    # downloads or the counting pass runs exits 75 too (the default action would be 128 + the signal).
+    with StopRequest(TrainSpec.model_fields["stop_grace_seconds"].default) as stop:
+        spec = load_spec(args.spec, args.set)
+        stop.grace_seconds = spec.train.stop_grace_seconds
+        if args.nproc_per_node is not None:
+            return launch_workers(spec, args, stop)
+        placed = [
+            f"--{k.replace('_', '-')}"
+            for k in ("nnodes", "node_rank", "master_addr", "master_port")
+            if getattr(args, k) is not None
+        ]
+        if placed:
+            raise UserError(f"{', '.join(placed)}: placement for --nproc-per-node, which is not given")
         if spec.model.quantization is None:
             leave_out_bitsandbytes()
         from job.accelerator import make_accelerator
@@ -45,9 +47,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch_workers(spec, args: argparse.Namespace) -> int:
+def launch_workers(spec, args: argparse.Namespace, stop) -> int:
     """This node's workers through torch's elastic launcher, placed by the arguments, else by the
-    scheduler's environment (job/cluster.py)."""
+    scheduler's environment (job/cluster.py). `stop`: the StopRequest installed until then."""
 
     from job.cluster import node_placement
     from job.launcher import nproc_auto, run_workers
@@ -56,9 +58,7 @@ def launch_workers(spec, args: argparse.Namespace) -> int:
     placement = node_placement(os.environ, given)
     nproc = nproc_auto() if args.nproc_per_node == "auto" else args.nproc_per_node
     worker_args = ["--restart"] if args.restart else []
-    return run_workers(
-        spec.model_dump(mode="json"), worker_args, nproc, placement, spec.train.stop_grace_seconds
-    )
+    return run_workers(spec.model_dump(mode="json"), worker_args, nproc, placement, stop)
 
 
 def nproc_per_node(text: str) -> int | str:

@@ -24,7 +24,7 @@ import psutil
 
 from job.cluster import Placement
 from job.errors import EXIT_REQUEUE, DataError, Preempted, UserError
-from job.signals import STOP_SIGNALS
+from job.signals import STOP_SIGNALS, StopRequest
 
 RENDEZVOUS_TIMEOUT_SECONDS = 900  # how long the first node waits for the others to come up
 
@@ -53,9 +53,10 @@ def exit_code(codes: Mapping[int, int]) -> int:
 
 
 @contextmanager
-def forwarding_stop_signals() -> Iterator[None]:
+def forwarding_stop_signals(stop: StopRequest) -> Iterator[None]:
     """While the workers run: a stop signal to the launcher reaches every worker. One that comes
-    before any worker has started ends the launcher with 75 (nothing trained, nothing to save)."""
+    before any worker has started, or that `stop` (installed before) received, ends the launcher with
+    75 (nothing trained, nothing to save)."""
     started = threading.Event()
     done = threading.Event()
 
@@ -78,6 +79,10 @@ def forwarding_stop_signals() -> Iterator[None]:
     threading.Thread(target=watch, name="ftjob-workers-started", daemon=True).start()
     previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
+        if stop.requested:  # after the handlers above: no signal falls between the two
+            raise Preempted(
+                f"{signal.Signals(stop.signal).name} before the workers started; exit 75 to be requeued"
+            )
         yield
     finally:
         done.set()
@@ -90,10 +95,11 @@ def run_workers(
     worker_args: Sequence[str],
     nproc_per_node: int,
     placement: Placement,
-    grace_seconds: float,
+    stop: StopRequest,
 ) -> int:
     """Start this node's workers, each `python -m job run` with the validated spec (FTJOB_SPEC) and
-    worker_args, and return the job's exit code."""
+    worker_args, and return the job's exit code. `stop`: the StopRequest installed until now, whose
+    grace period the workers get to stop in."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -113,10 +119,10 @@ def run_workers(
         max_restarts=0,  # a failed worker ends the job; the scheduler decides what comes next
         monitor_interval=0.1,
         signals_to_handle="SIGHUP,SIGQUIT",  # the stop signals are forwarded by us, not turned into kills
-        shutdown_timeout=int(grace_seconds) + 10,
+        shutdown_timeout=int(stop.grace_seconds) + 10,
         **rendezvous,
     )
-    with tempfile.TemporaryDirectory(prefix="ftjob-launch-") as tmp, forwarding_stop_signals():
+    with tempfile.TemporaryDirectory(prefix="ftjob-launch-") as tmp, forwarding_stop_signals(stop):
         # Every worker reads the spec as checked here, overrides applied: not the FTJOB__ variables
         # again, and not from the environment (storage_options may hold secrets; a 0600 file instead).
         spec_file = Path(tmp) / "spec.json"

@@ -98,3 +98,18 @@ def test_a_failing_system_is_reported_and_the_others_still_measured(tmp_path, mo
     assert [r["system"] for r in json.loads(report.read_text())["best"]] == ["ftjob", "padding"]
     out, err = capsys.readouterr()
     assert "| tiny | fp32 | padding |" in out and "out of memory" in err
+
+
+def test_the_compile_bench_times_each_form():
+    """bench/compile.py at the tiny size: a row per form with a first step and a step time."""
+    from bench.compile import FORMS
+
+    command = [sys.executable, "-m", "bench.compile", "--size", "tiny", "--steps", "1", "--rows", "40"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [
+        line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line
+    ]
+    assert [row[0].lstrip("| ") for row in rows[1:]] == list(FORMS)
+    for row in rows[1:]:
+        assert float(row[1]) > 0 and float(row[2]) > 0

@@ -4,6 +4,7 @@ with real processes, real signals and a slow object store."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -222,6 +223,24 @@ def test_a_stop_with_slow_uploads_exits_75_commits_and_resumes_exactly(
     ]
     resumed, straight = weights(workdir / target), weights(two_processes)
     assert all((resumed[k] == straight[k]).all() for k in straight)  # bitwise
+
+
+@pytest.mark.parametrize("launcher", [[], ["--nproc-per-node", "2"]], ids=["one-process", "launcher"])
+def test_a_stop_while_the_spec_is_read_exits_75(spec_path, workdir, launcher):
+    """A scheduler may stop a job the moment it starts: SIGTERM to every process while `ftjob run`
+    still reads its spec (a FIFO here, held open) exits 75, not 143, and trains nothing."""
+    name = f"early-{len(launcher)}"
+    fifo = workdir / f"{name}.json"
+    os.mkfifo(fifo)
+    process = start_run(fifo, f"./{name}", *launcher)
+    with open(fifo, "w") as writer:  # open returns once ftjob has opened it: it is reading the spec
+        os.killpg(process.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        writer.write(spec_path.read_text())
+    code, out = finish(process)
+    assert code == 75, out
+    assert "SIGTERM" in out and "exit 75 to be requeued" in out
+    assert not (workdir / name / "adapter").exists() and not (workdir / name / "checkpoints").exists()
 
 
 def test_a_failing_worker_ends_the_job_with_its_code(spec_path, workdir):
