@@ -14,7 +14,7 @@ import os
 import sys
 
 from job import __version__
-from job.errors import JobError, UserError
+from job.errors import JobError, Preempted, UserError
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -26,9 +26,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     # downloads or the counting pass runs exits 75 too (the default action would be 128 + the signal).
     with StopRequest(TrainSpec.model_fields["stop_grace_seconds"].default) as stop:
         spec = load_spec(args.spec, args.set)
+        if stop.requested:
+            raise Preempted(f"{stop.signal_name} as the job started, nothing trained; exit 75 to be requeued")
         stop.grace_seconds = spec.train.stop_grace_seconds
         if args.nproc_per_node is not None:
-            return launch_workers(spec, args, stop)
+            code = launch_workers(spec, args, stop)
+            stop.ignore_from_now()  # the workers are done: a late copy of their stop signal changes nothing
+            return code
         placed = [
             f"--{k.replace('_', '-')}"
             for k in ("nnodes", "node_rank", "master_addr", "master_port")

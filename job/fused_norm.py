@@ -3,7 +3,7 @@
 transformers computes a Llama-style RMSNorm (x * rsqrt(mean(x^2) + eps) * weight) from single
 operations, and autograd backpropagates through each: about a dozen passes over the [tokens, features]
 tensor per norm, two norms per decoder layer. On a CPU those passes are a good part of a small model's
-step; _RMSNorm makes three in forward and four in backward (five when the weight trains too), keeping
+step; _RMSNorm makes three in forward and four in backward (seven when the weight trains too), keeping
 the input and one number per token.
 
 It takes over norms that compute exactly that formula (checked on random inputs and weights, so
@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu")
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # float32 under autocast too
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         features = x.shape[-1]
         squares = torch.linalg.vecdot(x, x).unsqueeze(-1)
@@ -31,8 +31,7 @@ class _RMSNorm(torch.autograd.Function):
         return (x * rstd).mul_(weight)
 
     @staticmethod
-    # in float32 as forward, also when backward() is called under autocast
-    @torch.amp.custom_bwd(device_type="cpu")
+    @torch.amp.custom_bwd(device_type="cpu")  # as forward ran, also when backward() is called under autocast
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
@@ -49,18 +48,13 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    with torch.autocast("cpu", enabled=False):
-        return _RMSNorm.apply(x, weight, eps)
-
-
 class FusedRMSNorm(nn.Module):
     """Mixed into a model's RMSNorm class (fused_class): its forward, through _RMSNorm where it applies."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         weight = self.weight
         if not (args or kwargs) and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
-            return rms_norm(x, weight, self.variance_epsilon)
+            return _RMSNorm.apply(x, weight, self.variance_epsilon)
         return super().forward(x, *args, **kwargs)
 
 

@@ -80,9 +80,7 @@ def forwarding_stop_signals(stop: StopRequest) -> Iterator[None]:
     previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
         if stop.requested:  # after the handlers above: no signal falls between the two
-            raise Preempted(
-                f"{signal.Signals(stop.signal).name} before the workers started; exit 75 to be requeued"
-            )
+            raise Preempted(f"{stop.signal_name} before the workers started; exit 75 to be requeued")
         yield
     finally:
         done.set()

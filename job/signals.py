@@ -57,6 +57,10 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal is not None
 
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self.signal).name if self.signal is not None else None
+
     def agreed(self, accelerator) -> bool:
         """Whether any rank got a stop signal: every rank calls it at the same point (a collective
         operation), so all stop after the same step."""

@@ -10,7 +10,8 @@ import sys
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 2**30
-ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # and as glibc's tunables:
+ALLOCATOR_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
 
 
 def keep_freed_memory() -> bool:
@@ -19,13 +20,14 @@ def keep_freed_memory() -> bool:
     Every training step allocates the same large activations again. By default glibc gives them fresh
     pages (mmap, or a heap it trims after each step), which the kernel zero-fills on first touch: 1.4M
     page faults in the CPU bench's epoch, each step 5% slower (bench/RESULTS.md). Blocks up to 32 MiB come
-    from the heap, and each of glibc's heaps (one per thread that allocates) keeps up to 1 GiB of freed
-    memory: the process's memory does not shrink between steps. For CPU runs, where activations live in
-    this allocator. False where this is not glibc, or where the environment already sets glibc's
-    allocator (its choice stands).
+    from glibc's arenas, each of which keeps up to 1 GiB of freed memory at its top: the process's memory
+    does not shrink between steps. For CPU runs, where activations live in this allocator. False where
+    this is not glibc, or where the environment already sets these two thresholds (its choice stands).
     """
-    chosen = any(name in os.environ for name in ALLOCATOR_SETTINGS)
-    if chosen or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if any(name in os.environ for name in ALLOCATOR_SETTINGS) or any(
+        t in tunables for t in ALLOCATOR_TUNABLES
+    ):
         return False
     if not sys.platform.startswith("linux"):
         return False

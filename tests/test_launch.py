@@ -225,6 +225,20 @@ def test_a_stop_with_slow_uploads_exits_75_commits_and_resumes_exactly(
     assert all((resumed[k] == straight[k]).all() for k in straight)  # bitwise
 
 
+def open_once_read(fifo: Path, process: subprocess.Popen, timeout: float = 60) -> int:
+    """The write end of fifo, opened once process has opened it to read; fails if it exits first."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            time.sleep(0.01)
+            continue
+        os.set_blocking(writer, True)
+        return writer
+    raise AssertionError(f"ftjob never opened {fifo} (exit {process.poll()}):\n{process.stdout.read()}")
+
+
 @pytest.mark.parametrize("launcher", [[], ["--nproc-per-node", "2"]], ids=["one-process", "launcher"])
 def test_a_stop_while_the_spec_is_read_exits_75(spec_path, workdir, launcher):
     """A scheduler may stop a job the moment it starts: SIGTERM to every process while `ftjob run`
@@ -233,10 +247,11 @@ def test_a_stop_while_the_spec_is_read_exits_75(spec_path, workdir, launcher):
     fifo = workdir / f"{name}.json"
     os.mkfifo(fifo)
     process = start_run(fifo, f"./{name}", *launcher)
-    with open(fifo, "w") as writer:  # open returns once ftjob has opened it: it is reading the spec
-        os.killpg(process.pid, signal.SIGTERM)
-        time.sleep(0.5)
-        writer.write(spec_path.read_text())
+    writer = open_once_read(fifo, process)  # ftjob is reading the spec
+    os.killpg(process.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    with open(writer, "w") as spec:
+        spec.write(spec_path.read_text())
     code, out = finish(process)
     assert code == 75, out
     assert "SIGTERM" in out and "exit 75 to be requeued" in out

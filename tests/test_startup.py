@@ -1,4 +1,5 @@
-"""The training process's set-up before its heavy imports (job/startup.py), each in a fresh interpreter."""
+"""The training process's allocator and the libraries it leaves out (job/startup.py), and how the
+program ends, each in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ def test_an_allocator_set_in_the_environment_is_left_alone(name, value):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_glibc_tunables_for_other_parts_of_glibc_do_not_count_as_an_allocator_choice():
-    tuned, kept = kept_mib("tuned", {"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=4096"})
+def test_glibc_tunables_other_than_the_two_thresholds_do_not_count_as_a_choice():
+    tunables = "glibc.rtld.optional_static_tls=4096:glibc.malloc.arena_max=4"
+    tuned, kept = kept_mib("tuned", {"GLIBC_TUNABLES": tunables})
     assert tuned == "True" and kept >= 64
 
 
