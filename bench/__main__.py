@@ -182,14 +182,17 @@ def calibrate(model_dir: str, device: str, precisions: list[str], workdir: Path)
         env["CUDA_VISIBLE_DEVICES"] = ""
     done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
     if done.returncode:
-        sys.exit(f"calibration failed:\n{done.stderr[-4000:]}")
+        raise SystemFailed(f"calibration failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.rsplit("RESULT ", 1)[1])
 
 
 def bench_size(size: str, args: argparse.Namespace, workdir: Path) -> dict:
     """Every system at every precision on one model size: the workspace, calibration and all rounds."""
     workspace = build_workspace(workdir, size, args.rows)
-    calibration = calibrate(workspace["model"], args.device, args.precisions, workdir)
+    try:
+        calibration = calibrate(workspace["model"], args.device, args.precisions, workdir)
+    except SystemFailed as error:
+        sys.exit(str(error))
     if any(system.startswith("ftjob") for system in args.systems):
         create_tracking_store(tracking_store(workdir))
     runs, failed = [], []
@@ -213,8 +216,11 @@ def bench_size(size: str, args: argparse.Namespace, workdir: Path) -> dict:
                 )
     # The peak measured again after the runs, the higher one kept: on a shared machine one second of
     # matmuls can meet a busy moment, and a low peak would overstate every MFU.
-    after = calibrate(workspace["model"], args.device, args.precisions, workdir)["matmul_flops"]
-    calibration["matmul_flops"] = {p: max(f, after[p]) for p, f in calibration["matmul_flops"].items()}
+    try:
+        after = calibrate(workspace["model"], args.device, args.precisions, workdir)["matmul_flops"]
+        calibration["matmul_flops"] = {p: max(f, after[p]) for p, f in calibration["matmul_flops"].items()}
+    except SystemFailed as error:
+        print(f"the peak measured before the runs stands: {error}", file=sys.stderr)
     for run in runs:
         speed, peak = run["tokens_per_s"], calibration["matmul_flops"][run["precision"]]
         run["mfu"] = calibration["flops_per_token"] * speed / peak if speed else None

@@ -4,9 +4,9 @@ Trains the `python -m bench` workload's model (random weights, LoRA r16 all-line
 float32, AdamW) on [micro batch, 512] random tokens, one full-row causal sequence per row, in three
 forms, each in a fresh process from the same weights: peft's layers eager; the same model under
 torch.compile (inductor), whose first step includes the compilation (with an empty cache, as in a fresh
-container); and ftjob's CPU layers eager
-(LoRA dropout by gaps, fused LoRA linears, fused RMSNorm). Reports the first step and the mean of the
-steps after it.
+container); and ftjob's CPU layers eager (LoRA dropout by gaps, fused LoRA linears, fused RMSNorm).
+Reports the first step and the mean of the steps after it, and how many frames torch.compile compiled
+in each form (0 for the eager ones).
 
     .venv/bin/python -m bench.compile [--size small] [--steps 5] [--micro-batch 4]
 """

@@ -50,8 +50,10 @@ class StopRequest:
 
     def ignore_from_now(self) -> None:
         """The process's work is done: stop signals from now on are ignored (not their default action,
-        which would end a finished run with 128 + the signal instead of 0)."""
+        which would end a finished run with 128 + the signal instead of 0, nor this handler's stop)."""
         self.previous = {s: signal.SIG_IGN for s in self.previous}
+        for s in self.previous:  # installed from the main thread, which is the one calling this
+            signal.signal(s, signal.SIG_IGN)
 
     @property
     def requested(self) -> bool:

@@ -22,7 +22,7 @@ def keep_freed_memory() -> bool:
     page faults in the CPU bench's epoch, each step 5% slower (bench/RESULTS.md). Blocks up to 32 MiB come
     from glibc's arenas, each of which keeps up to 1 GiB of freed memory at its top: the process's memory
     does not shrink between steps. For CPU runs, where activations live in this allocator. False where
-    this is not glibc, or where the environment already sets these two thresholds (its choice stands).
+    this is not glibc, or where the environment already sets either threshold (its choice stands).
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if any(name in os.environ for name in ALLOCATOR_SETTINGS) or any(

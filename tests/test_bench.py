@@ -75,7 +75,7 @@ def test_ftjob_qlora_runs_on_a_4bit_base_and_by_default_on_gpus_only():
 
 def fake_bench(monkeypatch, tmp_path, peaks: list[float], argv: list[str]) -> tuple[dict, str | None]:
     """bench's main() with its systems and calibrations faked: trl fails (out of memory), the others run
-        at 50 tokens/s; each calibration measures the next of peaks (fp32 FLOP/s). Returns the JSON report and
+    at 50 tokens/s; each calibration measures the next of peaks (fp32 FLOP/s). Returns the JSON report and
     the message main() exited with (None when it returned)."""
     import bench.__main__ as bench_main
 
@@ -115,8 +115,9 @@ def test_a_failing_system_is_reported_and_the_others_still_measured(tmp_path, mo
     assert "| tiny | fp32 | padding |" in out and "out of memory" in err
 
 
-def test_mfu_is_over_the_higher_of_the_peaks_measured_before_and_after_the_runs(tmp_path, monkeypatch):
-    report, exited = fake_bench(monkeypatch, tmp_path, [1e4, 2e4], ["--systems", "ftjob"])
+@pytest.mark.parametrize("peaks", [[1e4, 2e4], [2e4, 1e4]], ids=["after", "before"])
+def test_mfu_is_over_the_higher_of_the_peaks_measured_before_and_after_the_runs(tmp_path, monkeypatch, peaks):
+    report, exited = fake_bench(monkeypatch, tmp_path, peaks, ["--systems", "ftjob"])
     assert exited is None
     assert report["sizes"][0]["calibration"]["matmul_flops"] == {"fp32": 2e4}
     assert report["best"][0]["mfu"] == 50.0 / 2e4

@@ -80,6 +80,26 @@ def test_backward_called_under_autocast_stays_in_float32(fused_calls):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_under_autocast_forward_and_backward_stay_in_float32(fused_calls):
+    """A float32 norm under bf16 autocast computes what it computes without it (torch would run the
+    fused forward's vecdot in bf16)."""
+    norm = random_norm(64)
+    fuse_rms_norms(norm)
+    x, grad = torch.randn(4, 64) * 3, torch.randn(4, 64)
+    results = []
+    for autocast in (False, True):
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = norm(leaf)
+            out.backward(grad)
+        results.append((out, leaf.grad, norm.weight.grad.clone()))
+        norm.weight.grad = None
+    assert len(fused_calls) == 2
+    for expected, got in zip(*results, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_a_second_derivative_is_refused():
     norm = random_norm(8)
     fuse_rms_norms(norm)

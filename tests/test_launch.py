@@ -15,8 +15,9 @@ from helpers import free_port, read_until, run_ftjob, start_run, write_jsonl, wr
 from safetensors.torch import load_file
 
 from job.cluster import Placement, first_host, node_placement
-from job.errors import UserError
-from job.launcher import exit_code
+from job.errors import Preempted, UserError
+from job.launcher import exit_code, forwarding_stop_signals
+from job.signals import STOP_SIGNALS, StopRequest
 
 STEPS = 40
 
@@ -99,6 +100,17 @@ def test_a_multi_node_job_that_cannot_be_placed_is_a_user_error(env, missing):
 )
 def test_the_job_exits_with_the_workers_code(codes, expected):
     assert exit_code(codes) == expected
+
+
+def test_a_stop_received_before_the_launcher_forwards_signals_ends_it_with_75():
+    """A stop that the StopRequest took while the launcher imported torch is not lost when the
+    forwarding handlers replace it: no worker starts, and the handlers are put back."""
+    stop = StopRequest(grace_seconds=60)
+    stop.signal = signal.SIGUSR1  # as its handler records it (without the grace period's watchdog)
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    with pytest.raises(Preempted, match="SIGUSR1 before the workers started"), forwarding_stop_signals(stop):
+        raise AssertionError("the workers would start here")
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
 
 
 def test_auto_is_one_process_on_a_cpu_node():
@@ -236,7 +248,8 @@ def open_once_read(fifo: Path, process: subprocess.Popen, timeout: float = 60) -
             continue
         os.set_blocking(writer, True)
         return writer
-    raise AssertionError(f"ftjob never opened {fifo} (exit {process.poll()}):\n{process.stdout.read()}")
+    process.kill()
+    raise AssertionError(f"ftjob never opened {fifo} (exit {process.wait()}):\n{process.stdout.read()}")
 
 
 @pytest.mark.parametrize("launcher", [[], ["--nproc-per-node", "2"]], ids=["one-process", "launcher"])
@@ -254,7 +267,7 @@ def test_a_stop_while_the_spec_is_read_exits_75(spec_path, workdir, launcher):
         spec.write(spec_path.read_text())
     code, out = finish(process)
     assert code == 75, out
-    assert "SIGTERM" in out and "exit 75 to be requeued" in out
+    assert "SIGTERM as the job started, nothing trained; exit 75 to be requeued" in out
     assert not (workdir / name / "adapter").exists() and not (workdir / name / "checkpoints").exists()
 
 
