@@ -12,9 +12,13 @@ import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from job import __version__
 from job.errors import JobError, Preempted, UserError
+
+if TYPE_CHECKING:
+    from job.signals import StopRequest
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -51,7 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch_workers(spec, args: argparse.Namespace, stop) -> int:
+def launch_workers(spec, args: argparse.Namespace, stop: StopRequest) -> int:
     """This node's workers through torch's elastic launcher, placed by the arguments, else by the
     scheduler's environment (job/cluster.py). `stop`: the StopRequest installed until then."""
 

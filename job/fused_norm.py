@@ -69,9 +69,11 @@ def computes_rms_norm(module: nn.Module) -> bool:
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     if not type(module).__name__.endswith("RMSNorm") or not isinstance(eps, float):
         return False
-    if not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+    if [name for name, _ in module.named_parameters()] != ["weight"] or next(
+        module.buffers(), None
+    ) is not None:
         return False
-    if [name for name, _ in module.named_parameters()] != ["weight"] or any(True for _ in module.buffers()):
+    if weight.dim() != 1:
         return False
     generator = torch.Generator().manual_seed(0)
     probe_weight = torch.rand(weight.shape, generator=generator) + 0.5

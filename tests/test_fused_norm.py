@@ -61,36 +61,21 @@ def test_no_gradient_is_computed_for_what_needs_none():
     assert norm.weight.grad is not None
 
 
-def test_backward_called_under_autocast_stays_in_float32(fused_calls):
-    """A loop that calls backward() inside its autocast block gets the gradients forward's float32 implies."""
-    norm = random_norm(64)
-    fuse_rms_norms(norm)
-    x, grad = torch.randn(4, 64) * 3, torch.randn(4, 64)
-    grads = []
-    for autocast in (False, True):
-        leaf = x.clone().requires_grad_()
-        out = norm(leaf)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out.backward(grad)
-        grads.append((leaf.grad, norm.weight.grad.clone()))
-        norm.weight.grad = None
-    assert len(fused_calls) == 2
-    for expected, got in zip(*grads, strict=True):
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-
-
-def test_under_autocast_forward_and_backward_stay_in_float32(fused_calls):
-    """A float32 norm under bf16 autocast computes what it computes without it (torch would run the
-    fused forward's vecdot in bf16)."""
+@pytest.mark.parametrize("under_autocast", ["backward", "forward and backward"])
+def test_under_autocast_the_norm_stays_in_float32(under_autocast, fused_calls):
+    """A float32 norm computes under bf16 autocast what it computes without it, whether the loop runs
+    only backward() inside its autocast block or forward too (torch would run the fused forward's
+    vecdot, and the backward's, in bf16)."""
     norm = random_norm(64)
     fuse_rms_norms(norm)
     x, grad = torch.randn(4, 64) * 3, torch.randn(4, 64)
     results = []
     for autocast in (False, True):
         leaf = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        forward_bf16 = autocast and under_autocast == "forward and backward"
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=forward_bf16):
             out = norm(leaf)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out.backward(grad)
         results.append((out, leaf.grad, norm.weight.grad.clone()))
         norm.weight.grad = None
