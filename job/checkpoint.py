@@ -16,11 +16,15 @@ one of the highest step, and of the highest generation among those (folders name
 before generations, are generation 0).
 
 A reader trusts only a checkpoint with COMMITTED whose files match its MANIFEST; a damaged newest one
-(a truncated or missing file) is skipped with a warning for the one before. Rank files are uploaded before a barrier; rank 0
-then uploads its files from a background thread and writes COMMITTED, so training goes on meanwhile.
-At most one upload is in flight: a checkpoint that comes while one is uploading waits for it.
-Retention runs right after a commit, which happens only while the lease is this job's; a failure to
-list or delete checkpoints there is a warning.
+(a truncated or missing file) is skipped with a warning for the one before. What a whole one holds is
+input all the same, checked as strictly as the spec before anything is trained (run.json, the rank
+files' RNG states and the metric curve here, the data cursor by the data pipeline): one that is not as
+ftjob writes it is refused (exit 2), naming the file and key.
+
+Rank files are uploaded before a barrier; rank 0 then uploads its files from a background thread and
+writes COMMITTED, so training goes on meanwhile. At most one upload is in flight: a checkpoint that
+comes while one is uploading waits for it. Retention runs right after a commit, which happens only
+while the lease is this job's; a failure to list or delete checkpoints there is a warning.
 The metric curve is not in checkpoints: each one adds a segment of it (job/metrics_log.py).
 """
 
@@ -28,24 +32,30 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 from accelerate.utils import gather_object
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from safetensors.torch import load_file, save_file
 
+from job.data.pipeline import Count, RandomState, _refuse, _Saved, _validated
 from job.data.stream import random_state, set_random_state
 from job.errors import JobError, UserError
 from job.export import MANIFEST, manifest_entry, verify_manifest, write_manifest
 from job.lease import Lease, LeaseLost, holder, rank_0_outcome
 from job.metrics_log import CURVE, read_history, remove_segments_after, segments_uri, to_lines
+from job.model_source import resolved_identity
 from job.spec import Spec, flatten
 from job.storage import download_dir, filesystem, join, upload_dir
 
@@ -79,27 +89,35 @@ MAY_CHANGE_ON_RESUME = (
 )
 CHECKPOINT_FORMAT = 2  # 2: with MANIFEST.json (a format-2 checkpoint without one is damaged)
 # A checkpoint whose fingerprint has another version was written by another ftjob. 3: the data cursor
-# holds the positions of buffered and carried-over rows, not the rows.
-FINGERPRINT_VERSION = 3
+# holds the positions of buffered and carried-over rows, not the rows. 4: with model.identity.
+FINGERPRINT_VERSION = 4
+MODEL_IDENTITY = "model.identity"  # the digest of the files the run loaded the model from (model_source.py)
+CHANGE_LABELS = {MODEL_IDENTITY: "model.identity (other weights under model.source)"}  # digests say little
 
 
 def fingerprint(spec: Spec, world_size: int) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint: every spec key (dotted)
-    but those in MAY_CHANGE_ON_RESUME, and the number of processes."""
+    but those in MAY_CHANGE_ON_RESUME, the identity of the model it loaded (the same model.source may
+    hold other weights by then), and the number of processes."""
     keys = flatten(spec.model_dump(mode="json"))
     kept = {
         k: v
         for k, v in keys.items()
         if not any(k == p or k.startswith(f"{p}.") for p in MAY_CHANGE_ON_RESUME)
     }
-    return {**kept, "world_size": world_size, "fingerprint_version": FINGERPRINT_VERSION}
+    return {
+        **kept,
+        MODEL_IDENTITY: resolved_identity(spec.model.source, spec.model.revision),
+        "world_size": world_size,
+        "fingerprint_version": FINGERPRINT_VERSION,
+    }
 
 
 def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     if saved.get("fingerprint_version") != current["fingerprint_version"]:
         return ["the checkpoint was written by another version of ftjob, which saved other fields"]
     return [
-        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        f"{CHANGE_LABELS.get(key, key)}: {saved.get(key)!r} -> {current.get(key)!r}"
         for key in sorted(saved.keys() | current.keys())
         if saved.get(key) != current.get(key)
     ]
@@ -183,12 +201,121 @@ def rng_states() -> dict[str, Any]:
 
 
 def set_rng_states(state: dict[str, Any]) -> None:
+    """Apply states rng_states() saved, once rank_state() has checked them."""
     set_random_state(random, state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
+    if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# What a resume reads back is input, checked as the data cursor is (job/data/pipeline.py: saved_plan),
+# with its helpers: refused with exit 2, naming the file and the key, before anything is trained.
+
+Step = Annotated[int, Field(ge=1, strict=True)]
+Byte = Annotated[int, Field(ge=0, le=255, strict=True)]
+Word = Annotated[int, Field(ge=0, lt=2**32, strict=True)]
+MT19937_WORDS = 624  # NumPy's generator state: 624 32-bit words, and the position of the next one
+Metric = Annotated[float, Field(strict=True)]  # an int or a float (NaN too: a loss can be), not a bool
+
+
+def generator_state(device: str) -> Callable[[list[int]], list[int]]:
+    """A check that bytes are the state of a torch generator on device: they are set on a new one, which
+    checks their size and the state's own fields (torch refuses what it cannot use). CUDA states are
+    checked only where there is CUDA: elsewhere set_rng_states() does not apply them."""
+
+    def check(state: list[int]) -> list[int]:
+        if device == "cuda" and not torch.cuda.is_available():
+            return state
+        try:
+            torch.Generator(device=device).set_state(torch.tensor(state, dtype=torch.uint8))
+        except RuntimeError as e:
+            raise ValueError(f"not the state of torch's {device} generator ({e})") from None
+        return state
+
+    return check
+
+
+# kind, keys, pos, has_gauss, cached: NumPy does not check pos, and reads its keys at pos
+NumpyState = tuple[
+    Literal["MT19937"],
+    Annotated[list[Word], Field(min_length=MT19937_WORDS, max_length=MT19937_WORDS)],
+    Annotated[int, Field(ge=0, le=MT19937_WORDS, strict=True)],
+    Annotated[int, Field(ge=0, le=1, strict=True)],
+    StrictFloat,
+]
+
+
+class SavedRngStates(_Saved):
+    python: RandomState
+    numpy: NumpyState
+    torch: Annotated[list[Byte], AfterValidator(generator_state("cpu"))]
+    cuda: Annotated[list[Byte], AfterValidator(generator_state("cuda"))] | None = None
+
+
+class SavedRankFile(_Saved):
+    rng: SavedRngStates
+    data: Any  # the data cursor, checked whole as the data pipeline loads it (saved_plan)
+
+
+class SavedMetrics(BaseModel):
+    """One step's metrics as the loop records them: the step, and numbers by name."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, Metric]
+    step: Step
+
+
+class SavedFingerprint(_Saved):
+    """What of run.json is read first: the fingerprint, which tells a checkpoint of another ftjob."""
+
+    model_config = ConfigDict(extra="ignore")
+    fingerprint: dict[str, Any]
+
+
+class SavedRun(SavedFingerprint):
+    """run.json of a checkpoint whose fingerprint matched: of this ftjob."""
+
+    model_config = ConfigDict(extra="forbid")
+    step: Step
+    run_id: Any  # continued only when it is an MLflow run id (job/tracking.py: resumable_run_id)
+    total_steps: Step
+    last_metrics: SavedMetrics
+    checkpoint_format: StrictInt
+    lease_generation: Count
+
+
+def check_run_record(run: Any, folder: StepFolder, where: str) -> None:
+    """run.json (at `where`) as this ftjob writes it, for the step and lease generation its folder names."""
+    saved = _validated(SavedRun, run, where)
+    if saved.checkpoint_format != CHECKPOINT_FORMAT:
+        _refuse(where, f"checkpoint_format is {saved.checkpoint_format}, not {CHECKPOINT_FORMAT}")
+    for key, value, named in [
+        ("step", saved.step, folder.step),
+        ("last_metrics.step", saved.last_metrics.step, folder.step),
+        ("lease_generation", saved.lease_generation, folder.generation),
+    ]:
+        if value != named:
+            _refuse(where, f"{key} is {value}, where the checkpoint's folder {folder.name} says {named}")
+
+
+def resume_copy_prefix() -> str:
+    """load_latest's local copies of a checkpoint are named by the process's id: a process removes its
+    own, never another's (every rank of a node makes one)."""
+    return f"ftjob-resume-{os.getpid()}-"
+
+
+@contextmanager
+def resume_copies_removed() -> Iterator[None]:
+    """However the block ends (a stop, an error), the local copies of checkpoints that load_latest made
+    in this process are removed: restore() removes the copy only once the run has got that far."""
+    try:
+        yield
+    finally:
+        for copy in Path(tempfile.gettempdir()).glob(f"{resume_copy_prefix()}*"):
+            shutil.rmtree(copy, ignore_errors=True)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -210,6 +337,9 @@ class Checkpointer:
         self.upload: threading.Thread | None = None
         self.upload_error: BaseException | None = None
         self.curve_saved_to = 0  # the last step whose metrics are in a segment
+        # The newest checkpoint this process's run committed: rank 0 sets it as it commits, the other
+        # ranks learn it from rank 0 at wait_committed (job/signals.py: what the grace period's end exits)
+        self.committed_step: int | None = None
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -267,11 +397,12 @@ class Checkpointer:
         this job's. When either failed, every rank ends the job with rank 0's error (exit 1), not rank 0
         alone while the others wait for it in a collective."""
 
-        def committed_and_held() -> None:
+        def committed_and_held() -> int | None:
             self.wait()
             self.lease.check()  # nothing of this checkpoint is written by a job that lost the lease
+            return self.committed_step
 
-        rank_0_outcome(accelerator, committed_and_held)
+        self.committed_step = rank_0_outcome(accelerator, committed_and_held)
 
     def _upload(self, staging: Path, segment: Path, uri: str, step: int) -> None:
         try:
@@ -281,6 +412,7 @@ class Checkpointer:
             fs, path = filesystem(join(uri, COMMITTED))
             writer = f"lease generation {self.lease.generation}, {holder(self.lease.me)}"
             fs.pipe_file(path, f"step {step}, {writer}\n".encode())
+            self.committed_step = step
             log.info("checkpoint step %d committed to %s", step, uri)
             self._apply_retention()  # under the check just made: no second read of the lease
         except BaseException as e:  # surfaced to the training thread by wait()
@@ -320,15 +452,17 @@ class Checkpointer:
 
     def load_latest(self, expected: dict[str, Any], accelerator=None) -> dict[str, Any] | None:
         """The newest committed checkpoint that is whole, downloaded: run.json's content, its metric
-        history and its local directory; None if there is none. A damaged one (a file missing or not
-        matching its MANIFEST, unreadable JSON) is skipped with a warning for the one before.
-        `expected`: the fingerprint the current spec gives. Every rank of `accelerator` takes the same
-        one: a checkpoint damaged as any rank sees it is skipped by all. A storage error is raised."""
+        history, its local directory ("dir") and its URI; None if there is none. A damaged one (a file
+        missing or not matching its MANIFEST, unreadable JSON) is skipped with a warning for the one
+        before; a whole one whose run.json or metric curve is not as ftjob writes it is refused
+        (UserError). `expected`: the fingerprint the current spec gives. Every rank of `accelerator`
+        takes the same one: a checkpoint damaged as any rank sees it is skipped by all. A storage error
+        is raised."""
         committed = committed_checkpoints(self.output_uri)
         if not committed:
             return None
         for folder in reversed(committed):
-            step, local = folder.step, Path(tempfile.mkdtemp(prefix="ftjob-resume-"))
+            step, local = folder.step, Path(tempfile.mkdtemp(prefix=resume_copy_prefix()))
             try:
                 run, damage = self._download_whole(folder, local), None
             except (UserError, ValueError, KeyError, FileNotFoundError) as e:  # not a storage outage
@@ -342,35 +476,63 @@ class Checkpointer:
                 f"every committed checkpoint in {self.root} is damaged (the warnings above say how); "
                 "run with --restart to start over"
             )
-        changes = fingerprint_changes(run["fingerprint"], expected)
-        if changes:
+        try:  # all that is read back is checked before anything is deleted
+            self._check_run(run, folder, expected)
+            history = self._saved_history(step)
+        except UserError:
             shutil.rmtree(local, ignore_errors=True)
-            raise UserError(
-                f"the spec differs from the one that wrote the checkpoint at step {step} in "
-                f"{self.root}, so resuming would not continue the same run: "
-                + "; ".join(changes)
-                + ". Run with --restart to start over (checkpoints and published outputs are deleted)."
-            )
+            raise
         if self.rank == 0:
-            remove_segments_after(self.output_uri, run["step"])
-        self.curve_saved_to = run["step"]
-        return {**run, "history": read_history(self.output_uri, run["step"]), "dir": local}
+            remove_segments_after(self.output_uri, step)
+        self.curve_saved_to = step
+        return {**run, "history": history, "dir": local, "uri": folder_uri(self.output_uri, folder)}
 
-    def _download_whole(self, folder: StepFolder, local: Path) -> dict[str, Any]:
+    def _download_whole(self, folder: StepFolder, local: Path) -> Any:
         """The checkpoint's files into local, checked against its MANIFEST (checkpoints written before
-        there were manifests have none); its run.json."""
+        there were manifests have none); its run.json, parsed (what it holds is checked by _check_run)."""
         download_dir(folder_uri(self.output_uri, folder), local)
         if (local / MANIFEST).is_file():
             verify_manifest(local)
         run = json.loads((local / "run.json").read_text())
-        if run.get("checkpoint_format", 1) >= CHECKPOINT_FORMAT and not (local / MANIFEST).is_file():
+        before_manifests = isinstance(run, dict) and run.get("checkpoint_format", 1) == 1
+        if not before_manifests and not (local / MANIFEST).is_file():
             raise UserError(f"{MANIFEST} is missing")
         json.loads((local / f"rank-{self.rank:05d}.json").read_text())
         return run
 
+    def _check_run(self, run: Any, folder: StepFolder, expected: dict[str, Any]) -> None:
+        """run.json: of a run of this spec and model (its fingerprint, which names a checkpoint of another
+        ftjob), then as this ftjob writes it."""
+        where = join(folder_uri(self.output_uri, folder), "run.json")
+        changes = fingerprint_changes(_validated(SavedFingerprint, run, where).fingerprint, expected)
+        if changes:
+            raise UserError(
+                f"the spec or the model differs from what wrote the checkpoint at step {folder.step} in "
+                f"{self.root}, so resuming would not continue the same run: "
+                + "; ".join(changes)
+                + ". Run with --restart to start over (checkpoints and published outputs are deleted)."
+            )
+        check_run_record(run, folder, where)
+
+    def _saved_history(self, step: int) -> list[dict[str, Any]]:
+        """The metric curve up to step (the segments of the checkpoints up to it), each step's metrics
+        checked."""
+        where = f"{segments_uri(self.output_uri)} (the metric curve up to step {step})"
+        try:
+            history = read_history(self.output_uri, step)
+        except (ValueError, KeyError, TypeError) as e:  # a line that is not JSON, or not a step's record
+            _refuse(where, f"a line is not a step's metrics ({type(e).__name__}: {e})")
+        for i, record in enumerate(history):
+            _validated(SavedMetrics, record, where, i)
+        return history
+
     def rank_state(self, saved: dict[str, Any]) -> dict[str, Any]:
-        """This rank's data cursor and RNG states in a loaded checkpoint."""
-        return json.loads((saved["dir"] / f"rank-{self.rank:05d}.json").read_text())
+        """This rank's data cursor and RNG states in a loaded checkpoint; the RNG states checked here,
+        the cursor by the data pipeline as it loads it."""
+        name = f"rank-{self.rank:05d}.json"
+        state = json.loads((saved["dir"] / name).read_text())
+        _validated(SavedRankFile, state, join(saved["uri"], name))
+        return state
 
     def restore(self, saved: dict[str, Any], model, optimizer, scheduler, accelerator) -> None:
         """Load weights, optimizer and schedule into the prepared objects (then the local copy goes)."""

@@ -44,6 +44,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         ]
         if placed:
             raise UserError(f"{', '.join(placed)}: placement for --nproc-per-node, which is not given")
+        from job.cluster import check_process_group_variables
+
+        check_process_group_variables(os.environ)  # before accelerate would wait for absent processes
         if spec.model.quantization is None:
             leave_out_bitsandbytes()
         from job.accelerator import make_accelerator
@@ -146,7 +149,7 @@ def cmd_launch_slurm(args: argparse.Namespace) -> int:
         **{name: getattr(args, name) for name in SlurmOptions.__dataclass_fields__ if hasattr(args, name)}
     )
     pass_environment(args.env, os.environ)
-    executor = executor_for(options, spec.name, array=len(specs) if points else None)
+    executor = executor_for(options, spec.name, array=len(specs) if points else None, dry_run=args.dry_run)
     if args.dry_run:
         print(dry_run_script(executor, len(specs) if points else None))
         return 0

@@ -4,18 +4,25 @@
 Indexed Job into (nodes, this node's rank, the rendezvous address and port). Pure functions of a
 mapping, so each scheduler's case is tested without it. `ftjob run --nproc-per-node` starts the
 processes of one node with torch's elastic launcher from this placement; inside each process torch's
-own variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) are what accelerate reads.
+own variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) are what accelerate reads, and
+`check_process_group_variables(environ)` refuses them when no launcher can have set them.
+
+The environment is input like the spec: it may hold what a login shell exported for another job.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from job.errors import UserError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 29500
 SLURM_PORT_BASE = 20000  # Slurm jobs on one node pick ports apart: base + job id % SLURM_PORT_SPAN
@@ -31,27 +38,77 @@ class Placement:
     source: str  # where it came from, for messages: "plain", "slurm", "kubernetes", "arguments"
 
 
-def first_host(nodelist: str) -> str:
-    """The first host of a Slurm hostlist: 'gpu[07-09,12],cpu1' -> 'gpu07'."""
+def first_host(nodelist: str, variable: str) -> str:
+    """The first host of a Slurm hostlist: 'gpu[07-09,12],cpu1' -> 'gpu07'. `variable`: where the
+    hostlist came from, for the message."""
     match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
     if not match or not match.group(1):
-        raise UserError(f"SLURM_JOB_NODELIST: cannot read a host from {nodelist!r}")
+        raise UserError(f"{variable}: cannot read a host from {nodelist!r}")
     prefix, ranges = match.group(1), match.group(2)
     if not ranges:
         return prefix
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def is_loopback(host: str) -> bool:
+    """Whether host names, on every node, that node itself: localhost, 127.0.0.0/8, ::1 (or 0.0.0.0)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:  # a host name
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+# A job step may run on fewer nodes than the job was given (`srun -N1` in a 2-node allocation), and its
+# SLURM_NODEID counts the step's nodes: the step's variables come first.
+SLURM_NODE_COUNTS = ("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES")
+SLURM_NODELISTS = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST")
+
+
+def first_set(environ: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str] | None:
+    """(name, value) of the first of names that is set (not empty) in environ, or None."""
+    return next(((name, environ[name]) for name in names if environ.get(name)), None)
+
+
 def slurm_placement(environ: Mapping[str, str]) -> Placement:
     """One task per node (the sbatch script and `ftjob launch slurm` ask for that): the node's rank is
-    SLURM_NODEID; rank 0 runs on the first host of the allocation; the port follows the job id."""
-    nnodes = int(environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or 1)
+    SLURM_NODEID; rank 0 runs on the first host of the step; the port follows the job id."""
+    count = first_set(environ, SLURM_NODE_COUNTS)
+    nnodes = int(count[1]) if count else 1
     node_rank = int(environ.get("SLURM_NODEID") or 0)
     port = environ.get("MASTER_PORT") or SLURM_PORT_BASE + int(environ["SLURM_JOB_ID"]) % SLURM_PORT_SPAN
-    master = environ.get("MASTER_ADDR") or (
-        first_host(environ["SLURM_JOB_NODELIST"]) if nnodes > 1 else "127.0.0.1"
-    )
-    return Placement(nnodes, node_rank, master, int(port), "slurm")
+    return Placement(nnodes, node_rank, slurm_master(environ, nnodes), int(port), "slurm")
+
+
+def slurm_master(environ: Mapping[str, str], nnodes: int) -> str:
+    """MASTER_ADDR, else the first host of the step; with several nodes not a loopback MASTER_ADDR:
+    sbatch passes on the submitting shell's environment, where it meant that shell's host; on each
+    node it means that node, and no node would find rank 0."""
+    master = environ.get("MASTER_ADDR")
+    if nnodes == 1:
+        return master or "127.0.0.1"
+    if master and not is_loopback(master):
+        return master
+    nodelist = first_set(environ, SLURM_NODELISTS)
+    if nodelist is None:
+        raise UserError(
+            f"a Slurm step of {nnodes} nodes without SLURM_STEP_NODELIST or SLURM_JOB_NODELIST: set "
+            "MASTER_ADDR to the host of node 0"
+        )
+    variable, hosts = nodelist
+    host = first_host(hosts, variable)
+    if master:
+        log.warning(
+            "MASTER_ADDR=%s names each node itself in a Slurm step of %d nodes (left over from the "
+            "shell that submitted the job?); ignored: rank 0 is %s, the first host of %s",
+            master,
+            nnodes,
+            host,
+            variable,
+        )
+    return host
 
 
 def kubernetes_placement(environ: Mapping[str, str]) -> Placement:
@@ -113,3 +170,54 @@ def _placement(environ: Mapping[str, str]) -> Placement:
         int(environ.get("MASTER_PORT", DEFAULT_PORT)),
         "plain",
     )
+
+
+# What torch's env:// rendezvous reads in each process of a process group. Every launcher sets all of
+# them: torchrun and `ftjob run --nproc-per-node` (torch's elastic launcher), accelerate launch, a
+# scheduler that starts one process per task.
+PROCESS_GROUP_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_process_group_variables(environ: Mapping[str, str]) -> None:
+    """For `ftjob run` without --nproc-per-node, before the Accelerator is made: accelerate makes a
+    process group from WORLD_SIZE > 1 or from LOCAL_RANK alone, and its rank 0 waits
+    train.collective_timeout_seconds for processes that no launcher started. Such variables without
+    the others (left in the environment by a shell or a job script) or out of range are exit 2.
+    MASTER_ADDR and MASTER_PORT alone ask for no process group and are left alone, as accelerate does."""
+    world_size = integer_variable(environ, "WORLD_SIZE", default=1)
+    if world_size < 1:
+        raise UserError(f"WORLD_SIZE={world_size}: a number of processes, 1 or more")
+    if world_size == 1 and "LOCAL_RANK" not in environ:
+        return
+    missing = [name for name in PROCESS_GROUP_VARIABLES if not environ.get(name)]
+    if missing:
+        present = [name for name in PROCESS_GROUP_VARIABLES if name in environ]
+        raise UserError(
+            f"{', '.join(f'{name}={environ[name]}' for name in present)} set, but {', '.join(missing)} "
+            f"not: no launcher started this process (one sets all of {', '.join(PROCESS_GROUP_VARIABLES)}), "
+            f"so nothing would join its process group. Unset {', '.join(present)} to train in one process "
+            "(left over from the shell?), or start the processes with `ftjob run --nproc-per-node N`"
+        )
+    rank = integer_variable(environ, "RANK")
+    if not 0 <= rank < world_size:
+        raise UserError(f"RANK={rank} is not one of the WORLD_SIZE={world_size} ranks")
+    local_world_size = integer_variable(environ, "LOCAL_WORLD_SIZE", default=world_size)
+    local_rank = integer_variable(environ, "LOCAL_RANK")
+    if not 0 <= local_rank < local_world_size:
+        raise UserError(
+            f"LOCAL_RANK={local_rank} is not one of this node's {local_world_size} ranks (LOCAL_WORLD_SIZE)"
+        )
+    port = integer_variable(environ, "MASTER_PORT")
+    if not 0 < port < 65536:
+        raise UserError(f"MASTER_PORT={port} is not a port (1 to 65535)")
+
+
+def integer_variable(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
+    """The integer in environ[name] (default when unset); anything else is exit 2 naming the variable."""
+    text = environ.get(name)
+    if text is None and default is not None:
+        return default
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise UserError(f"{name}={text!r} is not an integer") from None

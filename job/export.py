@@ -1,23 +1,29 @@
 """Publishing the result under output.uri: adapter/, then merged/, each with MANIFEST.json written last.
 
 A reader trusts a directory only when its MANIFEST.json is there and the sha256 of each file matches.
+The adapter's spec.json records the identity of the model it was trained on (model.identity): merged/
+is made only on that model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from job import __version__
 from job.errors import UserError
-from job.spec import Spec, public_dict
+from job.spec import Spec, echo, parse_spec_text, public_dict, read_spec_text
 from job.storage import download_dir, filesystem, is_local, join, upload_dir
 
+log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 PUBLISHED = ("adapter", "merged")
+IDENTITY = re.compile(r"sha256:[0-9a-f]{64}")  # a model's identity, as model_source.model_identity makes it
 
 
 def sha256_file(path: Path) -> str:
@@ -52,12 +58,32 @@ def verify_manifest(directory: Path) -> None:
         raise UserError(
             f"{directory} has no {MANIFEST}: not a finished ftjob output (or still being written)"
         )
-    for name, entry in json.loads(manifest_path.read_text())["files"].items():
+    for name, entry in listed_files(manifest_path).items():
         path = directory / name
         if ".." in name.split("/") or name.startswith("/"):
             raise UserError(f"{directory}/{MANIFEST}: names a file outside the folder: {name!r}")
         if not path.is_file() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
             raise UserError(f"{directory}: {name} is missing or does not match {MANIFEST}")
+
+
+def listed_files(manifest_path: Path) -> dict[str, dict[str, Any]]:
+    """The files a MANIFEST.json lists, each with its sha256 and size; UserError when it is not a
+    manifest as write_manifest writes it."""
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+        listed = isinstance(files, dict) and all(
+            isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and type(entry.get("size")) is int
+            for entry in files.values()
+        )
+    except (ValueError, KeyError, TypeError):
+        listed = False
+    if not listed:
+        raise UserError(
+            f"{manifest_path}: not a manifest as ftjob writes it (files, each with sha256 and size)"
+        )
+    return files
 
 
 def save_trained(model, tokenizer, directory: Path) -> None:
@@ -67,7 +93,13 @@ def save_trained(model, tokenizer, directory: Path) -> None:
 
 
 def write_run_files(directory: Path, spec: Spec, metrics: dict[str, Any]) -> None:
-    (directory / "spec.json").write_text(json.dumps(public_dict(spec), indent=2) + "\n")
+    """spec.json: the spec, with model.identity, the digest of the weights the run loaded (which
+    model.source alone does not pin down); metrics.json."""
+    from job.model_source import resolved_identity  # here: model_source imports this module
+
+    published = public_dict(spec)
+    published["model"]["identity"] = resolved_identity(spec.model.source, spec.model.revision)
+    (directory / "spec.json").write_text(json.dumps(published, indent=2) + "\n")
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
@@ -116,20 +148,54 @@ def publish(model, tokenizer, spec: Spec, metrics: dict[str, Any], directory: Pa
 def publish_merged(spec: Spec, model_dir: Path) -> str:
     """Publish merged/: the published adapter merged into the base model as it was trained. Runs after
     adapter/ is published, from what was published, so a merge that fails loses no adapter and the
-    next run (which finds adapter/ published and merged/ not) merges again."""
+    next run (which finds adapter/ published and merged/ not) merges again. `model_dir`: where
+    spec.model resolved to (model_source.resolve_model_dir), checked to be the model the adapter was
+    trained on."""
     from transformers import AutoTokenizer
 
     from job.model import merge_adapter
 
-    merged_uri = published_uri(spec, "merged")
+    adapter_uri, merged_uri = published_uri(spec, "adapter"), published_uri(spec, "merged")
     with tempfile.TemporaryDirectory(prefix="ftjob-merge-") as tmp:
-        adapter_dir = fetch_published(published_uri(spec, "adapter"), Path(tmp))
+        adapter_dir = fetch_published(adapter_uri, Path(tmp))
+        check_trained_on(adapter_dir, adapter_uri, spec)
         merged = merge_adapter(model_dir, adapter_dir, spec.model)
         directory = Path(tmp) / "merged"
         save_trained(merged, AutoTokenizer.from_pretrained(adapter_dir), directory)
         write_manifest(directory)
         publish_dir(directory, merged_uri)
     return merged_uri
+
+
+def trained_on(adapter_dir: Path) -> str | None:
+    """The identity of the model a published adapter was trained on: model.identity in its spec.json;
+    None for an adapter published by an ftjob that did not record it."""
+    where = str(adapter_dir / "spec.json")
+    model = parse_spec_text(read_spec_text(where)[0], where).get("model")
+    if not isinstance(model, dict):
+        raise UserError(f"{where}: model is {echo(model)}, not a mapping")
+    identity = model.get("identity")
+    if identity is not None and not (isinstance(identity, str) and IDENTITY.fullmatch(identity)):
+        raise UserError(f"{where}: model.identity is {echo(identity)}, not a model's identity (sha256:<64 hex digits>)")  # fmt: skip
+    return identity
+
+
+def check_trained_on(adapter_dir: Path, adapter_uri: str, spec: Spec) -> None:
+    """Refuse (exit 2) to merge an adapter into another model than the one it was trained on:
+    model.source may hold other weights by now. An adapter whose spec.json does not say (an older ftjob
+    published it) is merged unchecked, with a warning."""
+    from job.model_source import resolved_identity  # here: model_source imports this module
+
+    trained, current = trained_on(adapter_dir), resolved_identity(spec.model.source, spec.model.revision)
+    if trained is None:
+        log.warning("%s/spec.json has no model.identity (an older ftjob published it): merging it into the model under model.source %s unchecked", adapter_uri, spec.model.source)  # fmt: skip
+    elif trained != current:
+        raise UserError(
+            f"output.merge: the adapter in {adapter_uri} was trained on the model {trained}, but "
+            f"model.source {spec.model.source} now holds {current}: merging it there would publish a "
+            "model that was never trained. Put back the weights it was trained on, or run with --restart "
+            "to train on these"
+        )
 
 
 def fetch_published(uri: str, tmp: Path) -> Path:

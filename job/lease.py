@@ -5,10 +5,18 @@
      "expires_at": <unix time>, "released": false}
 
 Rank 0 takes the lease before it changes anything under output.uri (but a write probe) and renews
-it every third of train.lease_seconds from a thread, from the moment it writes its claim. A lease
-that is absent, released or expired is taken with the next generation, and so is one whose process has
-ended on this machine (same boot and pid namespace, so its pid can be looked up); a live one held by
-another job is refused (UserError, exit 2).
+it every third of train.lease_seconds from a thread, from the moment it writes its claim. A lease that
+is absent or released is taken with the next generation, and so is one whose process has ended on this
+machine (same boot and pid namespace, so its pid can be looked up). Any other lease has expired only once
+this job has seen it unchanged for its holder's lease_seconds (expires_at - renewed_at) on its own
+monotonic clock: renewed_at and expires_at are the holder's wall clock, which may be minutes off this
+host's. A lease of another job that looks live on this host's clock is refused at once (UserError, exit
+2); one that looks expired, or that was renewed in this host's future (a clock ahead, warned about), is
+watched, and refused as soon as it changes (its holder renewed it). A run of the same scheduler job
+watches even a live-looking one: its predecessor's, killed before it could release it. But one whose
+lease_seconds (as lease.json, which may be damaged, says) are not under this job's
+train.collective_timeout_seconds is refused instead (UserError, exit 2): the other ranks wait for rank 0
+in a collective no longer than that.
 Checkpoints are written in folders of the generation that writes them (job/checkpoint.py), so two
 generations never write the same folder. Before a checkpoint is committed and before publishing, rank 0
 reads the lease again: a job whose lease another job took (it stopped renewing for longer than
@@ -51,6 +59,7 @@ from job.storage import filesystem, is_local, join, storage_error
 log = logging.getLogger(__name__)
 LEASE = "lease.json"
 SETTLE_SECONDS = 1.0  # between writing the lease and reading it back, to see a rival's write
+CLOCK_TOLERANCE_SECONDS = 5.0  # hosts' clocks this far apart count as agreeing; further: warned about
 FIELDS: dict[str, tuple[type, ...]] = {
     "owner": (str,), "host": (str,), "pid": (int,), "pid_namespace": (str, NoneType), "job": (str, NoneType),
     "generation": (int,), "renewed_at": (int, float), "expires_at": (int, float), "released": (bool,),
@@ -67,6 +76,11 @@ def holder(record: dict[str, Any]) -> str:
     return f"host {record['host']}, pid {record['pid']}{job}"
 
 
+def lease_seconds(record: dict[str, Any]) -> float:
+    """The holder's train.lease_seconds: how long its lease lasts unless renewed."""
+    return record["expires_at"] - record["renewed_at"]
+
+
 def clock(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
@@ -80,6 +94,8 @@ def record_problem(record: Any) -> str | None:
             return f"{key} is missing" if key not in record else f"{key} is a {type(record[key]).__name__}"
     if not (math.isfinite(record["renewed_at"]) and math.isfinite(record["expires_at"])):
         return "a time that is not finite"
+    if not record["released"] and lease_seconds(record) <= 0:
+        return "expires_at is not after renewed_at"
     return None
 
 
@@ -113,10 +129,13 @@ def process_namespace() -> str | None:
 class Lease:
     """This process's claim on output.uri (taken and renewed by rank 0; other ranks learn its generation)."""
 
-    def __init__(self, output_uri: str, seconds: float):
+    def __init__(self, output_uri: str, seconds: float, max_wait: float):
+        """seconds: train.lease_seconds. max_wait: train.collective_timeout_seconds, the longest this job
+        may wait for another's lease to expire, since its other ranks wait for rank 0 no longer."""
         self.output_uri = output_uri
         self.uri = join(output_uri, LEASE)
         self.seconds = seconds
+        self.max_wait = max_wait
         self.me = {
             "owner": uuid.uuid4().hex,
             "host": socket.gethostname(),
@@ -159,33 +178,13 @@ class Lease:
         self.confirm()
 
     def claim(self, stop: StopRequest | None = None) -> None:
-        """Write this job's lease with the next generation and renew it from now on. A live lease of
-        another job is a UserError naming it, except one left by a run of this same scheduler job (killed
-        before it could release it): that one is waited for until it expires, unless it is renewed
-        meanwhile."""
-        waited_for, ended = None, False
-        while (current := self._read()) is not None and current["expires_at"] > time.time():
-            if ended := self._holder_ended(current):
-                break
-            same_job = self.me["job"] is not None and current["job"] == self.me["job"]
-            if not same_job or (waited_for is not None and current != waited_for):
-                raise UserError(self._held_by(current))
-            if waited_for is None:
-                log.warning(
-                    "%s is held by %s (this same scheduler job), not renewed since %s: waiting until it "
-                    "expires at %s", self.uri, holder(current), clock(current["renewed_at"]),
-                    clock(current["expires_at"]),
-                )  # fmt: skip
-            if stop is not None and stop.requested:
-                raise Preempted(f"stopped by a signal while waiting for {self.uri}; exit 75 to be requeued")
-            waited_for = current
-            time.sleep(min(1.0, max(0.0, current["expires_at"] - time.time())))
-
+        """Write this job's lease with the next generation, once the current one is free (_await_free()),
+        and renew it from now on."""
+        current, how = self._await_free(stop)
         self.generation = (current["generation"] if current else 0) + 1
         self._write(self._renewed())
         self._claimed_at = time.monotonic()
         if current is not None:
-            how = "its process had ended" if ended else "released" if current["released"] else "expired"
             self._taken_from = f" from {holder(current)} ({how})"
         self._heartbeat = threading.Thread(target=self._renew, name="ftjob-lease", daemon=True)
         self._heartbeat.start()  # from the claim on: the work before confirm() may outlast the lease
@@ -240,6 +239,54 @@ class Lease:
             except Exception as e:  # an outage: the next beat tries again; check() tells whether it was lost
                 log.warning("could not renew %s: %s: %s", self.uri, type(e).__name__, e)
 
+    def _await_free(self, stop: StopRequest | None) -> tuple[dict[str, Any] | None, str]:
+        """The lease record once this job may take it (None: there is none), and why it may: released,
+        its process had ended, or expired: seen unchanged here for its holder's lease_seconds, on this
+        process's monotonic clock. A change meanwhile (a renewal) means its holder runs: a UserError
+        naming it."""
+        watched, since = None, 0.0
+        while (current := self._read()) is not None:
+            if current["released"]:
+                return current, "released"
+            if self._holder_ended(current):
+                return current, "its process had ended"
+            if watched is None:
+                self._start_watching(current)
+                watched, since = current, time.monotonic()
+            elif current != watched:  # renewed, or taken by a third job: not expired
+                raise UserError(self._held_by(current))
+            left = since + lease_seconds(current) - time.monotonic()
+            if left <= 0:
+                return current, "expired"
+            if stop is not None and stop.requested:
+                raise Preempted(f"stopped by a signal while waiting for {self.uri}; exit 75 to be requeued")
+            time.sleep(min(1.0, left))
+        return None, ""
+
+    def _start_watching(self, record: dict[str, Any]) -> None:
+        """Refuse another job's lease that looks live on this host's clock (when that clock can be
+        compared with its holder's at all), and one too long to wait for; else say that this job waits
+        for it to expire."""
+        now = time.time()
+        ahead = record["renewed_at"] - now
+        if ahead > CLOCK_TOLERANCE_SECONDS:
+            log.warning(
+                "%s was renewed at %s by the clock of %s, %.0f s ahead of this host's clock: the two "
+                "clocks disagree (is NTP running on both?)", self.uri, clock(record["renewed_at"]),
+                holder(record), ahead,
+            )  # fmt: skip
+        same_job = self.me["job"] is not None and record["job"] == self.me["job"]
+        if not same_job and ahead <= CLOCK_TOLERANCE_SECONDS and record["expires_at"] > now:
+            raise UserError(self._held_by(record))
+        if lease_seconds(record) >= self.max_wait:
+            raise UserError(self._too_long_to_wait_for(record))
+        log.warning(
+            "%s is held by %s%s, last renewed at %s by its host's clock: waiting until it expires, once "
+            "this job has seen it go %.0f s (its train.lease_seconds) without renewal", self.uri,
+            holder(record), " (this same scheduler job)" if same_job else "", clock(record["renewed_at"]),
+            lease_seconds(record),
+        )  # fmt: skip
+
     def _holder_ended(self, record: dict[str, Any]) -> bool:
         """Whether the holder's process is known to have ended: it ran where its pid can be looked up from
         here, and no process has that pid (or this one has: the holder was an earlier process)."""
@@ -263,9 +310,19 @@ class Lease:
     def _held_by(self, record: dict[str, Any]) -> str:
         return (
             f"output.uri {self.output_uri} is held by another job: {holder(record)} (lease generation "
-            f"{record['generation']}, until {clock(record['expires_at'])} unless it renews it). Stop that "
-            f"job, or let it finish; a job that died without releasing the lease gives it up when it "
-            f"expires ({self.uri})"
+            f"{record['generation']}, until {clock(record['expires_at'])} by its host's clock unless it "
+            f"renews it). Stop that job, or let it finish; a job that died without releasing the lease "
+            f"gives it up once it goes {lease_seconds(record):.0f} s without renewal "
+            f"({self.uri})"
+        )
+
+    def _too_long_to_wait_for(self, record: dict[str, Any]) -> str:
+        return (
+            f"{self.uri} says that {holder(record)} holds it for {lease_seconds(record):.0f} s unless "
+            f"renewed (expires_at - renewed_at): not under this job's train.collective_timeout_seconds "
+            f"({self.max_wait:.0f} s), the longest it may wait for a lease to expire while its other ranks "
+            f"wait. If that job still runs, let it finish (it releases the lease) and run again; if not, "
+            f"delete {self.uri} once no job writes to {self.output_uri}"
         )
 
     def _lost_to(self, record: dict[str, Any] | None) -> str:

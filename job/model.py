@@ -29,8 +29,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings(
         "ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning
     )
-    # bitsandbytes offers an optional CPU kernel from the Hub; we never download code, so no need to say.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def resolve_dtype(requested: str, device: torch.device, full_finetune: bool = False) -> torch.dtype:

@@ -3,6 +3,11 @@
 the grace period running out, or a second Ctrl-C (SIGINT, REPEAT_SECONDS or more after the first),
 exits at once (the last committed checkpoint stays).
 
+Exit 75 asks to be requeued, which helps only when the requeued job will not stop where this one did.
+So the grace period running out exits 75 when this run has committed a checkpoint (progress to resume
+from) or had not begun training (nothing new to save), and 1 when it trained but committed nothing: its
+checkpoint does not fit in the grace period, and every requeue would end the same way.
+
 Any other repeat is the same stop: scancel signals every process of the step and a launcher passes its
 own copy on, Slurm follows its warning signal with SIGTERM at the time limit. Its timing says nothing:
 Python runs a handler only when the main thread is back in the interpreter, so a copy that arrived
@@ -18,8 +23,12 @@ import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from job.errors import EXIT_REQUEUE, Preempted
+from job.errors import EXIT_REQUEUE, JobError, Preempted
+
+if TYPE_CHECKING:
+    from job.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
@@ -35,6 +44,7 @@ class StopRequest:
         self.signal: int | None = None
         self.received_at: float | None = None
         self.checkpoint_committed = False  # once it is, any later signal still means exit 75
+        self.checkpointer: Checkpointer | None = None  # set as training begins
         self.previous = {}
 
     def __enter__(self) -> StopRequest:
@@ -72,6 +82,11 @@ class StopRequest:
 
         flag = torch.tensor([int(self.requested)], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="max"))
+
+    def training_begins(self, checkpointer: Checkpointer) -> None:
+        """From here on a stop is answered with a checkpoint: the grace period running out exits 75 only
+        once `checkpointer` has committed one in this run."""
+        self.checkpointer = checkpointer
 
     def raise_if_agreed(self, accelerator, saved: dict | None) -> None:
         """Between the phases of setup: a stop on any rank ends every rank with exit 75, nothing new saved."""
@@ -114,11 +129,29 @@ class StopRequest:
         watchdog.daemon = True
         watchdog.start()
 
-    def _out_of_time(self) -> None:
-        log.error(
-            "grace period of %.0f s over before the checkpoint was committed: exiting; the last committed "
-            "checkpoint is kept",
-            self.grace_seconds,
+    def grace_over(self) -> tuple[int, str]:
+        """The exit code and message for the grace period running out (see the module's docstring)."""
+        over = f"grace period of {self.grace_seconds:g} s (train.stop_grace_seconds) over"
+        if self.checkpointer is None:
+            return (
+                EXIT_REQUEUE,
+                f"{over} before training began: exiting, nothing new to save; exit 75 to be requeued",
+            )
+        step = self.checkpointer.committed_step
+        if step is not None:
+            return EXIT_REQUEUE, (
+                f"{over}: exiting; the requeued job resumes from the checkpoint at step {step}, committed by "
+                "this run; exit 75 to be requeued"
+            )
+        return JobError.exit_code, (
+            f"{over} before the stop checkpoint was committed, and this run committed no checkpoint: exit 1, "
+            "not 75, since a requeued job would end the same way, without progress. Raise "
+            "train.stop_grace_seconds (and the time the scheduler gives between its signal and its kill) or "
+            "lower train.checkpoint_every; the last committed checkpoint, if any, stays"
         )
+
+    def _out_of_time(self) -> None:
+        code, message = self.grace_over()
+        log.error("%s", message)
         logging.shutdown()
-        os._exit(EXIT_REQUEUE)
+        os._exit(code)

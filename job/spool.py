@@ -1,5 +1,7 @@
 """The MLflow spool: what a run logs goes to local disk first, then to MLflow, in order, exactly once.
 
+    <root>/<key>/spool.json      written as the folder is made: ftjob's mark, and where the records go
+                                 (the tracking URI without credentials, and the sha256 of the whole URI)
     <root>/<key>/records.jsonl   append-only, one record a line: open, params, metrics, inputs,
                                  artifacts, register, status
     <root>/<key>/state.json      the MLflow run id, how far records.jsonl is delivered (a byte offset),
@@ -20,33 +22,50 @@ that opens the same root. Delivering again never duplicates anything:
 A record that MLflow rejects as invalid (not: unreachable) is skipped with a warning, so that it can
 never hold back the records after it.
 
-What a spool holds is data, never instructions. The root and every spool folder are created 0700, and
-only a real folder (not a link) of the current user is delivered. A spool whose state.json or records
-are not as this module writes them (damaged on disk, or planted) is quarantined: renamed to
-`<key>.bad-<ms>`, which no later run opens, with one warning. That includes an artifacts record whose
-folder is not under the spool's own files/, holds a symbolic link, or whose path leaves the run.
+What a spool holds is data, never instructions. A key is 32 lowercase hex digits and a run id (in the
+records, state.json or a checkpoint) is shaped as MLflow checks one, so neither is ever a path: a spool
+folder is always a name directly in the root. The root and every spool folder are created 0700. A
+folder is opened, delivered, quarantined or removed only when it is a real folder (not a link) of the
+current user with its spool.json; others are left as they are, with a warning (among them spools of an
+ftjob that wrote no spool.json: where their records go is not known). A spool is delivered only by a
+process tracking to the URI its spool.json names; others leave it, with a warning. A spool whose
+spool.json, state.json or records are not as this module writes them (damaged on disk, or planted; a
+link or a file with another link among them) is quarantined: renamed to `<key>.bad-<ms>`, which no
+later run opens, with one warning. That includes an artifacts record whose folder is not under the
+spool's own files/, holds a symbolic link, or whose path leaves the run.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import threading
 import time
+import uuid
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 log = logging.getLogger(__name__)
+MARKER = "spool.json"
 RECORDS = "records.jsonl"
 STATE = "state.json"
 FILES = "files"
+LOCK = "lock"
 QUARANTINED = ".bad-"  # a quarantined spool folder is named <key>.bad-<ms>
+CREATING = ".new-"  # a spool folder being made is named .new-<key> until it is whole
+SPOOL_KEY = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as Spool.create names a spool folder
+# A run id as MLflow itself checks one (mlflow.utils.validation; its own stores make uuid4().hex, other
+# servers other ids): never a path, nor a quote in a search filter.
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,255}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 RUN_KEY_TAG = "ftjob.run_key"
 SYSTEM_PREFIX = "system/"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
@@ -86,10 +105,54 @@ def spool_root() -> Path:
     return Path(os.environ.get("FTJOB_SPOOL_DIR") or ".ftjob-spool").resolve()
 
 
+def is_spool_key(value: object) -> bool:
+    """Whether value is named as a spool folder (so it is a name directly in the spool root)."""
+    return isinstance(value, str) and SPOOL_KEY.fullmatch(value) is not None
+
+
+def is_run_id(value: object) -> bool:
+    """Whether value is shaped like an MLflow run id (a spool key is one too)."""
+    return isinstance(value, str) and RUN_ID.fullmatch(value) is not None
+
+
 def is_rejection(error: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
     return isinstance(error, MlflowException) and error.error_code in REJECTED
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a spool's records go: the tracking URI as shown (credentials removed) and the sha256 of the
+    whole URI, which is what is compared: URIs that differ only in their credentials differ too."""
+
+    uri: str
+    sha256: str
+
+    @classmethod
+    def of(cls, uri: str, shown: str) -> Target:
+        return cls(shown, hashlib.sha256(uri.encode()).hexdigest())
+
+    @classmethod
+    def load(cls, path: Path) -> Target:
+        """The target in a spool's spool.json; CorruptSpool when it is not one."""
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as e:
+            raise CorruptSpool(f"{MARKER}: {e}") from None
+        valid = (
+            isinstance(data, dict)
+            and data.keys() == {"tracking_uri", "tracking_uri_sha256"}
+            and isinstance(data["tracking_uri"], str)
+            and isinstance(data["tracking_uri_sha256"], str)
+            and SHA256.fullmatch(data["tracking_uri_sha256"]) is not None
+        )
+        if not valid:
+            raise CorruptSpool(f"{MARKER}: not a spool target")
+        return cls(data["tracking_uri"], data["tracking_uri_sha256"])
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps({"tracking_uri": self.uri, "tracking_uri_sha256": self.sha256}))
 
 
 @dataclass
@@ -108,7 +171,7 @@ class SpoolState:
         except (ValueError, TypeError) as e:
             raise CorruptSpool(f"{STATE}: {e}") from None
         valid = (
-            isinstance(state.run_id, (str, type(None)))
+            (state.run_id is None or is_run_id(state.run_id))
             and isinstance(state.offset, int)
             and state.offset >= 0
             and isinstance(state.last_steps, dict)
@@ -122,38 +185,66 @@ class SpoolState:
 class Spool:
     """One run's records on disk; only the process holding its lock reads or writes it."""
 
-    def __init__(self, directory: Path, lock_fd: int):
-        """Raises CorruptSpool when its state or a pending record is not one this module writes."""
-        self.directory = directory
+    def __init__(self, root: Path, key: str, lock_fd: int):
+        """Raises CorruptSpool when its target, state or a pending record is not one this module writes."""
+        self.root = root
+        self.directory = root / key
         self.lock_fd = lock_fd
-        self.records_path = directory / RECORDS
+        self.records_path = self.directory / RECORDS
         self._file = threading.Lock()  # one thread appends while another reads what is pending
-        self.state = SpoolState.load(directory / STATE)
+        for name in (MARKER, STATE, RECORDS):
+            _check_own_file(self.directory / name)
+        self.target = Target.load(self.directory / MARKER)
+        self.state = SpoolState.load(self.directory / STATE)
         self._drop_torn_line()
         self.pending()
 
     @classmethod
-    def acquire(cls, directory: Path) -> Spool | None:
-        """The spool in directory (created when new), locked. None when another process holds it, when
-        it is not a folder of the current user, or when it is corrupt (then it is quarantined)."""
-        directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        directory.mkdir(mode=0o700, exist_ok=True)
-        info = os.lstat(directory)
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-            log.warning("MLflow spool %s is not a folder of uid %d; not delivered", directory, os.geteuid())
+    def create(cls, root: Path, target: Target) -> Spool:
+        """A new spool for records that go to target, locked. It is made under another name and renamed
+        into place whole, so that another process never finds it without its spool.json or its lock."""
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = uuid.uuid4().hex
+        new = root / f"{CREATING}{key}"
+        new.mkdir(mode=0o700)
+        target.write(new / MARKER)
+        fd = _lock(new)
+        new.rename(root / key)
+        return cls(root, key, fd)
+
+    @classmethod
+    def acquire(cls, root: Path, key: str, target: Target) -> Spool | None:
+        """The existing spool `key` in root, locked. None when another process holds it; when it is not a
+        spool folder of the current user or its records go to another target (both left as they are,
+        with a warning); or when it is corrupt (then it is quarantined)."""
+        directory = root / key
+        problem = folder_problem(root, directory)
+        if problem:
+            log.warning("MLflow spool %s %s; left as it is, not delivered", directory, problem)
             return None
-        fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            fd = _lock(directory)
+        except OSError as e:  # e.g. a lock that is a symbolic link
+            log.warning("MLflow spool %s cannot be locked (%s); left as it is, not delivered", directory, e)
+            return None
+        if fd is None:
             return None
         try:
-            return cls(directory, fd)
+            spool = cls(root, key, fd)
         except CorruptSpool as e:
-            quarantine(directory, str(e))  # still locked: no other process is delivering it
+            quarantine(root, directory, str(e))  # still locked: no other process is delivering it
             os.close(fd)
             return None
+        if spool.target.sha256 != target.sha256:
+            log.warning(
+                "MLflow spool %s holds records for %s, not for this job's %s; left for a job that tracks there",
+                directory,
+                spool.target.uri,
+                target.uri,
+            )
+            os.close(fd)
+            return None
+        return spool
 
     @property
     def key(self) -> str:
@@ -191,7 +282,17 @@ class Spool:
         for name, types in FIELDS[record["kind"]].items():
             if not isinstance(record.get(name), types):
                 return f"a {record['kind']} record without a valid {name!r}"
+        if record["kind"] == "open":
+            return self._open_problem(record)
         return self._artifacts_problem(record) if record["kind"] == "artifacts" else None
+
+    def _open_problem(self, record: dict[str, Any]) -> str | None:
+        """An open record names this spool and, to resume, a run id or key: both end up in MLflow queries."""
+        if record["key"] != self.key:
+            return "an open record of another spool"
+        if record.get("resume_run_id") is not None and not is_run_id(record["resume_run_id"]):
+            return "an open record whose resume_run_id is not a run id"
+        return None
 
     def _artifacts_problem(self, record: dict[str, Any]) -> str | None:
         """An artifacts record may upload only a folder under this spool's files/, with no link in it
@@ -231,8 +332,8 @@ class Spool:
         return directory
 
     def release(self) -> None:
-        """Unlock; a spool whose every record is delivered is removed."""
-        if self.delivered:
+        """Unlock; a spool whose every record is delivered is removed, if it is still a spool folder."""
+        if self.delivered and not folder_problem(self.root, self.directory):
             shutil.rmtree(self.directory, ignore_errors=True)
         os.close(self.lock_fd)
 
@@ -246,8 +347,55 @@ class Spool:
                 f.truncate(data.rfind(b"\n") + 1)
 
 
-def quarantine(directory: Path, reason: str) -> None:
+def folder_problem(root: Path, directory: Path) -> str | None:
+    """Why directory is not a spool folder this process may open, quarantine or remove; None when it is:
+    a key-named real folder directly in root (not a link), of the current user, with its spool.json."""
+    if directory.parent != root or not is_spool_key(directory.name):
+        return f"is not named as a spool folder directly in {root}"
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        return "is gone"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a folder (a symbolic link?)"
+    if info.st_uid != os.geteuid():
+        return f"belongs to uid {info.st_uid}, not {os.geteuid()}"
+    try:
+        marker = os.lstat(directory / MARKER)
+    except FileNotFoundError:
+        return f"has no {MARKER}: written by an earlier ftjob (which did not record where its records go) or not by ftjob"
+    if not stat.S_ISREG(marker.st_mode):
+        return f"has a {MARKER} that is not a file"
+    return None
+
+
+def _check_own_file(path: Path) -> None:
+    """A file the spool reads or writes is its own: a regular file with no other link, or none yet."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        raise CorruptSpool(f"{path.name} is not a file of its own (a link, or not a regular file)")
+
+
+def _lock(directory: Path) -> int | None:
+    """An exclusive lock on the spool folder (its lock file); None when another process holds it."""
+    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def quarantine(root: Path, directory: Path, reason: str) -> None:
     """Rename a corrupt spool folder out of the way of every later run, keeping it for a person to read."""
+    problem = folder_problem(root, directory)
+    if problem:
+        log.warning("MLflow spool %s is corrupt (%s) and %s; left as it is", directory, reason, problem)
+        return
     target = directory.with_name(f"{directory.name}{QUARANTINED}{now_ms()}")
     directory.rename(target)
     log.warning(
@@ -258,21 +406,24 @@ def quarantine(directory: Path, reason: str) -> None:
     )
 
 
-def leftovers(root: Path) -> list[Path]:
-    """The spool folders in root, in name order; quarantined ones left out."""
+def leftovers(root: Path) -> list[str]:
+    """The keys of the spool folders in root, in order; quarantined ones and others' names left out."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and QUARANTINED not in p.name)
+    return sorted(p.name for p in root.iterdir() if is_spool_key(p.name) and p.is_dir())
 
 
-def find_spool(root: Path, ref: str) -> Path | None:
-    """The spool directory for a run: named by ref (its key), or recording ref as its run id."""
-    if (root / ref).is_dir():
-        return root / ref
-    for directory in leftovers(root):
+def find_spool(root: Path, ref: str) -> str | None:
+    """The key of a run's spool in root: ref itself (a spool key), or that of the spool recording ref as
+    its run id. None for a ref shaped like neither."""
+    if not is_run_id(ref):
+        return None
+    if is_spool_key(ref) and (root / ref).is_dir():
+        return ref
+    for key in leftovers(root):
         with suppress(OSError, CorruptSpool):
-            if SpoolState.load(directory / STATE).run_id == ref:
-                return directory
+            if not folder_problem(root, root / key) and SpoolState.load(root / key / STATE).run_id == ref:
+                return key
     return None
 
 

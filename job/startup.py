@@ -1,8 +1,10 @@
-"""How a training process sets up its C allocator and which libraries it leaves out, outside torch."""
+"""How ftjob's processes start, outside torch: the C allocator, the libraries they leave out and the
+Hub kernel code they never run."""
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 
@@ -48,3 +50,25 @@ def leave_out_bitsandbytes() -> None:
     """
     if not {"bitsandbytes", "peft", "transformers", "accelerate"} & sys.modules.keys():
         sys.modules["bitsandbytes"] = None
+
+
+def refuse_hub_kernels() -> None:
+    """Keep every library from downloading and running kernel code from the Hugging Face Hub.
+
+    transformers swaps layers of every model it loads for Hub kernels unless USE_HUB_KERNELS says no
+    (on GPUs: RMSNorm, rotary embeddings, activations), and some libraries call `kernels.get_kernel`
+    without asking it: bitsandbytes as it is imported (on CPUs with AVX512-BF16), transformers for
+    flash attention when flash-attn is missing. ftjob runs no code from a hub (or from a cache one was
+    downloaded to), whatever the environment says, so the switch is set and the `kernels` package made
+    unimportable (a None module reads as not installed): each library keeps its own implementation, for
+    bitsandbytes its built-in CPU kernels, as when the download fails. Called as the `job` package is
+    imported, before those libraries are: transformers remembers whether it found `kernels`.
+    """
+    os.environ["USE_HUB_KERNELS"] = "NO"
+    sys.modules["kernels"] = None
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(is_not_the_refused_kernel)
+
+
+def is_not_the_refused_kernel(record: logging.LogRecord) -> bool:
+    """False for bitsandbytes' warning that it could not load its Hub kernel: refused on purpose."""
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")

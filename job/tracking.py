@@ -9,8 +9,9 @@ Everything goes through the spool (job/spool.py): written to local disk, then de
 server is unreachable, at start or mid-run, training goes on: one warning, records pile up in the
 spool, and each later log call after a backoff tries again (one info when the server is back); the
 end of the run tries once more, and what is still undelivered waits for the next ftjob run that
-uses the same spool directory. With MLFLOW_TRACKING_URI unset, runs go to a local sqlite store under
-./mlruns (`mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db` opens it).
+uses the same spool directory and the same tracking URI (a run tracking elsewhere leaves it alone).
+With MLFLOW_TRACKING_URI unset, runs go to a local sqlite store under ./mlruns
+(`mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db` opens it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -36,8 +36,18 @@ from typing import Any
 from job import __version__
 from job.data.files import expand
 from job.errors import EXIT_REQUEUE
-from job.spec import Spec, TrackingSpec, flatten, public_dict, public_tags
-from job.spool import RUN_KEY_TAG, Spool, deliver, find_spool, leftovers, now_ms, spool_root
+from job.spec import Spec, TrackingSpec, echo, flatten, public_dict, public_tags, redact
+from job.spool import (
+    RUN_KEY_TAG,
+    Spool,
+    Target,
+    deliver,
+    find_spool,
+    is_run_id,
+    leftovers,
+    now_ms,
+    spool_root,
+)
 from job.storage import absolute, filesystem, protocol_of
 from job.system_metrics import SystemSampler
 
@@ -61,6 +71,26 @@ def default_tracking_uri() -> str:
 def redact_url(text: str) -> str:
     """scheme://user:password@host/... -> scheme://***@host/... anywhere in text."""
     return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
+def tracking_target(uri: str) -> Target:
+    """Where a run's records go, as its spool records it: the URI shown with user:password and tokens
+    removed, compared by the hash of the whole URI."""
+    return Target.of(uri, shown=redact(redact_url(uri)))
+
+
+def resumable_run_id(ref: object, warn: bool) -> str | None:
+    """A checkpoint's run_id when it is shaped like an MLflow run id (or a spool key, which is one);
+    else None, so that the run is logged as a new one, with a warning when warn."""
+    if ref is None or is_run_id(ref):
+        return ref
+    if warn:
+        log.warning(
+            "the checkpoint's run.json has run_id %s, which is not an MLflow run id; this run is logged "
+            "to a new MLflow run",
+            echo(ref),
+        )
+    return None
 
 
 def spec_params(spec: Spec) -> dict[str, str]:
@@ -202,14 +232,15 @@ class Tracker:
     than 0; tracking.enabled false); never raises into training.
 
     resume_run_id continues a run instead of starting one: what `resume_id` returned for the run
-    (kept in checkpoints), so that a restart logs to the same run, from the step it resumes at.
+    (kept in checkpoints), so that a restart logs to the same run, from the step it resumes at. One
+    that is not shaped as a run id is input that cannot name a run: a new run is started instead.
     """
 
     def __init__(self, config: TrackingSpec, record: RunRecord | None, resume_run_id: str | None = None):
         self.config = config
         self.record = record
         self.active = record is not None and config.enabled
-        self.resume_run_id = resume_run_id
+        self.resume_run_id = resumable_run_id(resume_run_id, warn=self.active)
         self.uri: str | None = None  # for messages: credentials removed
         self.client = None
         self.spool: Spool | None = None
@@ -258,9 +289,10 @@ class Tracker:
                 "the pod; set it (e.g. in the pod's Secret) to keep the run",
                 uri,
             )
-        self.uri = redact_url(uri)
+        target = tracking_target(uri)
+        self.uri = target.uri
         root = spool_root()
-        self.spool = self._open_spool(root)
+        self.spool = self._open_spool(root, target)
         cfg, record = self.config, self.record
         self._record(
             kind="open",
@@ -284,14 +316,12 @@ class Tracker:
             self.system_metrics = SystemSampler(self.log_metrics)
             self.system_metrics.start()
 
-    def _open_spool(self, root: Path) -> Spool:
-        """The spool of the run to resume when it is still here (its undelivered records go first), else a new one."""
-        if self.resume_run_id:
-            directory = find_spool(root, self.resume_run_id)
-            spool = Spool.acquire(directory) if directory else None
-            if spool:
-                return spool
-        return Spool.acquire(root / uuid.uuid4().hex)
+    def _open_spool(self, root: Path, target: Target) -> Spool:
+        """The spool of the run to resume when it is still here and its records go to target (they go
+        first), else a new one."""
+        key = find_spool(root, self.resume_run_id) if self.resume_run_id else None
+        spool = Spool.acquire(root, key, target) if key else None
+        return spool or Spool.create(root, target)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.active:
@@ -403,23 +433,24 @@ class Tracker:
                 log.info("MLflow tracking at %s is back: %d spooled records delivered", self.uri, sent)
 
     def _deliver_leftovers(self, root: Path) -> None:
-        """Deliver spools that earlier jobs left behind (a job that is still running holds its lock; a
-        corrupt one is quarantined, another user's is left alone)."""
-        for directory in leftovers(root):
-            if directory == self.spool.directory:
+        """Deliver spools that earlier jobs tracking to the same URI left behind (a job that is still
+        running holds its lock; a corrupt one is quarantined; another user's, or one for another URI, is
+        left alone)."""
+        for key in leftovers(root):
+            if key == self.spool.key:
                 continue
-            spool = Spool.acquire(directory)
+            spool = Spool.acquire(root, key, self.spool.target)
             if spool is None:
                 continue
             try:
                 sent = deliver(spool, self.client)
             except Exception as e:
-                log.debug("spool %s not delivered: %s", directory, e)
+                log.debug("spool %s not delivered: %s", spool.directory, e)
                 return
             finally:
                 spool.release()
             if sent:
-                log.info("delivered %d MLflow records left in %s by an earlier job", sent, directory)
+                log.info("delivered %d MLflow records left in %s by an earlier job", sent, spool.directory)
 
     def _guard(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         try:

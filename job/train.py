@@ -21,7 +21,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from job.checkpoint import Checkpointer, fingerprint, remove_all, remove_uncommitted, set_rng_states
+from job.checkpoint import (
+    Checkpointer,
+    fingerprint,
+    remove_all,
+    remove_uncommitted,
+    resume_copies_removed,
+    set_rng_states,
+)
 from job.data.batching import Batch, empty_batch, flatten_packed
 from job.data.pipeline import DataPipeline, shared_plan
 from job.dropout import use_cpu_dropout
@@ -97,7 +104,8 @@ def train(
         published = not restart and is_published(spec)
     if published:
         if accelerator.is_main_process and spec.output.merge and not is_published(spec, "merged"):
-            with Lease(spec.output_uri, spec.train.lease_seconds) as lease:  # a writer like any other
+            lease = Lease(spec.output_uri, spec.train.lease_seconds, spec.train.collective_timeout_seconds)
+            with lease:  # a writer like any other
                 lease.take(stop)
                 model_dir = resolve_model_dir(spec.model.source, spec.model.revision)
                 log.info("merged model published to %s", publish_merged(spec, model_dir))
@@ -112,8 +120,9 @@ def train(
     }
     # Released however train() ends, so that the next job (a requeued one) takes over at once; but only
     # once the checkpoint upload in flight has ended (the checkpointer's block).
-    with Lease(spec.output_uri, spec.train.lease_seconds) as lease:
-        run = setup(spec, accelerator, restart, stop, lease)
+    with Lease(spec.output_uri, spec.train.lease_seconds, spec.train.collective_timeout_seconds) as lease:
+        with resume_copies_removed():  # a stop or an error in setup leaves no checkpoint copy on disk
+            run = setup(spec, accelerator, restart, stop, lease)
         with run.checkpointer, run.tracker.run(tags):
             history = train_loop(run, accelerator, stop)
             model = accelerator.unwrap_model(run.model).eval()
@@ -174,7 +183,8 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     )
     rank_state = checkpointer.rank_state(saved) if saved else None
     if rank_state:  # the files and the cursor the run was reading, before the counting pass reads them
-        data.load_state_dict(rank_state["data"])
+        cursor = f"the data cursor in rank-{rank:05d}.json of the checkpoint at step {saved['step']}"
+        data.load_state_dict(rank_state["data"], cursor)  # checked as input: exit 2 before a row is read
     stop.raise_if_agreed(accelerator, saved)  # between the phases that can take long: the model load...
     total_steps = (
         cfg.max_steps
@@ -232,6 +242,7 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
     has_eval = bool(data.eval_files)  # the same on every rank, unlike a rank's own share of eval rows
     eval_batches = data.eval_batches(cfg.micro_batch_size) if has_eval else []
     run.model.train()
+    stop.training_begins(run.checkpointer)
     for step in itertools.count(run.first_step):
         if cfg.max_steps and step > cfg.max_steps:
             break

@@ -5,7 +5,9 @@ index is the node rank; job/cluster.py reads it); with N > 1 a headless Service 
 name the others meet at. Each pod runs `ftjob run /spec/spec.json --nproc-per-node auto` (one worker
 per GPU of the pod). Exit 75 (checkpointed after SIGTERM) and disruptions do not count against
 backoffLimit, 2 and 3 (bad input, bad data) fail the Job at once. Credentials only by reference to
-Secrets. A sweep renders one ConfigMap and Job (and Service) per point.
+Secrets. The spec is resolved here (FTJOB__ variables of this shell, then --set) and the ConfigMap holds
+it whole: an `--env FTJOB__...` override, or a variable the container sets itself, is refused. A sweep
+renders one ConfigMap and Job (and Service) per point.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import yaml
 
 from job import __version__
 from job.errors import EXIT_REQUEUE, DataError, UserError
-from job.spec import CREDENTIAL_VALUE, URL_CREDENTIALS, Spec, flatten, public_dict
+from job.spec import CREDENTIAL_VALUE, URL_CREDENTIALS, Spec, env_overrides, flatten, public_dict
 
 SPEC_DIR = "/spec"
 IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -228,7 +230,8 @@ def container(name: str, options: K8sOptions, parent_run_id: str | None) -> dict
         env.append({"name": "FTJOB_PARENT_RUN_ID", "value": parent_run_id})
     if options.spool_claim:
         env.append({"name": "FTJOB_SPOOL_DIR", "value": SPOOL_DIR})
-    env += [literal_env(item) for item in options.env]
+    set_here = {entry["name"] for entry in env}
+    env += [literal_env(item, set_here) for item in options.env]
     spool = [{"name": "spool", "mountPath": SPOOL_DIR}] if options.spool_claim else []
     return {
         "name": "ftjob",
@@ -266,8 +269,18 @@ def field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
-def literal_env(item: str) -> dict[str, str]:
+def literal_env(item: str, set_here: set[str]) -> dict[str, str]:
+    """--env NAME=VALUE as the container's variable; never a credential, a spec override (the pod would
+    apply it past the spec checked here) or a variable the container has already (set_here)."""
     name, value = pair(item, "--env")
+    overrides = env_overrides({name: value})
+    if overrides:
+        raise UserError(
+            f"--env {name}: a spec override, which the pod would apply past the spec checked here; pass "
+            f"--set {overrides[0][0]}=VALUE instead"
+        )
+    if name in set_here:
+        raise UserError(f"--env {name}: set by ftjob launch itself")
     if SECRET_NAME.search(name) or CREDENTIAL_VALUE.search(value) or URL_CREDENTIALS.search(value):
         raise UserError(
             f"--env {name}: looks like a credential; put it in a Secret and pass --secret SECRET_NAME "

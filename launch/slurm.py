@@ -2,12 +2,13 @@
 
 The spec is validated here first (a bad spec is exit 2 now, not a failed job after hours in the
 queue). Each node of the job runs one task, `FtjobTask`, which runs `ftjob run --nproc-per-node G`
-in the foreground: placement and rendezvous come from Slurm's environment (job/cluster.py), nothing
-is added here. Slurm sends the stop signal (USR2, `--signal-seconds` before the time limit); the task
-passes it on, ftjob checkpoints and exits 75, and task 0 requeues the job (`scontrol requeue`, up to
-`--max-requeues` times), which resumes from that checkpoint. After SIGTERM (scancel, preemption) the
-job is not requeued here: Slurm requeues preempted jobs itself where the cluster says so. A requeued
-run never passes `--restart` on.
+in the foreground on the spec validated here: the FTJOB__ variables that sbatch exports from the
+login shell are folded into it already and never reach that ftjob. Placement and rendezvous come from
+Slurm's environment (job/cluster.py), nothing is added here. Slurm sends the stop signal (USR2,
+`--signal-seconds` before the time limit); the task passes it on, ftjob checkpoints and exits 75, and
+task 0 requeues the job (`scontrol requeue`, up to `--max-requeues` times), which resumes from that
+checkpoint. After SIGTERM (scancel, preemption) the job is not requeued here: Slurm requeues
+preempted jobs itself where the cluster says so. A requeued run never passes `--restart` on.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -39,6 +41,13 @@ UNKNOWN_LIMIT_SECONDS = 300.0  # sacct silent this long: stop following
 # sbatch options that submitit or ftjob set themselves: a --sbatch for one would break requeueing,
 # signals, logs or the environment the job needs.
 RESERVED_SBATCH = {"array", "output", "error", "wrap", "signal", "open-mode", "requeue", "no-requeue", "export", "ntasks", "ntasks-per-node", "job-name"}  # fmt: skip
+# sbatch reads these variables of the submitting shell over the script's own lines.
+RESERVED_SBATCH_VARIABLES = {f"SBATCH_{option.upper().replace('-', '_')}" for option in RESERVED_SBATCH} | {"SBATCH_ARRAY_INX"}  # fmt: skip
+SBATCH_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+# What would end a value's line in the sbatch script, or, for a backslash, end the quotes submitit puts
+# around it (sbatch reads a backslash as an escape even inside quotes): either way the rest of the value
+# would become options of its own.
+UNSAFE_IN_SCRIPT = re.compile(r"[\x00-\x1f\x7f\\]")
 EXIT_MESSAGE = re.compile(r"ftjob exited with (\d+)")
 
 
@@ -62,13 +71,14 @@ class FtjobTask:
 
     def __call__(self) -> int:
         requeues = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        environment = without_launcher_variables(os.environ)
         with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="ftjob-spec-") as spec_file:
             json.dump(self.spec, spec_file)  # 0600: NamedTemporaryFile's mode
             spec_file.flush()
             argv = [*self.command, "run", spec_file.name, "--nproc-per-node", self.nproc_per_node]
             if self.restart and requeues == 0:
                 argv.append("--restart")
-            code, received = run_forwarding_signals(argv)
+            code, received = run_forwarding_signals(argv, environment)
         if code == 0:
             return 0
         time_limit = bool(received & TIME_LIMIT_SIGNALS) and signal.SIGTERM not in received
@@ -89,10 +99,21 @@ class FtjobTask:
         raise FtjobFailed(code)
 
 
-def run_forwarding_signals(argv: list[str]) -> tuple[int, set[int]]:
-    """Run argv; the stop signals this process gets go on to it. Returns its exit code and the
+def is_launcher_variable(name: str) -> bool:
+    """A variable of the login shell that the task's ftjob must not read: the launcher folded the
+    spec's (FTJOB_SPEC, FTJOB__*) into the spec it validated, and the job's restart id is its Slurm job
+    id, not one left over in that shell (FTJOB_RESTART_ID)."""
+    return name.startswith("FTJOB__") or name in ("FTJOB_SPEC", "FTJOB_RESTART_ID")
+
+
+def without_launcher_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    return {name: value for name, value in environ.items() if not is_launcher_variable(name)}
+
+
+def run_forwarding_signals(argv: list[str], env: Mapping[str, str]) -> tuple[int, set[int]]:
+    """Run argv in env; the stop signals this process gets go on to it. Returns its exit code and the
     signals received (Slurm may also signal the child directly; ftjob takes a repeat as one stop)."""
-    child = subprocess.Popen(argv)
+    child = subprocess.Popen(argv, env=env)
     received: set[int] = set()
 
     def forward(signum: int, _frame) -> None:
@@ -133,18 +154,20 @@ class SlurmOptions:
     max_parallel: int | None = None  # array tasks at once (a sweep)
 
 
-def executor_for(options: SlurmOptions, job_name: str, array: int | None = None):
+def executor_for(options: SlurmOptions, job_name: str, array: int | None = None, dry_run: bool = False):
     """A submitit SlurmExecutor with one task per node; for a sweep of `array` points, at most
-    --max-parallel of its array's tasks at once."""
+    --max-parallel of its array's tasks at once. For a dry run, Slurm need not be installed here."""
     if array and options.container_image:  # submitit's job arrays run the login node's Python
         raise UserError("--sweep with --container-image is not supported yet: submit each point on its own")
-    import submitit
-
     if "%" in options.folder:
         raise UserError(f"--folder {options.folder}: a plain path, without Slurm's %-patterns")
+    check_script_values(options)
+    check_sbatch_variables(os.environ)
+    if not dry_run:
+        require_slurm()
     folder = Path(options.folder).absolute()
     python, srun_args = runtime(options.container_image, folder)
-    executor = submitit.SlurmExecutor(folder=folder, python=python)
+    executor = script_executor(folder, python)
     extra = dict(sbatch_pair(item) for item in options.sbatch)
     extra.setdefault("requeue", True)
     executor.update_parameters(
@@ -168,6 +191,51 @@ def executor_for(options: SlurmOptions, job_name: str, array: int | None = None)
     return executor
 
 
+def script_executor(folder: Path, python: str | None):
+    """submitit's SlurmExecutor without its check for srun on this machine (which would end a dry run
+    on a laptop in a traceback); a submission checks for Slurm first (require_slurm)."""
+    import submitit
+
+    class ScriptExecutor(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 2  # what submitit's own says where srun is found
+
+    return ScriptExecutor(folder=folder, python=python)
+
+
+def require_slurm() -> None:
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if missing:
+        raise UserError(
+            f"{' and '.join(missing)} not found on PATH: submit from a Slurm login node "
+            "(--dry-run prints the sbatch script anywhere)"
+        )
+
+
+def check_script_values(options: SlurmOptions) -> None:
+    """Refuse a value that would not stay in its own line and quotes of the sbatch script, naming its
+    option (a newline in --partition would start a line of its own: another #SBATCH option, or a
+    command)."""
+    for name, value in vars(options).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and UNSAFE_IN_SCRIPT.search(item):
+                raise UserError(
+                    f"--{name.replace('_', '-')} {item!r}: control characters and backslashes are not "
+                    "allowed (sbatch would read the rest as options of its own)"
+                )
+
+
+def check_sbatch_variables(environ: Mapping[str, str]) -> None:
+    """Refuse SBATCH_* variables of this shell that sbatch would read over the options ftjob sets."""
+    found = sorted(RESERVED_SBATCH_VARIABLES & set(environ))
+    if found:
+        raise UserError(
+            f"{', '.join(found)} set in this shell: sbatch would take it over what ftjob launch sets itself "
+            "(logs, signal, requeue, environment); unset it"
+        )
+
+
 def runtime(image: str | None, folder: Path) -> tuple[str | None, list[str]]:
     """(the python command of each task, extra srun arguments): this environment's Python (on a
     shared filesystem), an Apptainer image (.sif), or an image for pyxis/enroot; either with the job's
@@ -189,15 +257,18 @@ def make_private_folder(folder: Path) -> None:
 
 
 def sbatch_pair(item: str) -> tuple[str, str | bool]:
+    """--sbatch KEY=VALUE (or KEY) -> (the sbatch option's name, lower case with dashes, its value)."""
     key, sep, value = item.partition("=")
     key = key.strip().lstrip("-")
-    if not key:
+    if not SBATCH_KEY.fullmatch(key):
         raise UserError(
             f"--sbatch {item!r}: expected KEY=VALUE (or KEY for a flag), e.g. --sbatch mail-type=END"
         )
-    if key in RESERVED_SBATCH:
+    option = key.lower().replace("_", "-")  # as submitit writes it (no_requeue is --no-requeue)
+    # sbatch takes any unambiguous start of a long option: --no-req is --no-requeue
+    if any(reserved.startswith(option) for reserved in RESERVED_SBATCH):
         raise UserError(f"--sbatch {key}: set by ftjob launch itself (logs, signal, requeue, environment)")
-    return key, value if sep else True
+    return option, value if sep else True
 
 
 def task_for(spec, options: SlurmOptions, restart: bool) -> FtjobTask:
@@ -224,6 +295,11 @@ def pass_environment(names: list[str], environ: dict[str, str]) -> None:
         name, sep, value = item.partition("=")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise UserError(f"--env {item!r}: not a variable name")
+        if is_launcher_variable(name):
+            raise UserError(
+                f"--env {name}: kept from the job, which runs the spec checked here (override its keys "
+                "with --set KEY=VALUE) and restarts once per Slurm job"
+            )
         if sep:
             environ[name] = value
         elif name not in environ:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import ALPACA_ROWS, REPO, S3_ENV, causal_attention, free_port, write_jsonl
 
+import job  # noqa: F401  first: ftjob's refusal of hub kernels holds for the whole test process
+
 INTEGRATION_FIXTURES = {"tiny_model_dir", "s3_server", "data_files", "slurm", "image"}
 
 

@@ -498,3 +498,27 @@ def test_a_literal_secret_in_env_is_refused_by_name_or_value(tmp_path, env):
 def test_a_local_output_is_refused_for_pods(tmp_path):
     refused = run_launch_k8s(str(example_spec_file(tmp_path)), "--set", "output.uri=./runs/{name}")
     assert refused.returncode == 2 and "a pod's local disk goes with the pod" in refused.stderr
+
+
+def test_the_pods_run_the_spec_resolved_here_and_no_spec_override(tmp_path):
+    """The login shell's FTJOB__ variables are folded into the ConfigMap's spec, under --set, and never
+    reach the pod; `--env FTJOB__...` (which the pod would apply past the spec checked here) and a
+    variable the container sets itself are refused."""
+    from job.errors import UserError
+
+    spec = example_spec_file(tmp_path)
+    login_shell = {"FTJOB__TRAIN__LEARNING_RATE": "0.5", "FTJOB__TRAIN__SEED": "7"}
+    printed = run_launch_k8s(str(spec), "--set", "train.learning_rate=0.001", env=login_shell)
+    assert printed.returncode == 0, printed.stderr
+    objects = list(yaml.safe_load_all(printed.stdout))
+    resolved = json.loads(of_kind(objects, "ConfigMap")[0]["data"]["spec.json"])
+    assert (resolved["train"]["learning_rate"], resolved["train"]["seed"]) == (0.001, 7)
+    assert not [
+        name for name in env_of(the_container(of_kind(objects, "Job")[0])) if name.startswith("FTJOB__")
+    ]
+
+    refused = run_launch_k8s(str(spec), "--env", "FTJOB__MODEL__TRUST_REMOTE_CODE=true")
+    assert refused.returncode == 2 and "pass --set model.trust_remote_code=VALUE instead" in refused.stderr
+    for item in ("FTJOB_SPEC=/elsewhere.json", "NODE_RANK=3", "FTJOB_RESTART_ID=again"):
+        with pytest.raises(UserError, match=f"--env {item.split('=')[0]}: set by ftjob launch itself"):
+            rendered(env=[item])

@@ -33,7 +33,7 @@ def test_a_plain_shell_is_one_node():
     [("gpu07", "gpu07"), ("gpu[07-09,12]", "gpu07"), ("gpu[3,5],cpu1", "gpu3"), ("a-b[001-004]", "a-b001")],
 )
 def test_the_first_host_of_a_slurm_hostlist(nodelist, first):
-    assert first_host(nodelist) == first
+    assert first_host(nodelist, "SLURM_JOB_NODELIST") == first
 
 
 def test_slurm_places_the_node_by_its_node_id_and_the_job():

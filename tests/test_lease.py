@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ from job.errors import JobError, UserError
 
 STEPS = 3000  # far more than a test lets a job train: each one is stopped or fails first
 LEASE_SECONDS = 6
+COLLECTIVE_TIMEOUT = 1800  # train.collective_timeout_seconds, the longest a job waits for a lease
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +139,9 @@ def test_an_expired_lease_is_taken_over_with_the_next_generation(
     tiny_model_dir, data_files, isolated, caplog
 ):
     output = isolated / "runs" / "t"
-    gone = time.time() - 100
+    gone = time.time() - 100  # a lease of 1 s: taken once this job has seen it unrenewed for 1 s
     write_lease(
-        output, lease_record(host="node-3", pid=77, generation=4, renewed_at=gone, expires_at=gone + 6)
+        output, lease_record(host="node-3", pid=77, generation=4, renewed_at=gone, expires_at=gone + 1)
     )
     with caplog.at_level("INFO", logger="job"):
         train_in_process(small_spec(tiny_model_dir, data_files))
@@ -213,7 +215,7 @@ def test_a_lease_whose_process_has_ended_on_this_machine_is_taken_over_at_once(i
     output = isolated / "out"
     here = {"host": socket.gethostname(), "pid_namespace": lease_module.process_namespace()}
     write_lease(output, lease_record(pid=ended.pid, **here))
-    lease = lease_module.Lease(str(output), LEASE_SECONDS)
+    lease = lease_module.Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT)
     with caplog.at_level("INFO", logger="job"):
         lease.take()
     lease.release()
@@ -261,6 +263,157 @@ def test_a_lease_renewed_while_its_successor_waits_belongs_to_a_live_job(
     assert not (output / "checkpoints").exists()
 
 
+# ---------------------------------------------------------------------------------------------
+# Expiry as seen on this host's clock: the holder's host's clock may be minutes off
+
+
+class FakeClock:
+    """time.monotonic and time.sleep of the job under test: a sleep first runs `meanwhile(elapsed)` (what
+    another job does in the meantime), then moves the clock on at once."""
+
+    def __init__(self, meanwhile: Callable[[float], None]):
+        self.elapsed = 0.0
+        self.meanwhile = meanwhile
+
+    def monotonic(self) -> float:
+        return 1000.0 + self.elapsed
+
+    def sleep(self, seconds: float) -> None:
+        if self.elapsed > 600:
+            raise AssertionError("the job under test is still waiting for the lease after 600 s")
+        self.meanwhile(self.elapsed)
+        self.elapsed += seconds
+
+
+def fake_clock(monkeypatch, meanwhile: Callable[[float], None] = lambda elapsed: None) -> FakeClock:
+    from job import lease as lease_module
+
+    fake = FakeClock(meanwhile)
+    monkeypatch.setattr(lease_module, "SETTLE_SECONDS", 0)
+    monkeypatch.setattr(lease_module.time, "monotonic", fake.monotonic)
+    monkeypatch.setattr(lease_module.time, "sleep", fake.sleep)
+    return fake
+
+
+SCHEDULER_JOBS = {"another job": None, "the same scheduler job": "slurm-5"}
+
+
+@pytest.mark.parametrize("job", SCHEDULER_JOBS.values(), ids=SCHEDULER_JOBS.keys())
+def test_a_lease_from_a_clock_ahead_is_taken_once_seen_unrenewed_for_its_lease_seconds(
+    isolated, monkeypatch, caplog, job
+):
+    """Its holder's host is 3 minutes ahead and its process is gone: its times say it is live for 3
+    minutes more, but unrenewed for its lease_seconds on this host's monotonic clock, it has expired."""
+    from job.lease import Lease
+
+    monkeypatch.setenv("FTJOB_RESTART_ID", "slurm-5")
+    output = isolated / "out"
+    ahead = time.time() + 180
+    stale = lease_record(job=job, renewed_at=ahead, expires_at=ahead + LEASE_SECONDS)
+    write_lease(output, stale)
+    owners = []  # (seconds waited, the lease's owner) at each of the job's sleeps
+    fake = fake_clock(monkeypatch, lambda elapsed: owners.append((elapsed, read_lease(output)["owner"])))
+    lease = Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT)
+    with caplog.at_level("INFO", logger="job"):
+        lease.take()
+    lease.release()
+    taken_at = min(elapsed for elapsed, owner in owners if owner != stale["owner"])
+    assert taken_at == pytest.approx(LEASE_SECONDS) and fake.elapsed == pytest.approx(LEASE_SECONDS)
+    assert "waiting until it expires" in messages(caplog)
+    assert "as generation 2 from host node-7, pid 4242" in messages(caplog)
+    assert "(expired)" in messages(caplog)
+
+
+@pytest.mark.parametrize("job", SCHEDULER_JOBS.values(), ids=SCHEDULER_JOBS.keys())
+def test_a_lease_from_a_clock_behind_that_is_renewed_is_not_taken(isolated, monkeypatch, job):
+    """Its holder's host is 3 minutes behind: its lease looks expired here, but its holder renews it, at
+    the last moment: the job is refused (exit 2) and leaves it alone."""
+    from job.lease import Lease
+
+    monkeypatch.setenv("FTJOB_RESTART_ID", "slurm-5")
+    output = isolated / "out"
+    behind = time.time() - 180
+    live = lease_record(job=job, renewed_at=behind, expires_at=behind + LEASE_SECONDS)
+    renewed = {**live, "renewed_at": behind + 5, "expires_at": behind + 5 + LEASE_SECONDS}
+    write_lease(output, live)
+
+    def renew_in_the_last_second(elapsed: float) -> None:
+        if elapsed >= LEASE_SECONDS - 1:
+            write_lease(output, renewed)
+
+    fake_clock(monkeypatch, renew_in_the_last_second)
+    with pytest.raises(UserError, match="held by another job: host node-7, pid 4242") as refused:
+        Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT).take()
+    assert refused.value.exit_code == 2
+    assert read_lease(output) == renewed
+
+
+def test_a_lease_renewed_in_this_hosts_future_is_warned_about_once(isolated, monkeypatch, caplog):
+    """3 minutes ahead: warned about, once, however often it is read while it is watched. 2 seconds ahead
+    is within the tolerance: no warning, and another job's live lease is refused at once."""
+    from job.lease import Lease
+
+    output = isolated / "out"
+    fake_clock(monkeypatch)
+    now = time.time()
+    write_lease(output, lease_record(renewed_at=now + 2, expires_at=now + 2 + LEASE_SECONDS))
+    with caplog.at_level("WARNING", logger="job"), pytest.raises(UserError, match="held by another job"):
+        Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT).take()
+    assert "clocks disagree" not in messages(caplog)
+
+    write_lease(output, lease_record(renewed_at=now + 180, expires_at=now + 180 + LEASE_SECONDS))
+    lease = Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT)
+    with caplog.at_level("WARNING", logger="job"):
+        lease.take()
+    lease.release()
+    warned = [r.getMessage() for r in caplog.records if "clocks disagree" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "by the clock of host node-7, pid 4242, 180 s ahead of this host's clock" in warned[0]
+
+
+def test_a_stop_while_watching_a_lease_is_exit_75(isolated, monkeypatch):
+    from job.errors import Preempted
+    from job.lease import Lease
+    from job.signals import StopRequest
+
+    output = isolated / "out"
+    gone = time.time() - 100
+    write_lease(output, lease_record(renewed_at=gone, expires_at=gone + LEASE_SECONDS))
+    stop = StopRequest(90)
+    fake_clock(monkeypatch, lambda elapsed: setattr(stop, "signal", signal.SIGTERM))
+    with pytest.raises(Preempted, match="while waiting for .*lease.json; exit 75"):
+        Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT).take(stop)
+    assert read_lease(output)["owner"] == "f" * 32
+
+
+TOO_LONG = {"damaged": 10**9, "as long as the collective timeout": COLLECTIVE_TIMEOUT}
+
+
+@pytest.mark.parametrize("job", SCHEDULER_JOBS.values(), ids=SCHEDULER_JOBS.keys())
+@pytest.mark.parametrize("seconds", TOO_LONG.values(), ids=TOO_LONG.keys())
+def test_a_lease_too_long_to_wait_for_is_exit_2_at_once(isolated, monkeypatch, job, seconds):
+    """A lease.json whose lease_seconds (expires_at - renewed_at) are not under the job's
+    train.collective_timeout_seconds: watching it that long, rank 0 would keep the other ranks waiting
+    in a collective past their timeout. Refused at once (exit 2); the lease is left as it was."""
+    from job.lease import Lease
+
+    monkeypatch.setenv("FTJOB_RESTART_ID", "slurm-5")
+    output = isolated / "out"
+    ended = int(time.time()) - 60  # whole seconds: expires_at - renewed_at is exactly `seconds`
+    stale = lease_record(job=job, renewed_at=ended - seconds, expires_at=ended)
+    write_lease(output, stale)
+    fake = fake_clock(monkeypatch)
+    with pytest.raises(UserError) as refused:
+        Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT).take()
+    assert refused.value.exit_code == 2 and fake.elapsed == 0
+    message = str(refused.value)
+    assert f"{output}/lease.json says that host node-7, pid 4242" in message
+    assert f"holds it for {seconds} s unless renewed" in message
+    assert f"not under this job's train.collective_timeout_seconds ({COLLECTIVE_TIMEOUT} s)" in message
+    assert f"delete {output}/lease.json once no job writes to {output}" in message
+    assert read_lease(output) == stale
+
+
 def test_a_rival_whose_write_lands_during_the_settle_delay_wins(isolated, monkeypatch):
     """Object stores have no compare-and-swap: a job writes the lease, waits, reads it back. A rival
     whose write lands in between wins; this job is refused (exit 2) and leaves the rival's lease."""
@@ -271,7 +424,7 @@ def test_a_rival_whose_write_lands_during_the_settle_delay_wins(isolated, monkey
     rival = lease_record(host="node-9", pid=99)
     monkeypatch.setattr(lease_module.time, "sleep", lambda seconds: write_lease(output, rival))
     with pytest.raises(UserError, match="held by another job: host node-9, pid 99"):
-        lease_module.Lease(str(output), LEASE_SECONDS).take()
+        lease_module.Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT).take()
     assert read_lease(output) == rival
 
 
@@ -286,7 +439,7 @@ def test_the_settle_delay_runs_while_the_job_works_and_a_rival_writing_meanwhile
     output.mkdir()
     waits = []
     monkeypatch.setattr(lease_module.time, "sleep", waits.append)
-    lease = lease_module.Lease(str(output), LEASE_SECONDS)
+    lease = lease_module.Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT)
     lease.claim()
     clock = time.monotonic()
     monkeypatch.setattr(lease_module.time, "monotonic", lambda: clock + 0.7)  # 0.7 s of model loading
@@ -295,7 +448,7 @@ def test_the_settle_delay_runs_while_the_job_works_and_a_rival_writing_meanwhile
     lease.release()
 
     rival = lease_record(host="node-9", pid=99, generation=2)
-    late = lease_module.Lease(str(output), LEASE_SECONDS)
+    late = lease_module.Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT)
     late.claim()
     assert read_lease(output)["generation"] == 2  # after a released one
     monkeypatch.setattr(lease_module.time, "monotonic", lambda: clock + 5)  # a load longer than the delay
@@ -357,7 +510,8 @@ def test_a_retention_delete_that_fails_is_a_warning(
 # A damaged or unreadable lease, on one rank and on two
 
 
-DAMAGED = {"a list": "[]", "no fields": "{}", "a string": '"str"', "not JSON": "{not json"}
+DAMAGED = {"a list": "[]", "no fields": "{}", "a string": '"str"', "not JSON": "{not json",
+           "no time to last": json.dumps(lease_record(renewed_at=100.0, expires_at=100.0))}  # fmt: skip
 
 
 @pytest.mark.parametrize("text", DAMAGED.values(), ids=DAMAGED.keys())
@@ -370,11 +524,12 @@ def test_a_damaged_lease_is_exit_2_while_taking_it_and_exit_1_once_held(isolated
     output = isolated / "out"
     write_lease(output, text)
     with pytest.raises(UserError, match="lease.json is damaged") as refused:
-        lease_module.Lease(str(output), LEASE_SECONDS).take()
+        lease_module.Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT).take()
     assert f"delete it once no job writes to {output}" in str(refused.value)
 
     (output / "lease.json").unlink()
-    held = lease_module.Lease(str(output), 600)  # renewed every 200 s: no renewal overwrites the damage
+    # renewed every 200 s: no renewal overwrites the damage
+    held = lease_module.Lease(str(output), 600, COLLECTIVE_TIMEOUT)
     held.take()
     try:
         write_lease(output, text)
@@ -393,12 +548,12 @@ def test_a_lease_the_store_cannot_serve_at_start_is_exit_2_or_1_as_for_any_stora
     once = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
     configure_storage({"s3": {"endpoint_url": f"http://127.0.0.1:{free_port()}", **once}})
     with pytest.raises(UserError, match="lease.json: cannot reach the storage endpoint"):
-        Lease(f"s3://{s3.bucket}/out", LEASE_SECONDS).take()
+        Lease(f"s3://{s3.bucket}/out", LEASE_SECONDS, COLLECTIVE_TIMEOUT).take()
 
     configure_storage({"s3": {"endpoint_url": fault_proxy.url, **once}})
     fault_proxy.outage("503")
     with pytest.raises(JobError, match="lease.json: storage failed") as outage:
-        Lease(f"s3://{s3.bucket}/out", LEASE_SECONDS).take()
+        Lease(f"s3://{s3.bucket}/out", LEASE_SECONDS, COLLECTIVE_TIMEOUT).take()
     assert outage.value.exit_code == 1
 
 
@@ -425,15 +580,28 @@ def two_ranks(spec_path: Path, output: str) -> tuple[subprocess.Popen, subproces
     return processes[0], processes[1], log
 
 
-@pytest.mark.parametrize("case", ["damaged at start", "held at start", "damaged while held"])
+LEASE_ERRORS = {  # what rank 0 meets in lease.json: what every rank then says
+    "damaged at start": "lease.json is damaged (a JSON list, not an object)",
+    "held at start": "held by another job",
+    "too long to wait for at start": "holds it for 1000000000 s unless renewed",
+    "damaged while held": "lease.json is damaged (a JSON list, not an object)",
+}
+
+
+@pytest.mark.parametrize("case", LEASE_ERRORS)
 def test_every_rank_exits_with_rank_0s_lease_error(spec_path, workdir, case):
-    """Rank 0 alone reads the lease; what it meets (a damaged lease, another job's) ends every rank with
-    the same message and exit code, at once: no rank waits in a collective for a rank 0 that failed."""
+    """Rank 0 alone reads the lease; what it meets (a damaged lease, another job's, one it would wait
+    for past the collective timeout) ends every rank with the same message and exit code, at once: no
+    rank waits in a collective for a rank 0 that failed."""
     output = workdir / case.replace(" ", "-")
-    if case == "damaged at start":
-        write_lease(output, "[]")
-    elif case == "held at start":
-        write_lease(output, lease_record())
+    gone = time.time() - 60
+    at_start = {
+        "damaged at start": "[]",
+        "held at start": lease_record(),
+        "too long to wait for at start": lease_record(renewed_at=gone - 10**9, expires_at=gone),
+    }
+    if case in at_start:
+        write_lease(output, at_start[case])
     rank0, rank1, rank1_log = two_ranks(spec_path, f"./{output.name}")
     if case == "damaged while held":
         read_until(rank0, "checkpoint step 10 committed")
@@ -441,11 +609,7 @@ def test_every_rank_exits_with_rank_0s_lease_error(spec_path, workdir, case):
     rank0_out = rank0.stdout.read()
     codes = rank0.wait(timeout=120), rank1.wait(timeout=120)
     outputs = rank0_out, rank1_log.read_text()
-    why = (
-        "held by another job"
-        if case == "held at start"
-        else "lease.json is damaged (a JSON list, not an object)"
-    )
+    why = LEASE_ERRORS[case]
     assert codes == ((1, 1) if case == "damaged while held" else (2, 2)), outputs
     for out in outputs:
         assert "ftjob: error: " in out and why in out, out
@@ -463,7 +627,7 @@ def test_a_released_lease_is_no_longer_held(isolated, monkeypatch):
 
     monkeypatch.setattr(lease_module, "SETTLE_SECONDS", 0)
     (isolated / "out").mkdir()
-    lease = lease_module.Lease(str(isolated / "out"), LEASE_SECONDS)
+    lease = lease_module.Lease(str(isolated / "out"), LEASE_SECONDS, COLLECTIVE_TIMEOUT)
     lease.take()
     lease.check()
     lease.release()
@@ -511,7 +675,7 @@ def test_a_retention_listing_that_fails_after_the_commit_is_a_warning(isolated, 
         {"s3": {"endpoint_url": fault_proxy.url, "config_kwargs": {"retries": {"total_max_attempts": 1}}}}
     )
     output = f"s3://{s3.bucket}/out"
-    lease = Lease(output, 600)
+    lease = Lease(output, 600, COLLECTIVE_TIMEOUT)
     lease.take()
     checkpointer = Checkpointer(output, 0, 1, keep=1, lease=lease)
     staging, segment = isolated / "staging", isolated / "segment"
@@ -549,6 +713,7 @@ def test_each_generation_writes_its_own_folders_and_the_newest_is_the_highest_st
     """A job frozen mid-upload and the job that took over never write the same folder, even for the same
     step. Folders named step-NNNNNN (before generations) are generation 0 and still load."""
     from job.checkpoint import FINGERPRINT_VERSION, Checkpointer, committed_checkpoints, remove_uncommitted
+    from job.export import write_manifest
     from job.lease import Lease
 
     output = isolated / "out"
@@ -557,20 +722,23 @@ def test_each_generation_writes_its_own_folders_and_the_newest_is_the_highest_st
                                   ("step-000004-g2", 4, True), ("step-000005-g1", 5, False), ("step-000002", 2, False)]:  # fmt: skip
         folder = output / "checkpoints" / name
         folder.mkdir(parents=True)
-        (folder / "run.json").write_text(json.dumps({"step": step, "fingerprint": expected, "name": name}))
+        run = {"step": step, "run_id": None, "fingerprint": expected, "total_steps": 9, "last_metrics": {"step": step},
+               "checkpoint_format": 2, "lease_generation": int(name.partition("-g")[2] or 0)}  # as ftjob writes it  # fmt: skip
+        (folder / "run.json").write_text(json.dumps(run))
         (folder / "rank-00000.json").write_text("{}")
+        write_manifest(folder)
         if committed:
             (folder / "COMMITTED").write_text(f"step {step}\n")
 
     remove_uncommitted(str(output))
     oldest_first = ["step-000003-g7", "step-000004", "step-000004-g2", "step-000004-g10"]
     assert [f.name for f in committed_checkpoints(str(output))] == oldest_first
-    lease = Lease(str(output), LEASE_SECONDS)
+    lease = Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT)
     lease.generation = 11
     checkpointer = Checkpointer(str(output), 0, 1, keep=2, lease=lease)
     assert checkpointer.step_uri(4) == f"{output}/checkpoints/step-000004-g11"
     saved = checkpointer.load_latest(expected)
-    assert saved["name"] == "step-000004-g10"
+    assert saved["uri"] == f"{output}/checkpoints/step-000004-g10"
     checkpointer._apply_retention()
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-000004-g10", "step-000004-g2"]
 
@@ -586,6 +754,8 @@ def test_a_checkpoint_from_before_data_cursors_held_row_positions_is_refused_as_
     spec = validate_spec(
         {"model": {"source": "m"}, "data": {"train": ["d.jsonl"]}, "train": {"max_steps": 9}}
     )
+    (isolated / "m").mkdir()  # the model source, whose identity the fingerprint holds
+    (isolated / "m" / "model.safetensors").write_bytes(b"weights")
     current = fingerprint(spec, world_size=1)
     folder = output / "checkpoints" / "step-000004-g1"
     folder.mkdir(parents=True)
@@ -593,7 +763,9 @@ def test_a_checkpoint_from_before_data_cursors_held_row_positions_is_refused_as_
     (folder / "run.json").write_text(json.dumps({"step": 4, "fingerprint": older}))
     (folder / "rank-00000.json").write_text("{}")
     (folder / "COMMITTED").write_text("step 4\n")
-    checkpointer = Checkpointer(str(output), 0, 1, keep=2, lease=Lease(str(output), LEASE_SECONDS))
+    checkpointer = Checkpointer(
+        str(output), 0, 1, keep=2, lease=Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT)
+    )
     with pytest.raises(UserError, match="written by another version of ftjob") as refused:
         checkpointer.load_latest(current)
     assert "--restart" in str(refused.value) and "->" not in str(refused.value)
@@ -622,7 +794,7 @@ def test_the_lease_is_renewed_every_third_of_its_time(isolated, monkeypatch):
     monkeypatch.setattr(lease_module, "SETTLE_SECONDS", 0)
     output = isolated / "out"
     output.mkdir()
-    lease = lease_module.Lease(str(output), 5)
+    lease = lease_module.Lease(str(output), 5, COLLECTIVE_TIMEOUT)
     lease.take()
     try:
         taken = read_lease(output)
@@ -654,7 +826,7 @@ def test_a_claim_is_renewed_while_the_job_loads_its_model(isolated):
 
     output = isolated / "out"
     output.mkdir()
-    lease = lease_module.Lease(str(output), 0.3)  # renewed every 0.1 s
+    lease = lease_module.Lease(str(output), 0.3, COLLECTIVE_TIMEOUT)  # renewed every 0.1 s
     lease.claim()
     claimed = read_lease(output)
     time.sleep(0.6)  # twice the lease's length, unconfirmed

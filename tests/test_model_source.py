@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -176,3 +177,134 @@ def test_run_with_bad_spec_writes_nothing(isolated, capsys, tiny_model_dir):
     err, _ = bad_run(isolated, capsys, tiny_model_dir, train={"max_steps": 0, "micro_batch_size": -1})
     assert "train.max_steps" in err and "train.micro_batch_size" in err
     assert not (isolated / "out").exists()
+
+
+# --- what a model is: its identity, and cached copies that are input like any other -----------------
+
+
+def fake_model(directory, weights: bytes):
+    directory.mkdir()
+    (directory / "config.json").write_text('{"hidden_size": 8}')
+    (directory / "tokenizer.json").write_text('{"model": {}}')
+    (directory / "model.safetensors").write_bytes(weights)
+    return directory
+
+
+def test_the_identity_of_a_model_is_the_content_of_what_it_loads_from(isolated):
+    from job.model_source import HEAD_BYTES, model_identity
+
+    weights = bytes(range(256)) * (12 * 1024)  # 3 MiB: read by its header and samples
+    model = fake_model(isolated / "model", weights)
+    identity = model_identity(model)
+    assert identity.startswith("sha256:")
+    assert model_identity(shutil.copytree(model, isolated / "copy")) == identity
+
+    (model / "README.md").write_text("not loaded")
+    (model / ".ftjob-source.json").write_text("{}")  # hidden: ftjob's own marker
+    assert model_identity(model) == identity
+
+    changed_weight = bytearray(weights)
+    changed_weight[HEAD_BYTES] ^= 1  # the first sampled block
+    (model / "model.safetensors").write_bytes(changed_weight)
+    assert model_identity(model) != identity
+
+    (model / "model.safetensors").write_bytes(weights)
+    (model / "config.json").write_text('{"hidden_size": 9}')
+    assert model_identity(model) != identity
+
+
+def cached_copy(s3, tiny_model_dir, monkeypatch) -> tuple[str, list, object]:
+    """The tiny model on S3, fetched once into the node cache; downloads are counted from then on."""
+    url = upload_model(s3, tiny_model_dir)
+    cached = fetch_cached(url)
+    downloads = []
+    real_download = model_source.download_dir
+    monkeypatch.setattr(model_source, "download_dir", lambda *a: downloads.append(a[0]) or real_download(*a))
+    return url, downloads, cached
+
+
+def test_a_staging_folder_of_a_killed_download_is_removed_by_the_next_download(tiny_model_dir, s3):
+    url = upload_model(s3, tiny_model_dir)
+    key, _ = model_source.content_key(url)
+    stale = cache_root() / f".{key}-killed"  # as tempfile.mkdtemp names them
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half a download")
+    other_model = cache_root() / ".0123456789abcdef01234567-downloading"
+    other_model.mkdir()
+
+    fetch_cached(url)
+    assert not stale.exists()
+    assert other_model.exists()  # another model's: its lock's holder may be downloading it
+
+
+def test_a_cached_folder_that_does_not_match_its_marker_is_downloaded_again(
+    tiny_model_dir, s3, monkeypatch, caplog
+):
+    url, downloads, cached = cached_copy(s3, tiny_model_dir, monkeypatch)
+    (cached / "config.json").write_text("{}")
+    with caplog.at_level("WARNING", logger="job"):
+        assert fetch_cached(url) == cached
+    assert len(downloads) == 1
+    assert (cached / "config.json").read_bytes() == (tiny_model_dir / "config.json").read_bytes()
+    assert "(its files do not match its .ftjob-source.json): downloading it again" in caplog.text
+
+    (cached / ".ftjob-source.json").unlink()
+    fetch_cached(url)
+    assert len(downloads) == 2 and (cached / ".ftjob-source.json").is_file()
+
+
+def test_a_symlinked_cached_folder_is_not_trusted(tiny_model_dir, s3, monkeypatch, isolated):
+    url, downloads, cached = cached_copy(s3, tiny_model_dir, monkeypatch)
+    elsewhere = isolated / "elsewhere"
+    cached.rename(elsewhere)
+    cached.symlink_to(elsewhere)  # a copy as good as ftjob's, but not the cache's own
+
+    assert fetch_cached(url) == cached
+    assert len(downloads) == 1 and cached.is_dir() and not cached.is_symlink()
+    assert (elsewhere / "model.safetensors").is_file()  # the link went, never what it pointed to
+
+
+def test_a_cached_folder_of_another_user_is_refused(tiny_model_dir, s3, monkeypatch):
+    url, downloads, cached = cached_copy(s3, tiny_model_dir, monkeypatch)
+    owner = cached.stat().st_uid
+    monkeypatch.setattr(model_source.os, "geteuid", lambda: owner + 1)
+    with pytest.raises(
+        UserError, match=rf"not trusted \(it belongs to user id {owner}, not to this user"
+    ) as e:
+        fetch_cached(url)
+    assert "set FTJOB_CACHE to a folder of your own" in str(e.value)
+    assert not downloads and cached.is_dir()
+
+
+LOCK_FILES = {  # what stands where the model's lock file goes, and how the run names it
+    "a symbolic link": "is a symbolic link",
+    "a folder": "cannot be opened (Is a directory)",
+    "a named pipe": "is not a regular file",
+}
+
+
+@pytest.mark.parametrize("kind", LOCK_FILES)
+def test_a_lock_file_that_is_no_regular_file_is_refused_and_what_it_points_to_is_kept(
+    tiny_model_dir, s3, isolated, capsys, request, kind
+):
+    """In a shared FTJOB_CACHE another user may put a symbolic link where the model's lock file goes:
+    opened for writing, it would truncate what it points to. The run exits 2 naming the lock file."""
+    url = upload_model(s3, tiny_model_dir)
+    key, _ = model_source.content_key(url)
+    cache_root().mkdir(parents=True)
+    lock_file = cache_root() / f"{key}.lock"
+    precious = isolated / "precious.txt"
+    precious.write_text("someone's work")
+    if kind == "a symbolic link":
+        lock_file.symlink_to(precious)
+    elif kind == "a folder":
+        lock_file.mkdir()
+    else:
+        os.mkfifo(lock_file)
+        reader = os.open(lock_file, os.O_RDONLY | os.O_NONBLOCK)  # so that opening it to write never blocks
+        request.addfinalizer(lambda: os.close(reader))
+    err, _ = bad_run(isolated, capsys, tiny_model_dir, model={"source": url})
+    assert f"{lock_file}, the node cache's lock file for this model, {LOCK_FILES[kind]}" in err
+    assert "delete it, or set FTJOB_CACHE to a folder of your own" in err
+    assert precious.read_text() == "someone's work"
+    assert not (cache_root() / key).exists()  # nothing downloaded

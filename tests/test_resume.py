@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from helpers import (
     train_in_process,
     write_stop_spec,
 )
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 STEPS = 30
 
@@ -306,12 +308,16 @@ def test_a_stop_during_the_model_download_exits_75_and_the_next_run_starts_clean
     assert "step 1/2" in requeued.stdout and "resuming" not in requeued.stderr
 
 
-def test_resuming_refuses_changes_to_what_is_trained_and_allows_the_rest():
+def test_resuming_refuses_changes_to_what_is_trained_and_allows_the_rest(isolated):
     from job.checkpoint import fingerprint, fingerprint_changes
     from job.spec import validate_spec
 
+    (isolated / "m").mkdir()
+    (isolated / "m" / "model.safetensors").write_bytes(b"weights")
     base = {"model": {"source": "m"}, "data": {"train": ["d.jsonl"]}, "train": {"max_steps": 10}}
     saved = fingerprint(validate_spec(base), world_size=2)
+    identity = saved["model.identity"]
+    assert identity.startswith("sha256:")
 
     def changes(section: str, **values) -> list[str]:
         spec = {**base, section: {**base.get(section, {}), **values}}
@@ -328,6 +334,9 @@ def test_resuming_refuses_changes_to_what_is_trained_and_allows_the_rest():
     assert fingerprint_changes(saved, fingerprint(validate_spec(base), world_size=1)) == [
         "world_size: 2 -> 1"
     ]
+    assert fingerprint_changes({**saved, "model.identity": "sha256:0ther"}, saved) == [
+        f"model.identity (other weights under model.source): 'sha256:0ther' -> {identity!r}"
+    ]
     for section, values in [
         ("train", {"checkpoint_every": 7, "eval_every": 3, "log_every": 1, "stop_grace_seconds": 5}),
         ("output", {"uri": "s3://elsewhere/run", "keep_checkpoints": 5}),
@@ -335,6 +344,266 @@ def test_resuming_refuses_changes_to_what_is_trained_and_allows_the_rest():
         ("data", {"eval": ["e.jsonl"]}),
     ]:
         assert changes(section, **values) == [], section
+
+
+def interrupted_in_process(spec_path, model_dir, output) -> dict:
+    """The resume spec on model_dir, trained in this process to its last checkpoint but not published, as
+    a run stopped before publishing leaves it."""
+    spec = json.loads(spec_path.read_text())
+    spec["model"]["source"] = str(model_dir)
+    spec["train"].update(max_steps=4, checkpoint_every=2)
+    spec["output"] = {"uri": str(output)}
+    train_in_process(spec)
+    (output / "adapter" / "MANIFEST.json").unlink()
+    return spec
+
+
+def test_resuming_on_other_weights_under_the_same_model_source_is_refused(
+    tiny_model_dir, spec_path, isolated, caplog
+):
+    from job.errors import UserError
+    from job.model_source import model_identity
+
+    model, output = shutil.copytree(tiny_model_dir, isolated / "model"), isolated / "out"
+    spec = interrupted_in_process(spec_path, model, output)
+    trained_on = model_identity(model)
+    assert json.loads((output / "adapter" / "spec.json").read_text())["model"]["identity"] == trained_on
+    checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
+
+    original = (model / "model.safetensors").read_bytes()
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v + 0.01 for k, v in weights.items()}, model / "model.safetensors", {"format": "pt"})
+    with pytest.raises(UserError) as refused:
+        train_in_process(spec)
+    message = str(refused.value)
+    assert f"model.identity (other weights under model.source): {trained_on!r} -> " in message
+    assert model_identity(model) in message and "--restart" in message
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == checkpoints  # nothing lost
+
+    (model / "model.safetensors").write_bytes(original)
+    with caplog.at_level("INFO", logger="job"):
+        train_in_process(spec)
+    assert "resuming from the checkpoint at step 4" in caplog.text
+    assert (output / "adapter" / "MANIFEST.json").is_file()
+
+
+def test_the_local_copy_of_a_checkpoint_is_removed_when_setup_fails_after_loading_it(
+    tiny_model_dir, spec_path, isolated, monkeypatch
+):
+    from job.checkpoint import Checkpointer
+
+    spec = interrupted_in_process(spec_path, tiny_model_dir, isolated / "out")
+    temporary = isolated / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+
+    def fails(checkpointer, saved):
+        assert saved["dir"].parent == temporary  # the copy is there...
+        raise RuntimeError("injected right after load_latest")
+
+    monkeypatch.setattr(Checkpointer, "rank_state", fails)
+    with pytest.raises(RuntimeError, match="injected"):
+        train_in_process(spec)
+    assert list(temporary.glob("ftjob-resume-*")) == []  # ...and gone
+
+
+CHECKPOINT = "s3://b/run/checkpoints/step-000004-g1"  # where the rank files below say they are from
+
+
+def rank_file(**rng) -> dict:
+    """A rank file as a checkpoint holds it (JSON), its RNG states updated with rng."""
+    from job.checkpoint import rng_states
+
+    return json.loads(json.dumps({"rng": {**rng_states(), **rng}, "data": {"a cursor": "checked elsewhere"}}))
+
+
+def read_rank_file(tmp_path, state) -> dict:
+    from job.checkpoint import Checkpointer
+
+    (tmp_path / "rank-00000.json").write_text(json.dumps(state))
+    checkpointer = Checkpointer(str(tmp_path / "out"), rank=0, world_size=1, keep=2, lease=None)
+    return checkpointer.rank_state({"dir": tmp_path, "uri": CHECKPOINT, "step": 4})
+
+
+def torch_state(**bytes_at) -> list[int]:
+    import torch
+
+    state = torch.get_rng_state().tolist()
+    for index, value in bytes_at.items():
+        state[int(index.removeprefix("at"))] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    "state,key",
+    [
+        ([], "(top level)"),
+        ({"data": {}}, "rng: Field required"),
+        ({k: v for k, v in rank_file().items() if k != "data"}, "data: Field required"),
+        ({**rank_file(), "notes": 1}, "notes: Extra inputs are not permitted"),
+        (rank_file(python=[3, [0, 1, 2], None]), "rng.python"),
+        (rank_file(numpy=["PCG64", [0] * 624, 0, 0, 0.0]), "rng.numpy[0]"),
+        (rank_file(numpy=["MT19937", [0] * 623, 0, 0, 0.0]), "rng.numpy[1]"),
+        (rank_file(numpy=["MT19937", [-1] + [0] * 623, 0, 0, 0.0]), "rng.numpy[1][0]"),
+        (rank_file(numpy=["MT19937", [0] * 624, 5000, 0, 0.0]), "rng.numpy[2]"),  # NumPy would read past
+        (rank_file(torch=torch_state()[:100]), "rng.torch: Value error, not the state of torch's cpu generator"),
+        (rank_file(torch=[0] * len(torch_state())), "Invalid mt19937 state"),
+        (rank_file(torch=torch_state(at7=300)), "rng.torch[7]"),
+        (rank_file(torch="bytes"), "rng.torch"),
+        (rank_file(cuda=[1.5]), "rng.cuda[0]"),
+    ],
+    ids=[
+        "not-an-object", "no-rng", "no-data", "extra-key", "python-short", "numpy-kind", "numpy-short",
+        "numpy-negative", "numpy-position", "torch-size", "torch-invalid", "torch-byte", "torch-type", "cuda-type",
+    ],
+)  # fmt: skip
+def test_a_rank_file_not_as_ftjob_writes_it_is_refused_naming_the_file_and_key(tmp_path, state, key):
+    from job.errors import UserError
+
+    with pytest.raises(UserError) as refused:
+        read_rank_file(tmp_path, state)
+    message = str(refused.value)
+    assert message.startswith(f"{CHECKPOINT}/rank-00000.json: ") and key in message and "--restart" in message
+
+
+FOLDER = "step-000004-g1"
+
+
+def run_record(**changes) -> dict:
+    """run.json as ftjob writes it for the checkpoint in FOLDER, with changes."""
+    from job.checkpoint import CHECKPOINT_FORMAT, FINGERPRINT_VERSION
+
+    record = {
+        "step": 4, "run_id": None, "fingerprint": {"train.seed": 3, "fingerprint_version": FINGERPRINT_VERSION},
+        "total_steps": 8, "last_metrics": {"step": 4, "train/loss": 1.5}, "checkpoint_format": CHECKPOINT_FORMAT,
+        "lease_generation": 1,
+    }  # fmt: skip
+    return {**record, **changes}
+
+
+def committed_checkpoint(output: Path, run, curve: str = '{"step": 4, "train/loss": 1.5}\n') -> None:
+    """A committed checkpoint in FOLDER, its metric curve's segment and a later one (left by a checkpoint
+    that never committed, which a resume deletes)."""
+    from job.checkpoint import rng_states
+    from job.export import write_manifest
+
+    folder = output / "checkpoints" / FOLDER
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps(run))
+    (folder / "rank-00000.json").write_text(json.dumps({"rng": rng_states(), "data": {}}))
+    write_manifest(folder)
+    (folder / "COMMITTED").write_text("step 4\n")
+    (output / "metrics").mkdir()
+    (output / "metrics" / "000004.jsonl").write_text(curve)
+    (output / "metrics" / "000006.jsonl").write_text('{"step": 5}\n')
+
+
+def load_latest(output: Path) -> dict | None:
+    from job.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(str(output), rank=0, world_size=1, keep=2, lease=None)
+    return checkpointer.load_latest(run_record()["fingerprint"])
+
+
+def test_a_checkpoint_as_ftjob_writes_it_is_loaded_and_its_rng_states_applied(tmp_path):
+    import torch
+
+    from job.checkpoint import Checkpointer, set_rng_states
+
+    committed_checkpoint(tmp_path, run_record())
+    saved = load_latest(tmp_path)
+    assert saved["step"] == 4 and saved["history"] == [{"step": 4, "train/loss": 1.5}]
+    assert saved["uri"] == str(tmp_path / "checkpoints" / FOLDER)  # what the rank file's messages name
+    assert not (tmp_path / "metrics" / "000006.jsonl").exists()  # a leftover of an uncommitted checkpoint
+
+    rank_state = Checkpointer(str(tmp_path), 0, 1, keep=2, lease=None).rank_state(saved)
+    set_rng_states(rank_state["rng"])
+    drawn = torch.rand(3)
+    set_rng_states(rank_state["rng"])
+    assert torch.equal(torch.rand(3), drawn)
+
+
+@pytest.mark.parametrize(
+    "run,problem",
+    [
+        ([], "(top level)"),
+        (run_record(fingerprint="f"), "fingerprint: Input should be a valid dictionary"),
+        (run_record(step="4"), "step: Input should be a valid integer (got '4')"),
+        (run_record(step=0), "step: Input should be greater than or equal to 1"),
+        (run_record(step=7), f"step is 7, where the checkpoint's folder {FOLDER} says 4"),
+        (run_record(total_steps=None), "total_steps"),
+        (run_record(last_metrics=[4]), "last_metrics"),
+        (run_record(last_metrics={"step": 4, "train/loss": "low"}), "last_metrics.train/loss"),
+        (run_record(last_metrics={"step": 3}), f"last_metrics.step is 3, where the checkpoint's folder {FOLDER} says 4"),
+        (run_record(lease_generation=-1), "lease_generation: Input should be greater than or equal to 0"),
+        (run_record(lease_generation=2), f"lease_generation is 2, where the checkpoint's folder {FOLDER} says 1"),
+        (run_record(checkpoint_format=3), "checkpoint_format is 3, not 2"),
+        ({k: v for k, v in run_record().items() if k != "run_id"}, "run_id: Field required"),
+        (run_record(notes="hi"), "notes: Extra inputs are not permitted"),
+    ],
+    ids=[
+        "not-an-object", "fingerprint", "step-type", "step-zero", "step-not-the-folder-s", "total-steps",
+        "last-metrics-type", "metric-type", "last-metrics-step", "generation-negative",
+        "generation-not-the-folder-s", "format", "no-run-id", "extra-key",
+    ],
+)  # fmt: skip
+def test_a_run_json_not_as_ftjob_writes_it_is_refused_before_anything_is_deleted(tmp_path, run, problem):
+    from job.errors import UserError
+
+    committed_checkpoint(tmp_path, run)
+    with pytest.raises(UserError) as refused:
+        load_latest(tmp_path)
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path}/checkpoints/{FOLDER}/run.json: ") and problem in message
+    assert "--restart" in message
+    assert (tmp_path / "metrics" / "000006.jsonl").exists()  # nothing deleted
+
+
+@pytest.mark.parametrize(
+    "curve,problem",
+    [
+        ('{"step": 4\n', "a line is not a step's metrics (JSONDecodeError"),
+        ("[4]\n", "a line is not a step's metrics (TypeError"),
+        ('{"train/loss": 1.5}\n', "a line is not a step's metrics (KeyError"),
+        ('{"step": 3, "train/loss": "low"}\n{"step": 4}\n', "[0].train/loss: Input should be a valid number"),
+        ('{"step": 4.0}\n', "[0].step: Input should be a valid integer"),
+    ],
+    ids=["not-json", "not-an-object", "no-step", "metric-type", "step-type"],
+)
+def test_a_metric_curve_not_as_ftjob_writes_it_is_refused_before_anything_is_deleted(
+    tmp_path, curve, problem
+):
+    from job.errors import UserError
+
+    committed_checkpoint(tmp_path, run_record(), curve)
+    with pytest.raises(UserError) as refused:
+        load_latest(tmp_path)
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path}/metrics (the metric curve up to step 4): ") and problem in message
+    assert (tmp_path / "metrics" / "000006.jsonl").exists()
+
+
+def test_a_rank_file_not_as_ftjob_writes_it_stops_the_run_before_it_trains(
+    tiny_model_dir, spec_path, isolated
+):
+    from job.errors import UserError
+    from job.export import write_manifest
+
+    output = isolated / "out"
+    spec = interrupted_in_process(spec_path, tiny_model_dir, output)
+    checkpoint = sorted((output / "checkpoints").iterdir())[-1]
+    state = json.loads((checkpoint / "rank-00000.json").read_text())
+    state["rng"]["numpy"][2] = 10**6  # a position NumPy would read its keys at, far past their end
+    (checkpoint / "rank-00000.json").write_text(json.dumps(state))
+    write_manifest(checkpoint)  # as whoever edited it would: the checkpoint is whole, not damaged
+    files = sorted(p.relative_to(output) for p in output.rglob("*") if p.name != "lease.json")
+
+    with pytest.raises(UserError) as refused:
+        train_in_process(spec)
+    assert str(refused.value).startswith(
+        f"{checkpoint}/rank-00000.json: not as ftjob writes it: rng.numpy[2]"
+    )
+    assert sorted(p.relative_to(output) for p in output.rglob("*") if p.name != "lease.json") == files
 
 
 def test_publishing_on_rank_0_sits_behind_no_collective(slow_s3_spec, workdir, s3, fault_proxy):

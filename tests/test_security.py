@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import boto3
 import pytest
 
@@ -102,6 +106,124 @@ def test_generate_takes_the_base_model_from_the_command_line(tiny_model_dir, dat
     assert missing.returncode == 2 and "moved-away" in missing.stderr
     given = run_ftjob("generate", "--adapter", str(adapter), "--prompt", "Say hi", "--max-new-tokens", "2", "--base-model", str(tiny_model_dir), cwd=isolated)  # fmt: skip
     assert given.returncode == 0, given.stderr
+
+
+def adapter_on_a_copy(isolated, tiny_model_dir, data_files) -> tuple[Path, dict, Path]:
+    """(model, spec, adapter): an adapter trained and published on a copy of the tiny model, which the
+    test may then change."""
+    import shutil
+
+    from helpers import spec_dict, train_in_process
+
+    model = Path(shutil.copytree(tiny_model_dir, isolated / "model"))
+    spec = spec_dict(model, data_files, tracking={"enabled": False}, train={"max_steps": 2})
+    train_in_process(spec)
+    return model, spec, isolated / "runs" / "t" / "adapter"
+
+
+def put_other_weights(model: Path) -> None:
+    """Other weights under the same model.source, as a re-upload of the model would leave."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v + 0.01 for k, v in weights.items()}, model / "model.safetensors", {"format": "pt"})
+
+
+def test_a_merge_only_run_refuses_a_base_other_than_the_one_the_adapter_was_trained_on(
+    tiny_model_dir, data_files, isolated
+):
+    from helpers import train_in_process
+
+    from job.model_source import model_identity
+
+    model, spec, _ = adapter_on_a_copy(isolated, tiny_model_dir, data_files)
+    trained_on, original = model_identity(model), (model / "model.safetensors").read_bytes()
+    put_other_weights(model)
+    merging = {**spec, "output": {"merge": True}}
+    with pytest.raises(UserError) as refused:
+        train_in_process(merging)
+    message = str(refused.value)
+    assert message.startswith("output.merge: the adapter in ") and "--restart" in message
+    assert (
+        f"trained on the model {trained_on}, but model.source {model} now holds {model_identity(model)}"
+        in message
+    )
+    assert not (isolated / "runs" / "t" / "merged").exists()
+
+    (model / "model.safetensors").write_bytes(original)
+    assert train_in_process(merging) is None  # the adapter was already published: only merged
+    assert (isolated / "runs" / "t" / "merged" / "MANIFEST.json").is_file()
+
+
+def test_a_merge_only_run_merges_an_adapter_of_an_older_ftjob_with_a_warning(
+    tiny_model_dir, data_files, isolated, caplog
+):
+    from helpers import train_in_process
+
+    from job.export import write_manifest
+
+    model, spec, adapter = adapter_on_a_copy(isolated, tiny_model_dir, data_files)
+    published = json.loads((adapter / "spec.json").read_text())
+    del published["model"]["identity"]  # as an ftjob that did not record it published it
+    (adapter / "spec.json").write_text(json.dumps(published))
+    write_manifest(adapter)
+    put_other_weights(model)
+    with caplog.at_level("WARNING", logger="job"):
+        train_in_process({**spec, "output": {"merge": True}})
+    assert "spec.json has no model.identity (an older ftjob published it)" in caplog.text
+    assert (isolated / "runs" / "t" / "merged" / "MANIFEST.json").is_file()
+
+
+def test_generate_warns_when_the_base_the_adapter_names_holds_other_weights(
+    tiny_model_dir, data_files, isolated, caplog
+):
+    from job.generate import load_trained
+    from job.model_source import model_identity
+
+    model, _, adapter = adapter_on_a_copy(isolated, tiny_model_dir, data_files)
+    trained_on = model_identity(model)
+    with caplog.at_level("WARNING", logger="job"):
+        load_trained(adapter)
+    assert "the adapter was trained on" not in caplog.text
+
+    put_other_weights(model)
+    with caplog.at_level("WARNING", logger="job"):
+        load_trained(adapter)
+    assert f"the adapter was trained on the model {trained_on}, but model.source {model} (its spec.json's) now holds {model_identity(model)}" in caplog.text  # fmt: skip
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="job"):
+        load_trained(adapter, base_model=str(model))  # another base, named on purpose: no check
+    assert "the adapter was trained on" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "model,problem",
+    [
+        ({"source": "m", "identity": 42}, "model.identity is 42, not a model's identity"),
+        ({"source": "m", "identity": "sha256:abc"}, "model.identity is 'sha256:abc', not a model's identity"),
+        ("m", "model is 'm', not a mapping"),
+    ],
+)
+def test_a_published_spec_json_whose_model_identity_is_not_one_is_refused(tmp_path, model, problem):
+    from job.export import trained_on
+
+    (tmp_path / "spec.json").write_text(json.dumps({"model": model}))
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path}/spec.json: {problem}")):
+        trained_on(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    ["{", "[]", '{"files": []}', '{"files": {"a": "x"}}', '{"files": {"a": {"sha256": "x", "size": "1"}}}'],
+    ids=["not-json", "not-an-object", "files-not-an-object", "entry-not-an-object", "size-not-a-number"],
+)
+def test_a_manifest_not_as_ftjob_writes_it_is_refused(tmp_path, manifest):
+    from job.export import verify_manifest
+
+    (tmp_path / "MANIFEST.json").write_text(manifest)
+    with pytest.raises(UserError, match="MANIFEST.json: not a manifest as ftjob writes it"):
+        verify_manifest(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
-from helpers import REPO
+from helpers import REPO, read_until, write_stop_spec
 
 SCRIPT = """
 import logging, os, signal, sys, time
@@ -37,7 +38,8 @@ def run(grace: float, then: str) -> tuple[int, float, str]:
 
 def test_grace_period_bounds_the_time_from_signal_to_exit():
     code, seconds, output = run(grace=1, then="pass")
-    assert code == 75 and "asked" in output and "grace period of 1 s over" in output
+    assert code == 75 and "asked" in output
+    assert "grace period of 1 s (train.stop_grace_seconds) over before training began" in output
     assert seconds < 20  # far below the 30 s the process would otherwise sleep
 
 
@@ -105,3 +107,87 @@ def test_a_stop_signal_after_the_run_is_done_changes_nothing():
     )
     done = run_snippet(code)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_grace_period_ends_with_75_only_when_a_requeue_can_make_progress():
+    from job.signals import StopRequest
+
+    stop = StopRequest(grace_seconds=5)
+    code, message = stop.grace_over()
+    assert code == 75 and "before training began" in message  # nothing new to save
+
+    stop.training_begins(SimpleNamespace(committed_step=None))
+    code, message = stop.grace_over()
+    assert code == 1 and "this run committed no checkpoint" in message
+    assert "train.stop_grace_seconds" in message and "train.checkpoint_every" in message
+
+    stop.training_begins(SimpleNamespace(committed_step=4))
+    code, message = stop.grace_over()
+    assert code == 75 and "resumes from the checkpoint at step 4" in message
+
+
+# `ftjob run` whose checkpoint uploads hang before COMMITTED (rank 0's files), but for the checkpoint at
+# step {commits} (0: none)
+SLOW_COMMITS = """
+import sys, time
+import job.checkpoint
+from job.cli import entry
+
+upload = job.checkpoint.upload_dir
+
+def slow_commit(local_dir, uri, last=""):
+    if last and "/step-{commits:06d}-" not in uri:
+        time.sleep(600)
+    upload(local_dir, uri, last)
+
+job.checkpoint.upload_dir = slow_commit
+sys.exit(entry())
+"""
+
+
+def stop_a_run_whose_uploads_hang(tmp_path, model_dir, commits: int, signal_after: str) -> tuple[int, str]:
+    """A run with checkpoint_every 2 and a grace of 2 s, SIGTERMed once `signal_after` is in its output:
+    its exit code and output."""
+    spec = write_stop_spec(
+        tmp_path, model_dir, "grace", 30, checkpoint_every=2, seed=1, train={"stop_grace_seconds": 2}
+    )
+    command = [sys.executable, "-c", SLOW_COMMITS.format(commits=commits), "run", str(spec)]
+    process = subprocess.Popen(
+        [*command, "--set", "output.uri=./out"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
+    try:
+        seen = read_until(process, signal_after)
+        process.send_signal(signal.SIGTERM)
+        return process.wait(timeout=60), "".join(seen) + process.stdout.read()
+    finally:
+        process.kill()
+
+
+def test_a_stop_checkpoint_that_misses_the_grace_period_exits_1_when_this_run_committed_nothing(
+    tmp_path, tiny_model_dir
+):
+    """Exit 75 would requeue a job whose checkpoint never fits the grace period forever, without progress."""
+    code, output = stop_a_run_whose_uploads_hang(tmp_path, tiny_model_dir, commits=0, signal_after="step 3/")
+    assert code == 1, output
+    assert (
+        "grace period of 2 s (train.stop_grace_seconds) over before the stop checkpoint was committed"
+        in output
+    )
+    assert "this run committed no checkpoint" in output and "Traceback" not in output
+
+
+def test_a_stop_checkpoint_that_misses_the_grace_period_exits_75_when_this_run_committed_one(
+    tmp_path, tiny_model_dir
+):
+    code, output = stop_a_run_whose_uploads_hang(
+        tmp_path, tiny_model_dir, commits=2, signal_after="checkpoint step 2 committed"
+    )
+    assert code == 75, output
+    assert "the requeued job resumes from the checkpoint at step 2, committed by this run" in output
+    assert (tmp_path / "out" / "checkpoints" / "step-000002-g1" / "COMMITTED").is_file()

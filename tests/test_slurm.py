@@ -198,15 +198,31 @@ def test_a_sweep_is_one_job_array_of_children_of_one_parent_run(slurm, spec_path
 # --- without a cluster: the sbatch script, the task's requeue rules, sweeps ---------------------------
 
 
+def without_slurm(folder) -> dict[str, str]:
+    """An environment whose PATH has no srun or sbatch (an empty folder), whether Slurm is installed
+    here or not."""
+    empty = folder / "empty-bin"
+    empty.mkdir(exist_ok=True)
+    return {"PATH": str(empty)}
+
+
 def dry_run(spec_path, *args: str):
-    return run_ftjob("launch", "slurm", str(spec_path), "--dry-run", *args, cwd=spec_path.parent)
+    """`launch slurm --dry-run` where Slurm is not installed: the script prints anywhere."""
+    return run_ftjob(
+        "launch", "slurm", str(spec_path), "--dry-run", *args, cwd=spec_path.parent, env=without_slurm(spec_path.parent)
+    )  # fmt: skip
 
 
-def test_the_dry_run_prints_the_script_for_each_runtime(tmp_path):
+def minimal_spec(tmp_path):
     spec = tmp_path / "s.json"
     spec.write_text(
         json.dumps({"model": {"source": "m"}, "data": {"train": ["d.jsonl"]}, "train": {"max_steps": 1}})
     )
+    return spec
+
+
+def test_the_dry_run_prints_the_script_for_each_runtime(tmp_path):
+    spec = minimal_spec(tmp_path)
     plain = dry_run(spec, "--partition", "gpu", "--nodes", "2", "--gpus-per-node", "4", "--sbatch", "mail-type=END", "--env", "MY_VAR=hidden-value")  # fmt: skip
     assert plain.returncode == 0, plain.stderr
     for line in ("#SBATCH --partition=gpu", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
@@ -228,6 +244,99 @@ def test_the_dry_run_prints_the_script_for_each_runtime(tmp_path):
     assert refused.returncode == 2 and "--sweep with --container-image is not supported" in refused.stderr
     missing = dry_run(spec, "--env", "FTJOB_SURELY_UNSET")
     assert missing.returncode == 2 and "--env FTJOB_SURELY_UNSET: not set in this shell" in missing.stderr
+
+
+def test_without_slurm_a_dry_run_prints_the_script_and_a_submission_is_exit_2(tmp_path):
+    spec = minimal_spec(tmp_path)
+    printed = dry_run(spec)
+    assert printed.returncode == 0, printed.stderr
+    assert "#SBATCH --requeue" in printed.stdout.splitlines()
+    submitted = run_ftjob("launch", "slurm", str(spec), cwd=tmp_path, env=without_slurm(tmp_path))
+    assert submitted.returncode == 2 and "Traceback" not in submitted.stderr
+    assert "sbatch and srun not found on PATH" in submitted.stderr
+    assert not (tmp_path / "ftjob-logs").exists()
+
+
+def test_values_that_would_leave_their_line_of_the_script_are_refused(tmp_path, monkeypatch):
+    """A newline would start a script line of its own (an #SBATCH option or a command); a backslash
+    ends the quotes submitit puts around a value, since sbatch reads it as an escape there too."""
+    from job.errors import UserError
+    from launch.slurm import SlurmOptions, executor_for
+
+    escaping_the_quotes = "x\\'\" --no-requeue"
+    for option, value in [
+        ("partition", "gpu\n#SBATCH --no-requeue"),
+        ("mem", "64G\rtouch /tmp/owned"),
+        ("sbatch", ["mail-type=END\n#SBATCH --open-mode=truncate"]),
+        ("sbatch", [f"comment={escaping_the_quotes}"]),
+        ("folder", "logs\n#SBATCH --export=NONE"),
+    ]:
+        with pytest.raises(UserError, match=f"^--{option} .*control characters and backslashes"):
+            executor_for(SlurmOptions(**{option: value}), "x", dry_run=True)
+    refused = dry_run(minimal_spec(tmp_path), "--partition", "gpu\n#SBATCH --no-requeue")
+    assert refused.returncode == 2 and "--partition 'gpu\\n#SBATCH --no-requeue'" in refused.stderr
+    monkeypatch.setenv("SBATCH_NO_REQUEUE", "1")  # sbatch takes it over the script's --requeue
+    with pytest.raises(UserError, match="SBATCH_NO_REQUEUE set in this shell"):
+        executor_for(SlurmOptions(), "x", dry_run=True)
+
+
+def test_reserved_sbatch_options_are_refused_however_they_are_spelled():
+    """submitit writes no_requeue as --no-requeue, and sbatch takes any unambiguous start of a long
+    option (--no-req)."""
+    from job.errors import UserError
+    from launch.slurm import sbatch_pair
+
+    for item in (
+        "no_requeue",
+        "open_mode=truncate",
+        "NO-REQUEUE",
+        "--Open-Mode=truncate",
+        "no-req",
+        "sig=USR1@9",
+    ):
+        with pytest.raises(UserError, match="set by ftjob launch itself"):
+            sbatch_pair(item)
+    for item in ("no requeue", "mail-type\n#SBATCH --no-requeue=x", "=END"):
+        with pytest.raises(UserError, match="expected KEY=VALUE"):
+            sbatch_pair(item)
+    assert sbatch_pair("Mail_Type=END") == ("mail-type", "END")
+    assert sbatch_pair("--exclusive") == ("exclusive", True)
+
+
+def test_the_job_runs_the_spec_resolved_here_not_the_login_shells_overrides(tmp_path, monkeypatch):
+    """sbatch exports the login shell's environment to the job: FTJOB__ variables, folded into the
+    spec by the launcher, must not apply again over --set and the sweep's values in the task's ftjob,
+    nor can FTJOB_SPEC or a stale FTJOB_RESTART_ID reach it."""
+    from dataclasses import replace
+
+    from job.errors import UserError
+    from job.spec import load_spec
+    from launch.slurm import SlurmOptions, pass_environment, task_for
+    from launch.sweep import point_specs
+
+    monkeypatch.setenv("FTJOB__TRAIN__LEARNING_RATE", "0.5")
+    monkeypatch.setenv("FTJOB__TRAIN__SEED", "7")
+    monkeypatch.setenv("FTJOB_SPEC", '{"name": "another"}')
+    monkeypatch.setenv("FTJOB_RESTART_ID", "stale")
+    base = load_spec(str(minimal_spec(tmp_path)), ["train.learning_rate=0.001"])
+    specs = [base, *point_specs(base, [{"train.learning_rate": 0.01}, {"train.learning_rate": 0.02}])]
+    seen = tmp_path / "seen.json"
+    resolve_as_ftjob_run = tmp_path / "resolve.py"  # what `ftjob run SPEC` reads, recorded
+    resolve_as_ftjob_run.write_text(
+        "import json, os, sys\n"
+        "from job.spec import load_spec\n"
+        "spec = load_spec(sys.argv[2])\n"
+        "launcher = [n for n in os.environ if n.startswith('FTJOB__') or n in ('FTJOB_SPEC', 'FTJOB_RESTART_ID')]\n"
+        f"json.dump([spec.train.learning_rate, spec.train.seed, launcher], open({str(seen)!r}, 'w'))\n"
+    )
+    for spec, learning_rate in zip(specs, [0.001, 0.01, 0.02], strict=True):
+        task = replace(
+            task_for(spec, SlurmOptions(), False), command=[sys.executable, str(resolve_as_ftjob_run)]
+        )
+        assert task() == 0
+        assert json.loads(seen.read_text()) == [learning_rate, 7, []]
+    with pytest.raises(UserError, match="--env FTJOB__TRAIN__LEARNING_RATE: kept from the job"):
+        pass_environment(["FTJOB__TRAIN__LEARNING_RATE=0.5"], {})
 
 
 @pytest.fixture
@@ -379,10 +488,7 @@ def test_follow_ends_on_every_end_and_only_then(tmp_path):
 
 
 def test_reserved_sbatch_options_and_patterned_folders_are_refused(tmp_path):
-    spec = tmp_path / "s.json"
-    spec.write_text(
-        json.dumps({"model": {"source": "m"}, "data": {"train": ["d"]}, "train": {"max_steps": 1}})
-    )
+    spec = minimal_spec(tmp_path)
     for option in ("no-requeue", "signal=B:USR2@60", "export=NONE", "array=0-3"):
         refused = dry_run(spec, "--sbatch", option)
         assert refused.returncode == 2 and "set by ftjob launch itself" in refused.stderr, option

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_ftjob, spec_dict
+from helpers import REPO, free_port, run_ftjob, spec_dict
 
 pytestmark = pytest.mark.integration  # each test starts an interpreter that imports torch
 
@@ -91,6 +91,44 @@ def test_bitsandbytes_is_imported_only_for_a_quantized_run(mode, available):
         [sys.executable, "-c", IMPORTS, mode], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert done.stdout.split("\n")[-2] == available
+
+
+# Imports the training code as `ftjob run` does (bitsandbytes comes with peft) and loads a model in 4 bits,
+# recording every network lookup and connection; prints them, the `kernels` module, whether transformers
+# sees one and whether it swapped the model's layers for Hub kernels.
+HUB_KERNELS = """
+import logging, sys
+logging.basicConfig()
+network = []
+sys.addaudithook(lambda event, args: event in ("socket.getaddrinfo", "socket.connect") and network.append(args))
+import job.train
+from job.model import load_model
+from job.spec import ModelSpec
+from pathlib import Path
+import torch
+from transformers.utils.import_utils import is_kernels_available
+model = load_model(Path(sys.argv[1]), ModelSpec(source=sys.argv[1], quantization="4bit"), torch.device("cpu"))
+print(network, sys.modules.get("kernels"), is_kernels_available(), model.use_kernels)
+"""
+
+
+def test_no_library_fetches_kernel_code_from_a_hub(tiny_model_dir):
+    """transformers swaps a model's layers for Hub kernels (on GPUs), bitsandbytes fetches one as it is
+    imported (on CPUs with AVX512-BF16), transformers one for flash attention without flash-attn: ftjob
+    turns the first off and leaves the `kernels` package out, so nothing is fetched, online too, and
+    nothing is logged about it."""
+    online = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    hub = f"http://127.0.0.1:{free_port()}"  # a closed port: no real hub is asked, even on failure
+    done = subprocess.run(
+        [sys.executable, "-c", HUB_KERNELS, str(tiny_model_dir)],
+        cwd=REPO,
+        env={**online, "HF_ENDPOINT": hub, "USE_HUB_KERNELS": "YES"},  # ftjob says no whatever it is
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.split("\n")[-2] == "[] None False False"
+    assert "kernels-community" not in done.stderr
 
 
 def test_a_run_imports_bitsandbytes_only_when_it_quantizes(tiny_model_dir, data_files, tmp_path):

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,18 +20,32 @@ from helpers import ALPACA_ROWS, REPO, free_port, run_ftjob, spec_dict, train_in
 
 from job import tracking
 from job.errors import Preempted
+from job.export import MANIFEST, manifest_entry
 from job.metrics import flops_per_token, gpu_peak_flops
-from job.spec import validate_spec
-from job.spool import RECORDS, STATE, Spool, SpoolState, deliver
+from job.spec import TrackingSpec, validate_spec
+from job.spool import (
+    RECORDS,
+    STATE,
+    CorruptSpool,
+    Spool,
+    SpoolState,
+    Target,
+    deliver,
+    find_spool,
+    quarantine,
+)
 from job.tracking import (
+    RunRecord,
     Tracker,
     end_status,
     environment_tags,
     file_dataset,
     git_commit,
     redact_url,
+    resumable_run_id,
     run_record,
     spec_params,
+    tracking_target,
 )
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
@@ -100,6 +116,16 @@ def server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@contextmanager
+def server_down(server: MlflowServer):
+    """The server stopped for the block and started again after it (same URL, same store)."""
+    server.stop()
+    try:
+        yield
+    finally:
+        server.start()
 
 
 @pytest.fixture
@@ -397,20 +423,20 @@ def test_unreachable_at_start_run_created_by_the_next_job(
     server, client, tiny_model_dir, data_files, spool_dir, monkeypatch, caplog
 ):
     spec = tracker_spec(tiny_model_dir, data_files, "offline", tags={"team": "nlp"})
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens
-    started = time.time()
-    with caplog.at_level(logging.INFO, logger="job"):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    with server_down(server), caplog.at_level(logging.INFO, logger="job"):
+        started = time.time()
         first = tracked(spec)
         with first.run({"world_size": "1"}):
             log_steps(first, range(1, 6))
-    assert time.time() - started < 20  # an outage costs failed requests, not MLflow's minutes of retries
+        # an outage costs failed requests, not MLflow's minutes of retries
+        assert time.time() - started < 20
     assert first.run_id is None and first.resume_id
     assert len(messages(caplog, logging.WARNING, "is unreachable")) == 1
     assert len(messages(caplog, logging.WARNING, "not delivered yet")) == 1
     assert len(list(spool_dir.iterdir())) == 1
 
     caplog.clear()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     next_job = tracked(tracker_spec(tiny_model_dir, data_files, "offline-next"))
     with caplog.at_level(logging.INFO, logger="job"), next_job.run({}):
         pass
@@ -509,13 +535,12 @@ def test_restart_while_unreachable_is_delivered_later_without_duplicates(
         log_steps(first, range(1, 7))
         raise Preempted
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
-    second = tracked(spec, resume_run_id=first.run_id)  # checkpoint at step 4
-    with second.run({}):
-        log_steps(second, range(5, 11))
+    with server_down(server):
+        second = tracked(spec, resume_run_id=first.run_id)  # checkpoint at step 4
+        with second.run({}):
+            log_steps(second, range(5, 11))
     assert steps(client, first.run_id, "train/loss") == list(range(1, 7))
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     with tracked(tracker_spec(tiny_model_dir, data_files, "restart-offline-next")).run({}):
         pass
     assert steps(client, first.run_id, "train/loss") == list(range(1, 11))
@@ -528,14 +553,13 @@ def test_restart_of_a_run_never_created_adopts_its_spool(
     """Unreachable from the start: the checkpoint keeps the spool key; the restart delivers the first
     attempt's records, then its own, to one run."""
     spec = tracker_spec(tiny_model_dir, data_files, "never-created")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     first = tracked(spec)
-    with pytest.raises(Preempted), first.run({}):
+    with server_down(server), pytest.raises(Preempted), first.run({}):
         log_steps(first, range(1, 4))
         raise Preempted
     assert first.run_id is None
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     second = tracked(spec, resume_run_id=first.resume_id)
     with second.run({}):
         log_steps(second, range(3, 7))
@@ -560,9 +584,12 @@ def spool_records(key: str, experiment: str) -> list[dict]:
     ]  # fmt: skip
 
 
+TARGET = Target.of("sqlite:///elsewhere.db", shown="sqlite:///elsewhere.db")  # of spools used directly
+
+
 def test_delivering_again_after_lost_acknowledgements_duplicates_nothing(client, spool_dir):
-    spool = Spool.acquire(spool_dir / "k-lost-acks")
-    for record in spool_records("k-lost-acks", "lost-acks"):
+    spool = Spool.create(spool_dir, TARGET)
+    for record in spool_records(spool.key, "lost-acks"):
         spool.append(record)
     assert deliver(spool, client) == 6
     run_id = spool.state.run_id
@@ -574,13 +601,13 @@ def test_delivering_again_after_lost_acknowledgements_duplicates_nothing(client,
     assert len(client.search_runs([client.get_experiment_by_name("lost-acks").experiment_id])) == 1
     assert steps(client, run_id, "train/loss") == [1, 2, 3]
     spool.release()
-    assert not (spool_dir / "k-lost-acks").exists()
+    assert not spool.directory.exists()
 
 
 def test_a_record_mlflow_refuses_is_skipped_and_holds_nothing_back(client, spool_dir, caplog):
-    records = spool_records("k-refused", "refused")
+    spool = Spool.create(spool_dir, TARGET)
+    records = spool_records(spool.key, "refused")
     changed = {"kind": "params", "params": {"a": "2"}, "time": records[1]["time"]}  # params never change
-    spool = Spool.acquire(spool_dir / "k-refused")
     for record in [*records[:2], changed, *records[2:]]:
         spool.append(record)
     with caplog.at_level(logging.WARNING, logger="job"):
@@ -592,18 +619,18 @@ def test_a_record_mlflow_refuses_is_skipped_and_holds_nothing_back(client, spool
 
 
 def test_spool_cuts_a_torn_last_line_and_is_held_by_one_process(spool_dir):
-    spool = Spool.acquire(spool_dir / "k")
+    spool = Spool.create(spool_dir, TARGET)
     spool.append({"kind": "params", "params": {"a": "1"}})
     with open(spool.records_path, "a") as f:
         f.write('{"kind": "metr')  # killed mid-write
-    assert Spool.acquire(spool_dir / "k") is None  # locked by its writer
+    assert Spool.acquire(spool_dir, spool.key, TARGET) is None  # locked by its writer
     os.close(spool.lock_fd)
 
-    again = Spool.acquire(spool_dir / "k")
+    again = Spool.acquire(spool_dir, spool.key, TARGET)
     again.append({"kind": "params", "params": {"b": "2"}})
     assert [r["params"] for r, _ in again.pending()] == [{"a": "1"}, {"b": "2"}]
     again.release()
-    assert (spool_dir / "k").exists()  # undelivered records stay
+    assert spool.directory.exists()  # undelivered records stay
 
 
 def test_inactive_tracker_writes_nothing(tiny_model_dir, data_files, isolated):
@@ -618,13 +645,18 @@ def test_inactive_tracker_writes_nothing(tiny_model_dir, data_files, isolated):
 # Damaged and planted spools: quarantined, never in the way of this run or of the spools after them
 
 
-def leftover(spool_dir: Path, name: str, experiment: str) -> Path:
-    """A spool that an earlier job left undelivered."""
-    spool = Spool.acquire(spool_dir / name)
-    for record in spool_records(name, experiment):
+def key_of(letter: str) -> str:
+    """A spool key that sorts by its letter (keys are 32 hex digits)."""
+    return letter * 32
+
+
+def leftover(spool_dir: Path, key: str, experiment: str) -> Path:
+    """A spool under key that an earlier job tracking to MLFLOW_TRACKING_URI left undelivered."""
+    spool = Spool.create(spool_dir, tracking_target(os.environ["MLFLOW_TRACKING_URI"]))
+    for record in spool_records(key, experiment):
         spool.append(record)
     spool.release()
-    return spool_dir / name
+    return spool.directory.rename(spool_dir / key)
 
 
 def insert_line(path: Path, index: int, line: bytes) -> None:
@@ -653,9 +685,9 @@ def test_a_damaged_leftover_is_quarantined_and_the_next_one_still_delivered(
     damage, server, client, tiny_model_dir, data_files, spool_dir, monkeypatch, caplog
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    damaged = leftover(spool_dir, "a-damaged", f"{damage}-damaged")
+    damaged = leftover(spool_dir, key_of("a"), f"{damage}-damaged")
     DAMAGE[damage](damaged)
-    leftover(spool_dir, "b-good", f"{damage}-good")
+    leftover(spool_dir, key_of("b"), f"{damage}-good")
     with caplog.at_level(logging.WARNING, logger="job"):
         current = run_three_steps(tracker_spec(tiny_model_dir, data_files, f"{damage}-current"))
 
@@ -665,7 +697,7 @@ def test_a_damaged_leftover_is_quarantined_and_the_next_one_still_delivered(
     assert good.info.status == "FINISHED" and steps(client, good.info.run_id, "train/loss") == [1, 2, 3]
     assert client.get_experiment_by_name(f"{damage}-damaged") is None  # nothing of it delivered
     [quarantined] = spool_dir.iterdir()
-    assert quarantined.name.removeprefix("a-damaged.bad-").isdigit()  # the time, in milliseconds
+    assert quarantined.name.removeprefix(f"{damaged.name}.bad-").isdigit()  # the time, in milliseconds
     [warning] = messages(caplog, logging.WARNING, str(damaged))
     assert str(quarantined) in warning
 
@@ -680,16 +712,16 @@ def test_a_damaged_spool_of_the_run_to_resume_is_quarantined_and_the_run_goes_on
     server, client, tiny_model_dir, data_files, spool_dir, monkeypatch, caplog
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    damaged = leftover(spool_dir, "k-resume", "resume-damaged")
+    damaged = leftover(spool_dir, key_of("c"), "resume-damaged")
     (damaged / STATE).write_text("{")
-    resumed = tracked(tracker_spec(tiny_model_dir, data_files, "resume-damaged"), resume_run_id="k-resume")
+    resumed = tracked(tracker_spec(tiny_model_dir, data_files, "resume-damaged"), resume_run_id=damaged.name)
     with caplog.at_level(logging.WARNING, logger="job"), resumed.run({}):
         log_steps(resumed, range(4, 7))
 
     assert client.get_run(resumed.run_id).info.status == "FINISHED"
     assert steps(client, resumed.run_id, "train/loss") == [4, 5, 6]
     [quarantined] = spool_dir.iterdir()
-    assert quarantined.name.startswith("k-resume.bad-")
+    assert quarantined.name.startswith(f"{damaged.name}.bad-")
     assert messages(caplog, logging.WARNING, str(damaged))
 
 
@@ -719,7 +751,7 @@ def test_a_planted_artifacts_record_uploads_nothing_from_outside_its_spool(
     secret = isolated / "home" / ".aws" / "credentials"
     secret.parent.mkdir(parents=True)
     secret.write_bytes(marker)
-    spool = leftover(spool_dir, "planted", f"planted-{planted}")
+    spool = leftover(spool_dir, key_of("d"), f"planted-{planted}")
     (spool / "files").mkdir()
     record = {"kind": "artifacts", "dir": PLANTED[planted](spool, secret), "path": "adapter", "time": 1}
     insert_line(spool / RECORDS, 2, json.dumps(record).encode())
@@ -731,7 +763,7 @@ def test_a_planted_artifacts_record_uploads_nothing_from_outside_its_spool(
     assert client.get_experiment_by_name(f"planted-{planted}") is None
     assert steps(client, current.run_id, "train/loss") == [1, 2, 3]
     [quarantined] = spool_dir.iterdir()
-    assert quarantined.name.startswith("planted.bad-")
+    assert quarantined.name.startswith(f"{spool.name}.bad-")
     [warning] = messages(caplog, logging.WARNING, str(spool))
     assert "artifacts" in warning and str(quarantined) in warning
     assert secret.read_bytes() == marker
@@ -741,19 +773,19 @@ def test_an_artifacts_record_that_would_write_outside_the_run_is_quarantined(
     server, client, tiny_model_dir, data_files, spool_dir, monkeypatch, caplog
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    spool = leftover(spool_dir, "escape", "escape")
+    spool = leftover(spool_dir, key_of("e"), "escape")
     (spool / "files" / "spec").mkdir(parents=True)
     (spool / "files" / "spec" / "spec.json").write_text("{}")
     record = {"kind": "artifacts", "dir": str(spool / "files" / "spec"), "path": "../../escape", "time": 1}
     insert_line(spool / RECORDS, 2, json.dumps(record).encode())
-    leftover(spool_dir, "later", "escape-later")
+    leftover(spool_dir, key_of("f"), "escape-later")
     with caplog.at_level(logging.WARNING, logger="job"):
         run_three_steps(tracker_spec(tiny_model_dir, data_files, "escape-current"))
 
     assert client.get_experiment_by_name("escape") is None
     assert client.search_runs([client.get_experiment_by_name("escape-later").experiment_id])
     [quarantined] = spool_dir.iterdir()
-    assert quarantined.name.startswith("escape.bad-")
+    assert quarantined.name.startswith(f"{spool.name}.bad-")
     assert messages(caplog, logging.WARNING, str(spool))
 
 
@@ -762,26 +794,26 @@ def test_spools_of_another_user_or_behind_a_link_are_not_delivered(
     server, client, tiny_model_dir, data_files, spool_dir, isolated, monkeypatch, caplog
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    other = leftover(spool_dir, "other-user", "other-user")
+    other = leftover(spool_dir, key_of("1"), "other-user")
     for path in [other, *other.rglob("*")]:
         os.chown(path, 65534, 65534)
-    elsewhere = leftover(isolated / "elsewhere", "linked", "linked")
-    (spool_dir / "linked").symlink_to(elsewhere)
+    linked = spool_dir / key_of("2")
+    linked.symlink_to(leftover(isolated / "elsewhere", key_of("2"), "linked"))
     with caplog.at_level(logging.WARNING, logger="job"):
         run_three_steps(tracker_spec(tiny_model_dir, data_files, "not-mine-current"))
 
     assert client.get_experiment_by_name("other-user") is None
     assert client.get_experiment_by_name("linked") is None
-    assert other.stat().st_uid == 65534 and (spool_dir / "linked").is_symlink()  # left as they are
+    assert other.stat().st_uid == 65534 and linked.is_symlink()  # left as they are
     assert messages(caplog, logging.WARNING, str(other))
-    assert messages(caplog, logging.WARNING, str(spool_dir / "linked"))
-    assert Spool.acquire(other) is None  # nor adopted as the spool of a run to resume
+    assert messages(caplog, logging.WARNING, str(linked))
+    assert Spool.acquire(spool_dir, other.name, tracking_target(server.url)) is None  # nor adopted to resume
 
 
 def test_spool_folders_are_created_0700_under_a_permissive_umask(spool_dir):
     previous = os.umask(0)
     try:
-        spool = Spool.acquire(spool_dir / "k")
+        spool = Spool.create(spool_dir, TARGET)
     finally:
         os.umask(previous)
     assert stat.S_IMODE(spool_dir.stat().st_mode) == 0o700
@@ -790,13 +822,13 @@ def test_spool_folders_are_created_0700_under_a_permissive_umask(spool_dir):
 
 
 def test_state_is_fsynced_before_it_replaces_the_old_one(spool_dir, monkeypatch):
-    spool = Spool.acquire(spool_dir / "k")
+    spool = Spool.create(spool_dir, TARGET)
     spool.append({"kind": "params", "params": {"a": "1"}})
     end = spool.records_path.stat().st_size
     spool.acknowledge(end)
     os.close(spool.lock_fd)
     (spool.directory / f"{STATE}.tmp").write_text('{"run_id": "r')  # a crash in the middle of a write
-    again = Spool.acquire(spool.directory)
+    again = Spool.acquire(spool_dir, spool.key, TARGET)
     assert again.state == SpoolState(offset=end)
 
     events = []
@@ -821,6 +853,249 @@ def test_state_is_fsynced_before_it_replaces_the_old_one(spool_dir, monkeypatch)
     assert (again.directory / STATE).read_text() == state
     assert not (again.directory / f"{STATE}.tmp").exists()
     again.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint's run id, spool folders and where their records go are input, never trusted
+
+
+def plant_run_id(checkpoint: Path, run_id) -> None:
+    """Set run.json's run_id in a committed checkpoint, and its MANIFEST entry with it."""
+    run = json.loads((checkpoint / "run.json").read_text())
+    (checkpoint / "run.json").write_text(json.dumps({**run, "run_id": run_id}))
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    manifest["files"]["run.json"] = manifest_entry(checkpoint / "run.json")
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_checkpoint_whose_run_id_is_a_path_deletes_nothing_and_starts_a_new_run(
+    tiny_model_dir, data_files, isolated, caplog
+):
+    """A run_id that named a folder outside the spool: the run adopted it as its spool and, once the
+    records were delivered, removed it."""
+    spec = spec_dict(
+        tiny_model_dir,
+        data_files,
+        train={"max_steps": 2, "checkpoint_every": 2, "eval_every": 0},
+        tracking={"experiment": "run-id-paths", "system_metrics": False},
+    )
+    runs = [train_in_process(spec).run_id]
+    output = isolated / "runs" / "t"
+    newest = sorted((output / "checkpoints").iterdir())[-1]
+    victim = isolated / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("keep me")
+    for run_id in ["../victim", str(victim)]:
+        plant_run_id(newest, run_id)
+        (output / "adapter" / MANIFEST).unlink()  # not published: the next run resumes from the checkpoint
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="job"):
+            runs.append(train_in_process(spec).run_id)
+        assert (victim / "notes.txt").read_text() == "keep me" and len(list(victim.iterdir())) == 1
+        [warning] = messages(caplog, logging.WARNING, "not an MLflow run id")
+        assert repr(run_id) in warning
+    assert None not in runs and len(set(runs)) == 3  # each resume logged to a new run
+
+
+@pytest.mark.parametrize("run_id", ["../victim", "/home/user/project", "a' OR name LIKE '%", 42, ["x"]])
+def test_a_run_id_that_is_not_shaped_as_mlflow_makes_them_is_dropped_with_a_warning(run_id, caplog):
+    with caplog.at_level(logging.WARNING, logger="job"):
+        assert resumable_run_id(run_id, warn=True) is None
+    assert messages(caplog, logging.WARNING, "run.json has run_id")
+
+
+@pytest.mark.parametrize("run_id", [None, uuid.uuid4().hex, "frosty_boot_0k4g7y1nqk"])
+def test_run_ids_of_mlflow_and_other_servers_and_spool_keys_are_kept(run_id, caplog):
+    with caplog.at_level(logging.WARNING, logger="job"):
+        assert resumable_run_id(run_id, warn=True) == run_id
+    assert not caplog.records
+
+
+def test_find_spool_looks_only_at_spool_folders_directly_in_the_root(spool_dir, isolated):
+    spool = Spool.create(spool_dir, TARGET)
+    spool.append({"kind": "params", "params": {"a": "1"}})  # undelivered: release keeps the spool
+    spool.state.run_id = "frosty_boot_0k4g7y1nqk"
+    spool.acknowledge(0)
+    spool.release()
+    (isolated / "victim").mkdir()
+    (spool_dir / "victim").mkdir()
+    for ref in ["../victim", str(isolated / "victim"), "victim", f"{spool.key}/..", ""]:
+        assert find_spool(spool_dir, ref) is None, ref
+    assert find_spool(spool_dir, spool.key) == spool.key
+    assert find_spool(spool_dir, "frosty_boot_0k4g7y1nqk") == spool.key
+
+
+def an_earlier_ftjobs_spool(root: Path, key: str) -> Path:
+    """A spool folder as an ftjob before spool.json left it: records, a lock, no target."""
+    directory = root / key
+    directory.mkdir(parents=True)
+    (directory / RECORDS).write_text(json.dumps({"kind": "params", "params": {"a": "1"}}) + "\n")
+    (directory / "lock").touch()
+    return directory
+
+
+def unlocked_spool(root: Path) -> Path:
+    """A new spool folder in root, as a job that ended left it."""
+    spool = Spool.create(root, TARGET)
+    spool.append({"kind": "params", "params": {"a": "1"}})
+    os.close(spool.lock_fd)
+    return spool.directory
+
+
+def swapped_for_a_link(path: Path, target: Path) -> None:
+    path.unlink()
+    path.symlink_to(target)
+
+
+def spool_with_a_linked_marker(root: Path, outside: Path) -> tuple[str, Path]:
+    spool = unlocked_spool(root)
+    swapped_for_a_link(spool / "spool.json", outside / "spool.json")
+    return spool.name, outside
+
+
+NOT_SPOOL_FOLDERS = {  # given the spool root and a folder outside it: the key to open, and the folder it names
+    "outside the root": lambda root, outside: ("../outside", outside),
+    "an earlier ftjob's": lambda root, outside: (key_of("a"), an_earlier_ftjobs_spool(root, key_of("a"))),
+    "a link to a folder": lambda root, outside: (key_of("b"), link(root / key_of("b"), outside)),
+    "a link to a spool": lambda root, outside: (
+        key_of("c"),
+        link(root / key_of("c"), unlocked_spool(outside)),
+    ),
+    "spool.json a link": spool_with_a_linked_marker,
+}
+
+
+@pytest.mark.parametrize("case", NOT_SPOOL_FOLDERS)
+def test_a_folder_that_is_not_a_spool_folder_of_this_job_is_left_as_it_is(case, spool_dir, isolated, caplog):
+    outside = isolated / "outside"
+    outside.mkdir()
+    (outside / "notes.txt").write_text("keep me")
+    (outside / "spool.json").write_text(json.dumps({"tracking_uri": "x", "tracking_uri_sha256": "0" * 64}))
+    key, folder = NOT_SPOOL_FOLDERS[case](spool_dir, outside)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "lock"}
+    with caplog.at_level(logging.WARNING, logger="job"):
+        assert Spool.acquire(spool_dir, key, TARGET) is None
+    assert messages(caplog, logging.WARNING, str(spool_dir / key))
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "lock"} == before
+    assert not list(spool_dir.glob("*.bad-*"))
+
+
+def test_release_and_quarantine_touch_only_what_is_still_a_spool_folder(spool_dir, isolated, caplog):
+    """A spool folder replaced by another folder meanwhile is neither removed nor renamed."""
+    victim = isolated / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("keep me")
+    spool = Spool.create(spool_dir, TARGET)  # nothing to deliver: release removes it
+    spool.directory.rename(isolated / "moved")
+    victim.rename(spool.directory)
+    with caplog.at_level(logging.WARNING, logger="job"):
+        spool.release()
+        quarantine(spool_dir, spool.directory, "damaged")
+        quarantine(spool_dir, isolated / "moved", "damaged")  # a spool folder, but not in the root
+    assert (spool.directory / "notes.txt").read_text() == "keep me"
+    assert (isolated / "moved" / "spool.json").is_file()
+    assert len(messages(caplog, logging.WARNING, "left as it is")) == 2
+
+
+OWN_FILES_PLANTED = {
+    "records a link": lambda spool, outside: swapped_for_a_link(spool / RECORDS, outside),
+    "records a hard link": lambda spool, outside: (
+        (spool / RECORDS).unlink(),
+        os.link(outside, spool / RECORDS),
+    ),
+    "state a link": lambda spool, outside: (spool / STATE).symlink_to(outside),
+    "lock a link": lambda spool, outside: swapped_for_a_link(spool / "lock", outside),
+}
+
+
+@pytest.mark.parametrize("planted", OWN_FILES_PLANTED)
+def test_a_spool_file_that_is_a_link_is_never_written_through(planted, spool_dir, isolated, caplog):
+    """records.jsonl is cut at its last newline and appended to; a link would do that to another file."""
+    outside = isolated / "notes.txt"
+    outside.write_text('{"offset": 0}\nno newline at the end')
+    spool = unlocked_spool(spool_dir)
+    OWN_FILES_PLANTED[planted](spool, outside)
+    with caplog.at_level(logging.WARNING, logger="job"):
+        assert Spool.acquire(spool_dir, spool.name, TARGET) is None
+    assert outside.read_text() == '{"offset": 0}\nno newline at the end'
+    assert messages(caplog, logging.WARNING, str(spool))
+
+
+PLANTED_OPEN = {
+    "another spool's key": {"key": key_of("f")},
+    "a resume_run_id that is a path": {"resume_run_id": "../victim"},
+}
+
+
+@pytest.mark.parametrize("planted", PLANTED_OPEN)
+def test_an_open_record_naming_another_spool_or_a_path_is_quarantined(planted, spool_dir, caplog):
+    """Both go into MLflow queries (the run_key tag filter, get_run)."""
+    spool = Spool.create(spool_dir, TARGET)
+    [opening, *_] = spool_records(spool.key, "planted-open")
+    spool.append({**opening, **PLANTED_OPEN[planted]})
+    os.close(spool.lock_fd)
+    with caplog.at_level(logging.WARNING, logger="job"):
+        assert Spool.acquire(spool_dir, spool.key, TARGET) is None
+    [quarantined] = spool_dir.iterdir()
+    assert quarantined.name.startswith(f"{spool.key}.bad-")
+    assert messages(caplog, logging.WARNING, "open record")
+
+
+def test_a_state_whose_run_id_is_not_a_run_id_is_corrupt(isolated):
+    (isolated / STATE).write_text(json.dumps({"run_id": "../victim", "offset": 0, "last_steps": {}}))
+    with pytest.raises(CorruptSpool):
+        SpoolState.load(isolated / STATE)
+
+
+def test_the_spool_records_where_it_goes_without_secrets_and_tells_credentials_apart(spool_dir):
+    alice = tracking_target("https://alice:ALICE-SECRET@mlflow.example/")
+    bob = tracking_target("https://bob:BOB-SECRET@mlflow.example/")
+    with_token = tracking_target("https://mlflow.example/?token=TOKEN-SECRET")
+    assert alice.uri == bob.uri == "https://***@mlflow.example/" and alice.sha256 != bob.sha256
+    assert "TOKEN-SECRET" not in with_token.uri
+    for target in (alice, bob, with_token):
+        spool = Spool.create(spool_dir, target)
+        on_disk = b"".join(p.read_bytes() for p in spool.directory.rglob("*") if p.is_file())
+        assert not [s for s in (b"ALICE-SECRET", b"BOB-SECRET", b"TOKEN-SECRET") if s in on_disk]
+        spool.release()
+
+
+@pytest.mark.integration
+def test_a_leftover_goes_only_to_the_tracking_uri_it_was_logged_for(spool_dir, isolated, monkeypatch, caplog):
+    """Two teams' jobs, two stores, one spool folder: a job delivers no leftover of the other's store."""
+    from mlflow import MlflowClient
+
+    store = {team: f"sqlite:///{isolated / team / 'mlflow.db'}" for team in ("a", "b")}
+    for team in store:
+        (isolated / team).mkdir()
+
+    def unreachable(spool, client):
+        raise ConnectionError("the server is down")
+
+    def job(team: str, experiment: str) -> Tracker:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", store[team])
+        record = RunRecord(experiment, {"team": team}, {}, {}, [])
+        tracker = Tracker(TrackingSpec(experiment=experiment, system_metrics=False), record)
+        with tracker.run({}):
+            log_steps(tracker, range(1, 4))
+        return tracker
+
+    with monkeypatch.context() as outage:  # team a's server is down: its job leaves its records behind
+        outage.setattr(tracking, "deliver", unreachable)
+        left = job("a", "a-offline").spool.directory
+    records = (left / RECORDS).read_bytes()
+
+    with caplog.at_level(logging.WARNING, logger="job"):
+        job("b", "b-current")
+    assert MlflowClient(store["b"]).get_experiment_by_name("a-offline") is None
+    assert [p.name for p in spool_dir.iterdir()] == [left.name] and (left / RECORDS).read_bytes() == records
+    assert messages(caplog, logging.WARNING, f"{left} holds records for {store['a']}")
+
+    job("a", "a-current")
+    client = MlflowClient(store["a"])
+    [run] = client.search_runs([client.get_experiment_by_name("a-offline").experiment_id])
+    assert steps(client, run.info.run_id, "train/loss") == [1, 2, 3]
+    assert not list(spool_dir.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,26 +12,55 @@ pipeline given it by `load_state_dict()` yields exactly the micro-batches the fi
 next. It holds where rows are, never what they say or their token ids (rows may carry personal data,
 and checkpoints are copied to output.uri): the rows in the shuffle buffer, and those whose examples
 are still to come or in the packer's open rows, are read and tokenized again on load; nothing before
-them is.
+them is. A saved cursor is input like the spec: load_state_dict() checks it whole (saved_plan), every
+file it names against data.train and data.eval, before it reads a row.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Iterator
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from typing import Any
+from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import unquote
+
+import fsspec
+from fsspec.utils import glob_translate
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 from job.data.batching import Batch, pack_row, pad_batch, stack_packed
-from job.data.files import expand, file_sizes
+from job.data.files import HUB_REPO, expand, file_sizes
 from job.data.formats import BadRow, Example, Formatter
 from job.data.sources import Position, Row
-from job.data.stream import EPOCH_END, EpochEnd, Mixture, ShuffleBuffer, SourceStream, file_shares, held_out
+from job.data.stream import (
+    EPOCH_END,
+    EpochEnd,
+    Mixture,
+    ShuffleBuffer,
+    SourceStream,
+    file_shares,
+    held_out,
+    set_random_state,
+)
 from job.data.tokens import Fitted, TokenizedExample, fit, tokenize
-from job.errors import DataError, JobError
-from job.spec import BadRowsSpec, DataSpec
+from job.errors import DataError, JobError, UserError
+from job.spec import BadRowsSpec, DataSpec, _json_path, echo
+from job.storage import filesystem
 
 log = logging.getLogger(__name__)
 LOGGED_BAD_ROWS = 5
@@ -155,7 +184,13 @@ class ExampleStream:
         for row, (url, index, _, piece) in zip(rows, origins, strict=True):
             if (url, index) not in fitted:
                 fitted[url, index] = self._fit(row)
-            examples.append(fitted[url, index].pieces[piece])
+            pieces = fitted[url, index].pieces
+            if piece >= len(pieces):
+                raise DataError(
+                    f"{row.where}: the data cursor holds piece {piece + 1} of this row's {len(pieces)}: the "
+                    "file changed since the checkpoint; cannot resume exactly"
+                )
+            examples.append(pieces[piece])
         return examples
 
     def state_dict(self) -> dict[str, Any]:
@@ -243,10 +278,10 @@ class Packer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state["open_rows"] if "open_rows" in state else [state["open"]]  # older: one open row
+        saved = state["open_rows"]
         examples = iter(self.examples.examples_at([origin for row in saved for origin in row]))  # one read
         self.open = [[next(examples) for _ in row] for row in saved if row]
-        self.closing_epoch = state.get("closing_epoch", False)
+        self.closing_epoch = state["closing_epoch"]
         self.rows = state["rows"]
         self.real_tokens = state["real_tokens"]
 
@@ -264,12 +299,18 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def train_sources(data: DataSpec) -> list[tuple[list[str], float]]:
-    """data.train as (files, weight) sources: one source of every file, or one per entry when weighted."""
+def source_entries(data: DataSpec) -> list[tuple[str, list[str], float]]:
+    """data.train as the plan's sources, each as (its spec field, its URLs and globs, its weight): one
+    source of every entry, or one per entry when weighted."""
     groups = data.train_groups()
     if not data.weighted:
-        return [(expand([p for patterns, _ in groups for p in patterns], "data.train"), 1.0)]
-    return [(expand(patterns, f"data.train[{i}]"), weight) for i, (patterns, weight) in enumerate(groups)]
+        return [("data.train", [p for patterns, _ in groups for p in patterns], 1.0)]
+    return [(f"data.train[{i}]", patterns, weight) for i, (patterns, weight) in enumerate(groups)]
+
+
+def train_sources(data: DataSpec) -> list[tuple[list[str], float]]:
+    """data.train as (files, weight) sources: one source of every file, or one per entry when weighted."""
+    return [(expand(patterns, name), weight) for name, patterns, weight in source_entries(data)]
 
 
 @dataclass
@@ -296,11 +337,12 @@ class DataPlan:
             layout.append(file_shares(sized, world_size) if sized else None)
         return DataPlan(sources, eval_files, layout)
 
-    @staticmethod
-    def from_dict(state: dict[str, Any]) -> DataPlan:
-        return DataPlan(
-            [(files, weight) for files, weight in state["sources"]], state["eval_files"], state["layout"]
-        )
+    def rank_files(self, rank: int) -> list[tuple[list[str], bool]]:
+        """For each source: (the files `rank` reads, whether it keeps only its stripe of their rows)."""
+        return [
+            (files, True) if shares is None else (shares[rank], False)
+            for (files, _), shares in zip(self.sources, self.layout, strict=True)
+        ]
 
 
 def shared_plan(config: DataSpec, accelerator) -> DataPlan:
@@ -319,6 +361,246 @@ def shared_plan(config: DataSpec, accelerator) -> DataPlan:
     if isinstance(plan, JobError):
         raise plan
     return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# A saved cursor is input: a checkpoint's rank file is checked as strictly as the spec, whole, before
+# a row is read (an edited cursor must not make a resumed run read a file the spec does not name).
+
+HUB_FILE = re.compile(r"hf://datasets/(?P<repo>[\w.-]+/[\w.-]+)@(?P<revision>[0-9a-f]{40})/(?P<path>[^?#]+)")
+COMMIT_ID = re.compile(r"[0-9a-f]{40}")
+SHOWN_PROBLEMS = 5
+
+
+def plain_path(path: str) -> bool:
+    """No empty, `.` or `..` part: the path names the file where it says (a glob's `**` matches `..`)."""
+    return all(part not in ("", ".", "..") for part in path.strip("/").split("/"))
+
+
+def namer(pattern: str) -> Callable[[str], bool]:
+    """Whether a file is one that expand_pattern(pattern) can give, told from names alone (nothing is
+    listed or read): the URL itself, in the form expand gives it; a match of the glob; or a file of
+    the dataset repo pinned to a commit (the spec's, when it names a commit rather than a branch)."""
+    if repo := HUB_REPO.match(pattern):
+        revision = unquote(repo["revision"] or "")
+
+        def in_repo(url: str) -> bool:
+            pinned = HUB_FILE.fullmatch(url)
+            return (
+                pinned is not None
+                and pinned["repo"] == repo["repo"]
+                and plain_path(pinned["path"])
+                and (pinned["revision"] == revision or not COMMIT_ID.fullmatch(revision))
+            )
+
+        return in_repo
+    fs, path = filesystem(pattern)
+    glob = re.compile(glob_translate(path)) if fsspec.core.has_magic(path) else None
+
+    def names(url: str) -> bool:
+        inside = fs._strip_protocol(url)
+        if (fs.unstrip_protocol(inside) if "://" in pattern else inside) != url:
+            return False  # another store's URL, or not as expand gives it
+        return glob.match(inside) is not None and plain_path(inside) if glob else inside == path
+
+    return names
+
+
+def _random_state(state: tuple) -> tuple:
+    try:
+        set_random_state(random.Random(), list(state))
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError("not the state of a random generator") from None
+    return state
+
+
+Count = Annotated[int, Field(ge=0, strict=True)]
+Files = list[StrictStr]
+Place = tuple[StrictStr, Count, Count | None]  # a row: its file, index and byte offset
+Origin = tuple[StrictStr, Count, Count | None, Count]  # an example: its row's place, and which piece
+RandomState = Annotated[tuple[StrictInt, list[StrictInt], StrictFloat | None], AfterValidator(_random_state)]
+
+
+class _Saved(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SavedPlan(_Saved):
+    sources: list[tuple[Annotated[Files, Field(min_length=1)], Annotated[float, Field(gt=0, strict=True)]]]
+    eval_files: Files
+    layout: list[list[Files] | None]
+
+
+class SavedPosition(_Saved):
+    row: Count
+    offset: Count | None
+
+
+class SavedSource(_Saved):
+    epoch: Count
+    file_index: Count
+    rows_before: Count
+    position: SavedPosition
+    files: Files
+
+
+class SavedBuffer(_Saved):
+    rng: RandomState
+    buffer: list[Place]
+    draining: StrictBool
+    source: SavedSource
+
+
+class SavedMixture(_Saved):
+    rng: RandomState
+    streams: list[SavedBuffer]
+
+
+class SavedCounts(_Saved):
+    examples: Count
+    truncated: Count
+    dropped: Count
+
+
+class SavedBudget(_Saved):
+    rows: Count
+    bad: Count
+    first_bad: list[StrictStr]
+
+
+class SavedExamples(_Saved):
+    pending: list[Origin]
+    counts: SavedCounts
+    budget: SavedBudget
+
+
+class SavedPacker(_Saved):
+    open_rows: list[list[Origin]]
+    closing_epoch: StrictBool
+    rows: Count
+    real_tokens: Count
+
+
+class SavedCursor(_Saved):
+    plan: SavedPlan
+    rows: dict[str, Any]  # a SavedBuffer, or a SavedMixture of several sources: checked by the plan
+    examples: SavedExamples
+    packer: SavedPacker | None = None
+
+
+def _refuse(where: str, problem: str) -> NoReturn:
+    raise UserError(
+        f"{where}: {problem}. A checkpoint is input, checked as strictly as the spec: run with --restart "
+        "to start over (checkpoints and published outputs are deleted)"
+    )
+
+
+Saved = TypeVar("Saved", bound=_Saved)
+
+
+def _validated(model: type[Saved], value: Any, where: str, *at: str | int) -> Saved:
+    try:
+        return model.model_validate(value)
+    except ValidationError as e:
+        errors = e.errors()
+        problems = [
+            f"{_json_path((*at, *error['loc']))}: {error['msg']}"
+            + ("" if isinstance(error["input"], dict | list) else f" (got {echo(error['input'])})")
+            for error in errors[:SHOWN_PROBLEMS]
+        ]
+        more = f"; and {len(errors) - SHOWN_PROBLEMS} more" if len(errors) > SHOWN_PROBLEMS else ""
+        _refuse(where, "not as ftjob writes it: " + "; ".join(problems) + more)
+
+
+def saved_plan(
+    state: Any, data: DataSpec, current: DataPlan, rank: int, world_size: int, where: str
+) -> DataPlan:
+    """The plan of a saved data cursor (a checkpoint's rank file), once the whole cursor is checked:
+    its structure, every file it names against the spec (so that none other is read), its layout
+    against the world size, and its streams against this rank's files. UserError (exit 2) names
+    `where` and what is wrong. `current`: the plan the spec makes now (its eval files, see
+    _eval_files)."""
+    cursor = _validated(SavedCursor, state, where)
+    saved = cursor.plan
+    plan = DataPlan([(files, weight) for files, weight in saved.sources], saved.eval_files, saved.layout)
+    _check_sources(plan, data, where)
+    _check_layout(plan, world_size, where)
+    _check_streams(cursor, plan, rank, where)
+    if (cursor.packer is None) == data.packing:
+        _refuse(
+            where,
+            f"{'no' if cursor.packer is None else 'a'} packer state, where data.packing is {data.packing}",
+        )
+    plan.eval_files = _eval_files(plan, data, current, where)
+    return plan
+
+
+def _check_sources(plan: DataPlan, data: DataSpec, where: str) -> None:
+    """Each source of the plan is the spec's, with its weight, and every file of it one the spec names."""
+    entries = source_entries(data)
+    if len(plan.sources) != len(entries):
+        _refuse(where, f"plan.sources has {len(plan.sources)} sources, data.train makes {len(entries)}")
+    for i, ((files, weight), (name, patterns, wanted)) in enumerate(zip(plan.sources, entries, strict=True)):
+        if weight != wanted:
+            _refuse(where, f"plan.sources[{i}] has the weight {weight}, {name} {wanted}")
+        namers = [namer(pattern) for pattern in patterns]
+        for url in files:
+            if not any(names(url) for names in namers):
+                _refuse(where, f"plan.sources[{i}] names {url}, a file {name} does not name")
+
+
+def _check_layout(plan: DataPlan, world_size: int, where: str) -> None:
+    """Each source is striped (None) or shared out whole: each of its files to one of world_size ranks."""
+    if len(plan.layout) != len(plan.sources):
+        _refuse(where, f"plan.layout has {len(plan.layout)} entries for {len(plan.sources)} sources")
+    for i, ((files, _), shares) in enumerate(zip(plan.sources, plan.layout, strict=True)):
+        shared = shares is None or (
+            len(shares) == world_size and Counter(f for share in shares for f in share) == Counter(files)
+        )
+        if not shared:
+            _refuse(
+                where, f"plan.layout[{i}] does not share plan.sources[{i}]'s files among {world_size} ranks"
+            )
+
+
+def _check_streams(cursor: SavedCursor, plan: DataPlan, rank: int, where: str) -> None:
+    """Each stream reads this rank's files of its source, and every row the cursor holds (buffered,
+    or an example still to come or in an open packed row) is in one of them."""
+    mixed = len(plan.sources) > 1
+    rows = _validated(SavedMixture if mixed else SavedBuffer, cursor.rows, where, "rows")
+    buffers = rows.streams if mixed else [rows]
+    if len(buffers) != len(plan.sources):
+        _refuse(where, f"rows.streams has {len(buffers)} streams for {len(plan.sources)} sources")
+    places = [("examples.pending", url) for url, *_ in cursor.examples.pending]
+    if cursor.packer is not None:
+        places += [("packer.open_rows", url) for row in cursor.packer.open_rows for url, *_ in row]
+    for i, (buffer, (files, _)) in enumerate(zip(buffers, plan.rank_files(rank), strict=True)):
+        at = f"rows.streams[{i}]" if mixed else "rows"
+        if buffer.source.files != files:
+            _refuse(where, f"{at}.source.files are not the files of plan.sources[{i}] for rank {rank}")
+        if buffer.source.file_index > len(files):
+            _refuse(where, f"{at}.source.file_index is past the source's {len(files)} files")
+        places += [(f"{at}.buffer", url) for url, *_ in buffer.buffer]
+    readable = {url for files, _ in plan.rank_files(rank) for url in files}
+    for at, url in places:
+        if url not in readable:
+            _refuse(where, f"{at} names {url}, not a file of the plan for rank {rank}")
+
+
+def _eval_files(plan: DataPlan, data: DataSpec, current: DataPlan, where: str) -> list[str]:
+    """The eval files a resumed run reads: with data.eval_fraction, the train files (their held-out
+    rows); else the saved ones while they are what data.eval names (a glob may name more files by
+    now), or the files data.eval names now when it changed since the checkpoint, which resuming
+    allows (so an edited list is never read either)."""
+    if data.eval_fraction:
+        return [url for files, _ in plan.sources for url in files]
+    namers = [namer(pattern) for pattern in data.eval]
+    saved = plan.eval_files
+    named = all(any(names(url) for names in namers) for url in saved)
+    if named and all(any(names(url) for url in saved) for names in namers):
+        return saved
+    log.warning("%s: its eval files are not those data.eval names (data.eval changed since the checkpoint, or the file was edited): evaluating on the files data.eval names now", where)  # fmt: skip
+    return current.eval_files
 
 
 def packing_efficiency(real_tokens: float, rows: float, length: int) -> float:
@@ -355,13 +637,6 @@ class DataPipeline:
     def eval_files(self) -> list[str]:
         return self.plan.eval_files
 
-    def _rank_files(self) -> list[tuple[list[str], bool]]:
-        """For each source: (the files this rank reads, whether it keeps only its stripe of their rows)."""
-        return [
-            (files, True) if shares is None else (shares[self.rank], False)
-            for (files, _), shares in zip(self.plan.sources, self.plan.layout, strict=True)
-        ]
-
     def _build(self) -> None:
         """Fresh stages at the start of the data (load_state_dict then moves their cursors)."""
         fraction, seed = self.config.eval_fraction, self.seed
@@ -382,7 +657,7 @@ class DataPipeline:
                 seed,
                 self.rank,
             )
-            for files, striped in self._rank_files()
+            for files, striped in self.plan.rank_files(self.rank)
         ]
         weights = [weight for _, weight in self.plan.sources]
         self.rows = streams[0] if len(streams) == 1 else Mixture(streams, weights, seed, self.rank)
@@ -431,13 +706,11 @@ class DataPipeline:
             state["packer"] = self.packer.state_dict()
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Any, where: str = "the data cursor") -> None:
         """The cursor, over the files and by the layout it was saved with (a glob or a dataset repo
-        may name other files by now, and file sizes may have changed)."""
-        if "plan" in state:
-            self.plan = DataPlan.from_dict(state["plan"])
-        elif "layout" in state:  # a checkpoint from before plans were saved
-            self.plan.layout = state["layout"]
+        may name other files by now, and file sizes may have changed), once saved_plan() has checked
+        it whole: nothing is read before. `where`: the cursor's file, for messages."""
+        self.plan = saved_plan(state, self.config, self.plan, self.rank, self.world_size, where)
         self._build()
         self.rows.load_state_dict(state["rows"])
         self.examples.load_state_dict(state["examples"])
