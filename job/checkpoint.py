@@ -18,8 +18,9 @@ before generations, are generation 0).
 A reader trusts only a checkpoint with COMMITTED whose files match its MANIFEST; a damaged newest one
 (a truncated or missing file) is skipped with a warning for the one before. What a whole one holds is
 input all the same, checked as strictly as the spec before anything is trained (run.json, the rank
-files' RNG states and the metric curve here, the data cursor by the data pipeline): one that is not as
-ftjob writes it is refused (exit 2), naming the file and key.
+files' RNG states, the metric curve, the weights and optimizer states against what they are loaded into
+here, the data cursor by the data pipeline): one that is not as ftjob writes it is refused (exit 2),
+naming the file and key.
 
 Rank files are uploaded before a barrier; rank 0 then uploads its files from a background thread and
 writes COMMITTED, so training goes on meanwhile. At most one upload is in flight: a checkpoint that
@@ -33,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -40,27 +42,31 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, NoReturn
 
 import numpy as np
 import torch
 from accelerate.utils import gather_object
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from job.data.pipeline import Count, RandomState, _refuse, _Saved, _validated
+from job.data.pipeline import Count, RandomState, Saved, refuse, validated
 from job.data.stream import random_state, set_random_state
 from job.errors import JobError, UserError
 from job.export import MANIFEST, manifest_entry, verify_manifest, write_manifest
 from job.lease import Lease, LeaseLost, holder, rank_0_outcome
 from job.metrics_log import CURVE, read_history, remove_segments_after, segments_uri, to_lines
-from job.model_source import resolved_identity
-from job.spec import Spec, flatten
+from job.model_source import ModelIdentity, identity_change, resolved_identity
+from job.spec import Spec, echo, flatten
 from job.storage import download_dir, filesystem, join, upload_dir
 
 log = logging.getLogger(__name__)
 COMMITTED = "COMMITTED"
+WEIGHTS = "trainable.safetensors"
+STATES = "optimizer.pt"
 STEP_DIR = re.compile(r"step-(\d+)(?:-g(\d+))?")
 
 
@@ -89,10 +95,11 @@ MAY_CHANGE_ON_RESUME = (
 )
 CHECKPOINT_FORMAT = 2  # 2: with MANIFEST.json (a format-2 checkpoint without one is damaged)
 # A checkpoint whose fingerprint has another version was written by another ftjob. 3: the data cursor
-# holds the positions of buffered and carried-over rows, not the rows. 4: with model.identity.
-FINGERPRINT_VERSION = 4
-MODEL_IDENTITY = "model.identity"  # the digest of the files the run loaded the model from (model_source.py)
-CHANGE_LABELS = {MODEL_IDENTITY: "model.identity (other weights under model.source)"}  # digests say little
+# holds the positions of buffered and carried-over rows, not the rows. 4: with model.identity. 5: an
+# identity of the loaded files only (a Hub model's: its commit), and model.files.
+FINGERPRINT_VERSION = 5
+# The identity of the model the run loaded, and its files' digests, which name what changed in a message.
+MODEL_IDENTITY, MODEL_FILES = "model.identity", "model.files"
 
 
 def fingerprint(spec: Spec, world_size: int) -> dict[str, Any]:
@@ -105,9 +112,11 @@ def fingerprint(spec: Spec, world_size: int) -> dict[str, Any]:
         for k, v in keys.items()
         if not any(k == p or k.startswith(f"{p}.") for p in MAY_CHANGE_ON_RESUME)
     }
+    identity = resolved_identity(spec.model)
     return {
         **kept,
-        MODEL_IDENTITY: resolved_identity(spec.model.source, spec.model.revision),
+        MODEL_IDENTITY: identity.digest,
+        MODEL_FILES: identity.files,
         "world_size": world_size,
         "fingerprint_version": FINGERPRINT_VERSION,
     }
@@ -116,11 +125,15 @@ def fingerprint(spec: Spec, world_size: int) -> dict[str, Any]:
 def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     if saved.get("fingerprint_version") != current["fingerprint_version"]:
         return ["the checkpoint was written by another version of ftjob, which saved other fields"]
-    return [
-        f"{CHANGE_LABELS.get(key, key)}: {saved.get(key)!r} -> {current.get(key)!r}"
-        for key in sorted(saved.keys() | current.keys())
+    changes = [
+        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in sorted((saved.keys() | current.keys()) - {MODEL_IDENTITY, MODEL_FILES})
         if saved.get(key) != current.get(key)
     ]
+    if saved.get(MODEL_IDENTITY) != current[MODEL_IDENTITY]:  # the files' digests only say what changed
+        before = ModelIdentity(saved.get(MODEL_IDENTITY), saved.get(MODEL_FILES))
+        changes.append(identity_change(before, ModelIdentity(current[MODEL_IDENTITY], current[MODEL_FILES])))
+    return changes
 
 
 class StepFolder(NamedTuple):
@@ -248,14 +261,14 @@ NumpyState = tuple[
 ]
 
 
-class SavedRngStates(_Saved):
+class SavedRngStates(Saved):
     python: RandomState
     numpy: NumpyState
     torch: Annotated[list[Byte], AfterValidator(generator_state("cpu"))]
     cuda: Annotated[list[Byte], AfterValidator(generator_state("cuda"))] | None = None
 
 
-class SavedRankFile(_Saved):
+class SavedRankFile(Saved):
     rng: SavedRngStates
     data: Any  # the data cursor, checked whole as the data pipeline loads it (saved_plan)
 
@@ -268,7 +281,7 @@ class SavedMetrics(BaseModel):
     step: Step
 
 
-class SavedFingerprint(_Saved):
+class SavedFingerprint(Saved):
     """What of run.json is read first: the fingerprint, which tells a checkpoint of another ftjob."""
 
     model_config = ConfigDict(extra="ignore")
@@ -289,16 +302,120 @@ class SavedRun(SavedFingerprint):
 
 def check_run_record(run: Any, folder: StepFolder, where: str) -> None:
     """run.json (at `where`) as this ftjob writes it, for the step and lease generation its folder names."""
-    saved = _validated(SavedRun, run, where)
+    saved = validated(SavedRun, run, where)
     if saved.checkpoint_format != CHECKPOINT_FORMAT:
-        _refuse(where, f"checkpoint_format is {saved.checkpoint_format}, not {CHECKPOINT_FORMAT}")
+        refuse(where, f"checkpoint_format is {saved.checkpoint_format}, not {CHECKPOINT_FORMAT}")
     for key, value, named in [
         ("step", saved.step, folder.step),
         ("last_metrics.step", saved.last_metrics.step, folder.step),
         ("lease_generation", saved.lease_generation, folder.generation),
     ]:
         if value != named:
-            _refuse(where, f"{key} is {value}, where the checkpoint's folder {folder.name} says {named}")
+            refuse(where, f"{key} is {value}, where the checkpoint's folder {folder.name} says {named}")
+
+
+def check_like(found: Any, expected: Any, where: str, key: str = "") -> None:
+    """found (read back from `where`) is as this run's `expected` is, all the way down: a dict with the
+    same keys, a list or tuple as long, a tensor of the same dtype and shape, else a value of the same
+    type. Refused naming the first key where it is not."""
+    if not same_kind(found, expected):
+        mismatch(where, key, f"found {described(found)}, where this run has {described(expected)}")
+    if isinstance(expected, dict):
+        if missing := [name for name in expected if name not in found]:
+            mismatch(where, key_path(key, missing[0]), "missing")
+        if extra := [name for name in found if name not in expected]:
+            mismatch(where, key_path(key, echo(extra[0])), "not in this run")
+        for name, value in expected.items():
+            check_like(found[name], value, where, key_path(key, name))
+    elif isinstance(expected, list | tuple):
+        if len(found) != len(expected):
+            mismatch(where, key, f"{len(found)} items, where this run has {len(expected)}")
+        for i, (item, value) in enumerate(zip(found, expected, strict=True)):
+            check_like(item, value, where, f"{key}[{i}]")
+
+
+def same_kind(found: Any, expected: Any) -> bool:
+    """Of the same type; tensors of the same dtype and shape."""
+    if isinstance(expected, torch.Tensor):
+        return isinstance(found, torch.Tensor) and described(found) == described(expected)
+    return type(found) is type(expected)
+
+
+def described(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    return type(value).__name__
+
+
+def key_path(key: str, name: Any) -> str:
+    return f"{key}.{name}" if key else str(name)
+
+
+def mismatch(where: str, key: str, problem: str) -> NoReturn:
+    refuse(where, f"not as this run writes it: {key or '(top level)'}: {problem}")
+
+
+def read_back(load: Callable[[Path], Any], path: Path, where: str, kind: str) -> Any:
+    if not path.is_file():  # its checkpoint's MANIFEST.json does not list it
+        refuse(where, "missing")
+    try:
+        return load(path)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as e:  # what either load raises
+        refuse(where, f"not a {kind} ({type(e).__name__})")
+
+
+def checked_weights(path: Path, where: str, parameters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """trainable.safetensors: exactly the model's trainable tensors, of their names, dtypes and shapes."""
+    weights = read_back(load_file, path, where, "safetensors file")
+    check_like(weights, parameters, where)
+    return weights
+
+
+def checked_states(path: Path, where: str, optimizer, scheduler, scaler) -> dict[str, Any]:
+    """optimizer.pt (read with weights_only): as states_reference says, and the optimizer's param groups
+    with this run's parameters and settings; only the learning rate, which the schedule sets, may differ."""
+    load = partial(torch.load, weights_only=True)
+    states = read_back(load, path, where, "file torch.load reads with weights_only")
+    reference = states_reference(states, optimizer, scheduler, scaler)
+    check_like(states, reference, where)
+    groups = zip(states["optimizer"]["param_groups"], reference["optimizer"]["param_groups"], strict=True)
+    for i, (group, ours) in enumerate(groups):
+        for name, value in ours.items():
+            if name != "lr" and group[name] != value:
+                key = f"optimizer.param_groups[{i}].{name}"
+                mismatch(where, key, f"{echo(group[name])}, where this run has {echo(value)}")
+    return states
+
+
+def states_reference(states: Any, optimizer, scheduler, scaler) -> dict[str, Any]:
+    """What optimizer.pt must be like to be loaded into this run's objects: the optimizer's state as
+    adamw_reference says, the schedule's as the scheduler's own state_dict, and a grad scaler's as the
+    scaler's. A grad scaler's state is there when the run that wrote it used fp16; a run without a scaler
+    ignores it (mixed_precision: auto picks by GPU, and a requeued job may get another)."""
+    saved = states if isinstance(states, dict) else {}
+    saved_optimizer = saved.get("optimizer") if isinstance(saved.get("optimizer"), dict) else {}
+    reference = {
+        "optimizer": adamw_reference(optimizer, saved_optimizer.get("state")),
+        "scheduler": scheduler.state_dict(),
+    }
+    if "scaler" in saved:
+        reference["scaler"] = scaler.state_dict() if scaler is not None else saved["scaler"]  # not loaded
+    return reference
+
+
+def adamw_reference(optimizer, saved_state: Any) -> dict[str, Any]:
+    """The optimizer's state_dict (its param groups) with AdamW's state (a step, and moments shaped as the
+    parameter) for each parameter that saved_state has one for: a parameter that has had no gradient yet
+    (an expert no token was routed to, steps that fp16 skipped) has none."""
+    reference = optimizer.state_dict()  # this run's param groups; no state before its first step
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    with_state = saved_state.keys() if isinstance(saved_state, dict) else set()
+    reference["state"] = {
+        i: {"step": torch.tensor(0.0), "exp_avg": p, "exp_avg_sq": p}
+        for i, p in enumerate(parameters)
+        if i in with_state
+    }
+    return reference
 
 
 def resume_copy_prefix() -> str:
@@ -318,8 +435,21 @@ def resume_copies_removed() -> Iterator[None]:
             shutil.rmtree(copy, ignore_errors=True)
 
 
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
+
+
+def write_trained_state(directory: Path, model, optimizer, scheduler, scaler) -> None:
+    """trainable.safetensors and optimizer.pt, which Checkpointer.restore() checks and loads."""
+    save_file(trainable_state(model), directory / WEIGHTS)
+    states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if scaler is not None:
+        states["scaler"] = scaler.state_dict()
+    torch.save(states, directory / STATES)
 
 
 class Checkpointer:
@@ -373,11 +503,9 @@ class Checkpointer:
         if self.rank != 0:
             return
         staging = Path(tempfile.mkdtemp(prefix="ftjob-checkpoint-"))
-        save_file(trainable_state(accelerator.unwrap_model(model)), staging / "trainable.safetensors")
-        states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        if accelerator.scaler is not None:
-            states["scaler"] = accelerator.scaler.state_dict()
-        torch.save(states, staging / "optimizer.pt")
+        write_trained_state(
+            staging, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler
+        )
         record = {"step": step, **run, "last_metrics": history[-1], "checkpoint_format": CHECKPOINT_FORMAT,
                   "lease_generation": self.lease.generation}  # fmt: skip
         (staging / "run.json").write_text(json.dumps(record))
@@ -504,7 +632,7 @@ class Checkpointer:
         """run.json: of a run of this spec and model (its fingerprint, which names a checkpoint of another
         ftjob), then as this ftjob writes it."""
         where = join(folder_uri(self.output_uri, folder), "run.json")
-        changes = fingerprint_changes(_validated(SavedFingerprint, run, where).fingerprint, expected)
+        changes = fingerprint_changes(validated(SavedFingerprint, run, where).fingerprint, expected)
         if changes:
             raise UserError(
                 f"the spec or the model differs from what wrote the checkpoint at step {folder.step} in "
@@ -521,9 +649,9 @@ class Checkpointer:
         try:
             history = read_history(self.output_uri, step)
         except (ValueError, KeyError, TypeError) as e:  # a line that is not JSON, or not a step's record
-            _refuse(where, f"a line is not a step's metrics ({type(e).__name__}: {e})")
+            refuse(where, f"a line is not a step's metrics ({type(e).__name__}: {e})")
         for i, record in enumerate(history):
-            _validated(SavedMetrics, record, where, i)
+            validated(SavedMetrics, record, where, i)
         return history
 
     def rank_state(self, saved: dict[str, Any]) -> dict[str, Any]:
@@ -531,18 +659,22 @@ class Checkpointer:
         the cursor by the data pipeline as it loads it."""
         name = f"rank-{self.rank:05d}.json"
         state = json.loads((saved["dir"] / name).read_text())
-        _validated(SavedRankFile, state, join(saved["uri"], name))
+        validated(SavedRankFile, state, join(saved["uri"], name))
         return state
 
     def restore(self, saved: dict[str, Any], model, optimizer, scheduler, accelerator) -> None:
-        """Load weights, optimizer and schedule into the prepared objects (then the local copy goes)."""
+        """Load weights, optimizer, schedule and grad scaler into the prepared objects, once both files
+        are checked against them: one that is not as this run writes it is refused (UserError) before
+        anything is applied. Then the local copy goes."""
         directory: Path = saved["dir"]
-        weights = load_file(directory / "trainable.safetensors")
-        parameters = dict(accelerator.unwrap_model(model).named_parameters())
+        parameters = trainable_parameters(accelerator.unwrap_model(model))
+        weights = checked_weights(directory / WEIGHTS, join(saved["uri"], WEIGHTS), parameters)
+        states = checked_states(
+            directory / STATES, join(saved["uri"], STATES), optimizer, scheduler, accelerator.scaler
+        )
         with torch.no_grad():
             for name, tensor in weights.items():
                 parameters[name].copy_(tensor)
-        states = torch.load(directory / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(states["optimizer"])
         scheduler.load_state_dict(states["scheduler"])
         if "scaler" in states and accelerator.scaler is not None:

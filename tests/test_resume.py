@@ -606,6 +606,215 @@ def test_a_rank_file_not_as_ftjob_writes_it_stops_the_run_before_it_trains(
     assert sorted(p.relative_to(output) for p in output.rglob("*") if p.name != "lease.json") == files
 
 
+# ---------------------------------------------------------------------------------------------
+# A checkpoint's weights and optimizer states: input, checked against what they are loaded into
+
+
+def tiny_run(scaler=None):
+    """A model with a frozen parameter, its AdamW and schedule as train.py makes them, after one step."""
+    import types
+
+    import torch
+
+    from job.schedule import make_scheduler
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[1].bias.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    scheduler = make_scheduler(optimizer, "linear", 1, 10)
+    accelerator = types.SimpleNamespace(unwrap_model=lambda m: m, scaler=scaler)
+    take_a_step(model, optimizer, scheduler)
+    return model, optimizer, scheduler, accelerator
+
+
+def take_a_step(model, optimizer, scheduler) -> None:
+    import torch
+
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+
+
+def snapshot(model, optimizer, scheduler) -> list:
+    import copy
+
+    return copy.deepcopy([model.state_dict(), optimizer.state_dict(), scheduler.state_dict()])
+
+
+def same(a, b) -> bool:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def refused_restore(tmp_path, edit_weights=None, edit_states=None, edit_folder=None, scaler=None) -> str:
+    """The message with which restore() refuses the checkpoint of tiny_run's first step, edited so;
+    asserts that nothing of it was applied (the run had taken a second step meanwhile)."""
+    import torch
+
+    from job.checkpoint import STATES, WEIGHTS, Checkpointer, write_trained_state
+    from job.errors import UserError
+
+    model, optimizer, scheduler, accelerator = tiny_run(scaler)
+    write_trained_state(tmp_path, model, optimizer, scheduler, scaler)
+    if edit_weights:
+        weights = load_file(tmp_path / WEIGHTS)
+        edit_weights(weights)
+        save_file(weights, tmp_path / WEIGHTS)
+    if edit_states:
+        states = torch.load(tmp_path / STATES, weights_only=True)
+        edit_states(states)
+        torch.save(states, tmp_path / STATES)
+    if edit_folder:
+        edit_folder(tmp_path)
+    take_a_step(model, optimizer, scheduler)
+    before = snapshot(model, optimizer, scheduler)
+
+    checkpointer = Checkpointer(str(tmp_path / "out"), rank=0, world_size=1, keep=2, lease=None)
+    with pytest.raises(UserError) as refused:
+        checkpointer.restore({"dir": tmp_path, "uri": CHECKPOINT}, model, optimizer, scheduler, accelerator)
+    assert same(snapshot(model, optimizer, scheduler), before)
+    assert refused.value.exit_code == 2 and "--restart" in str(refused.value)
+    return str(refused.value)
+
+
+def weights_edit(name: str, value=None):
+    """An edit of trainable.safetensors: the tensor `name` removed, or set to value."""
+
+    def edit(weights: dict) -> None:
+        if value is None:
+            del weights[name]
+        else:
+            weights[name] = value
+
+    return edit
+
+
+def tensor(shape, dtype="float32"):
+    import torch
+
+    return torch.zeros(shape, dtype=getattr(torch, dtype))
+
+
+@pytest.mark.parametrize(
+    "edit,problem",
+    [
+        (weights_edit("0.bias"), "0.bias: missing"),
+        (weights_edit("1.bias", tensor([2])), "'1.bias': not in this run"),  # frozen: the model does not train it
+        (weights_edit("0.weight", tensor([4, 4])), "0.weight: found float32 tensor of shape [4, 4], where this run has float32 tensor of shape [3, 4]"),
+        (weights_edit("0.weight", tensor([3, 4], "float16")), "0.weight: found float16 tensor of shape [3, 4], where this run has float32"),
+    ],
+    ids=["missing", "extra", "shape", "dtype"],
+)  # fmt: skip
+def test_trainable_weights_not_as_the_model_has_them_are_refused_before_anything_is_applied(
+    tmp_path, edit, problem
+):
+    message = refused_restore(tmp_path, edit_weights=edit)
+    assert message.startswith(f"{CHECKPOINT}/trainable.safetensors: not as this run writes it: {problem}")
+
+
+def param_groups(states: dict) -> list:
+    return states["optimizer"]["param_groups"]
+
+
+@pytest.mark.parametrize(
+    "edit,problem",
+    [
+        (lambda s: s["optimizer"]["state"][0].update(exp_avg=tensor([2])), "optimizer.state.0.exp_avg: found float32 tensor of shape [2], where this run has float32 tensor of shape [3, 4]"),
+        (lambda s: s["optimizer"]["state"][1].pop("exp_avg_sq"), "optimizer.state.1.exp_avg_sq: missing"),
+        (lambda s: s["optimizer"]["state"][0].update(step=tensor([1], "int64")), "optimizer.state.0.step: found int64 tensor of shape [1]"),
+        (lambda s: s["optimizer"]["state"].update({7: {}}), "optimizer.state.7: not in this run"),
+        (lambda s: param_groups(s).append(param_groups(s)[0]), "optimizer.param_groups: 2 items, where this run has 1"),
+        (lambda s: param_groups(s)[0].update(params=[2, 1, 0]), "optimizer.param_groups[0].params: [2, 1, 0], where this run has [0, 1, 2]"),
+        (lambda s: param_groups(s)[0].update(weight_decay=5.0), "optimizer.param_groups[0].weight_decay: 5.0, where this run has 0.01"),
+        (lambda s: param_groups(s)[0].update(betas=[0.9, 0.999]), "optimizer.param_groups[0].betas: found list, where this run has tuple"),
+        (lambda s: s["scheduler"].update(last_epoch="1"), "scheduler.last_epoch: found str, where this run has int"),
+        (lambda s: s["scheduler"].pop("base_lrs"), "scheduler.base_lrs: missing"),
+        (lambda s: s.pop("scheduler"), "scheduler: missing"),
+        (lambda s: s.update(optimizer=[s["optimizer"]]), "optimizer: found list, where this run has dict"),
+    ],
+    ids=["moment-shape", "moment-missing", "step-kind", "not-a-parameter", "group-count", "group-params",
+         "group-setting", "group-setting-type", "schedule-type", "schedule-key", "no-schedule", "not-a-dict"],
+)  # fmt: skip
+def test_optimizer_states_not_as_this_run_has_them_are_refused_before_anything_is_applied(
+    tmp_path, edit, problem
+):
+    message = refused_restore(tmp_path, edit_states=edit)
+    assert message.startswith(f"{CHECKPOINT}/optimizer.pt: not as this run writes it: {problem}")
+
+
+def test_a_grad_scaler_state_not_as_this_run_has_it_is_refused(tmp_path):
+    import torch
+
+    def edit(states: dict) -> None:
+        states["scaler"]["_growth_tracker"] = 0.5
+
+    message = refused_restore(tmp_path, edit_states=edit, scaler=torch.amp.GradScaler("cpu"))
+    assert message.startswith(
+        f"{CHECKPOINT}/optimizer.pt: not as this run writes it: scaler._growth_tracker: found float, where this run has int"
+    )
+
+
+@pytest.mark.parametrize(
+    "name,content,problem",
+    [
+        ("trainable.safetensors", b"not a safetensors file", "not a safetensors file (SafetensorError)"),
+        ("optimizer.pt", b"not a pickle", "not a file torch.load reads with weights_only (UnpicklingError)"),
+        ("optimizer.pt", None, "missing"),  # the checkpoint's MANIFEST.json does not list it
+    ],
+    ids=["weights", "states", "no-states"],
+)
+def test_a_weights_or_states_file_that_cannot_be_read_is_refused(tmp_path, name, content, problem):
+    def replace(folder: Path) -> None:
+        (folder / name).unlink()
+        if content is not None:
+            (folder / name).write_bytes(content)
+
+    assert refused_restore(tmp_path, edit_folder=replace).startswith(f"{CHECKPOINT}/{name}: {problem}")
+
+
+@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt"])
+def test_a_checkpoint_s_weights_or_states_not_as_the_run_has_them_stop_it_before_it_trains(
+    tiny_model_dir, spec_path, isolated, name
+):
+    """An edited file in a checkpoint whose MANIFEST.json says it is whole: exit 2 naming the file and the
+    tensor, nothing trained, nothing deleted."""
+    import torch
+
+    from job.errors import UserError
+    from job.export import write_manifest
+
+    output = isolated / "out"
+    spec = interrupted_in_process(spec_path, tiny_model_dir, output)
+    checkpoint = sorted((output / "checkpoints").iterdir())[-1]
+    if name == "trainable.safetensors":
+        weights = load_file(checkpoint / name)
+        key = next(iter(weights))
+        weights[key] = weights[key][:1]
+        save_file(weights, checkpoint / name)
+    else:
+        states = torch.load(checkpoint / name, weights_only=True)
+        key = "optimizer.state.0.exp_avg"
+        states["optimizer"]["state"][0]["exp_avg"] = states["optimizer"]["state"][0]["exp_avg"][:1]
+        torch.save(states, checkpoint / name)
+    write_manifest(checkpoint)  # as whoever edited it would: the checkpoint is whole, not damaged
+    files = sorted(p.relative_to(output) for p in output.rglob("*") if p.name != "lease.json")
+
+    with pytest.raises(UserError) as refused:
+        train_in_process(spec)
+    assert refused.value.exit_code == 2
+    assert str(refused.value).startswith(f"{checkpoint}/{name}: not as this run writes it: {key}: found ")
+    assert sorted(p.relative_to(output) for p in output.rglob("*") if p.name != "lease.json") == files
+
+
 def test_publishing_on_rank_0_sits_behind_no_collective(slow_s3_spec, workdir, s3, fault_proxy):
     """A publish that takes longer than the process group's timeout does not fail the other rank: they
     are done by then (a big full fine-tune's upload takes minutes; NCCL's default timeout is 10)."""

@@ -421,22 +421,25 @@ Origin = tuple[StrictStr, Count, Count | None, Count]  # an example: its row's p
 RandomState = Annotated[tuple[StrictInt, list[StrictInt], StrictFloat | None], AfterValidator(_random_state)]
 
 
-class _Saved(BaseModel):
+class Saved(BaseModel):
+    """A record ftjob saved and reads back (a data cursor, a checkpoint's rank file or run.json): input,
+    validated with validated(), so a key it does not define is refused."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class SavedPlan(_Saved):
+class SavedPlan(Saved):
     sources: list[tuple[Annotated[Files, Field(min_length=1)], Annotated[float, Field(gt=0, strict=True)]]]
     eval_files: Files
     layout: list[list[Files] | None]
 
 
-class SavedPosition(_Saved):
+class SavedPosition(Saved):
     row: Count
     offset: Count | None
 
 
-class SavedSource(_Saved):
+class SavedSource(Saved):
     epoch: Count
     file_index: Count
     rows_before: Count
@@ -444,61 +447,65 @@ class SavedSource(_Saved):
     files: Files
 
 
-class SavedBuffer(_Saved):
+class SavedBuffer(Saved):
     rng: RandomState
     buffer: list[Place]
     draining: StrictBool
     source: SavedSource
 
 
-class SavedMixture(_Saved):
+class SavedMixture(Saved):
     rng: RandomState
     streams: list[SavedBuffer]
 
 
-class SavedCounts(_Saved):
+class SavedCounts(Saved):
     examples: Count
     truncated: Count
     dropped: Count
 
 
-class SavedBudget(_Saved):
+class SavedBudget(Saved):
     rows: Count
     bad: Count
     first_bad: list[StrictStr]
 
 
-class SavedExamples(_Saved):
+class SavedExamples(Saved):
     pending: list[Origin]
     counts: SavedCounts
     budget: SavedBudget
 
 
-class SavedPacker(_Saved):
+class SavedPacker(Saved):
     open_rows: list[list[Origin]]
     closing_epoch: StrictBool
     rows: Count
     real_tokens: Count
 
 
-class SavedCursor(_Saved):
+class SavedCursor(Saved):
     plan: SavedPlan
     rows: dict[str, Any]  # a SavedBuffer, or a SavedMixture of several sources: checked by the plan
     examples: SavedExamples
     packer: SavedPacker | None = None
 
 
-def _refuse(where: str, problem: str) -> NoReturn:
+def refuse(where: str, problem: str) -> NoReturn:
+    """End the job with exit 2 (UserError) for something read back from a checkpoint: `where` names the
+    file, `problem` the key and what is wrong with it; the message says --restart is the way on."""
     raise UserError(
         f"{where}: {problem}. A checkpoint is input, checked as strictly as the spec: run with --restart "
         "to start over (checkpoints and published outputs are deleted)"
     )
 
 
-Saved = TypeVar("Saved", bound=_Saved)
+SavedT = TypeVar("SavedT", bound=Saved)
 
 
-def _validated(model: type[Saved], value: Any, where: str, *at: str | int) -> Saved:
+def validated(model: type[SavedT], value: Any, where: str, *at: str | int) -> SavedT:
+    """value (read back from `where`, at the keys `at` within it) as the Saved model, else refused with
+    the first problems, each naming its key."""
     try:
         return model.model_validate(value)
     except ValidationError as e:
@@ -509,7 +516,7 @@ def _validated(model: type[Saved], value: Any, where: str, *at: str | int) -> Sa
             for error in errors[:SHOWN_PROBLEMS]
         ]
         more = f"; and {len(errors) - SHOWN_PROBLEMS} more" if len(errors) > SHOWN_PROBLEMS else ""
-        _refuse(where, "not as ftjob writes it: " + "; ".join(problems) + more)
+        refuse(where, "not as ftjob writes it: " + "; ".join(problems) + more)
 
 
 def saved_plan(
@@ -520,14 +527,14 @@ def saved_plan(
     against the world size, and its streams against this rank's files. UserError (exit 2) names
     `where` and what is wrong. `current`: the plan the spec makes now (its eval files, see
     _eval_files)."""
-    cursor = _validated(SavedCursor, state, where)
+    cursor = validated(SavedCursor, state, where)
     saved = cursor.plan
     plan = DataPlan([(files, weight) for files, weight in saved.sources], saved.eval_files, saved.layout)
     _check_sources(plan, data, where)
     _check_layout(plan, world_size, where)
     _check_streams(cursor, plan, rank, where)
     if (cursor.packer is None) == data.packing:
-        _refuse(
+        refuse(
             where,
             f"{'no' if cursor.packer is None else 'a'} packer state, where data.packing is {data.packing}",
         )
@@ -539,26 +546,26 @@ def _check_sources(plan: DataPlan, data: DataSpec, where: str) -> None:
     """Each source of the plan is the spec's, with its weight, and every file of it one the spec names."""
     entries = source_entries(data)
     if len(plan.sources) != len(entries):
-        _refuse(where, f"plan.sources has {len(plan.sources)} sources, data.train makes {len(entries)}")
+        refuse(where, f"plan.sources has {len(plan.sources)} sources, data.train makes {len(entries)}")
     for i, ((files, weight), (name, patterns, wanted)) in enumerate(zip(plan.sources, entries, strict=True)):
         if weight != wanted:
-            _refuse(where, f"plan.sources[{i}] has the weight {weight}, {name} {wanted}")
+            refuse(where, f"plan.sources[{i}] has the weight {weight}, {name} {wanted}")
         namers = [namer(pattern) for pattern in patterns]
         for url in files:
             if not any(names(url) for names in namers):
-                _refuse(where, f"plan.sources[{i}] names {url}, a file {name} does not name")
+                refuse(where, f"plan.sources[{i}] names {url}, a file {name} does not name")
 
 
 def _check_layout(plan: DataPlan, world_size: int, where: str) -> None:
     """Each source is striped (None) or shared out whole: each of its files to one of world_size ranks."""
     if len(plan.layout) != len(plan.sources):
-        _refuse(where, f"plan.layout has {len(plan.layout)} entries for {len(plan.sources)} sources")
+        refuse(where, f"plan.layout has {len(plan.layout)} entries for {len(plan.sources)} sources")
     for i, ((files, _), shares) in enumerate(zip(plan.sources, plan.layout, strict=True)):
         shared = shares is None or (
             len(shares) == world_size and Counter(f for share in shares for f in share) == Counter(files)
         )
         if not shared:
-            _refuse(
+            refuse(
                 where, f"plan.layout[{i}] does not share plan.sources[{i}]'s files among {world_size} ranks"
             )
 
@@ -567,24 +574,24 @@ def _check_streams(cursor: SavedCursor, plan: DataPlan, rank: int, where: str) -
     """Each stream reads this rank's files of its source, and every row the cursor holds (buffered,
     or an example still to come or in an open packed row) is in one of them."""
     mixed = len(plan.sources) > 1
-    rows = _validated(SavedMixture if mixed else SavedBuffer, cursor.rows, where, "rows")
+    rows = validated(SavedMixture if mixed else SavedBuffer, cursor.rows, where, "rows")
     buffers = rows.streams if mixed else [rows]
     if len(buffers) != len(plan.sources):
-        _refuse(where, f"rows.streams has {len(buffers)} streams for {len(plan.sources)} sources")
+        refuse(where, f"rows.streams has {len(buffers)} streams for {len(plan.sources)} sources")
     places = [("examples.pending", url) for url, *_ in cursor.examples.pending]
     if cursor.packer is not None:
         places += [("packer.open_rows", url) for row in cursor.packer.open_rows for url, *_ in row]
     for i, (buffer, (files, _)) in enumerate(zip(buffers, plan.rank_files(rank), strict=True)):
         at = f"rows.streams[{i}]" if mixed else "rows"
         if buffer.source.files != files:
-            _refuse(where, f"{at}.source.files are not the files of plan.sources[{i}] for rank {rank}")
+            refuse(where, f"{at}.source.files are not the files of plan.sources[{i}] for rank {rank}")
         if buffer.source.file_index > len(files):
-            _refuse(where, f"{at}.source.file_index is past the source's {len(files)} files")
+            refuse(where, f"{at}.source.file_index is past the source's {len(files)} files")
         places += [(f"{at}.buffer", url) for url, *_ in buffer.buffer]
     readable = {url for files, _ in plan.rank_files(rank) for url in files}
     for at, url in places:
         if url not in readable:
-            _refuse(where, f"{at} names {url}, not a file of the plan for rank {rank}")
+            refuse(where, f"{at} names {url}, not a file of the plan for rank {rank}")
 
 
 def _eval_files(plan: DataPlan, data: DataSpec, current: DataPlan, where: str) -> list[str]:
