@@ -130,9 +130,10 @@ def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[
         for key in sorted((saved.keys() | current.keys()) - {MODEL_IDENTITY, MODEL_FILES})
         if saved.get(key) != current.get(key)
     ]
-    if saved.get(MODEL_IDENTITY) != current[MODEL_IDENTITY]:  # the files' digests only say what changed
+    if saved.get(MODEL_IDENTITY) != current.get(MODEL_IDENTITY):  # the files' digests only say what changed
         before = ModelIdentity(saved.get(MODEL_IDENTITY), saved.get(MODEL_FILES))
-        changes.append(identity_change(before, ModelIdentity(current[MODEL_IDENTITY], current[MODEL_FILES])))
+        after = ModelIdentity(current.get(MODEL_IDENTITY), current.get(MODEL_FILES, {}))
+        changes.append(identity_change(before, after))
     return changes
 
 

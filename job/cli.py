@@ -29,7 +29,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # First: a stop while the spec is read, the libraries are imported, the workers start, the model
     # downloads or the counting pass runs exits 75 too (the default action would be 128 + the signal).
     with StopRequest(TrainSpec.model_fields["stop_grace_seconds"].default) as stop:
-        spec = load_spec(args.spec, args.set)
+        spec = load_spec(args.spec, args.set, secret_env_only=args.env_overrides == "secrets")
         if stop.requested:
             raise Preempted(f"{stop.signal_name} as the job started, nothing trained; exit 75 to be requeued")
         stop.grace_seconds = spec.train.stop_grace_seconds
@@ -259,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and merged/. Once per scheduler job (FTJOB_RESTART_ID, else SLURM_JOB_ID): a requeued run of "
         "the same job resumes instead",
     )
+    run.add_argument(
+        "--env-overrides",
+        choices=("all", "secrets"),
+        default="all",
+        help="which keys FTJOB__ variables may set: all (default), or only those whose values are secret "
+        "(storage_options credentials, keys named like token or password), any other being exit 2: what a "
+        "Kubernetes pod runs, whose Secrets' keys become its variables",
+    )
     launch = run.add_argument_group(
         "several processes",
         "start N worker processes on this node through torch's elastic launcher; a stop signal reaches "
@@ -414,7 +422,8 @@ def add_launch_parser(commands, with_spec) -> None:
         dest="secrets",
         action="append",
         metavar="NAME",
-        help="a Secret whose keys become the pod's variables (default: ftjob-credentials, optional)",
+        help="a Secret whose keys become the pod's variables (default: ftjob-credentials, optional); its "
+        "FTJOB__ keys may set only secret values of the spec (ftjob run --env-overrides secrets)",
     )
     k8s.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="a variable, never a secret"

@@ -1,8 +1,8 @@
 """Publishing the result under output.uri: adapter/, then merged/, each with MANIFEST.json written last.
 
 A reader trusts a directory only when its MANIFEST.json is there and the sha256 of each file matches.
-The adapter's spec.json records the identity of the model it was trained on (model.identity): merged/
-is made only on that model.
+The adapter's spec.json is the spec the run trained with, model.identity (the model it was trained on)
+included: merged/ is made only on that model.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ from typing import Any
 
 from job import __version__
 from job.errors import UserError
-from job.spec import Spec, echo, parse_spec_text, public_dict, read_spec_text
+from job.spec import MODEL_IDENTITY, Spec, echo, parse_spec_text, public_dict, read_spec_text
 from job.storage import download_dir, filesystem, is_local, join, upload_dir
 
 log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 PUBLISHED = ("adapter", "merged")
-IDENTITY = re.compile(r"sha256:[0-9a-f]{64}")  # a model's identity, as model_source.model_identity makes it
 
 
 def sha256_file(path: Path) -> str:
@@ -93,13 +92,9 @@ def save_trained(model, tokenizer, directory: Path) -> None:
 
 
 def write_run_files(directory: Path, spec: Spec, metrics: dict[str, Any]) -> None:
-    """spec.json: the spec, with model.identity, the digest of the weights the run loaded (which
-    model.source alone does not pin down); metrics.json."""
-    from job.model_source import resolved_identity  # here: model_source imports this module
-
-    published = public_dict(spec)
-    published["model"]["identity"] = resolved_identity(spec.model.source, spec.model.revision)
-    (directory / "spec.json").write_text(json.dumps(published, indent=2) + "\n")
+    """spec.json: the spec the run trained with, whose model.identity names the model it loaded
+    (which model.source alone does not pin down: set as model.source was resolved); metrics.json."""
+    (directory / "spec.json").write_text(json.dumps(public_dict(spec), indent=2) + "\n")
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
@@ -175,26 +170,26 @@ def trained_on(adapter_dir: Path) -> str | None:
     if not isinstance(model, dict):
         raise UserError(f"{where}: model is {echo(model)}, not a mapping")
     identity = model.get("identity")
-    if identity is not None and not (isinstance(identity, str) and IDENTITY.fullmatch(identity)):
-        raise UserError(f"{where}: model.identity is {echo(identity)}, not a model's identity (sha256:<64 hex digits>)")  # fmt: skip
+    if identity is not None and not (isinstance(identity, str) and re.fullmatch(MODEL_IDENTITY, identity)):
+        raise UserError(f"{where}: model.identity is {echo(identity)}, not a model's identity (hub:<repo>@<commit> or sha256:<64 hex digits>)")  # fmt: skip
     return identity
 
 
 def check_trained_on(adapter_dir: Path, adapter_uri: str, spec: Spec) -> None:
     """Refuse (exit 2) to merge an adapter into another model than the one it was trained on:
-    model.source may hold other weights by now. An adapter whose spec.json does not say (an older ftjob
+    model.source may hold other model files by now. An adapter whose spec.json does not say (an older ftjob
     published it) is merged unchecked, with a warning."""
     from job.model_source import resolved_identity  # here: model_source imports this module
 
-    trained, current = trained_on(adapter_dir), resolved_identity(spec.model.source, spec.model.revision)
+    trained, current = trained_on(adapter_dir), resolved_identity(spec.model).digest
     if trained is None:
         log.warning("%s/spec.json has no model.identity (an older ftjob published it): merging it into the model under model.source %s unchecked", adapter_uri, spec.model.source)  # fmt: skip
     elif trained != current:
         raise UserError(
             f"output.merge: the adapter in {adapter_uri} was trained on the model {trained}, but "
             f"model.source {spec.model.source} now holds {current}: merging it there would publish a "
-            "model that was never trained. Put back the weights it was trained on, or run with --restart "
-            "to train on these"
+            "model that was never trained. Point model.source at the model it was trained on, or run with "
+            "--restart to train on this one (which deletes the checkpoints and the published adapter)"
         )
 
 

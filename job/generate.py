@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -11,13 +10,11 @@ import torch
 
 from job.data.formats import Formatter
 from job.errors import UserError
-from job.export import fetch_published, trained_on
+from job.export import fetch_published
 from job.model import load_model, load_tokenizer, quiet_libraries
-from job.model_source import resolve_model_dir, resolved_identity
+from job.model_source import resolve_model_dir
 from job.spec import Spec, parse_spec_text, read_spec_text, validate_spec
 from job.storage import configure_storage, is_local
-
-log = logging.getLogger(__name__)
 
 
 def load_trained(
@@ -25,15 +22,14 @@ def load_trained(
 ) -> tuple[object, object, Spec]:
     """(model, tokenizer, spec) from a published adapter/ directory (or full model for method 'full')
     whose MANIFEST was verified (fetch_published). The adapter's spec.json is data from storage, not
-    an instruction: its trust_remote_code is never honoured (only the caller's), and `base_model`
-    replaces the base it names (else a base other than the one the adapter was trained on is warned
-    about)."""
+    an instruction: its trust_remote_code is never honoured (only the caller's). Its model.identity pins
+    the base to the model the adapter was trained on (another model under its model.source is refused),
+    unless `base_model` replaces the base it names."""
     where = str(adapter_dir / "spec.json")
     data = parse_spec_text(read_spec_text(where)[0], where)
     data["model"] = {**data.get("model", {}), "trust_remote_code": trust_remote_code}
-    data["model"].pop("identity", None)  # recorded by ftjob (the weights trained on), not a spec key
     if base_model:
-        data["model"].update(source=base_model, revision=None)
+        data["model"].update(source=base_model, revision=None, identity=None)
     # Storage options are not taken from the file either (hidden values, or an endpoint of its choosing):
     # the base model is read with this environment's storage settings.
     data["storage_options"] = {}
@@ -45,26 +41,8 @@ def load_trained(
         return load_model(adapter_dir, spec.model, device, full_finetune=True), tokenizer, spec
     from peft import PeftModel
 
-    base_dir = resolve_model_dir(spec.model.source, spec.model.revision)
-    if not base_model:
-        warn_if_other_base(adapter_dir, spec)
-    base = load_model(base_dir, spec.model, device)
+    base = load_model(resolve_model_dir(spec.model), spec.model, device)
     return PeftModel.from_pretrained(base, adapter_dir), tokenizer, spec
-
-
-def warn_if_other_base(adapter_dir: Path, spec: Spec) -> None:
-    """Warn when the model under the adapter's model.source is not the one it was trained on (other
-    weights by now). A warning, not an error: generating on another base is the user's call, which
-    --base-model makes without one."""
-    trained, current = trained_on(adapter_dir), resolved_identity(spec.model.source, spec.model.revision)
-    if trained is not None and trained != current:
-        log.warning(
-            "the adapter was trained on the model %s, but model.source %s (its spec.json's) now holds %s: "
-            "generating with another base than it was trained on (--base-model names the base to use)",
-            trained,
-            spec.model.source,
-            current,
-        )
 
 
 def stop_tokens(model, tokenizer, formatter: Formatter) -> tuple[list[int], list[str]]:

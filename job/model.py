@@ -60,7 +60,7 @@ def load_tokenizer(model_dir: Path, model_spec: ModelSpec, chat_template: str | 
 
 def model_dir_and_tokenizer(model_spec: ModelSpec, chat_template: str | None = None) -> tuple[Path, Any]:
     """model.source as a local directory (fetched or cached as needed) and its tokenizer."""
-    model_dir = resolve_model_dir(model_spec.source, model_spec.revision)
+    model_dir = resolve_model_dir(model_spec)
     return model_dir, load_tokenizer(model_dir, model_spec, chat_template)
 
 

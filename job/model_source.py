@@ -5,12 +5,15 @@ Object-store models are fetched once per node into a cache keyed by URL and cont
 and mtime), under a file lock, into a temporary directory renamed into place when complete. The cache
 is input like any other: a cached folder is used only when it is this user's own folder (not a
 symbolic link), writable by no one else, and holds the files its marker (.ftjob-source.json, written
-with them) names; else it is downloaded again, or refused when it is another user's. So is its lock
-file: opened without following a symbolic link or truncating it, and refused when it is no regular file.
+with them) names, with their digests; else it is downloaded again, or refused when it is another user's.
+So is its lock file: opened without following a symbolic link or truncating it, and refused when it is
+no regular file.
 
-A model's identity (model_identity) is a digest of the files it loads from. A run records the identity
-of what it loaded in its checkpoints' fingerprint and in the published spec.json, so that resuming on
-other weights under the same model.source is refused.
+A model's identity (ModelIdentity) names what a run loaded: a Hub model's is its commit; a folder's (a
+local one, or an object-store copy) is a digest of the files the loader reads from it, each of which has
+its own digest too. A run sets it as the spec's model.identity when it resolves model.source: its
+checkpoints' fingerprint and the published spec.json carry it, so that resuming, merging or generating
+on another model under the same model.source is refused, naming the files that changed.
 """
 
 from __future__ import annotations
@@ -25,88 +28,177 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from job.errors import UserError
 from job.export import sha256_file
+from job.spec import ModelSpec
 from job.storage import download_dir, filesystem, is_local, storage_error, storage_errors
 
 log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
-IDENTITY_PATTERNS = [*HUB_PATTERNS, "*.py"]  # the files a model loads from (code with trust_remote_code)
-MARKER = ".ftjob-source.json"  # in a cached folder: its URL, files and identity, written at download
-# A weight file's identity reads its header (tensor names, dtypes, shapes, offsets; within the first MiB
+# The files transformers reads from a causal LM's folder: its config, the weights (and their index) and
+# the tokenizer's files (sentencepiece *.model, tiktoken, named chat templates included). Others (a
+# README, a LICENSE.txt another tool added) are not the model. *.py: its code, run only with
+# model.trust_remote_code.
+LOADED_NAMES = {
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+}
+CHAT_TEMPLATES = "additional_chat_templates"  # a folder of named templates: <name>.jinja
+LOADED_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.model",
+    "*.tiktoken",
+    "*.py",
+    f"{CHAT_TEMPLATES}/*.jinja",
+]
+MARKER = ".ftjob-source.json"  # in a cached folder: its URL and the digests of its files, written at download
+# A weight file's digest reads its header (tensor names, dtypes, shapes, offsets; within the first MiB
 # for any usual model) and samples spread evenly over its weights: about 2 MiB a file, not gigabytes.
 HEAD_BYTES = 1 << 20
 SAMPLES, SAMPLE_BYTES = 256, 4096
+SHOWN_FILES = 5  # changed files a message names; the rest are counted
 
-# The identity of each model this process resolved, by (source, revision): what a run records is what it
-# loaded, even if the folder changes while it trains.
-_identities: dict[tuple[str, str | None], str] = {}
+
+class ModelIdentity(NamedTuple):
+    digest: str  # 'hub:<repo>@<commit>', or 'sha256:' and a digest over `files`
+    files: dict[str, str]  # each loaded file's digest by its path in the folder; none for a Hub commit
+
+
+# The identity of each model this process resolved, by (source, revision, trust_remote_code): what a run
+# records is what it loaded, even if the folder changes while it trains.
+_identities: dict[tuple[str, str | None, bool], ModelIdentity] = {}
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("FTJOB_CACHE", Path.home() / ".cache" / "ftjob")) / "models"
 
 
-def resolve_model_dir(source: str, revision: str | None = None) -> Path:
-    """A local directory with the model's config, tokenizer and safetensors weights; its identity is
-    taken now (resolved_identity)."""
-    kind = source_kind(source)
-    if kind == "object-store":
-        directory = fetch_cached(source)
-    elif kind == "hub":
-        directory = _hub_snapshot(source, revision)
-    elif os.path.exists(os.path.expanduser(source)):
-        directory = Path(os.path.expanduser(source))
-    else:
-        raise UserError(f"model.source: no such directory: {source}")
-    check_weights(directory, source)
-    _identities[(source, revision)] = model_identity(directory)
+def resolve_model_dir(model: ModelSpec) -> Path:
+    """A local directory with the model's config, tokenizer and safetensors weights. Its identity is
+    taken now (resolved_identity) and set as model.identity, so that from here on the spec names the model
+    it trains (spec.json publishes it, MLflow logs it); a model.identity the spec already has (a
+    published spec.json run again) pins it: another model under model.source is refused."""
+    directory, identity = located(model)
+    check_pinned(model, identity.digest)
+    model.identity = identity.digest
+    _identities[(model.source, model.revision, model.trust_remote_code)] = identity
     return directory
 
 
-def resolved_identity(source: str, revision: str | None = None) -> str:
-    """The identity of the model this process last resolved source (at revision) to, resolving it now if
-    it has not."""
-    if (source, revision) not in _identities:
-        resolve_model_dir(source, revision)
-    return _identities[(source, revision)]
+def located(model: ModelSpec) -> tuple[Path, ModelIdentity]:
+    """model.source as a local directory of safetensors weights, and the identity of the model in it."""
+    source = model.source
+    kind = source_kind(source)
+    if kind == "hub":
+        directory = _hub_snapshot(source, model.revision)
+        check_weights(directory, source)
+        return directory, ModelIdentity(f"hub:{source}@{directory.name}", {})  # snapshots/<commit>
+    if kind == "object-store":
+        directory, files = fetch_cached(source)
+        check_weights(directory, source)
+        return directory, identity_of(files, model.trust_remote_code)
+    directory = Path(os.path.expanduser(source))
+    if not directory.exists():
+        raise UserError(f"model.source: no such directory: {source}")
+    check_weights(directory, source)
+    return directory, model_identity(directory, model.trust_remote_code)
 
 
-def model_identity(directory: Path) -> str:
-    """'sha256:' and a digest of every file a model loads from (config, tokenizer, code and weights, by
-    name, size and content), the same for a local folder, a Hub snapshot and a downloaded copy.
-
-    Config, tokenizer and code files are read whole; a safetensors file by its first MiB (the header) and
-    256 blocks of 4 KiB spread evenly over the rest, since hashing gigabytes of weights at every start
-    costs as much as loading them. Weights trained apart (another model, another fine-tune of the same
-    one) differ in every block and so in identity; an edit of a few weights between the blocks does not."""
-    lines = [f"{p.name}\t{p.stat().st_size}\t{file_digest(p)}" for p in identity_files(directory)]
-    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
+def resolved_identity(model: ModelSpec) -> ModelIdentity:
+    """The identity of the model this process last resolved model.source to, resolving it now if it has
+    not."""
+    key = (model.source, model.revision, model.trust_remote_code)
+    if key not in _identities:
+        resolve_model_dir(model)
+    return _identities[key]
 
 
-def identity_files(directory: Path) -> list[Path]:
-    """The files of directory that a model loads from; hidden ones (ftjob's marker) are not."""
-    return sorted(
-        path
-        for path in directory.iterdir()
-        if path.is_file()
-        and not path.name.startswith(".")
-        and any(fnmatch(path.name, pattern) for pattern in IDENTITY_PATTERNS)
+def check_pinned(model: ModelSpec, identity: str) -> None:
+    """Refuse a model other than the one the spec's model.identity names, if it names one."""
+    if model.identity is not None and model.identity != identity:
+        raise UserError(
+            f"model.identity: model.source {model.source} holds the model {identity!r}, not "
+            f"{model.identity!r}, which model.identity names (the model a published spec.json was trained "
+            "on): point model.source at that model, or leave model.identity out (--set model.identity=null; "
+            "ftjob generate: --base-model) to use this one"
+        )
+
+
+def identity_of(files: dict[str, str], trust_remote_code: bool) -> ModelIdentity:
+    """The identity of a folder whose files have these digests (model_files): its code counts only where
+    it runs."""
+    loaded = {name: digest for name, digest in files.items() if trust_remote_code or not name.endswith(".py")}
+    lines = "\n".join(f"{name}\t{digest}" for name, digest in sorted(loaded.items()))
+    return ModelIdentity("sha256:" + hashlib.sha256(lines.encode()).hexdigest(), loaded)
+
+
+def model_identity(directory: Path, trust_remote_code: bool = False) -> ModelIdentity:
+    """The identity of a model folder, the same for a local folder and a downloaded copy of it."""
+    return identity_of(model_files(directory), trust_remote_code)
+
+
+def identity_change(before: ModelIdentity, after: ModelIdentity) -> str:
+    """How a model's identity changed, for a message: the files whose digests differ (or that came or
+    went), else (a Hub commit) the identities, and what to do."""
+    changed = changed_files(before.files, after.files)
+    if len(changed) > SHOWN_FILES:
+        changed = [*changed[:SHOWN_FILES], f"and {len(changed) - SHOWN_FILES} more"]
+    what = "other model files under model.source"
+    if changed:
+        what = f"model files changed under model.source: {', '.join(changed)}"
+    return (
+        f"{what} (model.identity {before.digest!r} -> {after.digest!r}): point model.source at the model "
+        "the run started on"
     )
+
+
+def changed_files(before: object, after: dict[str, str]) -> list[str]:
+    """The names whose digests differ. `before` was read back (a checkpoint's run.json): anything but a
+    mapping is as good as no files."""
+    before = before if isinstance(before, dict) else {}
+    return sorted(str(name) for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+
+
+def model_files(directory: Path) -> dict[str, str]:
+    """The digest of each file of directory that the loader reads (LOADED_NAMES, LOADED_PATTERNS), by its
+    path in directory.
+
+    Config, tokenizer and code files are read whole; a safetensors file by its size, its first MiB (the
+    header) and 256 blocks of 4 KiB spread evenly over the rest, since hashing gigabytes of weights at
+    every start costs as much as loading them. Weights trained apart (another model, another fine-tune of
+    the same one) differ in every block; an edit of a few weights between the blocks does not show."""
+    candidates = [*directory.iterdir(), *(directory / CHAT_TEMPLATES).glob("*.jinja")]
+    names = sorted(path.relative_to(directory).as_posix() for path in candidates if path.is_file())
+    return {name: file_digest(directory / name) for name in names if is_loaded(name)}
+
+
+def is_loaded(name: str) -> bool:
+    return name in LOADED_NAMES or any(fnmatch(name, pattern) for pattern in LOADED_PATTERNS)
 
 
 def file_digest(path: Path) -> str:
     if path.suffix != ".safetensors":
         return sha256_file(path)
-    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
-        for block in sampled_blocks(f, path.stat().st_size):
+        for block in sampled_blocks(f, size):
             digest.update(block)
     return digest.hexdigest()
 
@@ -189,32 +281,37 @@ def content_key(url: str) -> tuple[str, list[str]]:
     return digest[:24], entries
 
 
-def fetch_cached(url: str) -> Path:
-    """The model at url in the local cache, downloading it unless a trusted copy of this content is there."""
+class Untrusted(Exception):
+    """A cached folder that is not to be used as it is; the message says why."""
+
+
+def fetch_cached(url: str) -> tuple[Path, dict[str, str]]:
+    """The model at url in the local cache, downloading it unless a trusted copy of this content is there,
+    and the digests of its files (model_files): checked against its marker, or taken at download."""
     key, _ = content_key(url)
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     target = root / key
-    if os.path.lexists(target) and cache_problem(target, url) is None:
-        return target
+    with suppress(Untrusted):  # not there, or not trusted: seen to under the lock
+        return target, trusted_files(target, url)
     with locked(root / f"{key}.lock"):  # other processes on this node wait, then find it cached
         remove_stale_staging(root, key)
         if os.path.lexists(target):
-            problem = cache_problem(target, url)
-            if problem is None:
-                return target
-            discard_untrusted(target, url, problem)
+            try:
+                return target, trusted_files(target, url)
+            except Untrusted as e:
+                discard_untrusted(target, url, str(e))
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         log.info("downloading the model from %s into the node cache %s", url, root)
         try:
-            names = download_dir(url, staging)
-            marker = {"url": url, "files": names, "identity": model_identity(staging)}
-            (staging / MARKER).write_text(json.dumps(marker))
+            download_dir(url, staging)
+            files = model_files(staging)  # the renamed folder's too: the same files
+            (staging / MARKER).write_text(json.dumps({"url": url, "files": files}))
             staging.rename(target)
         except Exception as e:
             shutil.rmtree(staging, ignore_errors=True)
             raise storage_error(e, f"model.source: cannot download {url}") from None
-    return target
+    return target, files
 
 
 @contextmanager
@@ -246,24 +343,30 @@ def remove_stale_staging(root: Path, key: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def cache_problem(folder: Path, url: str) -> str | None:
-    """Why a cached folder is not to be used as it is, or None when it is this user's own folder (not a
-    symbolic link), writable by no one else, whose marker names url and the identity of its files."""
-    info = folder.lstat()
+def trusted_files(folder: Path, url: str) -> dict[str, str]:
+    """The digests of a cached folder's files (model_files) when it is this user's own folder (not a
+    symbolic link), writable by no one else, whose marker names url and these digests; else Untrusted."""
+    try:
+        info = folder.lstat()
+    except FileNotFoundError:  # not downloaded yet, or removed by a download that did not trust it
+        raise Untrusted("it is not there") from None
     if stat.S_ISLNK(info.st_mode):
-        return "it is a symbolic link"
+        raise Untrusted("it is a symbolic link")
     if not stat.S_ISDIR(info.st_mode):
-        return "it is not a folder"
+        raise Untrusted("it is not a folder")
     if info.st_uid != os.geteuid():
-        return f"it belongs to user id {info.st_uid}, not to this user ({os.geteuid()})"
+        raise Untrusted(f"it belongs to user id {info.st_uid}, not to this user ({os.geteuid()})")
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return "other users may write to it"
+        raise Untrusted("other users may write to it")
     try:
         marker = json.loads((folder / MARKER).read_text())
-        matches = marker["url"] == url and marker["identity"] == model_identity(folder)
+        files = model_files(folder)
+        matches = marker["url"] == url and marker["files"] == files
     except (OSError, ValueError, KeyError, TypeError):
-        return f"its {MARKER} is missing or damaged"
-    return None if matches else f"its files do not match its {MARKER}"
+        raise Untrusted(f"its {MARKER} is missing or damaged") from None
+    if not matches:
+        raise Untrusted(f"its files do not match its {MARKER}")
+    return files
 
 
 def discard_untrusted(folder: Path, url: str, problem: str) -> None:

@@ -28,6 +28,8 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
 }
 OPTIONAL_FIELDS = {"input"}
+# A model's identity (job/model_source.py): a Hub repo's commit, or a digest of a folder's files.
+MODEL_IDENTITY = r"hub:[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)?@[0-9a-f]{40}|sha256:[0-9a-f]{64}"
 
 
 class _Section(BaseModel):
@@ -49,6 +51,12 @@ class ModelSpec(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Off: it is code."
+    )
+    identity: str | None = Field(
+        None,
+        pattern=f"^(?:{MODEL_IDENTITY})$",
+        description="The model trained on, as a run records it in the published spec.json: hub:<repo>@<commit>, "
+        "or sha256: over the files it loads. Given, it pins model.source: another model there is refused.",
     )
 
 
@@ -357,17 +365,43 @@ def apply_override(data: dict[str, Any], key: str, value: Any, origin: str) -> N
     node[parts[-1]] = value
 
 
+def override_variable(key: str) -> str:
+    """'train.learning_rate' -> 'FTJOB__TRAIN__LEARNING_RATE', the variable that overrides it."""
+    return f"FTJOB__{key.upper().replace('.', '__')}"
+
+
+def check_secret_env_overrides(environ: Mapping[str, str]) -> None:
+    """Refuse every FTJOB__ variable of a key whose value is not secret (`ftjob run --env-overrides
+    secrets`, as a Kubernetes pod runs): a Secret's keys become the pod's variables, and may carry
+    secret values but not change the spec that `ftjob launch k8s` checked."""
+    refused = [key for key, _ in env_overrides(environ) if not is_secret_key(key)]
+    if refused:
+        lines = "\n".join(
+            f"  - {override_variable(key)}: remove it from the environment (a Secret); pass --set {key}=VALUE "
+            "to ftjob launch instead"
+            for key in refused
+        )
+        raise UserError(
+            "--env-overrides secrets: the environment may set only secret values of the spec (storage_options "
+            f"credentials, keys named like token, secret, password or key), not:\n{lines}"
+        )
+
+
 def load_spec(
     source: str | None,
     overrides: list[str] = (),
     environ: Mapping[str, str] | None = None,
+    secret_env_only: bool = False,
 ) -> Spec:
-    """Read, override and validate a spec. Raises UserError naming every problem."""
+    """Read, override and validate a spec. Raises UserError naming every problem. `secret_env_only`:
+    refuse the FTJOB__ variables of keys whose values are not secret (check_secret_env_overrides)."""
     environ = os.environ if environ is None else environ
+    if secret_env_only:
+        check_secret_env_overrides(environ)
     text, where = read_spec_text(source)
     data = parse_spec_text(text, where)
     for key, value in env_overrides(environ):
-        origin = f"FTJOB__{key.upper().replace('.', '__')}"
+        origin = override_variable(key)
         apply_override(data, key, parse_value(value, origin), origin)
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -548,6 +582,16 @@ def _allowed_storage_options(value: Any) -> Any:
             k: _allowed_storage_options(v) if k in SAFE_STORAGE_KEYS else REDACTED for k, v in value.items()
         }
     return redact(value)
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether public_dict hides whatever value the dotted key holds: a storage option off the
+    allowlist, or elsewhere a key that looks like a secret, at any depth. Key names only: a value that
+    looks like a credential could be put under any key."""
+    section, *rest = key.split(".")
+    if section == "storage_options":
+        return any(part not in SAFE_STORAGE_KEYS for part in rest[1:])  # rest[0]: the protocol
+    return any(_SECRET_KEY.search(part) for part in (section, *rest))
 
 
 def public_dict(spec: Spec) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The MLflow spool: what a run logs goes to local disk first, then to MLflow, in order, exactly once.
 
     <root>/<key>/spool.json      written as the folder is made: ftjob's mark, and where the records go
-                                 (the tracking URI without credentials, and the sha256 of the whole URI)
+                                 (the tracking URI without credentials, and the sha256 of the store it
+                                 names: tracking.tracking_store)
     <root>/<key>/records.jsonl   append-only, one record a line: open, params, metrics, inputs,
                                  artifacts, register, status
     <root>/<key>/state.json      the MLflow run id, how far records.jsonl is delivered (a byte offset),
@@ -28,11 +29,15 @@ folder is always a name directly in the root. The root and every spool folder ar
 folder is opened, delivered, quarantined or removed only when it is a real folder (not a link) of the
 current user with its spool.json; others are left as they are, with a warning (among them spools of an
 ftjob that wrote no spool.json: where their records go is not known). A spool is delivered only by a
-process tracking to the URI its spool.json names; others leave it, with a warning. A spool whose
+process tracking to the store its spool.json names; others leave it, with a warning. A spool whose
 spool.json, state.json or records are not as this module writes them (damaged on disk, or planted; a
-link or a file with another link among them) is quarantined: renamed to `<key>.bad-<ms>`, which no
-later run opens, with one warning. That includes an artifacts record whose folder is not under the
-spool's own files/, holds a symbolic link, or whose path leaves the run.
+link or a file with another link among them, or a files/ that is not a real folder) is quarantined:
+renamed to `<key>.bad-<ms>`, which no later run opens, with one warning. That includes an artifacts
+record whose folder is not under the spool's own files/, holds a symbolic link, or whose path leaves
+the run. An open record continues the run in state.json or the one to resume (from a checkpoint) only
+when it is an active run of the record's experiment with an `ftjob.run_key` tag: any other run on the
+server is left alone, and a new one made. A `.new-<key>` folder an hour old is what a crash in
+Spool.create left, and is removed.
 """
 
 from __future__ import annotations
@@ -61,6 +66,10 @@ FILES = "files"
 LOCK = "lock"
 QUARANTINED = ".bad-"  # a quarantined spool folder is named <key>.bad-<ms>
 CREATING = ".new-"  # a spool folder being made is named .new-<key> until it is whole
+# Spool.create renames its folder into place milliseconds after making it; one older than this was left
+# by a process that died meanwhile. Judged by the folder's mtime, not by a pid or a lock: hosts and pods
+# sharing the root have pids of their own, and the lock is taken only after the folder is made.
+ABANDONED_AFTER_SECONDS = 3600
 SPOOL_KEY = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as Spool.create names a spool folder
 # A run id as MLflow itself checks one (mlflow.utils.validation; its own stores make uuid4().hex, other
 # servers other ids): never a path, nor a quote in a search filter.
@@ -124,14 +133,14 @@ def is_rejection(error: BaseException) -> bool:
 @dataclass(frozen=True)
 class Target:
     """Where a spool's records go: the tracking URI as shown (credentials removed) and the sha256 of the
-    whole URI, which is what is compared: URIs that differ only in their credentials differ too."""
+    store it names (the caller's canonical text for it), which is what is compared."""
 
     uri: str
     sha256: str
 
     @classmethod
-    def of(cls, uri: str, shown: str) -> Target:
-        return cls(shown, hashlib.sha256(uri.encode()).hexdigest())
+    def of(cls, store: str, shown: str) -> Target:
+        return cls(shown, hashlib.sha256(store.encode()).hexdigest())
 
     @classmethod
     def load(cls, path: Path) -> Target:
@@ -194,6 +203,7 @@ class Spool:
         self._file = threading.Lock()  # one thread appends while another reads what is pending
         for name in (MARKER, STATE, RECORDS):
             _check_own_file(self.directory / name)
+        _check_own_folder(self.directory / FILES)
         self.target = Target.load(self.directory / MARKER)
         self.state = SpoolState.load(self.directory / STATE)
         self._drop_torn_line()
@@ -237,10 +247,9 @@ class Spool:
             return None
         if spool.target.sha256 != target.sha256:
             log.warning(
-                "MLflow spool %s holds records for %s, not for this job's %s; left for a job that tracks there",
+                "MLflow spool %s holds records for %s; left for a job that tracks there",
                 directory,
-                spool.target.uri,
-                target.uri,
+                _other_target(spool.target, target),
             )
             os.close(fd)
             return None
@@ -297,7 +306,7 @@ class Spool:
     def _artifacts_problem(self, record: dict[str, Any]) -> str | None:
         """An artifacts record may upload only a folder under this spool's files/, with no link in it
         (a link could lead to any file of this user), and only to a path inside the run."""
-        files = (self.directory / FILES).resolve()
+        files = self.directory.resolve() / FILES  # not files/ resolved: a link there would lead anywhere
         directory = Path(record["dir"]).resolve()
         if not directory.is_relative_to(files):
             return f"artifacts folder {record['dir']} is outside {files}"
@@ -369,6 +378,24 @@ def folder_problem(root: Path, directory: Path) -> str | None:
     return None
 
 
+def _other_target(spool: Target, job: Target) -> str:
+    """Where a spool's records go, as a warning says it: told apart from where the job's go."""
+    if spool.uri != job.uri:
+        return f"{spool.uri}, not for this job's {job.uri}"
+    return f"{spool.uri} for another user name than this job's (user names are not shown)"
+
+
+def _check_own_folder(path: Path) -> None:
+    """The spool's files/ is a real folder, or none yet: through a link, files() would empty, and an
+    artifacts record upload, a folder anywhere."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        raise CorruptSpool(f"{path.name} is not a folder of its own (a symbolic link, or not a folder)")
+
+
 def _check_own_file(path: Path) -> None:
     """A file the spool reads or writes is its own: a regular file with no other link, or none yet."""
     try:
@@ -403,6 +430,35 @@ def quarantine(root: Path, directory: Path, reason: str) -> None:
         directory,
         reason,
         target,
+    )
+
+
+def remove_abandoned(root: Path) -> None:
+    """Remove the folders in root that processes killed inside Spool.create left."""
+    if not root.is_dir():
+        return
+    for path in filter(_abandoned, root.iterdir()):
+        try:
+            shutil.rmtree(path)
+        except OSError as e:
+            log.warning("%s, left half made by a process that died, cannot be removed: %s", path, e)
+        else:
+            log.info("removed %s, left half made by a process that died", path)
+
+
+def _abandoned(path: Path) -> bool:
+    """Whether path is a `.new-<key>` folder (not a link) of the current user, older than
+    ABANDONED_AFTER_SECONDS."""
+    if not (path.name.startswith(CREATING) and is_spool_key(path.name.removeprefix(CREATING))):
+        return False
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:  # removed meanwhile by another job
+        return False
+    return (
+        stat.S_ISDIR(info.st_mode)
+        and info.st_uid == os.geteuid()
+        and time.time() - info.st_mtime > ABANDONED_AFTER_SECONDS
     )
 
 
@@ -493,10 +549,11 @@ class _Sender:
         a run this key created whose acknowledgement was lost."""
         from mlflow.entities import RunTag
 
-        experiment_id = self._experiment_id(record["experiment"])
+        experiment = record["experiment"]
+        experiment_id = self._experiment_id(experiment)
         run_id = (
-            self.state.run_id
-            or self._existing_run(record.get("resume_run_id"), experiment_id)
+            self._run_to_resume(self.state.run_id, experiment, experiment_id)
+            or self._run_to_resume(record.get("resume_run_id"), experiment, experiment_id)
             or self._run_with_key(record["key"], experiment_id)
         )
         if run_id is None:
@@ -527,21 +584,39 @@ class _Sender:
                 raise
             return self.client.get_experiment_by_name(name).experiment_id
 
-    def _existing_run(self, ref: str | None, experiment_id: str) -> str | None:
-        """ref as a run id, or as the key of a run (a run created after its first checkpoint)."""
-        from mlflow.exceptions import MlflowException
-
+    def _run_to_resume(self, ref: str | None, experiment: str, experiment_id: str) -> str | None:
+        """ref as the id of an ftjob run of the experiment, or as the key of one (a run created after its
+        first checkpoint). A ref read back from a checkpoint or the spool may name any run on the
+        server: one that is not an active run of the experiment with ftjob's run key tag is left alone."""
         if not ref:
             return None
+        run = self._run(ref)
+        if run is None:
+            run_id = self._run_with_key(ref, experiment_id)
+            if run_id is None:
+                log.warning("MLflow run %s to resume does not exist; starting a new run", ref)
+            return run_id
+        if _is_ftjob_run_of(run, experiment_id):
+            return run.info.run_id
+        log.warning(
+            "MLflow run %s to resume is not an ftjob run of experiment %r (it is in another experiment, "
+            "deleted, or has no %s tag); it is left as it is, and a new run is started",
+            ref,
+            experiment,
+            RUN_KEY_TAG,
+        )
+        return None
+
+    def _run(self, run_id: str):
+        """The MLflow run run_id, or None when there is none."""
+        from mlflow.exceptions import MlflowException
+
         try:
-            return self.client.get_run(ref).info.run_id
+            return self.client.get_run(run_id)
         except MlflowException as e:
             if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise
-        run_id = self._run_with_key(ref, experiment_id)
-        if run_id is None:
-            log.warning("MLflow run %s to resume does not exist; starting a new run", ref)
-        return run_id
+            return None
 
     def _run_with_key(self, key: str, experiment_id: str) -> str | None:
         runs = self.client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
@@ -611,3 +686,12 @@ class _Sender:
 
     def _status(self, record: dict[str, Any]) -> None:
         self.client.set_terminated(self.state.run_id, record["status"], end_time=record["time"])
+
+
+def _is_ftjob_run_of(run, experiment_id: str) -> bool:
+    """Whether an open record may continue run: an active run of its experiment that ftjob made."""
+    return (
+        run.info.experiment_id == experiment_id
+        and run.info.lifecycle_stage == "active"
+        and RUN_KEY_TAG in run.data.tags
+    )

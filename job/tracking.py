@@ -9,7 +9,7 @@ Everything goes through the spool (job/spool.py): written to local disk, then de
 server is unreachable, at start or mid-run, training goes on: one warning, records pile up in the
 spool, and each later log call after a backoff tries again (one info when the server is back); the
 end of the run tries once more, and what is still undelivered waits for the next ftjob run that
-uses the same spool directory and the same tracking URI (a run tracking elsewhere leaves it alone).
+uses the same spool directory and the same tracking store (a run tracking elsewhere leaves it alone).
 With MLFLOW_TRACKING_URI unset, runs go to a local sqlite store under ./mlruns
 (`mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db` opens it).
 """
@@ -46,6 +46,7 @@ from job.spool import (
     is_run_id,
     leftovers,
     now_ms,
+    remove_abandoned,
     spool_root,
 )
 from job.storage import absolute, filesystem, protocol_of
@@ -60,6 +61,11 @@ MAX_TAG_LENGTH = 8000  # and for a tag value
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 RETRY_SECONDS = (2.0, 60.0)  # wait after a failed delivery: first, and at most (doubling in between)
 _URL_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_URI = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<netloc>[^/?#]*)(?P<path>[^?#]*)(\?(?P<query>[^#]*))?"
+)
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+_SECRET_QUERY_NAME = re.compile(r"token|secret|passw|credential|signature|^sig$|key", re.IGNORECASE)
 
 
 def default_tracking_uri() -> str:
@@ -73,10 +79,32 @@ def redact_url(text: str) -> str:
     return _URL_CREDENTIALS.sub(r"\1***@", text)
 
 
+def tracking_store(uri: str) -> str:
+    """The tracking store a URI names, as one text however the URI is spelled: scheme and an http(s)
+    host lowercased, no default port, fragment or trailing slash, and no password or secret-looking
+    query parameter (a rotated password or token is the same store). The user name stays: another user
+    may see other runs."""
+    match = _URI.match(uri)
+    if match is None:  # a path, or a URI without a host part (databricks)
+        return uri.rstrip("/") or uri
+    scheme = match["scheme"].lower()
+    userinfo, at, host = match["netloc"].rpartition("@")
+    if scheme in _DEFAULT_PORTS:
+        host = host.lower().removesuffix(_DEFAULT_PORTS[scheme])
+    user = userinfo.partition(":")[0] + at
+    query = "&".join(
+        pair
+        for pair in (match["query"] or "").split("&")
+        if pair and not _SECRET_QUERY_NAME.search(pair.partition("=")[0])
+    )
+    return f"{scheme}://{user}{host}{match['path'].rstrip('/')}" + (f"?{query}" if query else "")
+
+
 def tracking_target(uri: str) -> Target:
-    """Where a run's records go, as its spool records it: the URI shown with user:password and tokens
-    removed, compared by the hash of the whole URI."""
-    return Target.of(uri, shown=redact(redact_url(uri)))
+    """Where a run's records go, as its spool records it: the store the URI names, shown with the user
+    name masked and compared by its hash."""
+    store = tracking_store(uri)
+    return Target.of(store, shown=redact(redact_url(store)))
 
 
 def resumable_run_id(ref: object, warn: bool) -> str | None:
@@ -433,9 +461,10 @@ class Tracker:
                 log.info("MLflow tracking at %s is back: %d spooled records delivered", self.uri, sent)
 
     def _deliver_leftovers(self, root: Path) -> None:
-        """Deliver spools that earlier jobs tracking to the same URI left behind (a job that is still
-        running holds its lock; a corrupt one is quarantined; another user's, or one for another URI, is
-        left alone)."""
+        """Deliver spools that earlier jobs tracking to the same store left behind (a job that is still
+        running holds its lock; a corrupt one is quarantined; another user's, or one for another store,
+        is left alone), after removing folders that a crash left half made."""
+        remove_abandoned(root)
         for key in leftovers(root):
             if key == self.spool.key:
                 continue

@@ -107,7 +107,7 @@ def train(
             lease = Lease(spec.output_uri, spec.train.lease_seconds, spec.train.collective_timeout_seconds)
             with lease:  # a writer like any other
                 lease.take(stop)
-                model_dir = resolve_model_dir(spec.model.source, spec.model.revision)
+                model_dir = resolve_model_dir(spec.model)
                 log.info("merged model published to %s", publish_merged(spec, model_dir))
         log.info("%s is already published: nothing to do (ftjob run --restart trains again)", spec.output_uri)
         return None
@@ -183,7 +183,7 @@ def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest
     )
     rank_state = checkpointer.rank_state(saved) if saved else None
     if rank_state:  # the files and the cursor the run was reading, before the counting pass reads them
-        cursor = f"the data cursor in rank-{rank:05d}.json of the checkpoint at step {saved['step']}"
+        cursor = f"the data cursor in {saved['uri']}/rank-{rank:05d}.json"  # its step and generation
         data.load_state_dict(rank_state["data"], cursor)  # checked as input: exit 2 before a row is read
     stop.raise_if_agreed(accelerator, saved)  # between the phases that can take long: the model load...
     total_steps = (

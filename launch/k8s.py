@@ -6,8 +6,11 @@ name the others meet at. Each pod runs `ftjob run /spec/spec.json --nproc-per-no
 per GPU of the pod). Exit 75 (checkpointed after SIGTERM) and disruptions do not count against
 backoffLimit, 2 and 3 (bad input, bad data) fail the Job at once. Credentials only by reference to
 Secrets. The spec is resolved here (FTJOB__ variables of this shell, then --set) and the ConfigMap holds
-it whole: an `--env FTJOB__...` override, or a variable the container sets itself, is refused. A sweep
-renders one ConfigMap and Job (and Service) per point.
+it whole: an `--env FTJOB__...` override, or a variable the container sets itself, is refused, and the
+pod runs `ftjob run --env-overrides secrets`, so that a Secret's FTJOB__ keys (every key of a Secret
+becomes a variable of the pod) may set secret values of the spec, such as storage_options credentials,
+and nothing else. A flag, not a variable: a Secret could set a variable too. A sweep renders one
+ConfigMap and Job (and Service) per point.
 """
 
 from __future__ import annotations
@@ -23,7 +26,16 @@ import yaml
 
 from job import __version__
 from job.errors import EXIT_REQUEUE, DataError, UserError
-from job.spec import CREDENTIAL_VALUE, URL_CREDENTIALS, Spec, env_overrides, flatten, public_dict
+from job.spec import (
+    CREDENTIAL_VALUE,
+    URL_CREDENTIALS,
+    Spec,
+    env_overrides,
+    flatten,
+    is_secret_key,
+    override_variable,
+    public_dict,
+)
 
 SPEC_DIR = "/spec"
 IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -119,14 +131,27 @@ def metadata(name: str, options: K8sOptions, **labels: str) -> dict[str, Any]:
 
 def config_map(name: str, spec: Spec, options: K8sOptions) -> dict[str, Any]:
     data = spec.model_dump(mode="json")
-    secrets = [key for key, value in flatten(data).items() if flatten(public_dict(spec)).get(key) != value]
-    if secrets:
-        raise UserError(
-            f"{', '.join(secrets)}: a secret-looking value in the spec would sit in a ConfigMap; put it in a "
-            "Secret and pass --secret SECRET_NAME (its keys become the pod's variables)"
-        )
+    public = flatten(public_dict(spec))
+    hidden = [key for key, value in flatten(data).items() if public.get(key) != value]
+    if hidden:
+        problems = "\n".join(f"  - {secret_in_spec(key)}" for key in hidden)
+        raise UserError(f"secret-looking values in the spec would sit in a ConfigMap:\n{problems}")
     text = json.dumps(data, indent=2) + "\n"
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(f"{name}-spec", options), "data": {"spec.json": text}}  # fmt: skip
+
+
+def secret_in_spec(key: str) -> str:
+    """Where the secret value at `key` goes instead: the pods take from a Secret only keys whose values
+    are secret (ftjob run --env-overrides secrets)."""
+    if is_secret_key(key):
+        return (
+            f"{key}: put it in a Secret as {override_variable(key)} and pass --secret SECRET_NAME (its keys "
+            "become the pod's variables)"
+        )
+    return (
+        f"{key}: looks like a credential, which a pod cannot take from a Secret under this key; give the "
+        "credentials in the environment (AWS_*, HF_TOKEN, ... in a Secret) or under storage_options"
+    )
 
 
 def service(name: str, options: K8sOptions) -> dict[str, Any]:
@@ -238,7 +263,7 @@ def container(name: str, options: K8sOptions, parent_run_id: str | None) -> dict
         "image": options.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["ftjob"],
-        "args": ["run", f"{SPEC_DIR}/spec.json", "--nproc-per-node", "auto"],
+        "args": ["run", f"{SPEC_DIR}/spec.json", "--nproc-per-node", "auto", "--env-overrides", "secrets"],
         "env": env,
         "envFrom": [{"secretRef": {"name": secret, "optional": True}} for secret in options.secrets],
         "ports": [{"name": "rendezvous", "containerPort": PORT}],

@@ -4,13 +4,16 @@ an edited rank file cannot make a resumed run read (and train on) a file the spe
 from __future__ import annotations
 
 import json
+import logging
 from types import SimpleNamespace
+from urllib.parse import parse_qs
 
 import pytest
 from helpers import read_until, start_run, train_in_process, write_jsonl, write_stop_spec
 
+from job.data import files as files_module
 from job.data import stream as stream_module
-from job.data.pipeline import DataPipeline, DataPlan
+from job.data.pipeline import COMMIT_ID, DataPipeline, DataPlan
 from job.errors import DataError, UserError
 from job.export import manifest_entry
 from job.spec import validate_spec
@@ -19,6 +22,14 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 TOKENIZER = SimpleNamespace(pad_token_id=0)  # nothing is tokenized before a cursor is loaded
 DELETE = object()
+# org/cards on a fake Hub: commit -> config -> split -> files; a branch or tag is at COMMIT now
+CARDS = {
+    COMMIT: {
+        "en": {"train": ["en/train-0.jsonl", "en/train-1.jsonl"]},
+        "fr": {"train": ["fr/train.jsonl"], "test": ["fr/test.jsonl"]},
+    },
+    OTHER_COMMIT: {"en": {"train": ["en/train.jsonl"]}, "fr": {"train": ["fr/train-old.jsonl"]}},
+}
 
 
 def spec_over(train: list, **data):
@@ -52,6 +63,24 @@ def nothing_read(monkeypatch):
     monkeypatch.setattr(stream_module, "read_rows", read_rows)
 
 
+@pytest.fixture
+def fake_hub(monkeypatch) -> list[tuple[str, str, str]]:
+    """org/cards resolved as datasets would, from CARDS: (commit, config, split) of each resolution."""
+    resolved = []
+
+    def hub_split_files(url, repo, name, default_split):
+        query = parse_qs(repo["query"] or "")
+        config, split = query.get("config", ["en"])[-1], query.get("split", [default_split])[-1]
+        commit = repo["revision"] if COMMIT_ID.fullmatch(repo["revision"] or "") else COMMIT
+        resolved.append((commit, config, split))
+        if split not in CARDS.get(commit, {}).get(config, {}):
+            raise UserError(f"{name}: cannot resolve the dataset repo {url}")
+        return [f"hf://datasets/org/cards@{commit}/{path}" for path in CARDS[commit][config][split]]
+
+    monkeypatch.setattr(files_module, "hub_split_files", hub_split_files)
+    return resolved
+
+
 @pytest.mark.parametrize(
     "pattern,planned",
     [
@@ -76,17 +105,18 @@ def nothing_read(monkeypatch):
     ],
 )
 def test_a_cursor_naming_a_file_the_spec_does_not_is_refused_before_anything_is_read(
-    nothing_read, pattern, planned
+    nothing_read, fake_hub, pattern, planned
 ):
     spec = spec_over([pattern])
     state = saved_cursor(spec, one_source(planned))
-    with pytest.raises(UserError) as refused:
-        pipeline(spec, one_source(planned)).load_state_dict(
+    with pytest.raises(UserError) as refused:  # the spec's files now are others
+        pipeline(spec, one_source("/elsewhere/now.jsonl")).load_state_dict(
             state, "rank-00000.json of the checkpoint at step 5"
         )
     message = str(refused.value)
     assert message.startswith("rank-00000.json of the checkpoint at step 5: plan.sources[0] names ")
     assert f"names {planned}, a file data.train does not name" in message and "--restart" in message
+    assert "relative path" not in message
 
 
 @pytest.mark.parametrize(
@@ -101,11 +131,75 @@ def test_a_cursor_naming_a_file_the_spec_does_not_is_refused_before_anything_is_
         ("hf://datasets/org/cards/data/*.parquet", "hf://datasets/org/cards/data/a.parquet"),
     ],
 )
-def test_a_cursor_over_files_the_spec_names_loads(nothing_read, pattern, planned):
+def test_a_cursor_over_files_the_spec_names_loads(nothing_read, fake_hub, pattern, planned):
     spec = spec_over([pattern])
     resumed = pipeline(spec, one_source("/elsewhere/now.jsonl"))
     resumed.load_state_dict(saved_cursor(spec, one_source(planned)))
     assert resumed.plan.sources == [([planned], 1.0)]
+
+
+@pytest.mark.parametrize(
+    "pattern,planned",
+    [
+        ("hf://datasets/org/cards?config=fr", f"{COMMIT}/fr/test.jsonl"),  # the test split
+        ("hf://datasets/org/cards", f"{COMMIT}/fr/train.jsonl"),  # another config
+        (f"hf://datasets/org/cards@{COMMIT}?config=fr", f"{COMMIT}/fr/test.jsonl"),
+        ("hf://datasets/org/cards?config=fr", f"{OTHER_COMMIT}/fr/test.jsonl"),  # another commit
+        ("hf://datasets/org/cards?config=fr", f"{'0' * 40}/fr/train.jsonl"),  # a commit not there
+    ],
+    ids=["split", "config", "pinned", "moved-branch", "unknown-commit"],
+)
+def test_a_file_of_the_repo_outside_the_config_and_split_the_spec_names_is_refused(
+    nothing_read, fake_hub, pattern, planned
+):
+    spec = spec_over([pattern])
+    planned = f"hf://datasets/org/cards@{planned}"
+    with pytest.raises(UserError) as refused:
+        pipeline(spec).load_state_dict(saved_cursor(spec, one_source(planned)))
+    assert f"plan.sources[0] names {planned}, a file data.train does not name" in str(refused.value)
+
+
+def test_a_moved_branch_resumes_over_the_files_of_its_split_at_the_saved_commit(nothing_read, fake_hub):
+    """The spec names a branch, which has moved on since the checkpoint: the saved files are checked
+    against what the repo names at the saved commit; files the spec names now are not resolved again."""
+    spec = spec_over(["hf://datasets/org/cards?config=fr"])
+    now = pipeline(spec)
+    assert now.plan.sources == [([f"hf://datasets/org/cards@{COMMIT}/fr/train.jsonl"], 1.0)]
+    now.load_state_dict(saved_cursor(spec, now.plan))
+    assert fake_hub == [(COMMIT, "fr", "train")]  # the plan made now: nothing resolved again
+
+    saved = one_source(f"hf://datasets/org/cards@{OTHER_COMMIT}/fr/train-old.jsonl")
+    resumed = pipeline(spec)
+    resumed.load_state_dict(saved_cursor(spec, saved))
+    assert resumed.plan.sources == saved.sources
+    assert fake_hub[-1] == (OTHER_COMMIT, "fr", "train")
+
+
+def test_saved_eval_files_of_another_split_are_not_evaluated_on(nothing_read, fake_hub, caplog):
+    spec = spec_over(["hf://datasets/org/cards"], eval=["hf://datasets/org/cards?config=fr&split=test"])
+    state = saved_cursor(spec)
+    state["plan"]["eval_files"] = [f"hf://datasets/org/cards@{COMMIT}/fr/train.jsonl"]
+    resumed = pipeline(spec)
+    with caplog.at_level(logging.WARNING):
+        resumed.load_state_dict(state)
+    assert resumed.eval_files == [f"hf://datasets/org/cards@{COMMIT}/fr/test.jsonl"]
+    assert "its eval files are not those data.eval names" in caplog.text
+
+
+def test_a_relative_path_resumed_from_another_directory_says_where_it_resolves(nothing_read, isolated):
+    spec = spec_over(["data/*.jsonl"])
+    started_in = "/srv/first/data/train.jsonl"  # where the run started, in another directory
+    with pytest.raises(UserError) as refused:
+        pipeline(spec, one_source(str(isolated / "data/train.jsonl"))).load_state_dict(
+            saved_cursor(spec, one_source(started_in))
+        )
+    message = str(refused.value)
+    assert (
+        f"names {started_in}, a file data.train does not name (data/*.jsonl is a relative path: it "
+        f"resolves against the working directory, {isolated} now; resume the run from the directory "
+        "it started in)"
+    ) in message
+    assert "run with --restart to start over (checkpoints and published outputs are deleted)" in message
 
 
 def edited(state: dict, path: tuple, value) -> dict:
@@ -284,10 +378,7 @@ def test_an_edited_checkpoint_cursor_is_exit_2_and_the_file_it_names_is_never_op
     with pytest.raises(UserError) as refused:
         train_in_process({**spec, "output": {"uri": str(isolated / "out")}})
     assert refused.value.exit_code == 2
-    step = int(newest.name.split("-")[1])
-    assert str(refused.value).startswith(
-        f"the data cursor in rank-00000.json of the checkpoint at step {step}: "
-    )
+    assert str(refused.value).startswith(f"the data cursor in {newest}/rank-00000.json: ")  # step, generation
     assert f"plan.sources[0] names {other}, a file data.train does not name" in str(refused.value)
     assert opened == [] and not (isolated / "out" / "adapter").exists()
     assert newest.is_dir()  # nothing written is lost: the run can go on with --restart, or after a fix

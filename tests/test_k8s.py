@@ -522,3 +522,86 @@ def test_the_pods_run_the_spec_resolved_here_and_no_spec_override(tmp_path):
     for item in ("FTJOB_SPEC=/elsewhere.json", "NODE_RANK=3", "FTJOB_RESTART_ID=again"):
         with pytest.raises(UserError, match=f"--env {item.split('=')[0]}: set by ftjob launch itself"):
             rendered(env=[item])
+
+
+def test_pods_take_only_secret_values_from_the_environment(objects):
+    """Every key of a --secret Secret becomes a variable of the pod: the pod's own command (which a
+    Secret cannot change, as it could a variable) limits the FTJOB__ ones to secret values."""
+    for job in of_kind(objects, "Job"):
+        args = the_container(job)["args"]
+        assert args[args.index("--env-overrides") + 1] == "secrets"
+
+
+@pytest.mark.parametrize(
+    "key,value,secret",
+    [
+        ("storage_options.s3.key", "id-1", True),
+        ("storage_options.s3.client_kwargs.aws_secret_access_key", "s-1", True),
+        ("storage_options.http.headers.authorization", "basic x", True),
+        ("tracking.tags.api_token", "t-1", True),
+        ("storage_options.s3.endpoint_url", "http://minio:9000", False),
+        ("tracking.tags.team", "search", False),
+        ("model.trust_remote_code", True, False),
+        ("output.uri", "s3://elsewhere/{name}", False),
+    ],
+)
+def test_secret_keys_are_those_the_published_spec_hides(key, value, secret):
+    from job.spec import apply_override, flatten, is_secret_key, public_dict
+
+    data = example_spec().model_dump(mode="json")
+    apply_override(data, key, value, "test")
+    hidden = flatten(public_dict(validate_spec(data))).get(key) != value
+    assert is_secret_key(key) == hidden == secret
+
+
+def run_pod_command(tmp_path: Path, monkeypatch, args: list[str] | None = None) -> tuple[int, list]:
+    """main() with the rendered pod's arguments (or `args`) and the test's environment: its exit code
+    and the specs of the workers it would have started (they are not)."""
+    from job import cli
+
+    started = []
+
+    def launch_workers(spec, *_) -> int:
+        started.append(spec)
+        return 0
+
+    monkeypatch.setattr(cli, "launch_workers", launch_workers)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")  # main() sets it for the process
+    pod_args = the_container(of_kind(rendered(), "Job")[0])["args"]
+    spec_file = str(example_spec_file(tmp_path))
+    code = cli.main([spec_file if a == "/spec/spec.json" else a for a in args or pod_args])
+    return code, started
+
+
+def test_a_pod_takes_only_secret_values_from_a_secret(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FTJOB__MODEL__TRUST_REMOTE_CODE", "true")
+    monkeypatch.setenv("FTJOB__STORAGE_OPTIONS__S3__KEY", "id-1")
+    assert run_pod_command(tmp_path, monkeypatch) == (2, [])
+    err = capsys.readouterr().err
+    assert "FTJOB__MODEL__TRUST_REMOTE_CODE: remove it" in err and "--set model.trust_remote_code" in err
+    assert "STORAGE_OPTIONS" not in err and "Traceback" not in err
+
+    code, [spec] = run_pod_command(tmp_path, monkeypatch, ["run", "/spec/spec.json", "--nproc-per-node", "1"])
+    assert code == 0 and spec.model.trust_remote_code  # a plain ftjob run takes every override
+
+    monkeypatch.delenv("FTJOB__MODEL__TRUST_REMOTE_CODE")
+    monkeypatch.setenv("FTJOB__STORAGE_OPTIONS__S3__SECRET", "s-1")
+    monkeypatch.setenv("FTJOB__TRACKING__TAGS__API_TOKEN", "t-1")
+    code, [spec] = run_pod_command(tmp_path, monkeypatch)
+    assert code == 0 and not spec.model.trust_remote_code
+    assert spec.storage_options == {"s3": {"key": "id-1", "secret": "s-1"}}
+    assert spec.tracking.tags == {"api_token": "t-1"}
+
+
+def test_a_secret_in_the_spec_is_refused_naming_where_it_goes_instead():
+    from job.errors import UserError
+
+    data = example_spec().model_dump(mode="json")
+    data["storage_options"] = {"s3": {"key": "id-1"}}
+    data["data"]["eval"] = ["https://host/eval.jsonl?sig=abc"]
+    with pytest.raises(UserError) as refused:
+        render([validate_spec(data)], K8sOptions())
+    message = str(refused.value)
+    assert "storage_options.s3.key: put it in a Secret as FTJOB__STORAGE_OPTIONS__S3__KEY" in message
+    assert "data.eval: looks like a credential, which a pod cannot take from a Secret" in message
+    assert "id-1" not in message and "sig=abc" not in message

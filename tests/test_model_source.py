@@ -16,6 +16,11 @@ from job import model_source
 from job.cli import main
 from job.errors import UserError
 from job.model_source import cache_root, fetch_cached, resolve_model_dir
+from job.spec import ModelSpec
+
+
+def resolve(source: str):
+    return resolve_model_dir(ModelSpec(source=source))
 
 
 def upload_model(s3, tiny_model_dir, prefix="models/tiny") -> str:
@@ -24,12 +29,12 @@ def upload_model(s3, tiny_model_dir, prefix="models/tiny") -> str:
 
 
 def test_local_directory_is_used_in_place(tiny_model_dir):
-    assert resolve_model_dir(str(tiny_model_dir)) == tiny_model_dir
+    assert resolve(str(tiny_model_dir)) == tiny_model_dir
 
 
 def test_missing_local_directory(isolated):
     with pytest.raises(UserError, match=r"model.source: no such directory: ./models/nothing"):
-        resolve_model_dir("./models/nothing")
+        resolve("./models/nothing")
 
 
 def test_pickle_only_model_is_refused(isolated):
@@ -38,14 +43,14 @@ def test_pickle_only_model_is_refused(isolated):
     (model / "config.json").write_text("{}")
     (model / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(UserError, match=r"only pickle weights \(pytorch_model.bin\).*safetensors only"):
-        resolve_model_dir(str(model))
+        resolve(str(model))
 
 
 def test_hub_id_offline_not_cached_is_a_clear_error(isolated):
     with pytest.raises(
         UserError, match=r"'someorg/some-model' is not a local directory, and HF_HUB_OFFLINE is set"
     ):
-        resolve_model_dir("someorg/some-model")
+        resolve("someorg/some-model")
 
 
 def test_hub_id_unreachable_is_a_clear_error(isolated, monkeypatch):
@@ -53,7 +58,7 @@ def test_hub_id_unreachable_is_a_clear_error(isolated, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
     with pytest.raises(UserError, match=r"the Hub could not be reached or has no such model"):
-        resolve_model_dir("someorg/some-model")
+        resolve("someorg/some-model")
 
 
 def test_object_store_model_is_fetched_once_and_again_when_it_changes(tiny_model_dir, s3, monkeypatch):
@@ -62,14 +67,14 @@ def test_object_store_model_is_fetched_once_and_again_when_it_changes(tiny_model
     real_download = model_source.download_dir
     monkeypatch.setattr(model_source, "download_dir", lambda *a: downloads.append(a[0]) or real_download(*a))
 
-    first = resolve_model_dir(url)
+    first = resolve(url)
     assert first.parent == cache_root()
     assert (first / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
-    assert resolve_model_dir(url) == first
+    assert resolve(url) == first
     assert len(downloads) == 1
 
     s3.pipe(f"{s3.bucket}/models/tiny/config.json", (tiny_model_dir / "config.json").read_bytes() + b"\n")
-    second = resolve_model_dir(url)
+    second = resolve(url)
     assert second != first and len(downloads) == 2
     assert (second / "config.json").read_bytes().endswith(b"\n")
 
@@ -80,7 +85,7 @@ def test_concurrent_fetches_download_once(tiny_model_dir, s3, monkeypatch):
     real_download = model_source.download_dir
     monkeypatch.setattr(model_source, "download_dir", lambda *a: downloads.append(a[0]) or real_download(*a))
     results = []
-    threads = [threading.Thread(target=lambda: results.append(fetch_cached(url))) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: results.append(fetch_cached(url)[0])) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -91,7 +96,7 @@ def test_concurrent_fetches_download_once(tiny_model_dir, s3, monkeypatch):
 
 def test_concurrent_processes_share_one_complete_copy(tiny_model_dir, s3, isolated):
     url = upload_model(s3, tiny_model_dir)
-    code = f"from job.model_source import fetch_cached; print(fetch_cached({url!r}))"
+    code = f"from job.model_source import fetch_cached; print(fetch_cached({url!r})[0])"
     procs = [
         subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
         for _ in range(3)
@@ -106,7 +111,7 @@ def test_concurrent_processes_share_one_complete_copy(tiny_model_dir, s3, isolat
 
 def test_missing_object_store_model(s3):
     with pytest.raises(UserError, match=r"model.source: no files under s3://"):
-        resolve_model_dir(f"s3://{s3.bucket}/models/absent/")
+        resolve(f"s3://{s3.bucket}/models/absent/")
 
 
 # --- the job's bad inputs: exit 2, one clear message, nothing under output.uri ---------------------
@@ -190,33 +195,200 @@ def fake_model(directory, weights: bytes):
     return directory
 
 
-def test_the_identity_of_a_model_is_the_content_of_what_it_loads_from(isolated):
+def test_the_identity_of_a_model_is_the_content_of_what_the_loader_reads(isolated):
     from job.model_source import HEAD_BYTES, model_identity
 
     weights = bytes(range(256)) * (12 * 1024)  # 3 MiB: read by its header and samples
     model = fake_model(isolated / "model", weights)
     identity = model_identity(model)
-    assert identity.startswith("sha256:")
+    assert identity.digest.startswith("sha256:")
+    assert sorted(identity.files) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert model_identity(shutil.copytree(model, isolated / "copy")) == identity
 
     (model / "README.md").write_text("not loaded")
+    (model / "LICENSE.txt").write_text("added by huggingface-cli download")
+    (model / "modeling_x.py").write_text("# remote code, which runs only with trust_remote_code")
     (model / ".ftjob-source.json").write_text("{}")  # hidden: ftjob's own marker
     assert model_identity(model) == identity
+    with_code = model_identity(model, trust_remote_code=True)
+    assert with_code.digest != identity.digest and "modeling_x.py" in with_code.files
 
     changed_weight = bytearray(weights)
     changed_weight[HEAD_BYTES] ^= 1  # the first sampled block
     (model / "model.safetensors").write_bytes(changed_weight)
-    assert model_identity(model) != identity
+    changed = model_identity(model)
+    assert changed.digest != identity.digest
+    assert {name for name in identity.files if changed.files[name] != identity.files[name]} == {
+        "model.safetensors"
+    }
 
     (model / "model.safetensors").write_bytes(weights)
     (model / "config.json").write_text('{"hidden_size": 9}')
-    assert model_identity(model) != identity
+    assert model_identity(model).digest != identity.digest
+
+    (model / "additional_chat_templates").mkdir()  # named chat templates, which the tokenizer loads
+    (model / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    assert "additional_chat_templates/tool_use.jinja" in model_identity(model).files
+
+
+def test_a_changed_identity_names_the_files_that_changed():
+    from job.model_source import ModelIdentity, identity_change
+
+    before = ModelIdentity(
+        "sha256:" + "a" * 64, {"config.json": "1", "model.safetensors": "2", "vocab.json": "3"}
+    )
+    after = ModelIdentity(
+        "sha256:" + "b" * 64, {"config.json": "1", "model.safetensors": "9", "merges.txt": "4"}
+    )
+    assert identity_change(before, after) == (
+        "model files changed under model.source: merges.txt, model.safetensors, vocab.json "
+        f"(model.identity {before.digest!r} -> {after.digest!r}): point model.source at the model the run "
+        "started on"
+    )
+    shards = {f"model-{i:05d}-of-00007.safetensors": str(i) for i in range(7)}
+    many = identity_change(ModelIdentity("x", shards), ModelIdentity("y", {}))
+    assert "model-00004-of-00007.safetensors, and 2 more (model.identity" in many
+    commits = ModelIdentity("hub:org/m@" + "1" * 40, {}), ModelIdentity("hub:org/m@" + "2" * 40, {})
+    assert identity_change(*commits).startswith("other model files under model.source (model.identity")
+    read_back = ModelIdentity("sha256:" + "a" * 64, ["not", "a", "mapping"])  # a damaged run.json's
+    assert identity_change(read_back, after).startswith(
+        "model files changed under model.source: config.json,"
+    )
+
+
+def hub_cache(isolated, monkeypatch, repo: str, commit: str):
+    """An offline Hub cache that holds repo at commit (refs/main names it), as huggingface_hub lays it out;
+    its snapshot folder, which a test fills."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(isolated / "hub"))
+    storage = isolated / "hub" / f"models--{repo.replace('/', '--')}"
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text(commit)
+    (storage / "snapshots").mkdir()
+    return storage / "snapshots" / commit
+
+
+def test_the_identity_of_a_hub_model_is_its_commit(isolated, monkeypatch):
+    from job.model_source import resolved_identity
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = fake_model(hub_cache(isolated, monkeypatch, "org/tiny", commit), b"weights")
+    model = ModelSpec(source="org/tiny")
+    assert resolve_model_dir(model) == snapshot
+    assert model.identity == f"hub:org/tiny@{commit}"  # set on the spec, which spec.json publishes
+    assert resolved_identity(model).files == {}
+
+    (snapshot / "LICENSE.txt").write_text("added by huggingface-cli download")
+    (snapshot / "modeling_x.py").write_text("# added by remote code")
+    (snapshot / "tokenizer.json").write_text('{"model": {"edited": true}}')
+    again = ModelSpec(source="org/tiny", identity=f"hub:org/tiny@{commit}")  # pinned: as spec.json has it
+    assert resolve_model_dir(again) == snapshot and again.identity == model.identity
+
+
+def test_a_model_identity_in_the_spec_pins_the_model(isolated):
+    from job.model_source import model_identity
+
+    model = fake_model(isolated / "model", b"weights")
+    trained_on = model_identity(model).digest
+    assert resolve(str(model)) == model
+    (model / "model.safetensors").write_bytes(b"other weights")
+    pinned = ModelSpec(source=str(model), identity=trained_on)
+    with pytest.raises(UserError) as refused:
+        resolve_model_dir(pinned)
+    assert str(refused.value).startswith(
+        f"model.identity: model.source {model} holds the model {model_identity(model).digest!r}, not "
+        f"{trained_on!r}, which model.identity names"
+    )
+    assert "point model.source at that model, or leave model.identity out" in str(refused.value)
+
+
+@pytest.mark.parametrize("identity", ["sha256:abc", "hub:org/m@main", "org/m", "sha256:" + "A" * 64])
+def test_a_model_identity_that_is_not_one_is_refused_in_the_spec(identity):
+    from job.spec import validate_spec
+
+    spec = {
+        "model": {"source": "m", "identity": identity},
+        "data": {"train": ["d"]},
+        "train": {"max_steps": 1},
+    }
+    with pytest.raises(UserError, match="model.identity: String should match pattern"):
+        validate_spec(spec)
+
+
+def test_the_run_logs_the_identity_it_publishes(isolated):
+    from job.export import write_run_files
+    from job.spec import validate_spec
+    from job.tracking import run_record
+
+    model = fake_model(isolated / "model", b"weights")
+    spec = validate_spec(
+        {"model": {"source": str(model)}, "data": {"train": ["d"]}, "train": {"max_steps": 1}}
+    )
+    resolve_model_dir(spec.model)
+    write_run_files(isolated, spec, {})
+    published = json.loads((isolated / "spec.json").read_text())
+    record = run_record(spec)
+    assert published["model"]["identity"] == spec.model.identity == record.params["model.identity"]
+    assert record.spec_json == published  # MLflow's copy of spec.json is the published one
+    assert validate_spec(published).model.identity == spec.model.identity  # and it is a spec
+
+
+def test_a_resume_refuses_changed_model_files_naming_them_and_ignores_files_the_loader_does_not_read(
+    tiny_model_dir, data_files, isolated, caplog
+):
+    """Stopped before publishing, then resumed: an edited tokenizer config is named; a LICENSE.txt or code
+    that does not run (no trust_remote_code), as tools add to a model folder, are not the model."""
+    from helpers import spec_dict, train_in_process
+
+    model, output = shutil.copytree(tiny_model_dir, isolated / "model"), isolated / "out"
+    spec = spec_dict(
+        model, data_files, tracking={"enabled": False}, train={"max_steps": 4, "checkpoint_every": 2}
+    )
+    spec["output"] = {"uri": str(output)}
+    train_in_process(spec)
+    (output / "adapter" / "MANIFEST.json").unlink()  # as a run stopped before publishing leaves it
+    checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
+
+    tokenizer_config = (model / "tokenizer_config.json").read_text()
+    (model / "tokenizer_config.json").write_text(tokenizer_config.replace("{", '{"model_max_length": 7,', 1))
+    with pytest.raises(UserError) as refused:
+        train_in_process(spec)
+    message = str(refused.value)
+    assert "model files changed under model.source: tokenizer_config.json (model.identity 'sha256:" in message
+    assert "point model.source at the model the run started on. Run with --restart to start over (checkpoints and published outputs are deleted)" in message  # fmt: skip
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == checkpoints  # nothing lost
+
+    (model / "tokenizer_config.json").write_text(tokenizer_config)
+    (model / "LICENSE.txt").write_text("added by huggingface-cli download")
+    (model / "modeling_x.py").write_text("raise SystemExit('remote code ran')")
+    with caplog.at_level("INFO", logger="job"):
+        train_in_process(spec)
+    assert "resuming from the checkpoint at step 4" in caplog.text
+    assert (output / "adapter" / "MANIFEST.json").is_file()
+
+
+def test_a_cached_copy_is_hashed_once_per_resolve(tiny_model_dir, s3, monkeypatch):
+    url = upload_model(s3, tiny_model_dir)
+    hashed = []
+    real_model_files = model_source.model_files
+    monkeypatch.setattr(model_source, "model_files", lambda d: hashed.append(d) or real_model_files(d))
+    downloaded = resolve(url)
+    assert len(hashed) == 1  # the staging folder's digests, which the marker and the identity take
+    assert resolve(url) == downloaded and len(hashed) == 2  # the cached folder checked: once
+
+
+def test_a_cached_folder_that_is_gone_is_not_trusted(isolated):
+    from job.model_source import Untrusted, trusted_files
+
+    with pytest.raises(Untrusted, match="it is not there"):  # a concurrent download removed it
+        trusted_files(isolated / "gone", "s3://b/m/")
 
 
 def cached_copy(s3, tiny_model_dir, monkeypatch) -> tuple[str, list, object]:
     """The tiny model on S3, fetched once into the node cache; downloads are counted from then on."""
     url = upload_model(s3, tiny_model_dir)
-    cached = fetch_cached(url)
+    cached, _ = fetch_cached(url)
     downloads = []
     real_download = model_source.download_dir
     monkeypatch.setattr(model_source, "download_dir", lambda *a: downloads.append(a[0]) or real_download(*a))
@@ -243,7 +415,7 @@ def test_a_cached_folder_that_does_not_match_its_marker_is_downloaded_again(
     url, downloads, cached = cached_copy(s3, tiny_model_dir, monkeypatch)
     (cached / "config.json").write_text("{}")
     with caplog.at_level("WARNING", logger="job"):
-        assert fetch_cached(url) == cached
+        assert fetch_cached(url)[0] == cached
     assert len(downloads) == 1
     assert (cached / "config.json").read_bytes() == (tiny_model_dir / "config.json").read_bytes()
     assert "(its files do not match its .ftjob-source.json): downloading it again" in caplog.text
@@ -259,7 +431,7 @@ def test_a_symlinked_cached_folder_is_not_trusted(tiny_model_dir, s3, monkeypatc
     cached.rename(elsewhere)
     cached.symlink_to(elsewhere)  # a copy as good as ftjob's, but not the cache's own
 
-    assert fetch_cached(url) == cached
+    assert fetch_cached(url)[0] == cached
     assert len(downloads) == 1 and cached.is_dir() and not cached.is_symlink()
     assert (elsewhere / "model.safetensors").is_file()  # the link went, never what it pointed to
 

@@ -335,7 +335,8 @@ def test_resuming_refuses_changes_to_what_is_trained_and_allows_the_rest(isolate
         "world_size: 2 -> 1"
     ]
     assert fingerprint_changes({**saved, "model.identity": "sha256:0ther"}, saved) == [
-        f"model.identity (other weights under model.source): 'sha256:0ther' -> {identity!r}"
+        f"other model files under model.source (model.identity 'sha256:0ther' -> {identity!r}): point "
+        "model.source at the model the run started on"
     ]
     for section, values in [
         ("train", {"checkpoint_every": 7, "eval_every": 3, "log_every": 1, "stop_grace_seconds": 5}),
@@ -366,7 +367,7 @@ def test_resuming_on_other_weights_under_the_same_model_source_is_refused(
 
     model, output = shutil.copytree(tiny_model_dir, isolated / "model"), isolated / "out"
     spec = interrupted_in_process(spec_path, model, output)
-    trained_on = model_identity(model)
+    trained_on = model_identity(model).digest
     assert json.loads((output / "adapter" / "spec.json").read_text())["model"]["identity"] == trained_on
     checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
 
@@ -376,8 +377,11 @@ def test_resuming_on_other_weights_under_the_same_model_source_is_refused(
     with pytest.raises(UserError) as refused:
         train_in_process(spec)
     message = str(refused.value)
-    assert f"model.identity (other weights under model.source): {trained_on!r} -> " in message
-    assert model_identity(model) in message and "--restart" in message
+    assert (
+        f"model files changed under model.source: model.safetensors (model.identity {trained_on!r} -> "
+        in message
+    )
+    assert model_identity(model).digest in message and "--restart" in message
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == checkpoints  # nothing lost
 
     (model / "model.safetensors").write_bytes(original)

@@ -137,7 +137,7 @@ def test_a_merge_only_run_refuses_a_base_other_than_the_one_the_adapter_was_trai
     from job.model_source import model_identity
 
     model, spec, _ = adapter_on_a_copy(isolated, tiny_model_dir, data_files)
-    trained_on, original = model_identity(model), (model / "model.safetensors").read_bytes()
+    trained_on, original = model_identity(model).digest, (model / "model.safetensors").read_bytes()
     put_other_weights(model)
     merging = {**spec, "output": {"merge": True}}
     with pytest.raises(UserError) as refused:
@@ -145,7 +145,7 @@ def test_a_merge_only_run_refuses_a_base_other_than_the_one_the_adapter_was_trai
     message = str(refused.value)
     assert message.startswith("output.merge: the adapter in ") and "--restart" in message
     assert (
-        f"trained on the model {trained_on}, but model.source {model} now holds {model_identity(model)}"
+        f"trained on the model {trained_on}, but model.source {model} now holds {model_identity(model).digest}"
         in message
     )
     assert not (isolated / "runs" / "t" / "merged").exists()
@@ -174,27 +174,46 @@ def test_a_merge_only_run_merges_an_adapter_of_an_older_ftjob_with_a_warning(
     assert (isolated / "runs" / "t" / "merged" / "MANIFEST.json").is_file()
 
 
-def test_generate_warns_when_the_base_the_adapter_names_holds_other_weights(
-    tiny_model_dir, data_files, isolated, caplog
+def test_generate_refuses_a_base_other_than_the_one_the_adapter_was_trained_on(
+    tiny_model_dir, data_files, isolated
 ):
     from job.generate import load_trained
     from job.model_source import model_identity
 
     model, _, adapter = adapter_on_a_copy(isolated, tiny_model_dir, data_files)
-    trained_on = model_identity(model)
-    with caplog.at_level("WARNING", logger="job"):
-        load_trained(adapter)
-    assert "the adapter was trained on" not in caplog.text
+    trained_on = model_identity(model).digest
+    load_trained(adapter)
 
     put_other_weights(model)
-    with caplog.at_level("WARNING", logger="job"):
+    with pytest.raises(UserError) as refused:
         load_trained(adapter)
-    assert f"the adapter was trained on the model {trained_on}, but model.source {model} (its spec.json's) now holds {model_identity(model)}" in caplog.text  # fmt: skip
+    message = str(refused.value)
+    assert (
+        f"model.source {model} holds the model {model_identity(model).digest!r}, not {trained_on!r}"
+        in message
+    )
+    assert "ftjob generate: --base-model" in message
+    load_trained(adapter, base_model=str(model))  # another base, named on purpose: no check
 
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="job"):
-        load_trained(adapter, base_model=str(model))  # another base, named on purpose: no check
-    assert "the adapter was trained on" not in caplog.text
+
+def test_a_published_spec_json_runs_again_pinned_to_the_model_it_was_trained_on(
+    tiny_model_dir, data_files, isolated, capsys
+):
+    from job.cli import main
+    from job.model_source import model_identity
+
+    model, _, adapter = adapter_on_a_copy(isolated, tiny_model_dir, data_files)
+    published = str(adapter / "spec.json")
+    trained_on = model_identity(model).digest
+    assert json.loads((adapter / "spec.json").read_text())["model"]["identity"] == trained_on
+    assert main(["validate", published]) == 0
+    assert main(["run", published]) == 0  # the spec the run trained with: published already, nothing to do
+
+    put_other_weights(model)
+    assert main(["run", published, "--set", "output.uri=./again"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.identity: model.source {model} holds the model {model_identity(model).digest!r}, not {trained_on!r}" in err  # fmt: skip
+    assert not (isolated / "again" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(

@@ -188,7 +188,7 @@ def test_fetch_cached_survives_transient_faults(s3, fault_proxy, mode, fraction)
     s3.put(str(model) + "/", f"{s3.bucket}/models/tiny/", recursive=True)
     inject(fault_proxy, mode, fraction)
     via(fault_proxy)
-    cached = fetch_cached(f"s3://{s3.bucket}/models/tiny/")  # list, then download_dir
+    cached, _ = fetch_cached(f"s3://{s3.bucket}/models/tiny/")  # list, then download_dir
     assert {k: v for k, v in tree(cached).items() if not k.startswith(".ftjob")} == tree(model)
     assert fault_proxy.faults[mode] > 0, fault_proxy.faults
 

@@ -22,9 +22,11 @@ from job import tracking
 from job.errors import Preempted
 from job.export import MANIFEST, manifest_entry
 from job.metrics import flops_per_token, gpu_peak_flops
+from job.model_source import resolve_model_dir
 from job.spec import TrackingSpec, validate_spec
 from job.spool import (
     RECORDS,
+    RUN_KEY_TAG,
     STATE,
     CorruptSpool,
     Spool,
@@ -221,7 +223,9 @@ def finished_run(server, tiny_model_dir, tmp_path_factory):
     result = run_ftjob("run", "spec.json", cwd=workdir, env=env)
     assert result.returncode == 0, result.stderr
     run = client.search_runs([client.get_experiment_by_name("complete").experiment_id])[0]
-    return {"run": run, "result": result, "spec": validate_spec(spec), "workdir": workdir, "parent": parent}
+    ran = validate_spec(spec)
+    resolve_model_dir(ran.model)  # as the run did: the spec it logs names the model it loaded
+    return {"run": run, "result": result, "spec": ran, "workdir": workdir, "parent": parent}
 
 
 def test_run_has_spec_params_and_where_it_ran_tags(finished_run):
@@ -897,6 +901,64 @@ def test_a_checkpoint_whose_run_id_is_a_path_deletes_nothing_and_starts_a_new_ru
     assert None not in runs and len(set(runs)) == 3  # each resume logged to a new run
 
 
+def failed_run(client, experiment: str, tags: dict[str, str]) -> str:
+    """A FAILED run in experiment (made when missing), as another team's job may have left it."""
+    found = client.get_experiment_by_name(experiment)
+    run = client.create_run(found.experiment_id if found else client.create_experiment(experiment), tags=tags)
+    client.set_terminated(run.info.run_id, "FAILED")
+    return run.info.run_id
+
+
+def deleted_run(client, experiment: str) -> str:
+    run_id = failed_run(client, experiment, {RUN_KEY_TAG: key_of("9")})
+    client.delete_run(run_id)
+    return run_id
+
+
+NOT_THIS_JOBS_RUNS = {  # a run of valid id that a checkpoint may name, given the job's experiment
+    "in another experiment": lambda client, experiment: failed_run(
+        client, f"{experiment}-other", {RUN_KEY_TAG: key_of("9")}
+    ),
+    "without ftjob's run key": lambda client, experiment: failed_run(client, experiment, {}),
+    "deleted": deleted_run,
+}
+
+
+@pytest.mark.parametrize("case", NOT_THIS_JOBS_RUNS)
+def test_a_checkpoint_naming_a_run_that_is_not_this_jobs_leaves_it_alone_and_starts_a_new_run(
+    case, server, client, tiny_model_dir, data_files, spool_dir, monkeypatch, caplog
+):
+    """An edited run.json made the job log to, and set the status of, any run on the server."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    experiment = f"not-this-jobs-{case.replace(' ', '-')}"
+    other = NOT_THIS_JOBS_RUNS[case](client, experiment)
+    before = client.get_run(other)
+    resumed = tracked(tracker_spec(tiny_model_dir, data_files, experiment), resume_run_id=other)
+    with caplog.at_level(logging.WARNING, logger="job"), resumed.run({}):
+        log_steps(resumed, range(1, 4))
+
+    assert resumed.run_id not in (None, other)
+    assert steps(client, resumed.run_id, "train/loss") == [1, 2, 3]
+    after = client.get_run(other)
+    assert after.info == before.info and after.data.metrics == {} and after.data.tags == before.data.tags
+    [warning] = messages(caplog, logging.WARNING, other)
+    assert f"not an ftjob run of experiment {experiment!r}" in warning
+
+
+def test_a_spool_whose_state_names_a_run_that_is_not_its_jobs_starts_a_new_run(
+    server, client, tiny_model_dir, data_files, spool_dir, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    other = failed_run(client, "planted-state-other", {RUN_KEY_TAG: key_of("9")})
+    left = leftover(spool_dir, key_of("e"), "planted-state")
+    (left / STATE).write_text(json.dumps({"run_id": other, "offset": 0, "last_steps": {}}))
+    run_three_steps(tracker_spec(tiny_model_dir, data_files, "planted-state-current"))
+
+    [run] = client.search_runs([client.get_experiment_by_name("planted-state").experiment_id])
+    assert run.info.run_id != other and steps(client, run.info.run_id, "train/loss") == [1, 2, 3]
+    assert client.get_run(other).info.status == "FAILED" and client.get_run(other).data.metrics == {}
+
+
 @pytest.mark.parametrize("run_id", ["../victim", "/home/user/project", "a' OR name LIKE '%", 42, ["x"]])
 def test_a_run_id_that_is_not_shaped_as_mlflow_makes_them_is_dropped_with_a_warning(run_id, caplog):
     with caplog.at_level(logging.WARNING, logger="job"):
@@ -1005,6 +1067,7 @@ OWN_FILES_PLANTED = {
     ),
     "state a link": lambda spool, outside: (spool / STATE).symlink_to(outside),
     "lock a link": lambda spool, outside: swapped_for_a_link(spool / "lock", outside),
+    "files a link": lambda spool, outside: link(spool / "files", outside.parent),  # emptied by files()
 }
 
 
@@ -1019,6 +1082,32 @@ def test_a_spool_file_that_is_a_link_is_never_written_through(planted, spool_dir
         assert Spool.acquire(spool_dir, spool.name, TARGET) is None
     assert outside.read_text() == '{"offset": 0}\nno newline at the end'
     assert messages(caplog, logging.WARNING, str(spool))
+
+
+def half_made(path: Path, age_seconds: float) -> Path:
+    """A spool folder as Spool.create leaves it when killed before renaming it into place."""
+    path.mkdir(parents=True)
+    TARGET.write(path / "spool.json")
+    (path / "lock").touch()
+    then = time.time() - age_seconds
+    os.utime(path, (then, then))
+    return path
+
+
+def test_a_spool_folder_left_half_made_by_a_crash_is_removed_and_nothing_else(
+    server, tiny_model_dir, data_files, spool_dir, isolated, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    crashed = half_made(spool_dir / f".new-{key_of('1')}", age_seconds=2 * 3600)
+    being_made = half_made(spool_dir / f".new-{key_of('2')}", age_seconds=0)  # by a process running now
+    misnamed = half_made(spool_dir / ".new-notes", age_seconds=2 * 3600)
+    outside = half_made(isolated / "outside", age_seconds=2 * 3600)
+    linked = link(spool_dir / f".new-{key_of('3')}", outside)
+    run_three_steps(tracker_spec(tiny_model_dir, data_files, "half-made"))
+
+    assert not crashed.exists()
+    assert being_made.is_dir() and misnamed.is_dir() and linked.is_symlink()
+    assert sorted(p.name for p in outside.iterdir()) == ["lock", "spool.json"]
 
 
 PLANTED_OPEN = {
@@ -1047,17 +1136,51 @@ def test_a_state_whose_run_id_is_not_a_run_id_is_corrupt(isolated):
         SpoolState.load(isolated / STATE)
 
 
-def test_the_spool_records_where_it_goes_without_secrets_and_tells_credentials_apart(spool_dir):
+def test_the_spool_records_where_it_goes_without_secrets_and_tells_users_apart(spool_dir):
     alice = tracking_target("https://alice:ALICE-SECRET@mlflow.example/")
     bob = tracking_target("https://bob:BOB-SECRET@mlflow.example/")
     with_token = tracking_target("https://mlflow.example/?token=TOKEN-SECRET")
-    assert alice.uri == bob.uri == "https://***@mlflow.example/" and alice.sha256 != bob.sha256
-    assert "TOKEN-SECRET" not in with_token.uri
+    assert alice.uri == bob.uri == "https://***@mlflow.example" and alice.sha256 != bob.sha256
+    assert with_token.uri == "https://mlflow.example"
     for target in (alice, bob, with_token):
         spool = Spool.create(spool_dir, target)
         on_disk = b"".join(p.read_bytes() for p in spool.directory.rglob("*") if p.is_file())
         assert not [s for s in (b"ALICE-SECRET", b"BOB-SECRET", b"TOKEN-SECRET") if s in on_disk]
         spool.release()
+
+
+SAME_STORES = [  # each a list of tracking URIs of one store, as one job and the next may spell them
+    ["http://mlflow.example:5000", "http://mlflow.example:5000/", "HTTP://MLflow.Example:5000/"],
+    ["https://alice:OLD@mlflow.example/", "https://alice:ROTATED@MLFLOW.example:443", "https://alice@mlflow.example"],
+    ["https://mlflow.example/?token=OLD", "https://mlflow.example:443?token=ROTATED", "https://mlflow.example/"],
+    ["postgresql://ml:OLD@db.example/mlflow?sslmode=require", "postgresql://ml:ROTATED@db.example/mlflow?sslmode=require"],
+    ["https://bob@mlflow.example"],
+    ["http://mlflow.example:5001"],
+    ["https://mlflow.example/other"],
+    ["postgresql://ml@db.example/mlflow"],
+    [f"sqlite:///{REPO}/mlruns/mlflow.db", f"sqlite:///{REPO}/mlruns/mlflow.db/"],
+]  # fmt: skip
+
+
+def test_a_spool_goes_to_its_store_however_its_uri_is_spelled_or_its_password_rotated():
+    stores = [{tracking_target(uri).sha256 for uri in same} for same in SAME_STORES]
+    assert all(len(hashes) == 1 for hashes in stores)
+    assert len(set.union(*stores)) == len(SAME_STORES)
+
+
+def test_a_spool_of_another_user_name_on_the_same_server_is_left_with_a_warning_that_says_so(
+    spool_dir, caplog
+):
+    spool = Spool.create(spool_dir, tracking_target("https://alice:OLD@mlflow.example/"))
+    spool.append({"kind": "params", "params": {"a": "1"}})  # undelivered: release keeps the spool
+    spool.release()
+    with caplog.at_level(logging.WARNING, logger="job"):
+        assert Spool.acquire(spool_dir, spool.key, tracking_target("https://bob:BOB@mlflow.example/")) is None
+    [warning] = messages(caplog, logging.WARNING, str(spool.directory))
+    assert "https://***@mlflow.example for another user name than this job's" in warning
+    again = Spool.acquire(spool_dir, spool.key, tracking_target("https://alice:ROTATED@mlflow.example"))
+    assert again is not None
+    again.release()
 
 
 @pytest.mark.integration

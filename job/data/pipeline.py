@@ -13,19 +13,22 @@ next. It holds where rows are, never what they say or their token ids (rows may 
 and checkpoints are copied to output.uri): the rows in the shuffle buffer, and those whose examples
 are still to come or in the packer's open rows, are read and tokenized again on load; nothing before
 them is. A saved cursor is input like the spec: load_state_dict() checks it whole (saved_plan), every
-file it names against data.train and data.eval, before it reads a row.
+file it names against data.train and data.eval (a dataset repo's file against the split they name,
+at the file's commit), before it reads a row.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
+import posixpath
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
+from functools import cache, partial
 from typing import Annotated, Any, NoReturn, TypeVar
 from urllib.parse import unquote
 
@@ -44,7 +47,7 @@ from pydantic import (
 )
 
 from job.data.batching import Batch, pack_row, pad_batch, stack_packed
-from job.data.files import HUB_REPO, expand, file_sizes
+from job.data.files import HUB_REPO, expand, expand_pattern, file_sizes
 from job.data.formats import BadRow, Example, Formatter
 from job.data.sources import Position, Row
 from job.data.stream import (
@@ -60,7 +63,7 @@ from job.data.stream import (
 from job.data.tokens import Fitted, TokenizedExample, fit, tokenize
 from job.errors import DataError, JobError, UserError
 from job.spec import BadRowsSpec, DataSpec, _json_path, echo
-from job.storage import filesystem
+from job.storage import filesystem, is_local
 
 log = logging.getLogger(__name__)
 LOGGED_BAD_ROWS = 5
@@ -377,23 +380,12 @@ def plain_path(path: str) -> bool:
     return all(part not in ("", ".", "..") for part in path.strip("/").split("/"))
 
 
-def namer(pattern: str) -> Callable[[str], bool]:
-    """Whether a file is one that expand_pattern(pattern) can give, told from names alone (nothing is
-    listed or read): the URL itself, in the form expand gives it; a match of the glob; or a file of
-    the dataset repo pinned to a commit (the spec's, when it names a commit rather than a branch)."""
+def namer(pattern: str, name: str, resolved_now: Collection[str]) -> Callable[[str], bool]:
+    """Whether a file is one that expand_pattern(pattern, name) can give: the URL itself, in the form
+    expand gives it, or a match of the glob, told from names alone (nothing is listed or read); for a
+    dataset repo, see repo_namer (`resolved_now`: the files the spec's entries resolve to now)."""
     if repo := HUB_REPO.match(pattern):
-        revision = unquote(repo["revision"] or "")
-
-        def in_repo(url: str) -> bool:
-            pinned = HUB_FILE.fullmatch(url)
-            return (
-                pinned is not None
-                and pinned["repo"] == repo["repo"]
-                and plain_path(pinned["path"])
-                and (pinned["revision"] == revision or not COMMIT_ID.fullmatch(revision))
-            )
-
-        return in_repo
+        return repo_namer(repo, name, resolved_now)
     fs, path = filesystem(pattern)
     glob = re.compile(glob_translate(path)) if fsspec.core.has_magic(path) else None
 
@@ -404,6 +396,51 @@ def namer(pattern: str) -> Callable[[str], bool]:
         return glob.match(inside) is not None and plain_path(inside) if glob else inside == path
 
     return names
+
+
+def repo_namer(repo: re.Match, name: str, resolved_now: Collection[str]) -> Callable[[str], bool]:
+    """Whether a file is one the dataset repo entry `repo` names (its config's split; `name`, where
+    the entry is in the spec, sets the default split) at the commit the file is pinned to, which must
+    be the entry's when it names a commit: one of `resolved_now`, else one of the files the repo
+    resolves to at that commit (a branch that moved since the checkpoint), asked of the Hub."""
+    revision = unquote(repo["revision"] or "")
+    query = "" if repo["query"] is None else f"?{repo['query']}"
+
+    @cache
+    def split_at(commit: str) -> frozenset[str]:
+        entry = f"hf://datasets/{repo['repo']}@{commit}{query}"
+        try:
+            return frozenset(expand_pattern(entry, name))
+        except UserError as e:
+            log.warning("cannot tell which files %s names at commit %s, to check a saved data cursor: %s", name, commit, e)  # fmt: skip
+            return frozenset()
+
+    def in_split(url: str) -> bool:
+        pinned = HUB_FILE.fullmatch(url)
+        if pinned is None or pinned["repo"] != repo["repo"]:
+            return False
+        if COMMIT_ID.fullmatch(revision) and pinned["revision"] != revision:
+            return False
+        return url in resolved_now or url in split_at(pinned["revision"])
+
+    return in_split
+
+
+def relative_paths_hint(patterns: list[str]) -> str:
+    """Why a resumed run may not find the files a relative path named: it resolves against the
+    working directory, which may not be the one the run started in."""
+    relative = [p for p in patterns if is_local(p) and not posixpath.isabs(local_path(p))]
+    if not relative:
+        return ""
+    return (
+        f" ({relative[0]} is a relative path: it resolves against the working directory, {os.getcwd()} "
+        "now; resume the run from the directory it started in)"
+    )
+
+
+def local_path(url: str) -> str:
+    """A local path or file:// URL as the path it names, before it is made absolute."""
+    return posixpath.expanduser(url.removeprefix("file://"))
 
 
 def _random_state(state: tuple) -> tuple:
@@ -525,12 +562,12 @@ def saved_plan(
     """The plan of a saved data cursor (a checkpoint's rank file), once the whole cursor is checked:
     its structure, every file it names against the spec (so that none other is read), its layout
     against the world size, and its streams against this rank's files. UserError (exit 2) names
-    `where` and what is wrong. `current`: the plan the spec makes now (its eval files, see
-    _eval_files)."""
+    `where` and what is wrong. `current`: the plan the spec makes now (the files its dataset repos
+    resolve to, and its eval files, see _eval_files)."""
     cursor = validated(SavedCursor, state, where)
     saved = cursor.plan
     plan = DataPlan([(files, weight) for files, weight in saved.sources], saved.eval_files, saved.layout)
-    _check_sources(plan, data, where)
+    _check_sources(plan, data, current, where)
     _check_layout(plan, world_size, where)
     _check_streams(cursor, plan, rank, where)
     if (cursor.packer is None) == data.packing:
@@ -542,18 +579,20 @@ def saved_plan(
     return plan
 
 
-def _check_sources(plan: DataPlan, data: DataSpec, where: str) -> None:
+def _check_sources(plan: DataPlan, data: DataSpec, current: DataPlan, where: str) -> None:
     """Each source of the plan is the spec's, with its weight, and every file of it one the spec names."""
     entries = source_entries(data)
     if len(plan.sources) != len(entries):
         refuse(where, f"plan.sources has {len(plan.sources)} sources, data.train makes {len(entries)}")
-    for i, ((files, weight), (name, patterns, wanted)) in enumerate(zip(plan.sources, entries, strict=True)):
+    sources = zip(plan.sources, entries, current.sources, strict=True)
+    for i, ((files, weight), (name, patterns, wanted), (files_now, _)) in enumerate(sources):
         if weight != wanted:
             refuse(where, f"plan.sources[{i}] has the weight {weight}, {name} {wanted}")
-        namers = [namer(pattern) for pattern in patterns]
+        namers = [namer(pattern, name, files_now) for pattern in patterns]
         for url in files:
             if not any(names(url) for names in namers):
-                refuse(where, f"plan.sources[{i}] names {url}, a file {name} does not name")
+                hint = relative_paths_hint(patterns)
+                refuse(where, f"plan.sources[{i}] names {url}, a file {name} does not name{hint}")
 
 
 def _check_layout(plan: DataPlan, world_size: int, where: str) -> None:
@@ -601,7 +640,7 @@ def _eval_files(plan: DataPlan, data: DataSpec, current: DataPlan, where: str) -
     allows (so an edited list is never read either)."""
     if data.eval_fraction:
         return [url for files, _ in plan.sources for url in files]
-    namers = [namer(pattern) for pattern in data.eval]
+    namers = [namer(pattern, "data.eval", current.eval_files) for pattern in data.eval]
     saved = plan.eval_files
     named = all(any(names(url) for names in namers) for url in saved)
     if named and all(any(names(url) for url in saved) for names in namers):
