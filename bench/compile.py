@@ -34,9 +34,9 @@ def lora_model(model_dir: str, form: str):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from job.dropout import use_cpu_dropout
-    from job.fused_lora import fuse_lora_linears
-    from job.fused_norm import fuse_rms_norms
+    from job.model.dropout import use_cpu_dropout
+    from job.model.fused_lora import fuse_lora_linears
+    from job.model.fused_norm import fuse_rms_norms
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")

@@ -62,7 +62,7 @@ def spec_for(model: Path, data: str, packing: bool = False, max_steps: int = 10,
 def loader_tokens_per_second(spec, batches: int) -> tuple[float, float]:
     """(tokens/s over `batches` micro-batches after the first, seconds to the first batch)."""
     from job.data.pipeline import DataPipeline
-    from job.model import load_tokenizer
+    from job.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(Path(spec.model.source), spec.model)
     started = time.perf_counter()
@@ -85,7 +85,7 @@ def training_tokens_per_second(spec) -> float:
 def first_batch_case(model: str, data: str) -> None:
     """Run in a fresh process: time to first batch, and the pipeline's peak memory over 50 batches."""
     import job.data.pipeline  # noqa: F401 (the libraries' memory is the baseline, not the pipeline's)
-    from job.model import load_tokenizer
+    from job.model.loading import load_tokenizer
 
     spec = spec_for(Path(model), data)
     load_tokenizer(Path(model), spec.model)

@@ -6,7 +6,7 @@ FlashAttention kernels (`torch.nn.attention.varlen.varlen_attn` for packed rows,
 scaled_dot_product_attention for dense rows), and the JSON says which. Packs examples into a [4, L] micro-batch, flattens it as training
 does (job.data.batching.flatten_packed) and compares its summed loss with the examples one by one
 (sdpa, unpacked); also reports the unflattened [4, L] loss, which let examples attend to each other
-before the fix. Also checks ftjob's own packed attention (job/packed_attention.py, PyTorch's varlen
+before the fix. Also checks ftjob's own packed attention (job/model/packed_attention.py, PyTorch's varlen
 kernel on CUDA) on the [4, L] micro-batch against sdpa's block-diagonal mask: loss, gradients, and the
 time of a forward and backward. Prints one JSON line.
 
@@ -124,13 +124,13 @@ def main() -> None:
 
 
 def packed_attention_check(sdpa, batch: dict, one_by_one: float) -> dict:
-    """ftjob's packed attention (job/packed_attention.py: the varlen kernel on CUDA in half precision)
+    """ftjob's packed attention (job/model/packed_attention.py: the varlen kernel on CUDA in half precision)
     against sdpa under transformers' block-diagonal mask on the same [B, L] packed micro-batch: summed
     loss, every gradient, and the time of a forward and backward."""
     import copy
 
     from job.loss import loss_sum
-    from job.packed_attention import use_packed_attention
+    from job.model.packed_attention import use_packed_attention
 
     packed_model = copy.deepcopy(sdpa).train()
     assert use_packed_attention(packed_model)

@@ -31,7 +31,7 @@ MB = 1_000_000
 
 
 def write_inputs(root: Path) -> None:
-    from job.tiny import build_tokenizer
+    from job.model.tiny import build_tokenizer
 
     rng = random.Random(0)
     build_tokenizer([" ".join(rng.choices(WORDS, k=60)) for _ in range(500)], 1024).save_pretrained(

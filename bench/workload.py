@@ -86,7 +86,7 @@ def build_model(directory: Path, size: str, corpus: list[str], seed: int = 0) ->
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from job.tiny import build_tokenizer
+    from job.model.tiny import build_tokenizer
 
     shape = SIZES[size]
     tokenizer = build_tokenizer(corpus, shape["tokenizer_vocab"])
@@ -144,7 +144,7 @@ def calibrate(model_dir: Path, device: str, precisions: list[str]) -> dict:
     from transformers import AutoModelForCausalLM
 
     from job.metrics import flops_per_token
-    from job.model import count_parameters
+    from job.model.adapter import count_parameters
 
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(**LORA, task_type="CAUSAL_LM")

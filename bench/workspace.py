@@ -30,7 +30,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def bench_model(root: Path, rows: list[dict], hidden_size: int = 256, layers: int = 4) -> Path:
     """The bench model (by default hidden 256, 4 layers, vocab 1024), its tokenizer trained on the rows."""
     from job.data.formats import alpaca_prompt
-    from job.tiny import build_tiny_model
+    from job.model.tiny import build_tiny_model
 
     corpus = [alpaca_prompt(r["instruction"]) + r["output"] for r in rows]
     return build_tiny_model(

@@ -48,7 +48,7 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
 
 def build_assets() -> None:
     from job.data.formats import alpaca_prompt
-    from job.tiny import build_tiny_model
+    from job.model.tiny import build_tiny_model
 
     train, evaluation = reversal_rows(4000, seed=1), reversal_rows(64, seed=2)
     BUILD.mkdir(parents=True, exist_ok=True)
@@ -61,8 +61,9 @@ def build_assets() -> None:
 def base_generation() -> str:
     from job.data.formats import alpaca_prompt
     from job.generate import generate_text
-    from job.model import load_model, load_tokenizer, quiet_libraries
+    from job.model.loading import load_model, load_tokenizer
     from job.spec import ModelSpec
+    from job.startup import quiet_libraries
 
     quiet_libraries()
     spec = ModelSpec(source=str(BUILD / "tiny-llama"))

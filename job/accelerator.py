@@ -32,9 +32,8 @@ def cpu_supports_bf16() -> bool:
 
 
 def cpu_bf16_is_faster() -> bool:
-    """Whether the CPU has bf16 matrix units (AMX) that the kernel lets us use. AVX512-BF16 alone runs
-    bf16 matmuls at about half the float32 speed: the bench's CPU reached 167 against 324 GFLOP/s, and
-    its epoch took 108 s in bf16 against 83 s in float32 (bench/RESULTS.md)."""
+    """Whether the CPU has bf16 matrix units (AMX) that the kernel lets us use. With AVX512-BF16 alone,
+    bf16 matmuls run slower than float32 ones, and so does a bf16 epoch (bench/RESULTS.md)."""
     return torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx()
 
 

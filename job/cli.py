@@ -1,4 +1,4 @@
-"""The ftjob command line (DESIGN.md, "Command line"). `python -m job` is the same program.
+"""The ftjob command line (docs/contracts.md, "Command line"). `python -m job` is the same program.
 
 Heavy libraries (torch, transformers) are imported inside the commands that need them, so spec
 errors come back in a fraction of a second.
@@ -63,7 +63,7 @@ def launch_workers(spec, args: argparse.Namespace, stop: StopRequest) -> int:
     scheduler's environment (job/cluster.py). `stop`: the StopRequest installed until then."""
 
     from job.cluster import node_placement
-    from job.launcher import nproc_auto, run_workers
+    from job.node_workers import nproc_auto, run_workers
 
     given = {key: getattr(args, key) for key in ("nnodes", "node_rank", "master_addr", "master_port")}
     placement = node_placement(os.environ, given)
@@ -103,9 +103,12 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from job.spec import json_schema
+    from job.spec import json_schema, schema_markdown
 
-    print(json.dumps(json_schema(), indent=2))
+    if args.markdown:
+        print(schema_markdown(), end="")  # docs/spec.md, byte for byte
+    else:
+        print(json.dumps(json_schema(), indent=2))
     return 0
 
 
@@ -154,7 +157,7 @@ def cmd_launch_slurm(args: argparse.Namespace) -> int:
         print(dry_run_script(executor, len(specs) if points else None))
         return 0
     if points and spec.tracking.enabled:
-        from job.tracking import default_tracking_uri
+        from job.tracking.tracker import default_tracking_uri
 
         store = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
         os.environ[PARENT_ENV] = start_parent_run(spec, points, store)  # sbatch exports it to every task
@@ -302,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_parser(commands, with_spec)
 
     schema = commands.add_parser("schema", help="print the spec's JSON Schema")
+    schema.add_argument(
+        "--markdown", action="store_true", help="the same as tables of keys, one per section (docs/spec.md)"
+    )
     schema.set_defaults(handler=cmd_schema)
 
     compare = commands.add_parser(
@@ -484,8 +490,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> int:
     """The ftjob program (the console script, `python -m job`): main(), then an exit whose teardown skips
-    the garbage collector's passes over the half a million objects that torch, transformers and MLflow
-    leave (2 s after every run here); the process's memory goes with it anyway."""
+    the garbage collector's passes over the many objects that torch, transformers and MLflow leave
+    (seconds of every run's exit); the process's memory goes with it anyway."""
     code = main()
     gc.freeze()
     return code

@@ -1,4 +1,4 @@
-"""Errors that end the job with a message and a documented exit code (DESIGN.md, "Exit codes").
+"""Errors that end the job with a message and a documented exit code (docs/contracts.md, "Exit codes").
 
 Raise these for anything a user can fix; the CLI prints the message without a traceback.
 """

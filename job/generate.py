@@ -10,10 +10,11 @@ import torch
 
 from job.data.formats import Formatter
 from job.errors import UserError
-from job.export import fetch_published
-from job.model import load_model, load_tokenizer, quiet_libraries
-from job.model_source import resolve_model_dir
+from job.model.loading import load_model, load_tokenizer
+from job.model.source import resolve_model_dir
+from job.output.publish import fetch_published
 from job.spec import Spec, parse_spec_text, read_spec_text, validate_spec
+from job.startup import quiet_libraries
 from job.storage import configure_storage, is_local
 
 

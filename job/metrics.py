@@ -1,4 +1,5 @@
-"""What the loop reports besides its loss: FLOPs and MFU, peak memory, the data pipeline's counters."""
+"""What the loop reports besides its loss and the data's counts (job/data/counting.py): FLOPs and MFU,
+peak memory."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import resource
 
 import torch
 from accelerate import Accelerator
-
-from job.data.pipeline import DataPipeline, packing_efficiency
 
 # Dense bf16/fp16 tensor-core peak of one GPU in FLOP/s (NVIDIA datasheets): (model, variant, peak).
 GPU_PEAK_FLOPS = [
@@ -77,27 +76,3 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux without /proc: KiB
-
-
-def data_metrics(data: DataPipeline, accelerator: Accelerator) -> dict[str, float]:
-    """The data counters of all ranks, summed; packing efficiency when packing."""
-    names = list(data.stats())
-    totals = accelerator.reduce(
-        torch.tensor([data.stats()[n] for n in names], dtype=torch.float64, device=accelerator.device),
-        reduction="sum",
-    )
-    metrics = dict(zip(names, (float(t) for t in totals), strict=True))
-    if data.packer:
-        real, rows = metrics.pop("data/packed_real_tokens"), metrics["data/packed_rows"]
-        metrics["data/packing_efficiency"] = packing_efficiency(real, rows, data.config.max_seq_len)
-    return metrics
-
-
-def data_summary(metrics: dict[str, float]) -> str:
-    line = (
-        f"data: {metrics['data/rows_read']:.0f} rows read, {metrics['data/bad_rows']:.0f} bad rows skipped, "
-        f"{metrics['data/truncated']:.0f} truncated, {metrics['data/dropped']:.0f} dropped"
-    )
-    if "data/packing_efficiency" in metrics:
-        line += f", packing efficiency {metrics['data/packing_efficiency']:.1%}"
-    return line

@@ -14,13 +14,15 @@ from typing import TextIO
 
 from job.data.files import expand
 from job.data.formats import BadRow, Formatter
-from job.data.pipeline import DataPipeline, train_sources
+from job.data.pipeline import DataPipeline
+from job.data.plan import train_sources
 from job.data.sources import read_rows
 from job.data.stream import EPOCH_END
 from job.data.tokens import IGNORE_INDEX, tokenize
 from job.errors import UserError
-from job.model import model_dir_and_tokenizer, quiet_libraries
+from job.model.loading import model_dir_and_tokenizer
 from job.spec import Spec
+from job.startup import quiet_libraries
 from job.storage import check_writable, configure_storage
 
 STATS_ROWS = 1000  # statistics cover at least this many examples, even when fewer are shown

@@ -23,16 +23,20 @@ import os
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from job.errors import EXIT_REQUEUE, JobError, Preempted
-
-if TYPE_CHECKING:
-    from job.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 REPEAT_SECONDS = 2.0
+
+
+class Committing(Protocol):
+    """What a stop asks of the checkpointer (job/output/checkpoint.py): the step of the newest
+    checkpoint this run committed, None before its first."""
+
+    committed_step: int | None
 
 
 class StopRequest:
@@ -44,7 +48,7 @@ class StopRequest:
         self.signal: int | None = None
         self.received_at: float | None = None
         self.checkpoint_committed = False  # once it is, any later signal still means exit 75
-        self.checkpointer: Checkpointer | None = None  # set as training begins
+        self.checkpointer: Committing | None = None  # set as training begins
         self.previous = {}
 
     def __enter__(self) -> StopRequest:
@@ -83,7 +87,7 @@ class StopRequest:
         flag = torch.tensor([int(self.requested)], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="max"))
 
-    def training_begins(self, checkpointer: Checkpointer) -> None:
+    def training_begins(self, checkpointer: Committing) -> None:
         """From here on a stop is answered with a checkpoint: the grace period running out exits 75 only
         once `checkpointer` has committed one in this run."""
         self.checkpointer = checkpointer

@@ -28,7 +28,7 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
 }
 OPTIONAL_FIELDS = {"input"}
-# A model's identity (job/model_source.py): a Hub repo's commit, or a digest of a folder's files.
+# A model's identity (job/model/source.py): a Hub repo's commit, or a digest of a folder's files.
 MODEL_IDENTITY = r"hub:[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)?@[0-9a-f]{40}|sha256:[0-9a-f]{64}"
 
 
@@ -42,7 +42,9 @@ class ModelSpec(_Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype. auto: bfloat16 on a GPU that supports it, else float32."
+        "auto",
+        description="Weights dtype. auto: bfloat16 on a GPU that supports it (float32 for adapter.method "
+        "full), else float32.",
     )
     quantization: Literal["4bit", "8bit"] | None = Field(
         None,
@@ -154,7 +156,9 @@ class TrainSpec(_Section):
         1.0, gt=0, description="Clip gradients to this norm; null: no clipping."
     )
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
-        "auto", description="auto: bf16 on a GPU that supports it, fp16 on other GPUs, none on a CPU."
+        "auto",
+        description="auto: bf16 on a GPU that supports it, fp16 on other GPUs; on a CPU bf16 where it has "
+        "bf16 matrix units (AMX), else none.",
     )
     gradient_checkpointing: bool = False
 
@@ -533,6 +537,77 @@ def echo(value: Any, limit: int = 80) -> str:
 
 def json_schema() -> dict[str, Any]:
     return Spec.model_json_schema()
+
+
+SPEC_REFERENCE_INTRO = """\
+# Spec reference
+
+Every key of the spec (v1), from its JSON Schema: this file is the output of `ftjob schema --markdown`,
+and a unit test keeps the two equal (change job/spec.py, then regenerate this file). Unknown keys are
+errors; the rules between keys (one of `train.max_steps` or `train.epochs`, ...) are in
+`cross_key_problems` in job/spec.py. How a spec is read and overridden: [contracts.md](contracts.md).
+"""
+
+
+def schema_markdown(schema: dict[str, Any] | None = None) -> str:
+    """docs/spec.md: the spec's JSON Schema as one table of keys per section (`ftjob schema --markdown`)."""
+    schema = json_schema() if schema is None else schema
+    return "\n".join([SPEC_REFERENCE_INTRO, *_section_tables("", schema, schema["$defs"])])
+
+
+Sections = list[tuple[str, dict[str, Any]]]  # (dotted path, the section's object schema)
+
+
+def _section_tables(path: str, section: dict[str, Any], defs: dict[str, Any]) -> list[str]:
+    """The table of a section's keys, then the tables of the sections inside it, depth first."""
+    inner: Sections = []
+    rows = [
+        _key_row(f"{path}.{key}" if path else key, value, key in section.get("required", ()), defs, inner)
+        for key, value in section["properties"].items()
+    ]
+    heading = f"`{path}`" if path else "Top level"
+    table = "| key | type | default | description |\n| --- | --- | --- | --- |\n" + "\n".join(rows)
+    return [f"## {heading}\n\n{table}\n", *(t for at, s in inner for t in _section_tables(at, s, defs))]
+
+
+def _key_row(path: str, value: dict[str, Any], required: bool, defs: dict[str, Any], inner: Sections) -> str:
+    if "default" in value:
+        default = f"`{json.dumps(value['default'])}`"
+    else:  # no default in the schema: required, or made by a default factory (a section, [] or {})
+        default = "required" if required else "its keys' defaults" if "$ref" in value else "empty"
+    description = value.get("description", "").replace("<", "\\<")  # <output.uri> is not HTML
+    cells = [f"`{path}`", _type_of(value, path, defs, inner), default, description]
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
+def _type_of(value: dict[str, Any], path: str, defs: dict[str, Any], inner: Sections) -> str:
+    """A schema's type in words; a section it names is added to `inner` (at `path`) for its own table."""
+    if "$ref" in value:
+        inner.append((path, defs[value["$ref"].rsplit("/", 1)[1]]))
+        return f"section `{path}`"
+    if "anyOf" in value:
+        return " or ".join(_type_of(option, path, defs, inner) for option in value["anyOf"])
+    if "enum" in value:
+        return "one of " + ", ".join(f"`{json.dumps(option)}`" for option in value["enum"])
+    kind = value.get("type", "any")
+    if kind == "array":
+        items = _type_of(value["items"], f"{path}[]", defs, inner)
+        kind = f"list of ({items})" if " or " in items else f"list of {items}"
+    elif kind == "object":
+        values = value.get("additionalProperties", True)
+        kind = "mapping" if values is True else f"mapping to {_type_of(values, f'{path}.*', defs, inner)}"
+    bounds = [form.format(value[key]) for key, form in _BOUNDS.items() if key in value]
+    return kind + (f" ({', '.join(bounds)})" if bounds else "")
+
+
+_BOUNDS = {
+    "minimum": ">= {}",
+    "exclusiveMinimum": "> {}",
+    "maximum": "<= {}",
+    "exclusiveMaximum": "< {}",
+    "minItems": "{} or more items",
+    "pattern": "matching `{}`",
+}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""How ftjob's processes start, outside torch: the C allocator, the libraries they leave out and the
-Hub kernel code they never run."""
+"""How ftjob's processes start, outside torch: the C allocator, the libraries they leave out, the
+Hub kernel code they never run and the library chatter they keep out of the log."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import ctypes
 import logging
 import os
 import sys
+import warnings
 
 # glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit systems
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -20,8 +21,8 @@ def keep_freed_memory() -> bool:
     """Have glibc keep freed memory for the next allocation instead of handing it back to the kernel.
 
     Every training step allocates the same large activations again. By default glibc gives them fresh
-    pages (mmap, or a heap it trims after each step), which the kernel zero-fills on first touch: 1.4M
-    page faults in the CPU bench's epoch, each step 5% slower (bench/RESULTS.md). Blocks up to 32 MiB come
+    pages (mmap, or a heap it trims after each step), which the kernel zero-fills on first touch: page
+    faults in every step, which make it slower (bench/RESULTS.md). Blocks up to 32 MiB come
     from glibc's arenas, each of which keeps up to 1 GiB of freed memory at its top: the process's memory
     does not shrink between steps. For CPU runs, where activations live in this allocator. False where
     this is not glibc, or where the environment already sets either threshold (its choice stands).
@@ -72,3 +73,15 @@ def refuse_hub_kernels() -> None:
 def is_not_the_refused_kernel(record: logging.LogRecord) -> bool:
     """False for bitsandbytes' warning that it could not load its Hub kernel: refused on purpose."""
     return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+def quiet_libraries() -> None:
+    """Keep the job's log readable: no per-load progress bars or library chatter."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning
+    )

@@ -21,35 +21,39 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from job.checkpoint import (
+from job.data.batching import Batch, empty_batch, flatten_packed
+from job.data.counting import data_metrics, data_summary, epoch_run_steps
+from job.data.pipeline import DataPipeline
+from job.data.plan import shared_plan
+from job.loss import eval_metrics, loss_sum, loss_tokens, output_head
+from job.metrics import flops_per_token, mfu, peak_flops, peak_memory_gib
+from job.model.adapter import apply_adapter, count_parameters
+from job.model.dropout import use_cpu_dropout
+from job.model.fused_lora import fuse_lora_linears
+from job.model.fused_norm import fuse_rms_norms
+from job.model.loading import load_model, model_dir_and_tokenizer
+from job.model.packed_attention import packed_attention_pays, use_packed_attention
+from job.model.source import resolve_model_dir
+from job.output.checkpoint import (
     Checkpointer,
     fingerprint,
     remove_all,
     remove_uncommitted,
     resume_copies_removed,
-    set_rng_states,
+    saved_total_steps,
 )
-from job.data.batching import Batch, empty_batch, flatten_packed
-from job.data.pipeline import DataPipeline, shared_plan
-from job.dropout import use_cpu_dropout
-from job.export import is_published, publish, publish_merged, remove_published
-from job.fused_lora import fuse_lora_linears
-from job.fused_norm import fuse_rms_norms
-from job.lease import Lease
-from job.loss import eval_metrics, loss_sum, loss_tokens, output_head
-from job.metrics import data_metrics, data_summary, flops_per_token, mfu, peak_flops, peak_memory_gib
-from job.metrics_log import remove_segments, write_curve
-from job.model import apply_adapter, count_parameters, load_model, model_dir_and_tokenizer, quiet_libraries
-from job.model_source import resolve_model_dir
-from job.packed_attention import packed_attention_pays, use_packed_attention
+from job.output.curve import remove_segments, write_curve
+from job.output.lease import Lease
+from job.output.publish import is_published, publish, publish_merged, remove_published
+from job.output.restart import record_restart, restart_pending
 from job.progress import Progress
-from job.restart import record_restart, restart_pending
-from job.schedule import epoch_run_steps, make_scheduler, saved_total_steps
+from job.rng import set_rng_states
+from job.schedule import make_scheduler
 from job.signals import StopRequest
 from job.spec import Spec
-from job.startup import keep_freed_memory
+from job.startup import keep_freed_memory, quiet_libraries
 from job.storage import absolute, check_writable, configure_storage, storage_errors
-from job.tracking import Tracker, run_record
+from job.tracking.tracker import Tracker, run_record
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ def isolated(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from job.data.formats import alpaca_prompt
-    from job.tiny import build_tiny_model
+    from job.model.tiny import build_tiny_model
 
     corpus = [alpaca_prompt(r["instruction"], r.get("input", "")) + r["output"] for r in ALPACA_ROWS] * 20
     return build_tiny_model(

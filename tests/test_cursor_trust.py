@@ -13,9 +13,11 @@ from helpers import read_until, start_run, train_in_process, write_jsonl, write_
 
 from job.data import files as files_module
 from job.data import stream as stream_module
-from job.data.pipeline import COMMIT_ID, DataPipeline, DataPlan
+from job.data.cursor import COMMIT_ID
+from job.data.pipeline import DataPipeline
+from job.data.plan import DataPlan
 from job.errors import DataError, UserError
-from job.export import manifest_entry
+from job.output.publish import manifest_entry
 from job.spec import validate_spec
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -1,4 +1,5 @@
-"""The deployment files (docker/, k8s/, slurm/) checked the ways these machines allow (DESIGN.md, "Real parts").
+"""The deployment files (docker/, k8s/, slurm/) checked the ways these machines allow (docs/architecture.md,
+"Real parts in tests").
 
 Docker: hadolint on docker/Dockerfile, the image contract, the lock and the build scripts (the image itself
 is built and run in tests/test_container.py).

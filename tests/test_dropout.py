@@ -9,8 +9,8 @@ import torch
 from helpers import tiny_causal_lm
 from torch import nn
 
-import job.dropout
-from job.dropout import CpuDropout, drop_positions, use_cpu_dropout
+import job.model.dropout
+from job.model.dropout import CpuDropout, drop_positions, use_cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
@@ -30,7 +30,9 @@ def test_each_element_is_dropped_independently_with_probability_p(p):
 
 def test_positions_are_the_same_when_the_first_round_of_gaps_falls_short(monkeypatch):
     torch.manual_seed(3)
-    monkeypatch.setattr(job.dropout, "_draws", lambda expected: 5)  # many rounds, each from where it ended
+    monkeypatch.setattr(
+        job.model.dropout, "_draws", lambda expected: 5
+    )  # many rounds, each from where it ended
     positions = drop_positions(200_000, 0.05)
     assert bool((positions[1:] > positions[:-1]).all()) and positions[-1] < 200_000
     assert len(positions) / 200_000 == pytest.approx(0.05, abs=0.003)

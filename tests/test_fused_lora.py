@@ -10,15 +10,15 @@ import pytest
 import torch
 from helpers import count_applies, tiny_causal_lm
 
-import job.fused_lora
-from job.dropout import use_cpu_dropout
-from job.fused_lora import FusedLoraLinear, fuse_lora_linears
+import job.model.fused_lora
+from job.model.dropout import use_cpu_dropout
+from job.model.fused_lora import FusedLoraLinear, fuse_lora_linears
 
 
 @pytest.fixture
 def fused_calls(monkeypatch) -> list[int]:
     """One entry per layer call that took the fused path."""
-    return count_applies(monkeypatch, job.fused_lora._LoraLinear)
+    return count_applies(monkeypatch, job.model.fused_lora._LoraLinear)
 
 
 def lora_model(arch: str, dropout: float, method: str = "lora", lora_bias: bool = False):

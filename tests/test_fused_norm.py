@@ -12,14 +12,14 @@ from torch import nn
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-import job.fused_norm
-from job.fused_norm import FusedRMSNorm, computes_rms_norm, fuse_rms_norms
+import job.model.fused_norm
+from job.model.fused_norm import FusedRMSNorm, computes_rms_norm, fuse_rms_norms
 
 
 @pytest.fixture
 def fused_calls(monkeypatch) -> list[int]:
     """One entry per norm call that took the fused path."""
-    return count_applies(monkeypatch, job.fused_norm._RMSNorm)
+    return count_applies(monkeypatch, job.model.fused_norm._RMSNorm)
 
 
 def random_norm(features: int, eps: float = 1e-6) -> LlamaRMSNorm:

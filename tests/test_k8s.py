@@ -119,9 +119,9 @@ def test_every_job_is_indexed_one_pod_per_node_with_agreeing_counts(objects):
 
 
 def documented_exit_codes() -> dict[int, str]:
-    """The exit codes as the README states DESIGN.md's contract: "`N` meaning; ..." after "Exit codes:"."""
-    paragraph = (REPO / "README.md").read_text().split("Exit codes: ", 1)[1].split("\n\n", 1)[0]
-    return {int(m[1]): m[2] for m in re.finditer(r"`(\d+)` ([^;`]+)", paragraph)}
+    """The exit codes as docs/contracts.md states them: the "| N | meaning |" rows under "## Exit codes"."""
+    section = (REPO / "docs" / "contracts.md").read_text().split("## Exit codes\n", 1)[1].split("\n## ", 1)[0]
+    return {int(m[1]): m[2] for m in re.finditer(r"^\| (\d+) \| (.+) \|$", section, flags=re.MULTILINE)}
 
 
 def test_the_failure_policy_follows_the_documented_exit_codes(objects):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from job.cluster import Placement, first_host, node_placement
 from job.errors import Preempted, UserError
-from job.launcher import exit_code, forwarding_stop_signals
+from job.node_workers import exit_code, forwarding_stop_signals
 from job.signals import STOP_SIGNALS, StopRequest
 
 STEPS = 40
@@ -114,7 +114,7 @@ def test_a_stop_received_before_the_launcher_forwards_signals_ends_it_with_75():
 
 
 def test_auto_is_one_process_on_a_cpu_node():
-    from job.launcher import nproc_auto
+    from job.node_workers import nproc_auto
 
     assert nproc_auto() == 1  # no GPU on this machine
 

@@ -170,8 +170,8 @@ def test_a_job_that_loses_its_lease_commits_and_publishes_nothing_more(
 ):
     """The lease is taken over at the last moment: after a checkpoint's files are uploaded and before
     its COMMITTED marker, or after training and before publishing."""
-    from job import checkpoint
-    from job.lease import LeaseLost
+    from job.output import checkpoint
+    from job.output.lease import LeaseLost
 
     output = isolated / "runs" / "t"
     rival = lease_record(generation=2)
@@ -205,7 +205,7 @@ def test_a_job_that_loses_its_lease_commits_and_publishes_nothing_more(
 
 def test_a_lease_whose_process_has_ended_on_this_machine_is_taken_over_at_once(isolated, monkeypatch, caplog):
     """Killed on this machine (SIGKILL, the OOM killer): its pid is free, so its lease is not waited for."""
-    from job import lease as lease_module
+    from job.output import lease as lease_module
 
     if lease_module.process_namespace() is None:
         pytest.skip("needs Linux's /proc")
@@ -286,7 +286,7 @@ class FakeClock:
 
 
 def fake_clock(monkeypatch, meanwhile: Callable[[float], None] = lambda elapsed: None) -> FakeClock:
-    from job import lease as lease_module
+    from job.output import lease as lease_module
 
     fake = FakeClock(meanwhile)
     monkeypatch.setattr(lease_module, "SETTLE_SECONDS", 0)
@@ -304,7 +304,7 @@ def test_a_lease_from_a_clock_ahead_is_taken_once_seen_unrenewed_for_its_lease_s
 ):
     """Its holder's host is 3 minutes ahead and its process is gone: its times say it is live for 3
     minutes more, but unrenewed for its lease_seconds on this host's monotonic clock, it has expired."""
-    from job.lease import Lease
+    from job.output.lease import Lease
 
     monkeypatch.setenv("FTJOB_RESTART_ID", "slurm-5")
     output = isolated / "out"
@@ -328,7 +328,7 @@ def test_a_lease_from_a_clock_ahead_is_taken_once_seen_unrenewed_for_its_lease_s
 def test_a_lease_from_a_clock_behind_that_is_renewed_is_not_taken(isolated, monkeypatch, job):
     """Its holder's host is 3 minutes behind: its lease looks expired here, but its holder renews it, at
     the last moment: the job is refused (exit 2) and leaves it alone."""
-    from job.lease import Lease
+    from job.output.lease import Lease
 
     monkeypatch.setenv("FTJOB_RESTART_ID", "slurm-5")
     output = isolated / "out"
@@ -351,7 +351,7 @@ def test_a_lease_from_a_clock_behind_that_is_renewed_is_not_taken(isolated, monk
 def test_a_lease_renewed_in_this_hosts_future_is_warned_about_once(isolated, monkeypatch, caplog):
     """3 minutes ahead: warned about, once, however often it is read while it is watched. 2 seconds ahead
     is within the tolerance: no warning, and another job's live lease is refused at once."""
-    from job.lease import Lease
+    from job.output.lease import Lease
 
     output = isolated / "out"
     fake_clock(monkeypatch)
@@ -373,7 +373,7 @@ def test_a_lease_renewed_in_this_hosts_future_is_warned_about_once(isolated, mon
 
 def test_a_stop_while_watching_a_lease_is_exit_75(isolated, monkeypatch):
     from job.errors import Preempted
-    from job.lease import Lease
+    from job.output.lease import Lease
     from job.signals import StopRequest
 
     output = isolated / "out"
@@ -395,7 +395,7 @@ def test_a_lease_too_long_to_wait_for_is_exit_2_at_once(isolated, monkeypatch, j
     """A lease.json whose lease_seconds (expires_at - renewed_at) are not under the job's
     train.collective_timeout_seconds: watching it that long, rank 0 would keep the other ranks waiting
     in a collective past their timeout. Refused at once (exit 2); the lease is left as it was."""
-    from job.lease import Lease
+    from job.output.lease import Lease
 
     monkeypatch.setenv("FTJOB_RESTART_ID", "slurm-5")
     output = isolated / "out"
@@ -417,7 +417,7 @@ def test_a_lease_too_long_to_wait_for_is_exit_2_at_once(isolated, monkeypatch, j
 def test_a_rival_whose_write_lands_during_the_settle_delay_wins(isolated, monkeypatch):
     """Object stores have no compare-and-swap: a job writes the lease, waits, reads it back. A rival
     whose write lands in between wins; this job is refused (exit 2) and leaves the rival's lease."""
-    from job import lease as lease_module
+    from job.output import lease as lease_module
 
     output = isolated / "out"
     output.mkdir()
@@ -433,7 +433,7 @@ def test_the_settle_delay_runs_while_the_job_works_and_a_rival_writing_meanwhile
 ):
     """train() claims the lease, loads the model, then settles: the wait is what is left of
     SETTLE_SECONDS after the work, and a rival whose write lands during the work wins as before."""
-    from job import lease as lease_module
+    from job.output import lease as lease_module
 
     output = isolated / "out"
     output.mkdir()
@@ -518,7 +518,7 @@ DAMAGED = {"a list": "[]", "no fields": "{}", "a string": '"str"', "not JSON": "
 def test_a_damaged_lease_is_exit_2_while_taking_it_and_exit_1_once_held(isolated, monkeypatch, text):
     """Taking the lease, nothing is written yet: exit 2, the user deletes it. Once the lease is held,
     the job may have committed checkpoints, which exit 2 would deny: exit 1."""
-    from job import lease as lease_module
+    from job.output import lease as lease_module
 
     monkeypatch.setattr(lease_module, "SETTLE_SECONDS", 0)
     output = isolated / "out"
@@ -542,7 +542,7 @@ def test_a_damaged_lease_is_exit_2_while_taking_it_and_exit_1_once_held(isolated
 
 def test_a_lease_the_store_cannot_serve_at_start_is_exit_2_or_1_as_for_any_storage_failure(s3, fault_proxy):
     """An endpoint that cannot be reached is the user's to fix (exit 2); an outage may pass (exit 1)."""
-    from job.lease import Lease
+    from job.output.lease import Lease
     from job.storage import configure_storage
 
     once = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
@@ -623,7 +623,7 @@ def test_every_rank_exits_with_rank_0s_lease_error(spec_path, workdir, case):
 
 def test_a_released_lease_is_no_longer_held(isolated, monkeypatch):
     """Once released, the next job may take it at any moment: nothing more is committed under it."""
-    from job import lease as lease_module
+    from job.output import lease as lease_module
 
     monkeypatch.setattr(lease_module, "SETTLE_SECONDS", 0)
     (isolated / "out").mkdir()
@@ -667,8 +667,8 @@ def test_a_run_that_fails_while_a_checkpoint_uploads_releases_the_lease_only_aft
 def test_a_retention_listing_that_fails_after_the_commit_is_a_warning(isolated, s3, fault_proxy, caplog):
     """The store fails from the moment COMMITTED is written: retention cannot list the checkpoints. The
     checkpoint is committed and the job goes on (it used to end with exit 1, saying the upload failed)."""
-    from job.checkpoint import Checkpointer
-    from job.lease import Lease
+    from job.output.checkpoint import Checkpointer
+    from job.output.lease import Lease
     from job.storage import configure_storage
 
     configure_storage(
@@ -712,9 +712,14 @@ def test_a_retention_listing_that_fails_after_the_commit_is_a_warning(isolated, 
 def test_each_generation_writes_its_own_folders_and_the_newest_is_the_highest_step_then_generation(isolated):
     """A job frozen mid-upload and the job that took over never write the same folder, even for the same
     step. Folders named step-NNNNNN (before generations) are generation 0 and still load."""
-    from job.checkpoint import FINGERPRINT_VERSION, Checkpointer, committed_checkpoints, remove_uncommitted
-    from job.export import write_manifest
-    from job.lease import Lease
+    from job.output.checkpoint import (
+        FINGERPRINT_VERSION,
+        Checkpointer,
+        committed_checkpoints,
+        remove_uncommitted,
+    )
+    from job.output.lease import Lease
+    from job.output.publish import write_manifest
 
     output = isolated / "out"
     expected = {"fingerprint_version": FINGERPRINT_VERSION}
@@ -746,8 +751,8 @@ def test_each_generation_writes_its_own_folders_and_the_newest_is_the_highest_st
 def test_a_checkpoint_from_before_data_cursors_held_row_positions_is_refused_as_another_version(isolated):
     """Its data cursor holds rows, not positions: resuming from it is refused, saying why, not with a
     diff of spec fields."""
-    from job.checkpoint import Checkpointer, fingerprint
-    from job.lease import Lease
+    from job.output.checkpoint import Checkpointer, fingerprint
+    from job.output.lease import Lease
     from job.spec import validate_spec
 
     output = isolated / "out"
@@ -789,7 +794,7 @@ def test_a_lease_as_long_as_the_collective_timeout_is_refused():
 
 
 def test_the_lease_is_renewed_every_third_of_its_time(isolated, monkeypatch):
-    from job import lease as lease_module
+    from job.output import lease as lease_module
 
     monkeypatch.setattr(lease_module, "SETTLE_SECONDS", 0)
     output = isolated / "out"
@@ -822,7 +827,7 @@ def test_merging_an_already_published_adapter_takes_the_lease(tiny_model_dir, da
 
 def test_a_claim_is_renewed_while_the_job_loads_its_model(isolated):
     """A model load can outlast train.lease_seconds: the claim must not expire under a live job."""
-    from job import lease as lease_module
+    from job.output import lease as lease_module
 
     output = isolated / "out"
     output.mkdir()

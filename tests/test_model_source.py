@@ -12,10 +12,10 @@ import threading
 import pytest
 from helpers import ALPACA_ROWS, NO_AUTOCAST, REPO, write_jsonl
 
-from job import model_source
 from job.cli import main
 from job.errors import UserError
-from job.model_source import cache_root, fetch_cached, resolve_model_dir
+from job.model import source as model_source
+from job.model.source import cache_root, fetch_cached, resolve_model_dir
 from job.spec import ModelSpec
 
 
@@ -96,7 +96,7 @@ def test_concurrent_fetches_download_once(tiny_model_dir, s3, monkeypatch):
 
 def test_concurrent_processes_share_one_complete_copy(tiny_model_dir, s3, isolated):
     url = upload_model(s3, tiny_model_dir)
-    code = f"from job.model_source import fetch_cached; print(fetch_cached({url!r})[0])"
+    code = f"from job.model.source import fetch_cached; print(fetch_cached({url!r})[0])"
     procs = [
         subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
         for _ in range(3)
@@ -196,7 +196,7 @@ def fake_model(directory, weights: bytes):
 
 
 def test_the_identity_of_a_model_is_the_content_of_what_the_loader_reads(isolated):
-    from job.model_source import HEAD_BYTES, model_identity
+    from job.model.source import HEAD_BYTES, model_identity
 
     weights = bytes(range(256)) * (12 * 1024)  # 3 MiB: read by its header and samples
     model = fake_model(isolated / "model", weights)
@@ -232,7 +232,7 @@ def test_the_identity_of_a_model_is_the_content_of_what_the_loader_reads(isolate
 
 
 def test_a_changed_identity_names_the_files_that_changed():
-    from job.model_source import ModelIdentity, identity_change
+    from job.model.source import ModelIdentity, identity_change
 
     before = ModelIdentity(
         "sha256:" + "a" * 64, {"config.json": "1", "model.safetensors": "2", "vocab.json": "3"}
@@ -270,7 +270,7 @@ def hub_cache(isolated, monkeypatch, repo: str, commit: str):
 
 
 def test_the_identity_of_a_hub_model_is_its_commit(isolated, monkeypatch):
-    from job.model_source import resolved_identity
+    from job.model.source import resolved_identity
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     snapshot = fake_model(hub_cache(isolated, monkeypatch, "org/tiny", commit), b"weights")
@@ -287,7 +287,7 @@ def test_the_identity_of_a_hub_model_is_its_commit(isolated, monkeypatch):
 
 
 def test_a_model_identity_in_the_spec_pins_the_model(isolated):
-    from job.model_source import model_identity
+    from job.model.source import model_identity
 
     model = fake_model(isolated / "model", b"weights")
     trained_on = model_identity(model).digest
@@ -317,9 +317,9 @@ def test_a_model_identity_that_is_not_one_is_refused_in_the_spec(identity):
 
 
 def test_the_run_logs_the_identity_it_publishes(isolated):
-    from job.export import write_run_files
+    from job.output.publish import write_run_files
     from job.spec import validate_spec
-    from job.tracking import run_record
+    from job.tracking.tracker import run_record
 
     model = fake_model(isolated / "model", b"weights")
     spec = validate_spec(
@@ -379,7 +379,7 @@ def test_a_cached_copy_is_hashed_once_per_resolve(tiny_model_dir, s3, monkeypatc
 
 
 def test_a_cached_folder_that_is_gone_is_not_trusted(isolated):
-    from job.model_source import Untrusted, trusted_files
+    from job.model.source import Untrusted, trusted_files
 
     with pytest.raises(Untrusted, match="it is not there"):  # a concurrent download removed it
         trusted_files(isolated / "gone", "s3://b/m/")

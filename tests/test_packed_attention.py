@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_causal_lm
 
-import job.packed_attention
-from job.packed_attention import (
+import job.model.packed_attention
+from job.model.packed_attention import (
     cumulative_lengths,
     flash_can_attend,
     packed_attention_pays,
@@ -41,13 +41,13 @@ def model_pair(arch: str):
 
 @pytest.fixture
 def split_calls(monkeypatch) -> list[int]:
-    calls, attention = [], job.packed_attention.F.scaled_dot_product_attention
+    calls, attention = [], job.model.packed_attention.F.scaled_dot_product_attention
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape[2])
         return attention(*args, **kwargs)
 
-    monkeypatch.setattr(job.packed_attention.F, "scaled_dot_product_attention", counted)
+    monkeypatch.setattr(job.model.packed_attention.F, "scaled_dot_product_attention", counted)
     return calls
 
 
@@ -91,12 +91,12 @@ def test_padded_batches_run_sdpa_with_its_own_mask(split_calls):
 def test_a_model_whose_layers_get_no_position_ids_keeps_sdpa(monkeypatch):
     """As a model would whose attention layers are not handed the position ids."""
     _, packed = model_pair("llama")
-    unsplit = job.packed_attention.packed_sdpa_attention
+    unsplit = job.model.packed_attention.packed_sdpa_attention
 
     def without_positions(*args, position_ids=None, **kwargs):
         return unsplit(*args, **kwargs)
 
-    monkeypatch.setattr(job.packed_attention, "packed_sdpa_attention", without_positions)
+    monkeypatch.setattr(job.model.packed_attention, "packed_sdpa_attention", without_positions)
     assert not use_packed_attention(packed)
     assert packed.config._attn_implementation == "sdpa"
 
@@ -127,9 +127,9 @@ def test_the_examples_of_a_batch_laid_end_to_end_start_at_every_row():
 def test_what_is_derived_from_the_position_ids_is_computed_once_per_forward(monkeypatch):
     """Both layers of a forward, and a second forward over new ids, each derived once."""
     _, packed = model_pair("llama")
-    derived, derive = [], job.packed_attention.cumulative_lengths
+    derived, derive = [], job.model.packed_attention.cumulative_lengths
     monkeypatch.setattr(
-        job.packed_attention, "cumulative_lengths", lambda *a: derived.append(1) or derive(*a)
+        job.model.packed_attention, "cumulative_lengths", lambda *a: derived.append(1) or derive(*a)
     )
     ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

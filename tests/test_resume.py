@@ -309,7 +309,7 @@ def test_a_stop_during_the_model_download_exits_75_and_the_next_run_starts_clean
 
 
 def test_resuming_refuses_changes_to_what_is_trained_and_allows_the_rest(isolated):
-    from job.checkpoint import fingerprint, fingerprint_changes
+    from job.output.checkpoint import fingerprint, fingerprint_changes
     from job.spec import validate_spec
 
     (isolated / "m").mkdir()
@@ -363,7 +363,7 @@ def test_resuming_on_other_weights_under_the_same_model_source_is_refused(
     tiny_model_dir, spec_path, isolated, caplog
 ):
     from job.errors import UserError
-    from job.model_source import model_identity
+    from job.model.source import model_identity
 
     model, output = shutil.copytree(tiny_model_dir, isolated / "model"), isolated / "out"
     spec = interrupted_in_process(spec_path, model, output)
@@ -394,7 +394,7 @@ def test_resuming_on_other_weights_under_the_same_model_source_is_refused(
 def test_the_local_copy_of_a_checkpoint_is_removed_when_setup_fails_after_loading_it(
     tiny_model_dir, spec_path, isolated, monkeypatch
 ):
-    from job.checkpoint import Checkpointer
+    from job.output.checkpoint import Checkpointer
 
     spec = interrupted_in_process(spec_path, tiny_model_dir, isolated / "out")
     temporary = isolated / "tmp"
@@ -416,13 +416,13 @@ CHECKPOINT = "s3://b/run/checkpoints/step-000004-g1"  # where the rank files bel
 
 def rank_file(**rng) -> dict:
     """A rank file as a checkpoint holds it (JSON), its RNG states updated with rng."""
-    from job.checkpoint import rng_states
+    from job.rng import rng_states
 
     return json.loads(json.dumps({"rng": {**rng_states(), **rng}, "data": {"a cursor": "checked elsewhere"}}))
 
 
 def read_rank_file(tmp_path, state) -> dict:
-    from job.checkpoint import Checkpointer
+    from job.output.checkpoint import Checkpointer
 
     (tmp_path / "rank-00000.json").write_text(json.dumps(state))
     checkpointer = Checkpointer(str(tmp_path / "out"), rank=0, world_size=1, keep=2, lease=None)
@@ -475,7 +475,7 @@ FOLDER = "step-000004-g1"
 
 def run_record(**changes) -> dict:
     """run.json as ftjob writes it for the checkpoint in FOLDER, with changes."""
-    from job.checkpoint import CHECKPOINT_FORMAT, FINGERPRINT_VERSION
+    from job.output.checkpoint import CHECKPOINT_FORMAT, FINGERPRINT_VERSION
 
     record = {
         "step": 4, "run_id": None, "fingerprint": {"train.seed": 3, "fingerprint_version": FINGERPRINT_VERSION},
@@ -488,8 +488,8 @@ def run_record(**changes) -> dict:
 def committed_checkpoint(output: Path, run, curve: str = '{"step": 4, "train/loss": 1.5}\n') -> None:
     """A committed checkpoint in FOLDER, its metric curve's segment and a later one (left by a checkpoint
     that never committed, which a resume deletes)."""
-    from job.checkpoint import rng_states
-    from job.export import write_manifest
+    from job.output.publish import write_manifest
+    from job.rng import rng_states
 
     folder = output / "checkpoints" / FOLDER
     folder.mkdir(parents=True)
@@ -503,7 +503,7 @@ def committed_checkpoint(output: Path, run, curve: str = '{"step": 4, "train/los
 
 
 def load_latest(output: Path) -> dict | None:
-    from job.checkpoint import Checkpointer
+    from job.output.checkpoint import Checkpointer
 
     checkpointer = Checkpointer(str(output), rank=0, world_size=1, keep=2, lease=None)
     return checkpointer.load_latest(run_record()["fingerprint"])
@@ -512,7 +512,8 @@ def load_latest(output: Path) -> dict | None:
 def test_a_checkpoint_as_ftjob_writes_it_is_loaded_and_its_rng_states_applied(tmp_path):
     import torch
 
-    from job.checkpoint import Checkpointer, set_rng_states
+    from job.output.checkpoint import Checkpointer
+    from job.rng import set_rng_states
 
     committed_checkpoint(tmp_path, run_record())
     saved = load_latest(tmp_path)
@@ -591,7 +592,7 @@ def test_a_rank_file_not_as_ftjob_writes_it_stops_the_run_before_it_trains(
     tiny_model_dir, spec_path, isolated
 ):
     from job.errors import UserError
-    from job.export import write_manifest
+    from job.output.publish import write_manifest
 
     output = isolated / "out"
     spec = interrupted_in_process(spec_path, tiny_model_dir, output)
@@ -664,8 +665,8 @@ def refused_restore(tmp_path, edit_weights=None, edit_states=None, edit_folder=N
     asserts that nothing of it was applied (the run had taken a second step meanwhile)."""
     import torch
 
-    from job.checkpoint import STATES, WEIGHTS, Checkpointer, write_trained_state
     from job.errors import UserError
+    from job.output.checkpoint import STATES, WEIGHTS, Checkpointer, write_trained_state
 
     model, optimizer, scheduler, accelerator = tiny_run(scaler)
     write_trained_state(tmp_path, model, optimizer, scheduler, scaler)
@@ -794,7 +795,7 @@ def test_a_checkpoint_s_weights_or_states_not_as_the_run_has_them_stop_it_before
     import torch
 
     from job.errors import UserError
-    from job.export import write_manifest
+    from job.output.publish import write_manifest
 
     output = isolated / "out"
     spec = interrupted_in_process(spec_path, tiny_model_dir, output)

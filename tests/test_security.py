@@ -54,7 +54,7 @@ def crafted_adapter(tmp_path, tiny_model_dir, data_files) -> tuple:
 
     from helpers import spec_dict, train_in_process
 
-    from job.export import write_manifest
+    from job.output.publish import write_manifest
 
     train_in_process(
         spec_dict(tiny_model_dir, data_files, tracking={"enabled": False}, train={"max_steps": 2}),
@@ -97,7 +97,7 @@ def test_generate_takes_the_base_model_from_the_command_line(tiny_model_dir, dat
     spec = json.loads((adapter / "spec.json").read_text())
     spec["model"]["source"] = str(isolated / "moved-away")
     (adapter / "spec.json").write_text(json.dumps(spec))
-    from job.export import write_manifest
+    from job.output.publish import write_manifest
 
     write_manifest(adapter)
     missing = run_ftjob(
@@ -134,7 +134,7 @@ def test_a_merge_only_run_refuses_a_base_other_than_the_one_the_adapter_was_trai
 ):
     from helpers import train_in_process
 
-    from job.model_source import model_identity
+    from job.model.source import model_identity
 
     model, spec, _ = adapter_on_a_copy(isolated, tiny_model_dir, data_files)
     trained_on, original = model_identity(model).digest, (model / "model.safetensors").read_bytes()
@@ -160,7 +160,7 @@ def test_a_merge_only_run_merges_an_adapter_of_an_older_ftjob_with_a_warning(
 ):
     from helpers import train_in_process
 
-    from job.export import write_manifest
+    from job.output.publish import write_manifest
 
     model, spec, adapter = adapter_on_a_copy(isolated, tiny_model_dir, data_files)
     published = json.loads((adapter / "spec.json").read_text())
@@ -178,7 +178,7 @@ def test_generate_refuses_a_base_other_than_the_one_the_adapter_was_trained_on(
     tiny_model_dir, data_files, isolated
 ):
     from job.generate import load_trained
-    from job.model_source import model_identity
+    from job.model.source import model_identity
 
     model, _, adapter = adapter_on_a_copy(isolated, tiny_model_dir, data_files)
     trained_on = model_identity(model).digest
@@ -200,7 +200,7 @@ def test_a_published_spec_json_runs_again_pinned_to_the_model_it_was_trained_on(
     tiny_model_dir, data_files, isolated, capsys
 ):
     from job.cli import main
-    from job.model_source import model_identity
+    from job.model.source import model_identity
 
     model, _, adapter = adapter_on_a_copy(isolated, tiny_model_dir, data_files)
     published = str(adapter / "spec.json")
@@ -225,7 +225,7 @@ def test_a_published_spec_json_runs_again_pinned_to_the_model_it_was_trained_on(
     ],
 )
 def test_a_published_spec_json_whose_model_identity_is_not_one_is_refused(tmp_path, model, problem):
-    from job.export import trained_on
+    from job.output.publish import trained_on
 
     (tmp_path / "spec.json").write_text(json.dumps({"model": model}))
     with pytest.raises(UserError, match=re.escape(f"{tmp_path}/spec.json: {problem}")):
@@ -238,7 +238,7 @@ def test_a_published_spec_json_whose_model_identity_is_not_one_is_refused(tmp_pa
     ids=["not-json", "not-an-object", "files-not-an-object", "entry-not-an-object", "size-not-a-number"],
 )
 def test_a_manifest_not_as_ftjob_writes_it_is_refused(tmp_path, manifest):
-    from job.export import verify_manifest
+    from job.output.publish import verify_manifest
 
     (tmp_path / "MANIFEST.json").write_text(manifest)
     with pytest.raises(UserError, match="MANIFEST.json: not a manifest as ftjob writes it"):

@@ -130,17 +130,17 @@ def test_the_grace_period_ends_with_75_only_when_a_requeue_can_make_progress():
 # step {commits} (0: none)
 SLOW_COMMITS = """
 import sys, time
-import job.checkpoint
+import job.output.checkpoint
 from job.cli import entry
 
-upload = job.checkpoint.upload_dir
+upload = job.output.checkpoint.upload_dir
 
 def slow_commit(local_dir, uri, last=""):
     if last and "/step-{commits:06d}-" not in uri:
         time.sleep(600)
     upload(local_dir, uri, last)
 
-job.checkpoint.upload_dir = slow_commit
+job.output.checkpoint.upload_dir = slow_commit
 sys.exit(entry())
 """
 

@@ -102,7 +102,7 @@ logging.basicConfig()
 network = []
 sys.addaudithook(lambda event, args: event in ("socket.getaddrinfo", "socket.connect") and network.append(args))
 import job.train
-from job.model import load_model
+from job.model.loading import load_model
 from job.spec import ModelSpec
 from pathlib import Path
 import torch

@@ -21,7 +21,7 @@ from helpers import write_jsonl
 from job import storage
 from job.data.sources import read_rows
 from job.errors import JobError
-from job.model_source import fetch_cached
+from job.model.source import fetch_cached
 from job.storage import (
     configure_storage,
     download_dir,

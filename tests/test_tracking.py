@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 from helpers import ALPACA_ROWS, REPO, free_port, run_ftjob, spec_dict, train_in_process, write_jsonl
 
-from job import tracking
 from job.errors import Preempted
-from job.export import MANIFEST, manifest_entry
 from job.metrics import flops_per_token, gpu_peak_flops
-from job.model_source import resolve_model_dir
+from job.model.source import resolve_model_dir
+from job.output.publish import MANIFEST, manifest_entry
 from job.spec import TrackingSpec, validate_spec
-from job.spool import (
+from job.tracking import tracker as tracker_module
+from job.tracking.spool import (
     RECORDS,
     RUN_KEY_TAG,
     STATE,
@@ -36,7 +36,7 @@ from job.spool import (
     find_spool,
     quarantine,
 )
-from job.tracking import (
+from job.tracking.tracker import (
     RunRecord,
     Tracker,
     end_status,
@@ -322,7 +322,7 @@ def test_server_outage_mid_run_loses_and_duplicates_nothing(
 ):
     """The server is stopped after step 4 and started again (same port, same store) after step 10."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-    monkeypatch.setattr(tracking, "RETRY_SECONDS", (0.2, 0.5))
+    monkeypatch.setattr(tracker_module, "RETRY_SECONDS", (0.2, 0.5))
     reachable_at = {}
     log_metrics = Tracker.log_metrics
 
@@ -1204,7 +1204,7 @@ def test_a_leftover_goes_only_to_the_tracking_uri_it_was_logged_for(spool_dir, i
         return tracker
 
     with monkeypatch.context() as outage:  # team a's server is down: its job leaves its records behind
-        outage.setattr(tracking, "deliver", unreachable)
+        outage.setattr(tracker_module, "deliver", unreachable)
         left = job("a", "a-offline").spool.directory
     records = (left / RECORDS).read_bytes()
 
@@ -1296,7 +1296,7 @@ def test_cpu_peak_memory_is_the_programs_own_not_what_ran_before_exec():
 
 
 def test_system_sampler_logs_host_metrics_with_increasing_steps():
-    from job.system_metrics import SystemSampler
+    from job.tracking.system_metrics import SystemSampler
 
     samples = []
     sampler = SystemSampler(lambda metrics, step: samples.append((step, metrics)), interval=0.05)

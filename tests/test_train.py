@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import ALPACA_ROWS, CHATML, pipeline_for, run_ftjob, spec_dict, train_in_process, write_jsonl
 
-from job.export import MANIFEST, sha256_file
+from job.digest import sha256_file
+from job.output.publish import MANIFEST
 from job.spec import validate_spec
 
 
@@ -30,7 +31,7 @@ def reload_published(adapter_dir, spec) -> torch.nn.Module:
     """What a user does: the base model as the spec loaded it, then plain peft on top."""
     from peft import PeftModel
 
-    from job.model import load_model
+    from job.model.loading import load_model
 
     base = load_model(spec.model.source, spec.model, torch.device("cpu"))
     return PeftModel.from_pretrained(base, adapter_dir).eval()
@@ -171,14 +172,14 @@ def test_merge_writes_the_trained_model_in_the_stored_dtype(
 def test_a_failed_merge_keeps_the_adapter_and_the_next_run_merges(
     tiny_model_dir, data_files, isolated, monkeypatch, caplog
 ):
-    import job.model
+    import job.output.publish
 
     def out_of_memory(*args):
         raise MemoryError("no room to merge")
 
     spec = spec_dict(tiny_model_dir, data_files, output={"merge": True}, train={"max_steps": 2})
     with monkeypatch.context() as patched, pytest.raises(MemoryError):
-        patched.setattr(job.model, "merge_adapter", out_of_memory)
+        patched.setattr(job.output.publish, "merge_adapter", out_of_memory)
         train_in_process(spec)
     adapter, merged = isolated / "runs" / "t" / "adapter", isolated / "runs" / "t" / "merged"
     assert (adapter / MANIFEST).is_file() and not (merged / MANIFEST).exists()
@@ -200,11 +201,11 @@ def test_packed_micro_batches_reach_flash_attention_as_one_row(
 
     def load_then_flash(model_dir, model_spec, *args, **kwargs):  # flash-attn does not load on a CPU
         sdpa = model_spec.model_copy(update={"attn_implementation": "sdpa"})
-        model = job.model.load_model(model_dir, sdpa, *args, **kwargs)
+        model = job.model.loading.load_model(model_dir, sdpa, *args, **kwargs)
         model.config._attn_implementation = "flash_attention_2"  # transformers' own flash path runs
         return model
 
-    import job.model
+    import job.model.loading
 
     monkeypatch.setattr(job.train, "load_model", load_then_flash)
     probe = job.train.output_head  # its forwards over a few unpacked tokens are not training's
@@ -609,10 +610,10 @@ def test_a_cpu_run_trains_with_the_cpu_layers(tiny_model_dir, data_files, isolat
     ones and under bf16 autocast)."""
     import helpers
 
-    from job.dropout import CpuDropout
-    from job.fused_lora import FusedLoraLinear
-    from job.fused_norm import FusedRMSNorm
-    from job.packed_attention import PACKED_SDPA
+    from job.model.dropout import CpuDropout
+    from job.model.fused_lora import FusedLoraLinear
+    from job.model.fused_norm import FusedRMSNorm
+    from job.model.packed_attention import PACKED_SDPA
 
     spec = spec_dict(
         tiny_model_dir,
@@ -635,7 +636,8 @@ def test_a_cpu_run_trains_with_the_cpu_layers(tiny_model_dir, data_files, isolat
 @pytest.mark.parametrize(("dtype", "kept"), [("bfloat16", torch.bfloat16), ("float16", torch.float32)])
 def test_a_quantized_bf16_model_keeps_its_other_weights_in_bf16(tiny_model_dir, data_files, dtype, kept):
     """peft casts embeddings and norms to float32 for float16's range; bfloat16 does not need it."""
-    from job.model import apply_adapter, load_model
+    from job.model.adapter import apply_adapter
+    from job.model.loading import load_model
 
     spec = validate_spec(
         spec_dict(tiny_model_dir, data_files, model={"quantization": "4bit", "dtype": dtype})

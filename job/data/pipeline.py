@@ -12,58 +12,28 @@ pipeline given it by `load_state_dict()` yields exactly the micro-batches the fi
 next. It holds where rows are, never what they say or their token ids (rows may carry personal data,
 and checkpoints are copied to output.uri): the rows in the shuffle buffer, and those whose examples
 are still to come or in the packer's open rows, are read and tokenized again on load; nothing before
-them is. A saved cursor is input like the spec: load_state_dict() checks it whole (saved_plan), every
-file it names against data.train and data.eval (a dataset repo's file against the split they name,
-at the file's commit), before it reads a row.
+them is. A saved cursor is input like the spec: load_state_dict() checks it whole (job/data/cursor.py)
+before it reads a row.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
-import posixpath
-import random
-import re
-from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from functools import cache, partial
-from typing import Annotated, Any, NoReturn, TypeVar
-from urllib.parse import unquote
-
-import fsspec
-from fsspec.utils import glob_translate
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-)
+from functools import partial
+from typing import Any
 
 from job.data.batching import Batch, pack_row, pad_batch, stack_packed
-from job.data.files import HUB_REPO, expand, expand_pattern, file_sizes
+from job.data.cursor import saved_plan
 from job.data.formats import BadRow, Example, Formatter
+from job.data.plan import DataPlan
 from job.data.sources import Position, Row
-from job.data.stream import (
-    EPOCH_END,
-    EpochEnd,
-    Mixture,
-    ShuffleBuffer,
-    SourceStream,
-    file_shares,
-    held_out,
-    set_random_state,
-)
+from job.data.stream import EPOCH_END, EpochEnd, Mixture, ShuffleBuffer, SourceStream, held_out
 from job.data.tokens import Fitted, TokenizedExample, fit, tokenize
-from job.errors import DataError, JobError, UserError
-from job.spec import BadRowsSpec, DataSpec, _json_path, echo
-from job.storage import filesystem, is_local
+from job.errors import DataError
+from job.spec import BadRowsSpec, DataSpec
 
 log = logging.getLogger(__name__)
 LOGGED_BAD_ROWS = 5
@@ -214,10 +184,9 @@ class Packer:
     """Examples side by side in rows of max_seq_len, by best fit over a few open rows.
 
     Each example goes into the open row it fills most tightly; when it fits none, it opens a row, and
-    with OPEN_ROWS rows open the oldest is closed. A greedy packer (one open row, closed when the next
-    example won't fit) took 61 optimizer steps for the bench's length-skewed data (87% of the rows'
-    tokens real at most), this one 55 (96%): a short example fills a gap that a long one left instead
-    of starting the next row. It still streams (an example waits at most OPEN_ROWS rows), rows never
+    with OPEN_ROWS rows open the oldest is closed. On length-skewed data that makes fewer, fuller rows
+    than a greedy packer (one open row, closed when the next example won't fit; bench/RESULTS.md): a
+    short example fills a gap that a long one left instead of starting the next row. It still streams (an example waits at most OPEN_ROWS rows), rows never
     span epochs, and the state is the open rows' origins.
     """
 
@@ -300,353 +269,6 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
             yield full
     if batch:
         yield batch
-
-
-def source_entries(data: DataSpec) -> list[tuple[str, list[str], float]]:
-    """data.train as the plan's sources, each as (its spec field, its URLs and globs, its weight): one
-    source of every entry, or one per entry when weighted."""
-    groups = data.train_groups()
-    if not data.weighted:
-        return [("data.train", [p for patterns, _ in groups for p in patterns], 1.0)]
-    return [(f"data.train[{i}]", patterns, weight) for i, (patterns, weight) in enumerate(groups)]
-
-
-def train_sources(data: DataSpec) -> list[tuple[list[str], float]]:
-    """data.train as (files, weight) sources: one source of every file, or one per entry when weighted."""
-    return [(expand(patterns, name), weight) for name, patterns, weight in source_entries(data)]
-
-
-@dataclass
-class DataPlan:
-    """Which files the run reads, made once (by rank 0) and followed by every rank, then saved with
-    the cursor so that a resumed run reads the same files even where a glob or a dataset repo names
-    other files by then: data.train's sources as (files, weight), the eval files, and for each source
-    every rank's share of whole files (None where ranks stripe its rows)."""
-
-    sources: list[tuple[list[str], float]]
-    eval_files: list[str]
-    layout: list[list[list[str]] | None]
-
-    @staticmethod
-    def make(config: DataSpec, world_size: int) -> DataPlan:
-        sources = train_sources(config)
-        if config.eval_fraction:
-            eval_files = [f for files, _ in sources for f in files]
-        else:
-            eval_files = expand(config.eval, "data.eval")
-        layout = []
-        for files, _ in sources:
-            sized = file_sizes(files) if len(files) >= world_size > 1 else None
-            layout.append(file_shares(sized, world_size) if sized else None)
-        return DataPlan(sources, eval_files, layout)
-
-    def rank_files(self, rank: int) -> list[tuple[list[str], bool]]:
-        """For each source: (the files `rank` reads, whether it keeps only its stripe of their rows)."""
-        return [
-            (files, True) if shares is None else (shares[rank], False)
-            for (files, _), shares in zip(self.sources, self.layout, strict=True)
-        ]
-
-
-def shared_plan(config: DataSpec, accelerator) -> DataPlan:
-    """Rank 0's plan, on every rank (each rank resolving globs and repos itself could see other files,
-    or other sizes); an input error there is raised on every rank, not only on rank 0."""
-    from accelerate.utils import broadcast_object_list
-
-    plan: DataPlan | JobError | None = None
-    if accelerator.is_main_process:
-        try:
-            plan = DataPlan.make(config, accelerator.num_processes)
-        except JobError as e:
-            plan = e
-    if accelerator.num_processes > 1:
-        plan = broadcast_object_list([plan])[0]
-    if isinstance(plan, JobError):
-        raise plan
-    return plan
-
-
-# ---------------------------------------------------------------------------------------------
-# A saved cursor is input: a checkpoint's rank file is checked as strictly as the spec, whole, before
-# a row is read (an edited cursor must not make a resumed run read a file the spec does not name).
-
-HUB_FILE = re.compile(r"hf://datasets/(?P<repo>[\w.-]+/[\w.-]+)@(?P<revision>[0-9a-f]{40})/(?P<path>[^?#]+)")
-COMMIT_ID = re.compile(r"[0-9a-f]{40}")
-SHOWN_PROBLEMS = 5
-
-
-def plain_path(path: str) -> bool:
-    """No empty, `.` or `..` part: the path names the file where it says (a glob's `**` matches `..`)."""
-    return all(part not in ("", ".", "..") for part in path.strip("/").split("/"))
-
-
-def namer(pattern: str, name: str, resolved_now: Collection[str]) -> Callable[[str], bool]:
-    """Whether a file is one that expand_pattern(pattern, name) can give: the URL itself, in the form
-    expand gives it, or a match of the glob, told from names alone (nothing is listed or read); for a
-    dataset repo, see repo_namer (`resolved_now`: the files the spec's entries resolve to now)."""
-    if repo := HUB_REPO.match(pattern):
-        return repo_namer(repo, name, resolved_now)
-    fs, path = filesystem(pattern)
-    glob = re.compile(glob_translate(path)) if fsspec.core.has_magic(path) else None
-
-    def names(url: str) -> bool:
-        inside = fs._strip_protocol(url)
-        if (fs.unstrip_protocol(inside) if "://" in pattern else inside) != url:
-            return False  # another store's URL, or not as expand gives it
-        return glob.match(inside) is not None and plain_path(inside) if glob else inside == path
-
-    return names
-
-
-def repo_namer(repo: re.Match, name: str, resolved_now: Collection[str]) -> Callable[[str], bool]:
-    """Whether a file is one the dataset repo entry `repo` names (its config's split; `name`, where
-    the entry is in the spec, sets the default split) at the commit the file is pinned to, which must
-    be the entry's when it names a commit: one of `resolved_now`, else one of the files the repo
-    resolves to at that commit (a branch that moved since the checkpoint), asked of the Hub."""
-    revision = unquote(repo["revision"] or "")
-    query = "" if repo["query"] is None else f"?{repo['query']}"
-
-    @cache
-    def split_at(commit: str) -> frozenset[str]:
-        entry = f"hf://datasets/{repo['repo']}@{commit}{query}"
-        try:
-            return frozenset(expand_pattern(entry, name))
-        except UserError as e:
-            log.warning("cannot tell which files %s names at commit %s, to check a saved data cursor: %s", name, commit, e)  # fmt: skip
-            return frozenset()
-
-    def in_split(url: str) -> bool:
-        pinned = HUB_FILE.fullmatch(url)
-        if pinned is None or pinned["repo"] != repo["repo"]:
-            return False
-        if COMMIT_ID.fullmatch(revision) and pinned["revision"] != revision:
-            return False
-        return url in resolved_now or url in split_at(pinned["revision"])
-
-    return in_split
-
-
-def relative_paths_hint(patterns: list[str]) -> str:
-    """Why a resumed run may not find the files a relative path named: it resolves against the
-    working directory, which may not be the one the run started in."""
-    relative = [p for p in patterns if is_local(p) and not posixpath.isabs(local_path(p))]
-    if not relative:
-        return ""
-    return (
-        f" ({relative[0]} is a relative path: it resolves against the working directory, {os.getcwd()} "
-        "now; resume the run from the directory it started in)"
-    )
-
-
-def local_path(url: str) -> str:
-    """A local path or file:// URL as the path it names, before it is made absolute."""
-    return posixpath.expanduser(url.removeprefix("file://"))
-
-
-def _random_state(state: tuple) -> tuple:
-    try:
-        set_random_state(random.Random(), list(state))
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError("not the state of a random generator") from None
-    return state
-
-
-Count = Annotated[int, Field(ge=0, strict=True)]
-Files = list[StrictStr]
-Place = tuple[StrictStr, Count, Count | None]  # a row: its file, index and byte offset
-Origin = tuple[StrictStr, Count, Count | None, Count]  # an example: its row's place, and which piece
-RandomState = Annotated[tuple[StrictInt, list[StrictInt], StrictFloat | None], AfterValidator(_random_state)]
-
-
-class Saved(BaseModel):
-    """A record ftjob saved and reads back (a data cursor, a checkpoint's rank file or run.json): input,
-    validated with validated(), so a key it does not define is refused."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class SavedPlan(Saved):
-    sources: list[tuple[Annotated[Files, Field(min_length=1)], Annotated[float, Field(gt=0, strict=True)]]]
-    eval_files: Files
-    layout: list[list[Files] | None]
-
-
-class SavedPosition(Saved):
-    row: Count
-    offset: Count | None
-
-
-class SavedSource(Saved):
-    epoch: Count
-    file_index: Count
-    rows_before: Count
-    position: SavedPosition
-    files: Files
-
-
-class SavedBuffer(Saved):
-    rng: RandomState
-    buffer: list[Place]
-    draining: StrictBool
-    source: SavedSource
-
-
-class SavedMixture(Saved):
-    rng: RandomState
-    streams: list[SavedBuffer]
-
-
-class SavedCounts(Saved):
-    examples: Count
-    truncated: Count
-    dropped: Count
-
-
-class SavedBudget(Saved):
-    rows: Count
-    bad: Count
-    first_bad: list[StrictStr]
-
-
-class SavedExamples(Saved):
-    pending: list[Origin]
-    counts: SavedCounts
-    budget: SavedBudget
-
-
-class SavedPacker(Saved):
-    open_rows: list[list[Origin]]
-    closing_epoch: StrictBool
-    rows: Count
-    real_tokens: Count
-
-
-class SavedCursor(Saved):
-    plan: SavedPlan
-    rows: dict[str, Any]  # a SavedBuffer, or a SavedMixture of several sources: checked by the plan
-    examples: SavedExamples
-    packer: SavedPacker | None = None
-
-
-def refuse(where: str, problem: str) -> NoReturn:
-    """End the job with exit 2 (UserError) for something read back from a checkpoint: `where` names the
-    file, `problem` the key and what is wrong with it; the message says --restart is the way on."""
-    raise UserError(
-        f"{where}: {problem}. A checkpoint is input, checked as strictly as the spec: run with --restart "
-        "to start over (checkpoints and published outputs are deleted)"
-    )
-
-
-SavedT = TypeVar("SavedT", bound=Saved)
-
-
-def validated(model: type[SavedT], value: Any, where: str, *at: str | int) -> SavedT:
-    """value (read back from `where`, at the keys `at` within it) as the Saved model, else refused with
-    the first problems, each naming its key."""
-    try:
-        return model.model_validate(value)
-    except ValidationError as e:
-        errors = e.errors()
-        problems = [
-            f"{_json_path((*at, *error['loc']))}: {error['msg']}"
-            + ("" if isinstance(error["input"], dict | list) else f" (got {echo(error['input'])})")
-            for error in errors[:SHOWN_PROBLEMS]
-        ]
-        more = f"; and {len(errors) - SHOWN_PROBLEMS} more" if len(errors) > SHOWN_PROBLEMS else ""
-        refuse(where, "not as ftjob writes it: " + "; ".join(problems) + more)
-
-
-def saved_plan(
-    state: Any, data: DataSpec, current: DataPlan, rank: int, world_size: int, where: str
-) -> DataPlan:
-    """The plan of a saved data cursor (a checkpoint's rank file), once the whole cursor is checked:
-    its structure, every file it names against the spec (so that none other is read), its layout
-    against the world size, and its streams against this rank's files. UserError (exit 2) names
-    `where` and what is wrong. `current`: the plan the spec makes now (the files its dataset repos
-    resolve to, and its eval files, see _eval_files)."""
-    cursor = validated(SavedCursor, state, where)
-    saved = cursor.plan
-    plan = DataPlan([(files, weight) for files, weight in saved.sources], saved.eval_files, saved.layout)
-    _check_sources(plan, data, current, where)
-    _check_layout(plan, world_size, where)
-    _check_streams(cursor, plan, rank, where)
-    if (cursor.packer is None) == data.packing:
-        refuse(
-            where,
-            f"{'no' if cursor.packer is None else 'a'} packer state, where data.packing is {data.packing}",
-        )
-    plan.eval_files = _eval_files(plan, data, current, where)
-    return plan
-
-
-def _check_sources(plan: DataPlan, data: DataSpec, current: DataPlan, where: str) -> None:
-    """Each source of the plan is the spec's, with its weight, and every file of it one the spec names."""
-    entries = source_entries(data)
-    if len(plan.sources) != len(entries):
-        refuse(where, f"plan.sources has {len(plan.sources)} sources, data.train makes {len(entries)}")
-    sources = zip(plan.sources, entries, current.sources, strict=True)
-    for i, ((files, weight), (name, patterns, wanted), (files_now, _)) in enumerate(sources):
-        if weight != wanted:
-            refuse(where, f"plan.sources[{i}] has the weight {weight}, {name} {wanted}")
-        namers = [namer(pattern, name, files_now) for pattern in patterns]
-        for url in files:
-            if not any(names(url) for names in namers):
-                hint = relative_paths_hint(patterns)
-                refuse(where, f"plan.sources[{i}] names {url}, a file {name} does not name{hint}")
-
-
-def _check_layout(plan: DataPlan, world_size: int, where: str) -> None:
-    """Each source is striped (None) or shared out whole: each of its files to one of world_size ranks."""
-    if len(plan.layout) != len(plan.sources):
-        refuse(where, f"plan.layout has {len(plan.layout)} entries for {len(plan.sources)} sources")
-    for i, ((files, _), shares) in enumerate(zip(plan.sources, plan.layout, strict=True)):
-        shared = shares is None or (
-            len(shares) == world_size and Counter(f for share in shares for f in share) == Counter(files)
-        )
-        if not shared:
-            refuse(
-                where, f"plan.layout[{i}] does not share plan.sources[{i}]'s files among {world_size} ranks"
-            )
-
-
-def _check_streams(cursor: SavedCursor, plan: DataPlan, rank: int, where: str) -> None:
-    """Each stream reads this rank's files of its source, and every row the cursor holds (buffered,
-    or an example still to come or in an open packed row) is in one of them."""
-    mixed = len(plan.sources) > 1
-    rows = validated(SavedMixture if mixed else SavedBuffer, cursor.rows, where, "rows")
-    buffers = rows.streams if mixed else [rows]
-    if len(buffers) != len(plan.sources):
-        refuse(where, f"rows.streams has {len(buffers)} streams for {len(plan.sources)} sources")
-    places = [("examples.pending", url) for url, *_ in cursor.examples.pending]
-    if cursor.packer is not None:
-        places += [("packer.open_rows", url) for row in cursor.packer.open_rows for url, *_ in row]
-    for i, (buffer, (files, _)) in enumerate(zip(buffers, plan.rank_files(rank), strict=True)):
-        at = f"rows.streams[{i}]" if mixed else "rows"
-        if buffer.source.files != files:
-            refuse(where, f"{at}.source.files are not the files of plan.sources[{i}] for rank {rank}")
-        if buffer.source.file_index > len(files):
-            refuse(where, f"{at}.source.file_index is past the source's {len(files)} files")
-        places += [(f"{at}.buffer", url) for url, *_ in buffer.buffer]
-    readable = {url for files, _ in plan.rank_files(rank) for url in files}
-    for at, url in places:
-        if url not in readable:
-            refuse(where, f"{at} names {url}, not a file of the plan for rank {rank}")
-
-
-def _eval_files(plan: DataPlan, data: DataSpec, current: DataPlan, where: str) -> list[str]:
-    """The eval files a resumed run reads: with data.eval_fraction, the train files (their held-out
-    rows); else the saved ones while they are what data.eval names (a glob may name more files by
-    now), or the files data.eval names now when it changed since the checkpoint, which resuming
-    allows (so an edited list is never read either)."""
-    if data.eval_fraction:
-        return [url for files, _ in plan.sources for url in files]
-    namers = [namer(pattern, "data.eval", current.eval_files) for pattern in data.eval]
-    saved = plan.eval_files
-    named = all(any(names(url) for names in namers) for url in saved)
-    if named and all(any(names(url) for url in saved) for names in namers):
-        return saved
-    log.warning("%s: its eval files are not those data.eval names (data.eval changed since the checkpoint, or the file was edited): evaluating on the files data.eval names now", where)  # fmt: skip
-    return current.eval_files
 
 
 def packing_efficiency(real_tokens: float, rows: float, length: int) -> float:

@@ -24,6 +24,7 @@ from typing import Any
 
 from job.data.sources import MAX_ROW_BYTES, Position, Row, read_rows
 from job.errors import DataError
+from job.rng import random_state, set_random_state
 
 
 class EpochEnd:
@@ -65,16 +66,6 @@ def held_out(url: str, row: int, fraction: float) -> bool:
         return False
     digest = hashlib.blake2b(f"{posixpath.basename(url)}\0{row}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < fraction
-
-
-def random_state(rng) -> list:
-    """A Python random generator's state (a random.Random, or the random module) as JSON values."""
-    version, internal, gauss = rng.getstate()
-    return [version, list(internal), gauss]
-
-
-def set_random_state(rng, state: list) -> None:
-    rng.setstate((state[0], tuple(state[1]), state[2]))
 
 
 class SourceStream:

@@ -7,7 +7,6 @@ included: merged/ is made only on that model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -16,21 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from job import __version__
+from job.digest import sha256_file
 from job.errors import UserError
+from job.model.adapter import merge_adapter
+from job.model.source import resolved_identity
 from job.spec import MODEL_IDENTITY, Spec, echo, parse_spec_text, public_dict, read_spec_text
 from job.storage import download_dir, filesystem, is_local, join, upload_dir
 
 log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 PUBLISHED = ("adapter", "merged")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def manifest_entry(path: Path) -> dict[str, Any]:
@@ -144,11 +138,9 @@ def publish_merged(spec: Spec, model_dir: Path) -> str:
     """Publish merged/: the published adapter merged into the base model as it was trained. Runs after
     adapter/ is published, from what was published, so a merge that fails loses no adapter and the
     next run (which finds adapter/ published and merged/ not) merges again. `model_dir`: where
-    spec.model resolved to (model_source.resolve_model_dir), checked to be the model the adapter was
+    spec.model resolved to (job/model/source.py: resolve_model_dir), checked to be the model the adapter was
     trained on."""
     from transformers import AutoTokenizer
-
-    from job.model import merge_adapter
 
     adapter_uri, merged_uri = published_uri(spec, "adapter"), published_uri(spec, "merged")
     with tempfile.TemporaryDirectory(prefix="ftjob-merge-") as tmp:
@@ -179,8 +171,6 @@ def check_trained_on(adapter_dir: Path, adapter_uri: str, spec: Spec) -> None:
     """Refuse (exit 2) to merge an adapter into another model than the one it was trained on:
     model.source may hold other model files by now. An adapter whose spec.json does not say (an older ftjob
     published it) is merged unchecked, with a warning."""
-    from job.model_source import resolved_identity  # here: model_source imports this module
-
     trained, current = trained_on(adapter_dir), resolved_identity(spec.model).digest
     if trained is None:
         log.warning("%s/spec.json has no model.identity (an older ftjob published it): merging it into the model under model.source %s unchecked", adapter_uri, spec.model.source)  # fmt: skip

@@ -1,5 +1,5 @@
 """Checkpoints under output.uri/checkpoints/step-NNNNNN-gG/ (G: the generation of output.uri's lease that
-wrote it, job/lease.py): everything needed to continue a run exactly.
+wrote it, job/output/lease.py): everything needed to continue a run exactly.
 
     trainable.safetensors   the trainable weights (adapter, or the whole model for `full`)      rank 0
     optimizer.pt            optimizer, schedule and grad-scaler states (read with weights_only)  rank 0
@@ -7,7 +7,7 @@ wrote it, job/lease.py): everything needed to continue a run exactly.
     rank-00000.json         that rank's RNG states and data cursor                               each rank
     MANIFEST.json           sha256 and size of every file above, the other ranks' included       rank 0
     COMMITTED               written last by rank 0, after every other file is uploaded, while   rank 0
-                            the job still holds output.uri's lease (job/lease.py); names the
+                            the job still holds output.uri's lease (job/output/lease.py); names the
                             lease's generation (as run.json does), host and pid
 
 A job writes only folders of its own generation, so a job that lost the lease (a frozen node) and the
@@ -26,7 +26,7 @@ Rank files are uploaded before a barrier; rank 0 then uploads its files from a b
 writes COMMITTED, so training goes on meanwhile. At most one upload is in flight: a checkpoint that
 comes while one is uploading waits for it. Retention runs right after a commit, which happens only
 while the lease is this job's; a failure to list or delete checkpoints there is a warning.
-The metric curve is not in checkpoints: each one adds a segment of it (job/metrics_log.py).
+The metric curve is not in checkpoints: each one adds a segment of it (job/output/curve.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 import tempfile
@@ -44,22 +43,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, NoReturn
+from typing import Annotated, Any, NamedTuple, NoReturn
 
-import numpy as np
 import torch
 from accelerate.utils import gather_object
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from job.data.pipeline import Count, RandomState, Saved, refuse, validated
-from job.data.stream import random_state, set_random_state
+from job.collective import rank_0_outcome, whole_everywhere
 from job.errors import JobError, UserError
-from job.export import MANIFEST, manifest_entry, verify_manifest, write_manifest
-from job.lease import Lease, LeaseLost, holder, rank_0_outcome
-from job.metrics_log import CURVE, read_history, remove_segments_after, segments_uri, to_lines
-from job.model_source import ModelIdentity, identity_change, resolved_identity
+from job.model.source import ModelIdentity, identity_change, resolved_identity
+from job.output.curve import CURVE, read_history, remove_segments_after, segments_uri, to_lines
+from job.output.lease import Lease, LeaseLost, holder
+from job.output.publish import MANIFEST, manifest_entry, verify_manifest, write_manifest
+from job.rng import SavedRngStates, rng_states
+from job.saved import Count, Saved, refuse, validated
 from job.spec import Spec, echo, flatten
 from job.storage import download_dir, filesystem, join, upload_dir
 
@@ -137,6 +136,17 @@ def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[
     return changes
 
 
+def saved_total_steps(saved: dict | None) -> int | None:
+    """The step count that a checkpoint's run planned, so that a resumed epoch-based run skips the
+    counting pass (a full read of the data). The resumed run trains the same spec (the fingerprint) on
+    as many processes over the files the run started with (the plan travels with the cursor), so a
+    count made again would only differ if those files changed meanwhile. None where the checkpoint
+    holds none (older checkpoints) or one that cannot be right (not past the checkpoint's step)."""
+    steps = saved.get("total_steps") if saved else None
+    valid = isinstance(steps, int) and not isinstance(steps, bool) and steps >= saved.get("step", 0) >= 0
+    return steps if valid and steps > 0 else None
+
+
 class StepFolder(NamedTuple):
     """A checkpoint's folder under checkpoints/; sorts oldest first."""
 
@@ -193,80 +203,12 @@ def remove_all(output_uri: str) -> None:
             fs.rm(path, recursive=True)
 
 
-def whole_everywhere(whole: bool, accelerator) -> bool:
-    """Whether every rank found its copy of a checkpoint whole (a collective with several ranks)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return whole
-    damaged = torch.tensor([int(not whole)], device=accelerator.device)
-    return not bool(accelerator.reduce(damaged, reduction="max"))
-
-
-def rng_states() -> dict[str, Any]:
-    """The global generators' states (Python, NumPy, torch, CUDA) as JSON values."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random_state(random),
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
-    return state
-
-
-def set_rng_states(state: dict[str, Any]) -> None:
-    """Apply states rng_states() saved, once rank_state() has checked them."""
-    set_random_state(random, state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
-
-
 # ---------------------------------------------------------------------------------------------
-# What a resume reads back is input, checked as the data cursor is (job/data/pipeline.py: saved_plan),
+# What a resume reads back is input, checked as the data cursor is (job/data/cursor.py: saved_plan),
 # with its helpers: refused with exit 2, naming the file and the key, before anything is trained.
 
 Step = Annotated[int, Field(ge=1, strict=True)]
-Byte = Annotated[int, Field(ge=0, le=255, strict=True)]
-Word = Annotated[int, Field(ge=0, lt=2**32, strict=True)]
-MT19937_WORDS = 624  # NumPy's generator state: 624 32-bit words, and the position of the next one
 Metric = Annotated[float, Field(strict=True)]  # an int or a float (NaN too: a loss can be), not a bool
-
-
-def generator_state(device: str) -> Callable[[list[int]], list[int]]:
-    """A check that bytes are the state of a torch generator on device: they are set on a new one, which
-    checks their size and the state's own fields (torch refuses what it cannot use). CUDA states are
-    checked only where there is CUDA: elsewhere set_rng_states() does not apply them."""
-
-    def check(state: list[int]) -> list[int]:
-        if device == "cuda" and not torch.cuda.is_available():
-            return state
-        try:
-            torch.Generator(device=device).set_state(torch.tensor(state, dtype=torch.uint8))
-        except RuntimeError as e:
-            raise ValueError(f"not the state of torch's {device} generator ({e})") from None
-        return state
-
-    return check
-
-
-# kind, keys, pos, has_gauss, cached: NumPy does not check pos, and reads its keys at pos
-NumpyState = tuple[
-    Literal["MT19937"],
-    Annotated[list[Word], Field(min_length=MT19937_WORDS, max_length=MT19937_WORDS)],
-    Annotated[int, Field(ge=0, le=MT19937_WORDS, strict=True)],
-    Annotated[int, Field(ge=0, le=1, strict=True)],
-    StrictFloat,
-]
-
-
-class SavedRngStates(Saved):
-    python: RandomState
-    numpy: NumpyState
-    torch: Annotated[list[Byte], AfterValidator(generator_state("cpu"))]
-    cuda: Annotated[list[Byte], AfterValidator(generator_state("cuda"))] | None = None
 
 
 class SavedRankFile(Saved):
@@ -294,7 +236,7 @@ class SavedRun(SavedFingerprint):
 
     model_config = ConfigDict(extra="forbid")
     step: Step
-    run_id: Any  # continued only when it is an MLflow run id (job/tracking.py: resumable_run_id)
+    run_id: Any  # continued only when it is an MLflow run id (job/tracking/tracker.py: resumable_run_id)
     total_steps: Step
     last_metrics: SavedMetrics
     checkpoint_format: StrictInt

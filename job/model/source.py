@@ -33,8 +33,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+from job.digest import sha256_file
 from job.errors import UserError
-from job.export import sha256_file
 from job.spec import ModelSpec
 from job.storage import download_dir, filesystem, is_local, storage_error, storage_errors
 

@@ -2,8 +2,8 @@
 
 On a CPU, torch's dropout draws a random number for every element and keeps a float mask of the
 input's size for the backward pass. In LoRA both are paid on the input of every adapted layer (seven
-per decoder layer), and on a small model that cost more than the frozen matmuls beside them (half
-of the bench's forward pass). With a drop probability p, the elements to drop are instead found by
+per decoder layer), and on a small model that cost more than the frozen matmuls beside them
+(bench/RESULTS.md). With a drop probability p, the elements to drop are instead found by
 drawing the gaps between them: the number of kept elements before the next dropped one follows a
 geometric distribution, drawn exactly as floor(log(1 - U) / log(1 - p)) from a uniform U. That takes
 about p x the elements' count random numbers (5% at LoRA's usual 0.05) and keeps only the dropped

@@ -17,7 +17,7 @@ watches even a live-looking one: its predecessor's, killed before it could relea
 lease_seconds (as lease.json, which may be damaged, says) are not under this job's
 train.collective_timeout_seconds is refused instead (UserError, exit 2): the other ranks wait for rank 0
 in a collective no longer than that.
-Checkpoints are written in folders of the generation that writes them (job/checkpoint.py), so two
+Checkpoints are written in folders of the generation that writes them (job/output/checkpoint.py), so two
 generations never write the same folder. Before a checkpoint is committed and before publishing, rank 0
 reads the lease again: a job whose lease another job took (it stopped renewing for longer than
 lease_seconds, say a frozen node), or that has released it, stops with LeaseLost (exit 1), writing and
@@ -46,13 +46,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from types import NoneType
-from typing import Any, TypeVar
+from typing import Any
 
+from job.collective import rank_0_outcome
 from job.errors import JobError, Preempted, UserError
-from job.restart import restart_id
+from job.output.restart import restart_id
 from job.signals import StopRequest
 from job.storage import filesystem, is_local, join, storage_error
 
@@ -64,7 +64,6 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "owner": (str,), "host": (str,), "pid": (int,), "pid_namespace": (str, NoneType), "job": (str, NoneType),
     "generation": (int,), "renewed_at": (int, float), "expires_at": (int, float), "released": (bool,),
 }  # fmt: skip
-T = TypeVar("T")
 
 
 class LeaseLost(JobError):
@@ -97,24 +96,6 @@ def record_problem(record: Any) -> str | None:
     if not record["released"] and lease_seconds(record) <= 0:
         return "expires_at is not after renewed_at"
     return None
-
-
-def rank_0_outcome(accelerator, work: Callable[[], T]) -> T:
-    """Every rank: rank 0 does work, and its result, or its error as a JobError, comes out on every rank,
-    so that no rank is left waiting in a collective for a rank 0 that failed before it."""
-    from accelerate.utils import broadcast_object_list
-
-    outcome: T | JobError | None = None
-    if accelerator.is_main_process:
-        try:
-            outcome = work()
-        except Exception as e:  # a bug as much as a JobError: the other ranks must not wait for it
-            outcome = e if isinstance(e, JobError) else JobError(f"rank 0: {type(e).__name__}: {e}")
-    if accelerator.num_processes > 1:
-        outcome = broadcast_object_list([outcome])[0]
-    if isinstance(outcome, JobError):
-        raise outcome
-    return outcome
 
 
 def process_namespace() -> str | None:

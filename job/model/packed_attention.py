@@ -4,8 +4,8 @@ A packed row holds several examples whose position ids restart at 0. transformer
 block-diagonal causal mask and sdpa then computes every block of the row, the masked ones included
 (a mask rules out the causal kernel's skipping). Here each example is attended on its own: the same
 result (no example sees another), with the work of its own length squared instead of the row's.
-On CPUs each example is one call of sdpa's causal kernel (on the bench's length-skewed data that
-halves the time spent in attention); on CUDA in half precision every example of the micro-batch is
+On CPUs each example is one call of sdpa's causal kernel (less time in attention on length-skewed
+data: bench/RESULTS.md); on CUDA in half precision every example of the micro-batch is
 one call of PyTorch's FlashAttention variable-length kernel (`torch.nn.attention.varlen`), so packing
 runs on flash attention without the flash-attn package.
 

@@ -1,6 +1,6 @@
 """`ftjob run --nproc-per-node N`: this node's worker processes, started by torch's elastic launcher.
 
-The launcher is what a scheduler sees. It forwards SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 to every
+This process, the workers' launcher, is what a scheduler sees. It forwards SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 to every
 worker (which then stop together, commit a checkpoint and exit 75) and waits for them, and it exits
 with the workers' code: 0 when all finish; otherwise a worker's own failure (1, 2, 3) before a stop
 (75). A stop that comes before any worker has started ends the launcher with 75. torchrun, by contrast, reports 1 for

@@ -4,9 +4,9 @@ peft computes a LoRA layer as base(x) + lora_B(lora_A(dropout(x))) * scaling, a 
 whose forward and backward each make their own pass over a [tokens, features] tensor: the scaling,
 the sum, and in backward the scaling again and the sum of the two paths' input gradients. On a CPU,
 where such passes are a good part of a small model's step, FusedLoraLinear does the same arithmetic
-with the scaling and the sums folded into the matmuls (addmm): 5% off the bench's step. It keeps the
-layer's input (without autocast, one tensor that q, k and v share) and the dropped positions
-(job/dropout.py) for backward instead of a dropped copy of the input per layer.
+with the scaling and the sums folded into the matmuls (addmm), a shorter step (bench/RESULTS.md). It
+keeps the layer's input (without autocast, one tensor that q, k and v share) and the dropped positions
+(job/model/dropout.py) for backward instead of a dropped copy of the input per layer.
 
 It takes over only plain LoRA (no DoRA, no LoRA bias) on an nn.Linear with one active adapter,
 unmerged and enabled, on a CPU; anything else (quantized layers, several adapters, mixed dtypes
@@ -19,7 +19,7 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from job.dropout import CpuDropout, drop, drop_positions
+from job.model.dropout import CpuDropout, drop, drop_positions
 
 
 class _LoraLinear(torch.autograd.Function):

@@ -5,7 +5,7 @@ version, git commit, image, host, world size, Slurm and Kubernetes ids, sweep pa
 the optimizer step as step, MLflow's system metrics, the data sources as dataset inputs, the spec
 and the final adapter as artifacts, and optionally a registered model version.
 
-Everything goes through the spool (job/spool.py): written to local disk, then delivered. When the
+Everything goes through the spool (job/tracking/spool.py): written to local disk, then delivered. When the
 server is unreachable, at start or mid-run, training goes on: one warning, records pile up in the
 spool, and each later log call after a backoff tries again (one info when the server is back); the
 end of the run tries once more, and what is still undelivered waits for the next ftjob run that
@@ -37,7 +37,8 @@ from job import __version__
 from job.data.files import expand
 from job.errors import EXIT_REQUEUE
 from job.spec import Spec, TrackingSpec, echo, flatten, public_dict, public_tags, redact
-from job.spool import (
+from job.storage import absolute, filesystem, protocol_of
+from job.tracking.spool import (
     RUN_KEY_TAG,
     Spool,
     Target,
@@ -49,8 +50,7 @@ from job.spool import (
     remove_abandoned,
     spool_root,
 )
-from job.storage import absolute, filesystem, protocol_of
-from job.system_metrics import SystemSampler
+from job.tracking.system_metrics import SystemSampler
 
 log = logging.getLogger(__name__)
 LOCAL_STORE_DIR = "mlruns"
@@ -136,7 +136,7 @@ def git_commit(environ: Mapping[str, str]) -> str | None:
     """FTJOB_GIT_COMMIT (set in images), else the commit of the checkout ftjob runs from, if any."""
     if environ.get("FTJOB_GIT_COMMIT"):
         return environ["FTJOB_GIT_COMMIT"]
-    source = Path(__file__).resolve().parent.parent
+    source = Path(__file__).resolve().parents[2]  # job/tracking/tracker.py -> the checkout
     if not (source / ".git").exists():
         return None
     try:
@@ -307,7 +307,7 @@ class Tracker:
 
     def _start(self, extra_tags: Mapping[str, str]) -> None:
         """The run's opening records into the spool; the delivery thread connects and sends them, so
-        the first step does not wait for MLflow's import and client (1 to 2.5 s here)."""
+        the first step does not wait for MLflow's import and client (seconds: bench/RESULTS.md)."""
         for name, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(name, value)
         uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()

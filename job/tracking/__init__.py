@@ -1,0 +1,1 @@
+"""MLflow tracking through a write-ahead spool, and the system/* sampler."""
