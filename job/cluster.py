@@ -221,3 +221,26 @@ def integer_variable(environ: Mapping[str, str], name: str, default: int | None 
         return int(text)
     except (TypeError, ValueError):
         raise UserError(f"{name}={text!r} is not an integer") from None
+
+
+def restart_id(environ: Mapping[str, str]) -> str | None:
+    """The id of the scheduler job this process belongs to, the same across its requeues
+    (FTJOB_RESTART_ID, else Slurm's job id); None in a plain shell."""
+    if environ.get("FTJOB_RESTART_ID"):
+        return environ["FTJOB_RESTART_ID"]
+    if environ.get("SLURM_JOB_ID"):
+        return f"slurm-{environ['SLURM_JOB_ID']}"
+    return None
+
+
+def scheduler_tags(environ: Mapping[str, str]) -> dict[str, str]:
+    """The Slurm and Kubernetes ids of this job, as tracking tags."""
+    from_env = {
+        "slurm.job_id": "SLURM_JOB_ID",
+        "slurm.array_job_id": "SLURM_ARRAY_JOB_ID",
+        "slurm.array_task_id": "SLURM_ARRAY_TASK_ID",
+    }
+    if environ.get("KUBERNETES_SERVICE_HOST"):  # inside a pod; the manifest passes JOB_NAME and POD_NAMESPACE
+        namespace = "POD_NAMESPACE" if environ.get("POD_NAMESPACE") else "KUBERNETES_NAMESPACE"
+        from_env |= {"k8s.job_name": "JOB_NAME", "k8s.namespace": namespace, "k8s.pod": "HOSTNAME"}
+    return {tag: environ[name] for tag, name in from_env.items() if environ.get(name)}

@@ -34,6 +34,10 @@ def gpu_peak_flops(device_name: str) -> float | None:
     return None
 
 
+def device_name(accelerator: Accelerator) -> str:
+    return torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else "cpu"
+
+
 def peak_flops(accelerator: Accelerator) -> float | None:
     """The device's peak FLOP/s for 16-bit mixed precision; None on CPUs, in float32 and for unknown GPUs."""
     if accelerator.device.type != "cuda" or accelerator.mixed_precision not in ("bf16", "fp16"):

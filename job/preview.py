@@ -51,7 +51,8 @@ def histogram(lengths: list[int], max_len: int, buckets: int = 8) -> list[str]:
     ]
 
 
-def preview(spec: Spec, n: int, as_json: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+def preview(spec: Spec, n: int, as_json: bool, out: TextIO | None = None, err: TextIO | None = None) -> None:
+    out, err = out or sys.stdout, err or sys.stderr  # at call time: a redirected sys.stdout gets the output
     quiet_libraries()
     configure_storage(spec.storage_options)
     _, tokenizer = model_dir_and_tokenizer(spec.model, spec.data.chat_template)
@@ -87,9 +88,10 @@ def preview(spec: Spec, n: int, as_json: bool, out: TextIO = sys.stdout, err: Te
         print(f"bad row {bad}", file=err)
 
 
-def check_access(spec: Spec, out: TextIO = sys.stdout) -> None:
+def check_access(spec: Spec, out: TextIO | None = None) -> None:
     """Reach every input and the output: the model (fetched into the node's cache as for training) and
     its tokenizer, the first row of every data file turned into an example, and a write probe."""
+    out = out or sys.stdout
     quiet_libraries()
     configure_storage(spec.storage_options)
     _, tokenizer = model_dir_and_tokenizer(spec.model, spec.data.chat_template)

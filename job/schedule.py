@@ -1,11 +1,24 @@
-"""The learning-rate schedule: linear warm-up, then constant, linear or cosine decay to 0."""
+"""The optimizer (AdamW over the trainable parameters) and its learning-rate schedule: linear warm-up,
+then constant, linear or cosine decay to 0."""
 
 from __future__ import annotations
 
 import math
 from functools import partial
 
+import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+from job.spec import TrainSpec
+
+
+def make_optimizer(model, cfg: TrainSpec, device_type: str) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        fused=device_type in ("cuda", "cpu"),
+    )
 
 
 def lr_factor(step: int, name: str, warmup_steps: int, total_steps: int) -> float:

@@ -7,6 +7,7 @@ Every problem is reported at once, each with its JSON path; nothing starts on er
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import os
@@ -391,6 +392,18 @@ def check_secret_env_overrides(environ: Mapping[str, str]) -> None:
         )
 
 
+def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a command takes a spec, as load_spec reads it: its source, then --set overrides."""
+    parser.add_argument("spec", nargs="?", help="path, fsspec URL or '-' (stdin); default: $FTJOB_SPEC")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. train.max_steps=10",
+    )
+
+
 def load_spec(
     source: str | None,
     overrides: list[str] = (),
@@ -614,7 +627,8 @@ _BOUNDS = {
 # Publishing: what goes to spec.json and MLflow params
 
 # scheme://userinfo@host anywhere in a value (fsspec chains URLs: simplecache::https://u:p@host/...)
-URL_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]+@")
+# userinfo up to the last "@" before the path: a password may hold "?" or "#" (invalid, but written)
+URL_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s]*@")
 _SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|key$|key_id|session)", re.IGNORECASE)
 # storage_options keys shown as they are (at any depth under a protocol); every other value is hidden:
 # headers, connection strings, SAS tokens and keys of any spelling stay out of spec.json and MLflow.

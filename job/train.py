@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -21,38 +22,27 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from job.cluster import restart_id
 from job.data.batching import Batch, empty_batch, flatten_packed
 from job.data.counting import data_metrics, data_summary, epoch_run_steps
 from job.data.pipeline import DataPipeline
 from job.data.plan import shared_plan
 from job.loss import eval_metrics, loss_sum, loss_tokens, output_head
-from job.metrics import flops_per_token, mfu, peak_flops, peak_memory_gib
-from job.model.adapter import apply_adapter, count_parameters
-from job.model.dropout import use_cpu_dropout
-from job.model.fused_lora import fuse_lora_linears
-from job.model.fused_norm import fuse_rms_norms
-from job.model.loading import load_model, model_dir_and_tokenizer
-from job.model.packed_attention import packed_attention_pays, use_packed_attention
-from job.model.source import resolve_model_dir
-from job.output.checkpoint import (
-    Checkpointer,
-    fingerprint,
-    remove_all,
-    remove_uncommitted,
-    resume_copies_removed,
-    saved_total_steps,
-)
+from job.metrics import device_name, flops_per_token, mfu, peak_flops, peak_memory_gib
+from job.model.adapter import count_parameters
+from job.model.loading import model_dir_and_tokenizer
+from job.model.prepare import prepare_model
+from job.output.checkpoint import fingerprint, resume_copies_removed, saved_total_steps
 from job.output.curve import remove_segments, write_curve
 from job.output.lease import Lease
-from job.output.publish import is_published, publish, publish_merged, remove_published
-from job.output.restart import record_restart, restart_pending
+from job.output.publish import publish, publish_merged
+from job.output.takeover import Takeover, merge_published, restart_decision
 from job.progress import Progress
-from job.rng import set_rng_states
-from job.schedule import make_scheduler
+from job.schedule import make_optimizer, make_scheduler
 from job.signals import StopRequest
 from job.spec import Spec
-from job.startup import keep_freed_memory, quiet_libraries
-from job.storage import absolute, check_writable, configure_storage, storage_errors
+from job.startup import quiet_libraries
+from job.storage import absolute, configure_storage
 from job.tracking.tracker import Tracker, run_record
 
 log = logging.getLogger(__name__)
@@ -78,8 +68,7 @@ class Run:
     model: Any  # prepared by accelerate
     optimizer: Any
     scheduler: Any
-    checkpointer: Checkpointer
-    lease: Lease  # output.uri's, held by rank 0
+    takeover: Takeover  # output.uri's lease (held by rank 0) and checkpointer
     tracker: Tracker
     total_steps: int
     first_step: int
@@ -88,6 +77,7 @@ class Run:
     device_flops: float | None  # peak FLOP/s of one device; None where MFU means nothing
     progress: Progress
     head: torch.nn.Linear | None  # the output layer the loss is computed through, chunk by chunk (loss.py)
+    flatten_packed: bool  # each micro-batch's packed rows become one row (packed_rows_flattened)
 
 
 def train(
@@ -103,43 +93,41 @@ def train(
     quiet_libraries()
     configure_storage(spec.storage_options)
     set_seed(spec.train.seed)
-    with storage_errors(f"output.uri {spec.output_uri}"):
-        restart = restart and restart_pending(spec)  # once per scheduler job: a requeued restart resumes
-        published = not restart and is_published(spec)
+    job = restart_id(os.environ)
+    restart, published = restart_decision(spec.output_uri, restart, job)
+    lease = Lease(spec.output_uri, spec.train.lease_seconds, spec.train.collective_timeout_seconds)
     if published:
-        if accelerator.is_main_process and spec.output.merge and not is_published(spec, "merged"):
-            lease = Lease(spec.output_uri, spec.train.lease_seconds, spec.train.collective_timeout_seconds)
-            with lease:  # a writer like any other
-                lease.take(stop)
-                model_dir = resolve_model_dir(spec.model)
-                log.info("merged model published to %s", publish_merged(spec, model_dir))
+        if accelerator.is_main_process and spec.output.merge:
+            merge_published(spec.output_uri, lease, spec.model, stop)
         log.info("%s is already published: nothing to do (ftjob run --restart trains again)", spec.output_uri)
         return None
 
-    device = torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else "cpu"
     tags = {
         "world_size": str(accelerator.num_processes),
         "adapter.method": spec.adapter.method,
-        "device": device,
+        "device": device_name(accelerator),
     }
-    # Released however train() ends, so that the next job (a requeued one) takes over at once; but only
-    # once the checkpoint upload in flight has ended (the checkpointer's block).
-    with Lease(spec.output_uri, spec.train.lease_seconds, spec.train.collective_timeout_seconds) as lease:
+    # The lease is released however train() ends, so that the next job (a requeued one) takes over at
+    # once; but only once the checkpoint upload in flight has ended (the checkpointer's block).
+    with Takeover(
+        spec.output_uri, lease, spec.output.keep_checkpoints, accelerator, restart, job
+    ) as takeover:
         with resume_copies_removed():  # a stop or an error in setup leaves no checkpoint copy on disk
-            run = setup(spec, accelerator, restart, stop, lease)
-        with run.checkpointer, run.tracker.run(tags):
+            run = setup(spec, accelerator, stop, takeover)
+        with takeover.checkpointer, run.tracker.run(tags):
             history = train_loop(run, accelerator, stop)
             model = accelerator.unwrap_model(run.model).eval()
             if not accelerator.is_main_process:
                 return TrainResult(model, run.tokenizer, "", history)
             # Rank 0 alone from here, after the last collective: a slow upload or merge cannot run into
             # the process group's timeout, the other ranks are done.
-            run.checkpointer.wait()
-            lease.check()  # a job that lost output.uri to another publishes nothing there
+            takeover.checkpointer.wait()
+            takeover.lease.check()  # a job that lost output.uri to another publishes nothing there
             adapter_uri = publish_adapter(run, model, history)
             run.progress.message(f"adapter published to {adapter_uri}")
             if spec.output.merge:
-                run.progress.message(f"merged model published to {publish_merged(spec, run.model_dir)}")
+                merged_uri = publish_merged(spec.output_uri, spec.model, run.model_dir)
+                run.progress.message(f"merged model published to {merged_uri}")
         if run.tracker.run_id:  # ended and delivered: the run exists unless MLflow was unreachable
             run.progress.message(f"MLflow run {run.tracker.run_id} in {run.tracker.uri}")
     return TrainResult(model, run.tokenizer, adapter_uri, history, run.tracker.run_id)
@@ -149,82 +137,41 @@ def train(
 # 1. Setup
 
 
-def setup(spec: Spec, accelerator: Accelerator, restart: bool, stop: StopRequest, lease: Lease) -> Run:
+def setup(spec: Spec, accelerator: Accelerator, stop: StopRequest, takeover: Takeover) -> Run:
+    """The components the loop needs, built in the order job/output/takeover.py explains."""
     cfg, is_main = spec.train, accelerator.is_main_process
     model_dir, tokenizer = model_dir_and_tokenizer(spec.model, spec.data.chat_template)
     plan = shared_plan(spec.data, accelerator)  # rank 0 resolves the files; every rank follows it
     rank, world = accelerator.process_index, accelerator.num_processes
     data = DataPipeline(spec.data, tokenizer, cfg.seed, cfg.epochs, rank, world, plan)
-    if is_main:
-        check_writable(spec.output_uri)
-    lease.acquire(accelerator, stop)  # claimed: refused at once if another job holds output.uri
-    # The claim settles while the model loads, which writes nothing under output.uri.
-    full, on_cpu = spec.adapter.method == "full", accelerator.device.type == "cpu"
-    model = load_model(model_dir, spec.model, accelerator.device, full_finetune=full)
-    packed_rows = spec.data.packing and spec.model.attn_implementation == "sdpa"
-    pays = packed_attention_pays(accelerator.device.type, accelerator.mixed_precision, model.dtype)
-    if packed_rows and pays and not use_packed_attention(model):
-        log.info("this model's layers get no position ids: packed rows are attended under sdpa's block mask")
-    model = apply_adapter(model, spec.adapter, bool(spec.model.quantization), cfg.gradient_checkpointing)
-    if on_cpu:  # on GPUs torch's and peft's own kernels and allocator are the fast ones
-        keep_freed_memory()
-        use_cpu_dropout(model)
-        fuse_lora_linears(model)
-        fuse_rms_norms(model)
+    takeover.claim(stop)
+    model, flatten = prepare_model(model_dir, spec, accelerator)
     head = output_head(model)
     log.info(
         "the loss %s", "goes through the output layer chunk by chunk" if head else "uses the model's logits"
     )
-    lease.settle(accelerator)  # held: only from here on is anything under output.uri written or deleted
-    if is_main and not restart:
-        remove_uncommitted(spec.output_uri)
-    accelerator.wait_for_everyone()
-    checkpointer = Checkpointer(spec.output_uri, rank, world, spec.output.keep_checkpoints, lease)
-    saved = (
-        None
-        if restart
-        else checkpointer.load_latest(fingerprint(spec, accelerator.num_processes), accelerator)
-    )
-    rank_state = checkpointer.rank_state(saved) if saved else None
-    if rank_state:  # the files and the cursor the run was reading, before the counting pass reads them
-        cursor = f"the data cursor in {saved['uri']}/rank-{rank:05d}.json"  # its step and generation
-        data.load_state_dict(rank_state["data"], cursor)  # checked as input: exit 2 before a row is read
-    stop.raise_if_agreed(accelerator, saved)  # between the phases that can take long: the model load...
+    takeover.settle(fingerprint(spec, world))
+    takeover.resume_data(data)
+    takeover.stop_if_agreed(stop)
     total_steps = (
         cfg.max_steps
-        or saved_total_steps(saved)
+        or saved_total_steps(takeover.saved)
         or epoch_run_steps(data, accelerator, cfg.micro_batch_size, cfg.grad_accum)
     )
-    stop.raise_if_agreed(accelerator, saved)  # ...and the counting pass
-    if restart:  # only now that the model and adapter load is anything deleted
-        if is_main:
-            remove_published(spec)
-            remove_all(spec.output_uri)
-            record_restart(spec)
-        accelerator.wait_for_everyone()
+    takeover.stop_if_agreed(stop)
+    takeover.clear_if_restart()
     trainable, total = count_parameters(model)
-
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        fused=accelerator.device.type in ("cuda", "cpu"),
-    )
+    optimizer = make_optimizer(model, cfg, accelerator.device.type)
     scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.warmup_steps, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    first_step, history = 1, []
-    if saved:  # continue exactly where the checkpoint left off: weights, optimizer, data, RNG
-        checkpointer.restore(saved, model, optimizer, scheduler, accelerator)
-        set_rng_states(rank_state["rng"])
-        first_step, history = saved["step"] + 1, saved["history"] or [saved["last_metrics"]]
-        log.info("resuming from the checkpoint at step %d", saved["step"])
+    first_step, history = takeover.restore(model, optimizer, scheduler)
     record = run_record(spec) if is_main and spec.tracking.enabled else None
-    tracker = Tracker(spec.tracking, record, resume_run_id=saved.get("run_id") if saved else None)
+    tracker = Tracker(spec.tracking, record, resume_run_id=takeover.run_id)
     progress = Progress(total_steps, cfg.log_every, enabled=is_main, first_step=first_step)
     return Run(
-        spec, model_dir, tokenizer, data, model, optimizer, scheduler, checkpointer, lease, tracker,
-        total_steps, first_step, history, flops_per_token(total, trainable), peak_flops(accelerator), progress,
-        head,
+        spec, model_dir, tokenizer, data, model, optimizer, scheduler, takeover,
+        tracker, total_steps, first_step, history, flops_per_token(total, trainable), peak_flops(accelerator),
+        progress, head, flatten,
     )  # fmt: skip
 
 
@@ -241,17 +188,16 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
         f"{cfg.grad_accum} x {accelerator.num_processes} process(es), {accelerator.device}, "
         f"mixed precision {accelerator.mixed_precision}"
     )
-    flat_packing = spec.data.packing and spec.model.attn_implementation.startswith("flash")
     train_batches = data.train_batches(cfg.micro_batch_size)
     has_eval = bool(data.eval_files)  # the same on every rank, unlike a rank's own share of eval rows
     eval_batches = data.eval_batches(cfg.micro_batch_size) if has_eval else []
     run.model.train()
-    stop.training_begins(run.checkpointer)
+    stop.training_begins(run.takeover.checkpointer)
     for step in itertools.count(run.first_step):
         if cfg.max_steps and step > cfg.max_steps:
             break
         window = list(itertools.islice(train_batches, cfg.grad_accum))
-        if flat_packing:
+        if run.flatten_packed:
             window = [flatten_packed(batch) for batch in window]
         metrics = optimizer_step(run, window, accelerator)
         if metrics is None:
@@ -276,17 +222,11 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
                 "fingerprint": fingerprint(spec, accelerator.num_processes),
                 "total_steps": run.total_steps,
             }
-            run.checkpointer.save(
+            run.takeover.checkpointer.save(
                 step, run.model, run.optimizer, run.scheduler, accelerator, data.state_dict(), state, history
             )
         if stopping:
-            # Every rank exits 75 only once the checkpoint is committed and rank 0 has released the lease
-            # for the requeued job: a launcher that sees one worker exit stops the others.
-            run.checkpointer.wait_committed(accelerator)
-            if accelerator.is_main_process:
-                run.lease.release()
-            accelerator.wait_for_everyone()
-            raise stop.committed_at(step)
+            raise run.takeover.stop_for_requeue(stop, step)
     progress.close()
     data.budget.check()  # a run that ends before the data does still answers for its bad rows
     final = data_metrics(data, accelerator)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from job.errors import UserError
-from job.tracking.tracker import HTTP_DEFAULTS, LOCAL_STORE_DIR, redact_url
+from job.tracking.store import HTTP_DEFAULTS, LOCAL_STORE_DIR, redact_url
 
 DEFAULT_METRIC = "eval/loss"
 FALLBACK_METRIC = "train/loss"

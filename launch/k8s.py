@@ -15,9 +15,12 @@ ConfigMap and Job (and Service) per point.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,8 @@ from job.spec import (
     override_variable,
     public_dict,
 )
+from job.storage import is_local
+from launch.sweep import Submission
 
 SPEC_DIR = "/spec"
 IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -68,6 +73,99 @@ class K8sOptions:
     backoff_limit: int = 3
     active_deadline_seconds: int | None = None
     ttl_seconds: int = 86400
+
+
+HELP = "render (and --apply) Kubernetes objects"
+DESCRIPTION = (
+    "Render the spec as a ConfigMap and an Indexed Job of --nodes pods (plus a headless Service for several "
+    "nodes), restricted pod security, credentials from Secrets by reference; print them, write them "
+    "(--output) or create them (--apply)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`ftjob launch k8s`'s own options (launch/cli.py adds the spec, --nodes, --gpus-per-node, --sweep)."""
+    parser.add_argument(
+        "--image",
+        help=f"the image, pinned by tag or digest (default: ftjob:{__version__}, this ftjob's version)",
+    )
+    parser.add_argument("--namespace")
+    parser.add_argument("--cpu", default="4", help="CPU request per pod")
+    parser.add_argument("--memory", default="32Gi", help="memory request and limit per pod")
+    parser.add_argument("--shm", default="8Gi", help="size of the memory-backed /dev/shm")
+    parser.add_argument(
+        "--disk",
+        default="100Gi",
+        help="ephemeral storage per pod: request, limit and size of each writable folder (model cache, staging)",
+    )
+    parser.add_argument(
+        "--spool-claim",
+        metavar="PVC",
+        help="a PersistentVolumeClaim for the MLflow spool, so that records kept through a tracking outage "
+        "outlive the pod (a later pod delivers them)",
+    )
+    parser.add_argument(
+        "--secret",
+        dest="secrets",
+        action="append",
+        metavar="NAME",
+        help="a Secret whose keys become the pod's variables (default: ftjob-credentials, optional); its "
+        "FTJOB__ keys may set only secret values of the spec (ftjob run --env-overrides secrets)",
+    )
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="a variable, never a secret"
+    )
+    parser.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--toleration", dest="tolerations", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]"
+    )
+    parser.add_argument("--priority-class")
+    parser.add_argument("--service-account")
+    parser.add_argument("--queue", help="Kueue LocalQueue (the kueue.x-k8s.io/queue-name label)")
+    parser.add_argument("--backoff-limit", type=int, default=3)
+    parser.add_argument("--active-deadline-seconds", type=int)
+    parser.add_argument(
+        "--ttl-seconds", type=int, default=86400, help="delete the finished Job after this long"
+    )
+    parser.add_argument("--output", "-o", metavar="FILE", help="write the manifests here instead of stdout")
+    parser.add_argument(
+        "--apply", action="store_true", help="create them with your kubeconfig (server dry run first)"
+    )
+    parser.set_defaults(secrets=None)
+
+
+def submit(args: argparse.Namespace, submission: Submission) -> int:
+    """The objects of every spec: printed, written (--output) or created (--apply)."""
+    if any(is_local(spec.output_uri) for spec in submission.specs):
+        raise UserError(
+            f"output.uri {submission.spec.output.uri}: a pod's local disk goes with the pod (checkpoints and "
+            "the adapter with it); give object storage, e.g. s3://bucket/runs/{name}"
+        )
+    given = {name: getattr(args, name) for name in K8sOptions.__dataclass_fields__}
+    options = K8sOptions(**{name: value for name, value in given.items() if value is not None})
+    for warning in k8s_warnings(submission.spec, options, len(submission.specs)):
+        print(f"warning: {warning}", file=sys.stderr)
+    objects = render(submission.specs, options, parent_run(submission) if args.apply else None)
+    if args.output:
+        Path(args.output).write_text(to_yaml(objects))
+        print(f"wrote {len(objects)} objects to {args.output}")
+    elif not args.apply:
+        print(to_yaml(objects), end="")
+    if args.apply:
+        for name in apply(objects, options.namespace):
+            print(f"created {name}")
+    return 0
+
+
+def parent_run(submission: Submission) -> str | None:
+    """A tracked sweep's parent run, in the store the pods log to: MLFLOW_TRACKING_URI, reached from here
+    too (without it the pods would log to a store inside each pod)."""
+    if not submission.wants_parent_run:
+        return None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        print("no MLflow parent run: MLFLOW_TRACKING_URI is unset here", file=sys.stderr)
+        return None
+    return submission.start_parent_run(os.environ["MLFLOW_TRACKING_URI"])
 
 
 def object_name(spec_name: str) -> str:

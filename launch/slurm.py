@@ -13,6 +13,7 @@ preempted jobs itself where the cluster says so. A requeued run never passes `--
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -29,6 +30,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from job.errors import EXIT_REQUEUE, UserError
+from job.spec import Spec
+from job.tracking.store import default_tracking_uri
+from launch.sweep import PARENT_ENV, Submission
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 TIME_LIMIT_SIGNALS = {signal.SIGUSR1, signal.SIGUSR2}
@@ -132,6 +136,95 @@ def run_forwarding_signals(argv: list[str], env: Mapping[str, str]) -> tuple[int
 
 # ---------------------------------------------------------------------------------------------
 # The login-node side
+
+HELP = "submit to Slurm through submitit"
+DESCRIPTION = (
+    "Validate the spec here, then submit one Slurm job: one task per node, each running "
+    "`ftjob run --nproc-per-node G`. Before the time limit Slurm sends USR2; the job checkpoints, "
+    "exits 75 and is requeued, and resumes."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`ftjob launch slurm`'s own options (launch/cli.py adds the spec, --nodes, --gpus-per-node, --sweep)."""
+    parser.add_argument("--partition")
+    parser.add_argument("--time", dest="time_minutes", type=int, default=60, metavar="MINUTES")
+    parser.add_argument("--account")
+    parser.add_argument("--qos")
+    parser.add_argument("--cpus-per-task", type=int)
+    parser.add_argument("--mem", help="memory per node, e.g. 64G")
+    parser.add_argument("--constraint")
+    parser.add_argument("--exclusive", action="store_true")
+    parser.add_argument(
+        "--sbatch", action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option"
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="make sure a variable reaches the job (sbatch exports this shell's environment)",
+    )
+    parser.add_argument(
+        "--signal-seconds", type=int, default=120, help="USR2 this long before the time limit"
+    )
+    parser.add_argument("--max-requeues", type=int, default=10, help="requeues after the time-limit signal")
+    parser.add_argument(
+        "--container-image", help="run each task in this image: a .sif (Apptainer) or a pyxis/enroot image"
+    )
+    parser.add_argument("--folder", default="ftjob-logs", help="submitit's folder: the job's pickle and logs")
+    parser.add_argument("--max-parallel", type=int, help="array tasks running at once (default: all)")
+    parser.add_argument("--restart", action="store_true", help="ftjob run --restart (the first run only)")
+    parser.add_argument("--check-access", action="store_true", help="read model, data and output first")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    parser.add_argument(
+        "--wait", action="store_true", help="follow the job and its requeues; exit with its exit code"
+    )
+
+
+def submit(args: argparse.Namespace, submission: Submission) -> int:
+    """One Slurm job, a job array for a sweep (a task per point); with --wait, its exit code."""
+    if args.check_access:
+        code = check_access(submission.spec)
+        if code:
+            return code
+    options = SlurmOptions(
+        **{name: getattr(args, name) for name in SlurmOptions.__dataclass_fields__ if hasattr(args, name)}
+    )
+    pass_environment(args.env, os.environ)
+    array = len(submission.specs) if submission.is_sweep else None
+    executor = executor_for(options, submission.spec.name, array=array, dry_run=args.dry_run)
+    if args.dry_run:
+        print(dry_run_script(executor, array))
+        return 0
+    if submission.wants_parent_run:
+        store = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+        os.environ[PARENT_ENV] = submission.start_parent_run(store)  # sbatch exports it to every task
+    tasks = [task_for(spec, options, args.restart) for spec in submission.specs]
+    make_private_folder(executor.folder)
+    try:
+        if submission.is_sweep:
+            with executor.batch():  # one job array, a task per point
+                jobs = [executor.submit(task) for task in tasks]
+        else:
+            jobs = [executor.submit(tasks[0])]
+    except Exception as e:  # sbatch refused it: a partition, account or limit that does not exist
+        raise UserError(f"sbatch refused the job: {e}") from None
+    for job, spec in zip(jobs, submission.specs, strict=True):
+        print(
+            f"submitted Slurm job {job.job_id} ({spec.name}); log: {job.paths.stdout} (errors: {job.paths.stderr})"
+        )
+    return follow_all(jobs) if args.wait else 0
+
+
+def check_access(spec: Spec) -> int:
+    """`ftjob validate - --check-access` on the spec checked here, in a process of its own (reading the
+    model and the data is job's work, which launch never imports); its exit code."""
+    argv = [sys.executable, "-m", "job", "validate", "-", "--check-access"]
+    spec_json = json.dumps(spec.model_dump(mode="json"))
+    return subprocess.run(
+        argv, input=spec_json, text=True, env=without_launcher_variables(os.environ)
+    ).returncode
 
 
 @dataclass

@@ -9,18 +9,21 @@
 
 A file without `grid:` or `points:` is a grid. Point i is named `<name>-pNN` and, unless output.uri
 has `{name}` in it already, writes under `<output.uri>/<point name>`; all points are children of one
-MLflow parent run.
+MLflow parent run. A Submission is what every launcher gets: the spec, the points and their validated
+specs (the spec alone without a sweep); it starts and announces the parent run when the launcher asks.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from job.errors import UserError
 from job.spec import Spec, apply_override, load_yaml, validate_spec
+from job.tracking.store import redact_url
 
 PARENT_ENV = "FTJOB_PARENT_RUN_ID"
 MAX_POINTS = 1000
@@ -69,19 +72,46 @@ def point_specs(base: Spec, points: list[dict[str, Any]]) -> list[Spec]:
     return specs
 
 
-def start_parent_run(base: Spec, points: list[dict[str, Any]], tracking_uri: str) -> str:
-    """The MLflow run the points' runs are children of; it records the sweep and ends at once."""
-    from mlflow import MlflowClient
+@dataclass
+class Submission:
+    """What one `ftjob launch` submits: the spec, the sweep's points (none without --sweep) and the
+    validated specs to run, one per point (the spec alone without a sweep)."""
 
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(base.tracking.experiment)
-    experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment(base.tracking.experiment)
-    )
-    run = client.create_run(
-        experiment_id, run_name=f"{base.name}-sweep", tags={"ftjob.sweep.points": str(len(points))}
-    )
-    for key in sorted({k for point in points for k in point}):
-        client.log_param(run.info.run_id, f"sweep.{key}", str(sorted({str(p.get(key)) for p in points})))
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    spec: Spec
+    points: list[dict[str, Any]]
+    specs: list[Spec]
+
+    @classmethod
+    def of(cls, spec: Spec, sweep_file: str | None) -> Submission:
+        points = load_points(sweep_file) if sweep_file else []
+        return cls(spec, points, point_specs(spec, points) if points else [spec])
+
+    @property
+    def is_sweep(self) -> bool:
+        return bool(self.points)
+
+    @property
+    def wants_parent_run(self) -> bool:
+        """A tracked sweep: its points' runs become children of one MLflow parent run."""
+        return self.is_sweep and self.spec.tracking.enabled
+
+    def start_parent_run(self, tracking_uri: str) -> str:
+        """The MLflow run the points' runs are children of, announced on stdout; it records the sweep
+        and ends at once."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        name = self.spec.tracking.experiment
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+        run = client.create_run(
+            experiment_id,
+            run_name=f"{self.spec.name}-sweep",
+            tags={"ftjob.sweep.points": str(len(self.points))},
+        )
+        run_id = run.info.run_id
+        for key in sorted({k for point in self.points for k in point}):
+            client.log_param(run_id, f"sweep.{key}", str(sorted({str(p.get(key)) for p in self.points})))
+        client.set_terminated(run_id)
+        print(f"MLflow parent run {run_id} in {redact_url(tracking_uri)}: ftjob compare --parent {run_id}")
+        return run_id

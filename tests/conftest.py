@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny local model, a real S3 (moto's server over HTTP), an isolated working dir.
+"""Shared fixtures: a tiny local model and its tokenizer, a real S3 (moto's server over HTTP), an isolated
+working dir.
 
-Tests that need a model, a server or a subprocess are marked `integration`; `make test-fast` runs the
-others (pure logic) in seconds.
+The tests live in three tiers, one folder each, and each folder's conftest marks its tests:
+tests/unit (in-process, no process, server or model weights: `make test-fast`), tests/integration (the
+tiny model, local servers, lint tools, helper processes) and tests/e2e (ftjob as processes).
 """
 
 from __future__ import annotations
@@ -10,17 +12,30 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import ALPACA_ROWS, REPO, S3_ENV, causal_attention, free_port, write_jsonl
+from helpers import (
+    ALPACA_ROWS,
+    REPO,
+    RESUME_STEPS,
+    S3_ENV,
+    causal_attention,
+    free_port,
+    tiny_corpus,
+    write_jsonl,
+    write_stop_spec,
+)
 
 import job  # noqa: F401  first: ftjob's refusal of hub kernels holds for the whole test process
 
-INTEGRATION_FIXTURES = {"tiny_model_dir", "s3_server", "data_files", "slurm", "image"}
+TESTS = Path(__file__).parent
+TIERS = ("unit", "integration", "e2e")
 
 
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
-        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.integration)
+        if item.path.parent not in {TESTS / tier for tier in TIERS}:
+            raise pytest.UsageError(
+                f"{item.path}: a test file belongs in tests/unit, tests/integration or tests/e2e"
+            )
 
 
 @pytest.fixture(autouse=True)
@@ -43,45 +58,43 @@ def isolated(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from job.data.formats import alpaca_prompt
     from job.model.tiny import build_tiny_model
 
-    corpus = [alpaca_prompt(r["instruction"], r.get("input", "")) + r["output"] for r in ALPACA_ROWS] * 20
     return build_tiny_model(
-        tmp_path_factory.mktemp("models") / "tiny", corpus, hidden_size=64, layers=2, vocab_size=300
+        tmp_path_factory.mktemp("models") / "tiny", tiny_corpus(), hidden_size=64, layers=2, vocab_size=300
     )
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The tiny model's tokenizer files (the same bytes as tiny_model_dir's), without the model: unit tests
+    tokenize, they load no weights."""
+    from job.model.tiny import build_tokenizer
 
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(tiny_corpus(), vocab_size=300).save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="session")
-def slurm():
-    """A real single-node Slurm (slurm/testcluster.sh: slurmctld, slurmd, slurmdbd on MariaDB, munge).
-    `.ci/run` brings it up; otherwise this brings it up (installing Debian's packages when missing,
-    so it needs root) and down again at the end. Yields the environment its commands need."""
-    import subprocess
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
 
-    if os.geteuid() != 0:
-        pytest.skip(
-            "the Slurm test cluster (slurm/testcluster.sh) needs root to install and start its daemons"
-        )
-    script = str(REPO / "slurm" / "testcluster.sh")
-    already_up = subprocess.run([script, "status"], capture_output=True).returncode == 0
-    if not already_up:
-        started = subprocess.run([script, "up"], capture_output=True, text=True)
-        assert started.returncode == 0, started.stderr
-    env = {
-        "SLURM_CONF": str(Path(os.environ.get("FTJOB_SLURM_DIR", "/tmp/ftjob-slurm"), "etc", "slurm.conf"))
-    }
-    os.environ.update(env)  # sbatch, squeue, sacct, scancel in this process and its children
-    yield env
-    if not already_up:
-        subprocess.run([script, "down"], check=False)
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder for one module's runs of the resume spec."""
+    return tmp_path_factory.mktemp("resume")
+
+
+@pytest.fixture(scope="module")
+def spec_path(tiny_model_dir, workdir) -> Path:
+    """The resume spec (a packed LoRA run with dropout, RESUME_STEPS steps, a checkpoint every 5) in workdir."""
+    return write_stop_spec(
+        workdir, tiny_model_dir, "r", RESUME_STEPS, checkpoint_every=5, seed=3, data={"shuffle_buffer": 16}
+    )
 
 
 @pytest.fixture(scope="session")
@@ -129,6 +142,32 @@ def fault_proxy(s3_server):
     with FaultProxy(s3_server, seed=31) as proxy:
         yield proxy
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `mlflow server` (tests/mlflow_server.py) for the module's tests."""
+    from mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(server):
+    from mlflow import MlflowClient
+
+    return MlflowClient(server.url)
+
+
+@pytest.fixture
+def spool_dir(isolated, monkeypatch) -> Path:
+    """A spool folder (FTJOB_SPOOL_DIR) of the test's own."""
+    path = isolated / "spool"
+    monkeypatch.setenv("FTJOB_SPOOL_DIR", str(path))
+    return path
 
 
 @pytest.fixture

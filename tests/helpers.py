@@ -1,13 +1,23 @@
-"""What tests share besides fixtures: test data, the CLI in a subprocess, in-process training."""
+"""What tests share besides fixtures: test data, the CLI in this process or a subprocess, in-process training."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import chdir, contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 S3_ENV = {
@@ -29,6 +39,26 @@ CHATML = (
 )
 
 
+def tiny_corpus() -> list[str]:
+    """The text the tiny model's tokenizer is trained on."""
+    from job.data.formats import alpaca_prompt
+
+    return [alpaca_prompt(r["instruction"], r.get("input", "")) + r["output"] for r in ALPACA_ROWS] * 20
+
+
+def mark_tier(items: list, folder: Path, marker: pytest.MarkDecorator) -> None:
+    """Mark the items collected from folder: a conftest's collection hook sees every item of the session."""
+    for item in items:
+        if item.path.parent == folder:
+            item.add_marker(marker)
+
+
+def may_set_up_the_machine() -> bool:
+    """Whether a fixture may install Debian packages or start daemons for its tests: as root, unless the
+    user said FTJOB_TEST_INSTALL=no."""
+    return os.geteuid() == 0 and os.environ.get("FTJOB_TEST_INSTALL", "yes") != "no"
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
@@ -41,7 +71,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ftjob(*args: str, cwd: Path, env: dict | None = None, stdin: str | None = None, timeout: int = 600):
+def run_ftjob(
+    *args: str, cwd: Path | None = None, env: dict | None = None, stdin: str | None = None, timeout: int = 600
+):
     """Run the real CLI in a subprocess (as a batch job would), capturing output."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
@@ -53,6 +85,80 @@ def run_ftjob(*args: str, cwd: Path, env: dict | None = None, stdin: str | None 
         text=True,
         timeout=timeout,
     )
+
+
+@dataclass
+class Ran:
+    """What run_ftjob's CompletedProcess gives: the exit code, stdout and stderr."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def ftjob(
+    *args: str,
+    cwd: Path | None = None,
+    env: dict | None = None,
+    stdin: str | None = None,
+    timeout: float | None = None,
+) -> Ran:
+    """`ftjob ARGS` through job.cli.main in this process: the exit code, stdout and stderr that run_ftjob
+    would give, without an interpreter start. Put back afterwards: os.environ, the working directory,
+    sys.stdin, the `job` logger and the stop signals' handlers. `timeout` (SIGALRM) is for validate and
+    launch only: run and preview time rows with the same timer."""
+    from job.cli import main
+    from job.signals import STOP_SIGNALS
+
+    saved_environ, saved_cwd, saved_stdin = os.environ.copy(), os.getcwd(), sys.stdin
+    logger = logging.getLogger("job")
+    saved_logging = (logger.handlers[:], logger.level)
+    saved_handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    stdout, stderr = io.StringIO(), io.StringIO()
+    os.environ.update(env or {})
+    if "s3fs" in sys.modules:  # as in a new process: no filesystem made for another endpoint or credentials
+        sys.modules["s3fs"].S3FileSystem.clear_instance_cache()
+    try:
+        with (
+            chdir(cwd or saved_cwd),
+            redirect_stdout(stdout),
+            redirect_stderr(stderr),
+            _alarm_after(timeout),
+            # in a process that has not imported transformers yet, a run would hide bitsandbytes for the
+            # rest of the session, and the 4- and 8-bit tests after it would fail
+            mock.patch("job.startup.leave_out_bitsandbytes"),
+        ):
+            sys.stdin = io.StringIO(stdin or "")
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse's usage errors and --help
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        sys.stdin = saved_stdin
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        logger.handlers, logger.level = saved_logging
+        for s, handler in saved_handlers.items():
+            signal.signal(s, handler)
+    return Ran(code, stdout.getvalue(), stderr.getvalue())
+
+
+@contextmanager
+def _alarm_after(seconds: float | None) -> Iterator[None]:
+    if seconds is None:
+        yield
+        return
+
+    def hung(signum, frame):
+        raise TimeoutError(f"ftjob did not return within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # float32 on every CPU, where `auto` means bf16 on those with AMX: the tests compare numbers tightly,
@@ -137,6 +243,24 @@ def write_stop_spec(
     return path
 
 
+RESUME_STEPS = 30  # the resume spec's steps: the `spec_path` fixture
+
+
+def losses(output_dir) -> list[float]:
+    history = json.loads((output_dir / "adapter" / "metrics.json").read_text())["history"]
+    return [h["train/loss"] for h in history]
+
+
+def assert_same_run(workdir, uninterrupted: str, resumed: str) -> None:
+    """The adapters (bitwise) and loss curves of two runs under workdir are the same."""
+    from safetensors.torch import load_file
+
+    assert losses(workdir / resumed) == losses(workdir / uninterrupted)
+    a = load_file(workdir / uninterrupted / "adapter" / "adapter_model.safetensors")
+    b = load_file(workdir / resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bitwise
+
+
 def start_run(spec_path: Path, output: str, *args: str, env: dict | None = None) -> subprocess.Popen:
     """`ftjob run SPEC --set output.uri=OUTPUT ARGS` in a session of its own (as a scheduler starts a
     job), stdout and stderr together on a pipe."""
@@ -159,6 +283,38 @@ def read_until(process: subprocess.Popen, marker: str) -> list[str]:
         if marker in line:
             return lines
     raise AssertionError(f"{marker!r} never appeared:\n{''.join(lines)}")
+
+
+# The lease tests' pieces: a lease another job wrote, and what a job left behind.
+LEASE_SECONDS = 6
+COLLECTIVE_TIMEOUT = 1800  # train.collective_timeout_seconds, the longest a job waits for a lease
+
+
+def lease_record(**fields) -> dict:
+    """A lease.json another job wrote, renewed now and live for a minute unless fields say otherwise."""
+    now = time.time()
+    return {"owner": "f" * 32, "host": "node-7", "pid": 4242, "job": None, "generation": 1,
+            "renewed_at": now, "expires_at": now + 60, "released": False, **fields}  # fmt: skip
+
+
+def write_lease(output: Path, record: dict | str) -> None:
+    """As another job writes it (a record, or damaged text): whole at once (a rename), so the job under
+    test never reads half of it."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "lease.json.tmp").write_text(record if isinstance(record, str) else json.dumps(record))
+    os.replace(output / "lease.json.tmp", output / "lease.json")
+
+
+def read_lease(output: Path) -> dict:
+    return json.loads((output / "lease.json").read_text())
+
+
+def files_under(directory: Path) -> list[str]:
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+
+def messages(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records)
 
 
 def tiny_causal_lm(arch: str = "llama", **config):

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import pickle
-import re
 import shutil
 import tempfile
 import threading
@@ -43,7 +42,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import torch
 from accelerate.utils import gather_object
@@ -54,24 +53,28 @@ from safetensors.torch import load_file, save_file
 from job.collective import rank_0_outcome, whole_everywhere
 from job.errors import JobError, UserError
 from job.model.source import ModelIdentity, identity_change, resolved_identity
-from job.output.curve import CURVE, read_history, remove_segments_after, segments_uri, to_lines
+from job.output.curve import read_history, remove_segments_after, to_lines
+from job.output.layout import (
+    COMMITTED,
+    MANIFEST,
+    RUN_RECORD,
+    STATES,
+    WEIGHTS,
+    OutputLayout,
+    StepFolder,
+    parse_step_folder,
+    rank_file,
+    segment_file,
+    step_folder,
+)
 from job.output.lease import Lease, LeaseLost, holder
-from job.output.publish import MANIFEST, manifest_entry, verify_manifest, write_manifest
+from job.output.manifest import manifest_entry, verify_manifest, write_manifest
 from job.rng import SavedRngStates, rng_states
 from job.saved import Count, Saved, refuse, validated
 from job.spec import Spec, echo, flatten
 from job.storage import download_dir, filesystem, join, upload_dir
 
 log = logging.getLogger(__name__)
-COMMITTED = "COMMITTED"
-WEIGHTS = "trainable.safetensors"
-STATES = "optimizer.pt"
-STEP_DIR = re.compile(r"step-(\d+)(?:-g(\d+))?")
-
-
-def checkpoints_uri(output_uri: str) -> str:
-    return join(output_uri, "checkpoints")
-
 
 # Spec keys a resumed run may change: they do not change what is trained, only how often it is
 # checkpointed, logged or evaluated, how long it may take to stop, and where things are reported. Any
@@ -147,37 +150,17 @@ def saved_total_steps(saved: dict | None) -> int | None:
     return steps if valid and steps > 0 else None
 
 
-class StepFolder(NamedTuple):
-    """A checkpoint's folder under checkpoints/; sorts oldest first."""
-
-    step: int
-    generation: int  # of the lease that wrote it; 0 for a folder from before generations
-    name: str
-
-
-def step_folder_name(step: int, generation: int) -> str:
-    return f"step-{step:06d}-g{generation}"
-
-
-def folder_uri(output_uri: str, folder: StepFolder) -> str:
-    return join(checkpoints_uri(output_uri), folder.name)
-
-
 def step_folders(output_uri: str) -> list[StepFolder]:
     """Every checkpoint folder under output.uri, committed or not, oldest first."""
-    fs, root = filesystem(checkpoints_uri(output_uri))
+    fs, root = filesystem(OutputLayout(output_uri).checkpoints)
     if not fs.exists(root):
         return []
-    folders = []
-    for path in fs.ls(root, detail=False):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if match := STEP_DIR.fullmatch(name):
-            folders.append(StepFolder(int(match.group(1)), int(match.group(2) or 0), name))
-    return sorted(folders)
+    names = (path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False))
+    return sorted(folder for name in names if (folder := parse_step_folder(name)))
 
 
 def is_committed(output_uri: str, folder: StepFolder) -> bool:
-    fs, path = filesystem(join(folder_uri(output_uri, folder), COMMITTED))
+    fs, path = filesystem(join(OutputLayout(output_uri).checkpoint(folder), COMMITTED))
     return fs.exists(path)
 
 
@@ -190,14 +173,15 @@ def remove_uncommitted(output_uri: str) -> None:
     """Checkpoints without COMMITTED are leftovers of an interrupted upload: never trusted, removed."""
     for folder in step_folders(output_uri):
         if not is_committed(output_uri, folder):
-            fs, path = filesystem(folder_uri(output_uri, folder))
+            fs, path = filesystem(OutputLayout(output_uri).checkpoint(folder))
             log.info("removing incomplete checkpoint %s", path)
             fs.rm(path, recursive=True)
 
 
 def remove_all(output_uri: str) -> None:
     """The checkpoints and the metric curve: a run that starts over."""
-    for uri in (checkpoints_uri(output_uri), segments_uri(output_uri), join(output_uri, CURVE)):
+    layout = OutputLayout(output_uri)
+    for uri in (layout.checkpoints, layout.segments, layout.curve):
         fs, path = filesystem(uri)
         if fs.exists(path):
             fs.rm(path, recursive=True)
@@ -402,7 +386,8 @@ class Checkpointer:
 
     def __init__(self, output_uri: str, rank: int, world_size: int, keep: int, lease: Lease):
         self.output_uri = output_uri
-        self.root = checkpoints_uri(output_uri)
+        self.layout = OutputLayout(output_uri)
+        self.root = self.layout.checkpoints
         self.rank = rank
         self.world_size = world_size
         self.keep = keep
@@ -427,7 +412,7 @@ class Checkpointer:
 
     def step_uri(self, step: int) -> str:
         """Where this job writes its checkpoint of step: a folder of its own lease generation."""
-        return join(self.root, step_folder_name(step, self.lease.generation))
+        return self.layout.checkpoint(step_folder(step, self.lease.generation))
 
     def save(
         self, step: int, model, optimizer, scheduler, accelerator, data_state: dict, run: dict, history: list
@@ -437,9 +422,9 @@ class Checkpointer:
         self.wait_committed(accelerator)  # one upload in flight at most
         uri = self.step_uri(step)
         with tempfile.TemporaryDirectory(prefix="ftjob-rank-") as tmp:
-            rank_file = Path(tmp) / f"rank-{self.rank:05d}.json"
-            rank_file.write_text(json.dumps({"rng": rng_states(), "data": data_state}))
-            entry = (rank_file.name, manifest_entry(rank_file))
+            rank_path = Path(tmp) / rank_file(self.rank)
+            rank_path.write_text(json.dumps({"rng": rng_states(), "data": data_state}))
+            entry = (rank_path.name, manifest_entry(rank_path))
             upload_dir(Path(tmp), uri)
         # every rank's file is up before rank 0 can commit (a collective), and rank 0 learns their hashes
         rank_entries = dict(gather_object([entry]) if accelerator.num_processes > 1 else [entry])
@@ -451,10 +436,10 @@ class Checkpointer:
         )
         record = {"step": step, **run, "last_metrics": history[-1], "checkpoint_format": CHECKPOINT_FORMAT,
                   "lease_generation": self.lease.generation}  # fmt: skip
-        (staging / "run.json").write_text(json.dumps(record))
+        (staging / RUN_RECORD).write_text(json.dumps(record))
         write_manifest(staging, rank_entries)
         segment = Path(tempfile.mkdtemp(prefix="ftjob-metrics-"))
-        (segment / f"{step:06d}.jsonl").write_text(
+        (segment / segment_file(step)).write_text(
             to_lines([h for h in history if h["step"] > self.curve_saved_to])
         )
         self.curve_saved_to = step
@@ -477,7 +462,7 @@ class Checkpointer:
 
     def _upload(self, staging: Path, segment: Path, uri: str, step: int) -> None:
         try:
-            upload_dir(segment, segments_uri(self.output_uri))
+            upload_dir(segment, self.layout.segments)
             upload_dir(staging, uri, last=COMMITTED)  # without the marker: only an old one goes first
             self.lease.check()
             fs, path = filesystem(join(uri, COMMITTED))
@@ -502,7 +487,7 @@ class Checkpointer:
             return
         for old in committed[: max(0, len(committed) - self.keep)]:
             try:
-                fs, path = filesystem(folder_uri(self.output_uri, old))
+                fs, path = filesystem(self.layout.checkpoint(old))
                 fs.rm(path, recursive=True)
             except Exception as e:  # every backend raises its own types
                 log.warning("could not delete the checkpoint at step %d (%s: %s); it stays, the next commit tries again", old.step, type(e).__name__, e)  # fmt: skip
@@ -556,25 +541,25 @@ class Checkpointer:
         if self.rank == 0:
             remove_segments_after(self.output_uri, step)
         self.curve_saved_to = step
-        return {**run, "history": history, "dir": local, "uri": folder_uri(self.output_uri, folder)}
+        return {**run, "history": history, "dir": local, "uri": self.layout.checkpoint(folder)}
 
     def _download_whole(self, folder: StepFolder, local: Path) -> Any:
         """The checkpoint's files into local, checked against its MANIFEST (checkpoints written before
         there were manifests have none); its run.json, parsed (what it holds is checked by _check_run)."""
-        download_dir(folder_uri(self.output_uri, folder), local)
+        download_dir(self.layout.checkpoint(folder), local)
         if (local / MANIFEST).is_file():
             verify_manifest(local)
-        run = json.loads((local / "run.json").read_text())
+        run = json.loads((local / RUN_RECORD).read_text())
         before_manifests = isinstance(run, dict) and run.get("checkpoint_format", 1) == 1
         if not before_manifests and not (local / MANIFEST).is_file():
             raise UserError(f"{MANIFEST} is missing")
-        json.loads((local / f"rank-{self.rank:05d}.json").read_text())
+        json.loads((local / rank_file(self.rank)).read_text())
         return run
 
     def _check_run(self, run: Any, folder: StepFolder, expected: dict[str, Any]) -> None:
         """run.json: of a run of this spec and model (its fingerprint, which names a checkpoint of another
         ftjob), then as this ftjob writes it."""
-        where = join(folder_uri(self.output_uri, folder), "run.json")
+        where = join(self.layout.checkpoint(folder), RUN_RECORD)
         changes = fingerprint_changes(validated(SavedFingerprint, run, where).fingerprint, expected)
         if changes:
             raise UserError(
@@ -588,7 +573,7 @@ class Checkpointer:
     def _saved_history(self, step: int) -> list[dict[str, Any]]:
         """The metric curve up to step (the segments of the checkpoints up to it), each step's metrics
         checked."""
-        where = f"{segments_uri(self.output_uri)} (the metric curve up to step {step})"
+        where = f"{self.layout.segments} (the metric curve up to step {step})"
         try:
             history = read_history(self.output_uri, step)
         except (ValueError, KeyError, TypeError) as e:  # a line that is not JSON, or not a step's record
@@ -600,7 +585,7 @@ class Checkpointer:
     def rank_state(self, saved: dict[str, Any]) -> dict[str, Any]:
         """This rank's data cursor and RNG states in a loaded checkpoint; the RNG states checked here,
         the cursor by the data pipeline as it loads it."""
-        name = f"rank-{self.rank:05d}.json"
+        name = rank_file(self.rank)
         state = json.loads((saved["dir"] / name).read_text())
         validated(SavedRankFile, state, join(saved["uri"], name))
         return state

@@ -11,21 +11,10 @@ and the segments go (after it).
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
-from job.storage import filesystem, join
-
-SEGMENT = re.compile(r"(\d{6})\.jsonl$")
-CURVE = "metrics.jsonl"
-
-
-def segments_uri(output_uri: str) -> str:
-    return join(output_uri, "metrics")
-
-
-def segment_uri(output_uri: str, step: int) -> str:
-    return join(segments_uri(output_uri), f"{step:06d}.jsonl")
+from job.output.layout import SEGMENT, OutputLayout
+from job.storage import filesystem
 
 
 def to_lines(records: list[dict[str, Any]]) -> str:
@@ -33,7 +22,7 @@ def to_lines(records: list[dict[str, Any]]) -> str:
 
 
 def segment_steps(output_uri: str) -> list[int]:
-    fs, root = filesystem(segments_uri(output_uri))
+    fs, root = filesystem(OutputLayout(output_uri).segments)
     if not fs.exists(root):
         return []
     return sorted(int(m.group(1)) for p in fs.ls(root, detail=False) if (m := SEGMENT.search(p)))
@@ -48,24 +37,24 @@ def read_history(output_uri: str, up_to: int) -> list[dict[str, Any]]:
     """The steps up to `up_to`, from the segments of the checkpoints up to it (they are removed only
     once the run is published)."""
     steps = [step for step in segment_steps(output_uri) if step <= up_to]
-    history = [record for step in steps for record in read_lines(segment_uri(output_uri, step))]
+    history = [record for step in steps for record in read_lines(OutputLayout(output_uri).segment(step))]
     return [record for record in history if record["step"] <= up_to]
 
 
 def remove_segments_after(output_uri: str, step: int) -> None:
     for later in (s for s in segment_steps(output_uri) if s > step):
-        fs, path = filesystem(segment_uri(output_uri, later))
+        fs, path = filesystem(OutputLayout(output_uri).segment(later))
         fs.rm(path)
 
 
 def write_curve(output_uri: str, history: list[dict[str, Any]]) -> None:
     """metrics.jsonl, the whole curve (written before the adapter is published: a published run has it)."""
-    fs, path = filesystem(join(output_uri, CURVE))
+    fs, path = filesystem(OutputLayout(output_uri).curve)
     fs.pipe_file(path, to_lines(history).encode())
 
 
 def remove_segments(output_uri: str) -> None:
     """The segments metrics.jsonl replaces (once the adapter is published: until then a run resumes)."""
-    fs, root = filesystem(segments_uri(output_uri))
+    fs, root = filesystem(OutputLayout(output_uri).segments)
     if fs.exists(root):
         fs.rm(root, recursive=True)

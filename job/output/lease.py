@@ -50,14 +50,14 @@ from pathlib import Path
 from types import NoneType
 from typing import Any
 
+from job.cluster import restart_id
 from job.collective import rank_0_outcome
 from job.errors import JobError, Preempted, UserError
-from job.output.restart import restart_id
+from job.output.layout import LEASE, OutputLayout
 from job.signals import StopRequest
-from job.storage import filesystem, is_local, join, storage_error
+from job.storage import filesystem, is_local, storage_error
 
 log = logging.getLogger(__name__)
-LEASE = "lease.json"
 SETTLE_SECONDS = 1.0  # between writing the lease and reading it back, to see a rival's write
 CLOCK_TOLERANCE_SECONDS = 5.0  # hosts' clocks this far apart count as agreeing; further: warned about
 FIELDS: dict[str, tuple[type, ...]] = {
@@ -114,7 +114,7 @@ class Lease:
         """seconds: train.lease_seconds. max_wait: train.collective_timeout_seconds, the longest this job
         may wait for another's lease to expire, since its other ranks wait for rank 0 no longer."""
         self.output_uri = output_uri
-        self.uri = join(output_uri, LEASE)
+        self.uri = OutputLayout(output_uri).lease
         self.seconds = seconds
         self.max_wait = max_wait
         self.me = {

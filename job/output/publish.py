@@ -14,69 +14,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from job import __version__
-from job.digest import sha256_file
 from job.errors import UserError
 from job.model.adapter import merge_adapter
 from job.model.source import resolved_identity
-from job.spec import MODEL_IDENTITY, Spec, echo, parse_spec_text, public_dict, read_spec_text
+from job.output.layout import MANIFEST, PUBLISHED, OutputLayout
+from job.output.manifest import verify_manifest, write_manifest
+from job.spec import MODEL_IDENTITY, ModelSpec, Spec, echo, parse_spec_text, public_dict, read_spec_text
 from job.storage import download_dir, filesystem, is_local, join, upload_dir
 
 log = logging.getLogger(__name__)
-MANIFEST = "MANIFEST.json"
-PUBLISHED = ("adapter", "merged")
-
-
-def manifest_entry(path: Path) -> dict[str, Any]:
-    return {"sha256": sha256_file(path), "size": path.stat().st_size}
-
-
-def write_manifest(directory: Path, others: dict[str, dict[str, Any]] | None = None) -> None:
-    """MANIFEST.json: every file of directory (and `others`, files that other processes upload beside
-    them) with its sha256 and size."""
-    files = {
-        p.relative_to(directory).as_posix(): manifest_entry(p)
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-    files.update(others or {})
-    manifest = {"ftjob_version": __version__, "files": files}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def verify_manifest(directory: Path) -> None:
-    """Raise UserError unless directory has a MANIFEST.json whose every file is present and matches."""
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise UserError(
-            f"{directory} has no {MANIFEST}: not a finished ftjob output (or still being written)"
-        )
-    for name, entry in listed_files(manifest_path).items():
-        path = directory / name
-        if ".." in name.split("/") or name.startswith("/"):
-            raise UserError(f"{directory}/{MANIFEST}: names a file outside the folder: {name!r}")
-        if not path.is_file() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
-            raise UserError(f"{directory}: {name} is missing or does not match {MANIFEST}")
-
-
-def listed_files(manifest_path: Path) -> dict[str, dict[str, Any]]:
-    """The files a MANIFEST.json lists, each with its sha256 and size; UserError when it is not a
-    manifest as write_manifest writes it."""
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-        listed = isinstance(files, dict) and all(
-            isinstance(entry, dict)
-            and isinstance(entry.get("sha256"), str)
-            and type(entry.get("size")) is int
-            for entry in files.values()
-        )
-    except (ValueError, KeyError, TypeError):
-        listed = False
-    if not listed:
-        raise UserError(
-            f"{manifest_path}: not a manifest as ftjob writes it (files, each with sha256 and size)"
-        )
-    return files
 
 
 def save_trained(model, tokenizer, directory: Path) -> None:
@@ -99,13 +45,8 @@ def publish_dir(directory: Path, uri: str) -> None:
     upload_dir(directory, uri, last=MANIFEST)
 
 
-def published_uri(spec: Spec, name: str) -> str:
-    """adapter/ or merged/ under output.uri."""
-    return join(spec.output_uri, name)
-
-
-def is_published(spec: Spec, name: str = "adapter") -> bool:
-    fs, path = filesystem(join(published_uri(spec, name), MANIFEST))
+def is_published(output_uri: str, name: str = "adapter") -> bool:
+    fs, path = filesystem(join(OutputLayout(output_uri).published(name), MANIFEST))
     return fs.exists(path)
 
 
@@ -118,15 +59,15 @@ def remove_dir(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def remove_published(spec: Spec) -> None:
+def remove_published(output_uri: str) -> None:
     for name in PUBLISHED:
-        remove_dir(published_uri(spec, name))
+        remove_dir(OutputLayout(output_uri).published(name))
 
 
 def publish(model, tokenizer, spec: Spec, metrics: dict[str, Any], directory: Path) -> str:
     """adapter/ under output.uri, written once into `directory` (which the caller may then hand to
     MLflow: the same files), then uploaded. Returns its URI."""
-    uri = published_uri(spec, "adapter")
+    uri = OutputLayout(spec.output_uri).published("adapter")
     save_trained(model, tokenizer, directory)
     write_run_files(directory, spec, metrics)
     write_manifest(directory)
@@ -134,19 +75,20 @@ def publish(model, tokenizer, spec: Spec, metrics: dict[str, Any], directory: Pa
     return uri
 
 
-def publish_merged(spec: Spec, model_dir: Path) -> str:
+def publish_merged(output_uri: str, model: ModelSpec, model_dir: Path) -> str:
     """Publish merged/: the published adapter merged into the base model as it was trained. Runs after
     adapter/ is published, from what was published, so a merge that fails loses no adapter and the
     next run (which finds adapter/ published and merged/ not) merges again. `model_dir`: where
-    spec.model resolved to (job/model/source.py: resolve_model_dir), checked to be the model the adapter was
+    `model` resolved to (job/model/source.py: resolve_model_dir), checked to be the model the adapter was
     trained on."""
     from transformers import AutoTokenizer
 
-    adapter_uri, merged_uri = published_uri(spec, "adapter"), published_uri(spec, "merged")
+    layout = OutputLayout(output_uri)
+    adapter_uri, merged_uri = layout.published("adapter"), layout.published("merged")
     with tempfile.TemporaryDirectory(prefix="ftjob-merge-") as tmp:
         adapter_dir = fetch_published(adapter_uri, Path(tmp))
-        check_trained_on(adapter_dir, adapter_uri, spec)
-        merged = merge_adapter(model_dir, adapter_dir, spec.model)
+        check_trained_on(adapter_dir, adapter_uri, model)
+        merged = merge_adapter(model_dir, adapter_dir, model)
         directory = Path(tmp) / "merged"
         save_trained(merged, AutoTokenizer.from_pretrained(adapter_dir), directory)
         write_manifest(directory)
@@ -167,17 +109,17 @@ def trained_on(adapter_dir: Path) -> str | None:
     return identity
 
 
-def check_trained_on(adapter_dir: Path, adapter_uri: str, spec: Spec) -> None:
+def check_trained_on(adapter_dir: Path, adapter_uri: str, model: ModelSpec) -> None:
     """Refuse (exit 2) to merge an adapter into another model than the one it was trained on:
     model.source may hold other model files by now. An adapter whose spec.json does not say (an older ftjob
     published it) is merged unchecked, with a warning."""
-    trained, current = trained_on(adapter_dir), resolved_identity(spec.model).digest
+    trained, current = trained_on(adapter_dir), resolved_identity(model).digest
     if trained is None:
-        log.warning("%s/spec.json has no model.identity (an older ftjob published it): merging it into the model under model.source %s unchecked", adapter_uri, spec.model.source)  # fmt: skip
+        log.warning("%s/spec.json has no model.identity (an older ftjob published it): merging it into the model under model.source %s unchecked", adapter_uri, model.source)  # fmt: skip
     elif trained != current:
         raise UserError(
             f"output.merge: the adapter in {adapter_uri} was trained on the model {trained}, but "
-            f"model.source {spec.model.source} now holds {current}: merging it there would publish a "
+            f"model.source {model.source} now holds {current}: merging it there would publish a "
             "model that was never trained. Point model.source at the model it was trained on, or run with "
             "--restart to train on this one (which deletes the checkpoints and the published adapter)"
         )

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from job import __version__
+from job.cluster import scheduler_tags
 from job.data.files import expand
 from job.errors import EXIT_REQUEUE
 from job.spec import Spec, TrackingSpec, echo, flatten, public_dict, public_tags, redact
@@ -50,33 +51,18 @@ from job.tracking.spool import (
     remove_abandoned,
     spool_root,
 )
+from job.tracking.store import HTTP_DEFAULTS, default_tracking_uri, redact_url
 from job.tracking.system_metrics import SystemSampler
 
 log = logging.getLogger(__name__)
-LOCAL_STORE_DIR = "mlruns"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value
 MAX_TAG_LENGTH = 8000  # and for a tag value
-# MLflow's client retries a failed request for minutes by default; the spool retries instead, so
-# an outage costs a failed request now and then, not minutes of training. The user's values win.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 RETRY_SECONDS = (2.0, 60.0)  # wait after a failed delivery: first, and at most (doubling in between)
-_URL_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _URI = re.compile(
     r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<netloc>[^/?#]*)(?P<path>[^?#]*)(\?(?P<query>[^#]*))?"
 )
 _DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 _SECRET_QUERY_NAME = re.compile(r"token|secret|passw|credential|signature|^sig$|key", re.IGNORECASE)
-
-
-def default_tracking_uri() -> str:
-    store = Path(LOCAL_STORE_DIR).resolve()
-    store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
-
-
-def redact_url(text: str) -> str:
-    """scheme://user:password@host/... -> scheme://***@host/... anywhere in text."""
-    return _URL_CREDENTIALS.sub(r"\1***@", text)
 
 
 def tracking_store(uri: str) -> str:
@@ -151,18 +137,8 @@ def git_commit(environ: Mapping[str, str]) -> str | None:
 
 def environment_tags(environ: Mapping[str, str]) -> dict[str, str]:
     """Tags from the environment: image, git commit, Slurm and Kubernetes ids, a sweep's parent run."""
-    tags = {"ftjob.version": __version__, "host": socket.gethostname()}
-    from_env = {
-        "ftjob.image": "FTJOB_IMAGE",
-        "slurm.job_id": "SLURM_JOB_ID",
-        "slurm.array_job_id": "SLURM_ARRAY_JOB_ID",
-        "slurm.array_task_id": "SLURM_ARRAY_TASK_ID",
-        "mlflow.parentRunId": "FTJOB_PARENT_RUN_ID",
-    }
-    if environ.get("KUBERNETES_SERVICE_HOST"):  # inside a pod; the manifest passes JOB_NAME and POD_NAMESPACE
-        from_env |= {"k8s.job_name": "JOB_NAME", "k8s.namespace": "POD_NAMESPACE", "k8s.pod": "HOSTNAME"}
-        if not environ.get("POD_NAMESPACE"):
-            from_env["k8s.namespace"] = "KUBERNETES_NAMESPACE"
+    tags = {"ftjob.version": __version__, "host": socket.gethostname(), **scheduler_tags(environ)}
+    from_env = {"ftjob.image": "FTJOB_IMAGE", "mlflow.parentRunId": "FTJOB_PARENT_RUN_ID"}
     tags |= {tag: environ[name] for tag, name in from_env.items() if environ.get(name)}
     commit = git_commit(environ)
     if commit:

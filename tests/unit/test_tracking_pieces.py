@@ -1,0 +1,116 @@
+"""The pieces of a tracked run, without a server: run ids, tags, redaction, dataset digests, peak flops, system
+metrics, end status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+import uuid
+
+import pytest
+from helpers import ALPACA_ROWS, REPO, write_jsonl
+from tracking_helpers import messages
+
+from job.errors import Preempted
+from job.metrics import flops_per_token, gpu_peak_flops
+from job.tracking.tracker import (
+    end_status,
+    environment_tags,
+    file_dataset,
+    git_commit,
+    redact_url,
+    resumable_run_id,
+)
+
+
+@pytest.mark.parametrize("run_id", ["../victim", "/home/user/project", "a' OR name LIKE '%", 42, ["x"]])
+def test_a_run_id_that_is_not_shaped_as_mlflow_makes_them_is_dropped_with_a_warning(run_id, caplog):
+    with caplog.at_level(logging.WARNING, logger="job"):
+        assert resumable_run_id(run_id, warn=True) is None
+    assert messages(caplog, logging.WARNING, "run.json has run_id")
+
+
+@pytest.mark.parametrize("run_id", [None, uuid.uuid4().hex, "frosty_boot_0k4g7y1nqk"])
+def test_run_ids_of_mlflow_and_other_servers_and_spool_keys_are_kept(run_id, caplog):
+    with caplog.at_level(logging.WARNING, logger="job"):
+        assert resumable_run_id(run_id, warn=True) == run_id
+    assert not caplog.records
+
+
+def test_environment_tags_read_slurm_kubernetes_and_sweep_ids():
+    env = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_ARRAY_JOB_ID": "6",
+        "SLURM_ARRAY_TASK_ID": "1",
+        "FTJOB_PARENT_RUN_ID": "p",
+        "FTJOB_GIT_COMMIT": "c",
+        "JOB_NAME": "jenkins-job",
+    }
+    tags = environment_tags(env)
+    assert tags["slurm.job_id"] == "7" and tags["slurm.array_task_id"] == "1"
+    assert tags["mlflow.parentRunId"] == "p" and tags["mlflow.source.git.commit"] == "c"
+    assert not any(k.startswith("k8s.") for k in tags)  # JOB_NAME outside a pod is someone else's
+
+    pod = environment_tags(
+        {
+            "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+            "KUBERNETES_NAMESPACE": "ns",
+            "HOSTNAME": "p-0",
+            "JOB_NAME": "j",
+        }
+    )
+    assert (pod["k8s.namespace"], pod["k8s.pod"], pod["k8s.job_name"]) == ("ns", "p-0", "j")
+
+
+def test_git_commit_from_the_environment_or_the_checkout():
+    assert git_commit({"FTJOB_GIT_COMMIT": "abc"}) == "abc"
+    if (REPO / ".git").exists():
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert git_commit({}) == head.stdout.strip()
+
+
+def test_credentials_in_urls_are_redacted():
+    assert redact_url("https://user:pw@mlflow.example/x") == "https://***@mlflow.example/x"
+    assert redact_url("https://user:p#w?x@mlflow.example/x") == "https://***@mlflow.example/x"
+    assert redact_url("see s3://KEY:SECRET@bucket/a and http://h/b") == "see s3://***@bucket/a and http://h/b"
+
+
+def test_dataset_digest_follows_file_names_sizes_and_changes(isolated):
+    path = write_jsonl(isolated / "d" / "a.jsonl", ALPACA_ROWS)
+    first = file_dataset("data.train[0]", str(isolated / "d" / "*.jsonl"))
+    assert file_dataset("data.train[0]", str(isolated / "d" / "*.jsonl"))["digest"] == first["digest"]
+    write_jsonl(path, ALPACA_ROWS * 2)
+    assert file_dataset("data.train[0]", str(isolated / "d" / "*.jsonl"))["digest"] != first["digest"]
+    assert json.loads(first["source"]) == {"uri": str(isolated / "d" / "*.jsonl")}
+
+
+def test_peak_flops_of_known_gpus_and_model_flops():
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_peak_flops("NVIDIA L4") == 121e12 and gpu_peak_flops("NVIDIA L40S") == 362e12
+    assert gpu_peak_flops("NVIDIA A10G") is None  # unknown: no MFU rather than a wrong one
+    assert flops_per_token(100, 100) == 600  # full fine-tune: 6N
+    assert flops_per_token(100, 0) == 400
+
+
+def test_system_sampler_logs_host_metrics_with_increasing_steps():
+    from job.tracking.system_metrics import SystemSampler
+
+    samples = []
+    sampler = SystemSampler(lambda metrics, step: samples.append((step, metrics)), interval=0.05)
+    sampler.start()
+    time.sleep(0.3)
+    sampler.stop()
+    assert len(samples) >= 3
+    steps = [step for step, _ in samples]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(samples[0][1])
+    assert 0 <= samples[-1][1]["system/system_memory_usage_percentage"] <= 100
+
+
+def test_end_status():
+    assert end_status(Preempted()) == "KILLED" and end_status(KeyboardInterrupt()) == "KILLED"
+    assert end_status(ValueError()) == "FAILED"
