@@ -205,3 +205,19 @@ def cpu_flash_kernels(monkeypatch):
     kernels = ((dense, varlen, None, None, None), (kwargs, kwargs))
     monkeypatch.setattr(flash_utils, "lazy_import_flash_attention", lambda *a, **k: kernels)
     return calls
+
+
+@pytest.fixture
+def groups_read(monkeypatch) -> list:
+    """The row groups each ParquetFile.iter_batches call reads."""
+    import pyarrow.parquet as pq
+
+    calls: list = []
+    original = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("row_groups"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    return calls

@@ -353,3 +353,27 @@ def count_applies(monkeypatch, function) -> list[int]:
 
     monkeypatch.setattr(function, "apply", counted)
     return calls
+
+
+def values(pairs) -> list:
+    """The rows' values of what read_rows gives (row, position pairs)."""
+    return [row.value for row, _ in pairs]
+
+
+def one_epoch_spec(train: list[str], **data):
+    """A validated spec over `train` for one pass over the data (train.epochs=1), so that
+    train_batches ends; the model is never loaded."""
+    from job.spec import validate_spec
+
+    return validate_spec(
+        {"model": {"source": "unused"}, "data": {"train": train, **data}, "train": {"epochs": 1}}
+    )
+
+
+def completion_text(tokenizer, example) -> str:
+    """The loss-bearing text of an example (train_on 'completion': its completion), EOS left out."""
+    from job.data.tokens import IGNORE_INDEX
+
+    ids = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
+    assert ids[-1] == tokenizer.eos_token_id
+    return tokenizer.decode(ids[:-1])

@@ -9,14 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import pipeline_for
+from helpers import completion_text, one_epoch_spec, pipeline_for, values
 
 from job.data.files import expand
 from job.data.sources import Position, read_rows
 from job.data.stream import EPOCH_END
-from job.data.tokens import IGNORE_INDEX, TokenizedExample
 from job.errors import UserError
-from job.spec import load_spec, validate_spec
+from job.spec import load_spec
 from job.storage import configure_storage
 
 FROM_S3 = {
@@ -39,24 +38,6 @@ ROWS = [{"id": str(i), "text": f"row {i}"} for i in range(10)]
 
 def jsonl_bytes(rows: list) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
-
-
-def values(pairs) -> list:
-    return [row.value for row, _ in pairs]
-
-
-@pytest.fixture
-def groups_read(monkeypatch) -> list:
-    """The row groups each ParquetFile.iter_batches call reads."""
-    calls: list = []
-    original = pq.ParquetFile.iter_batches
-
-    def spy(self, *args, **kwargs):
-        calls.append(kwargs.get("row_groups"))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
-    return calls
 
 
 def put(fs, key: str, body: bytes) -> str:
@@ -134,28 +115,10 @@ def put_gzipped_jsonl(fs, key: str, rows: list) -> str:
     return f"s3://{fs.bucket}/{key}"
 
 
-def make_spec(train: list[str], **data):
-    """One pass over the data (train.epochs=1), so that train_batches ends."""
-    return validate_spec(
-        {
-            "model": {"source": "unused"},
-            "data": {"train": train, **data},
-            "train": {"epochs": 1},
-        }
-    )
-
-
-def completion_text(tokenizer, example: TokenizedExample) -> str:
-    """The loss-bearing text of an example (train_on 'completion': its completion), EOS left out."""
-    ids = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
-    assert ids[-1] == tokenizer.eos_token_id
-    return tokenizer.decode(ids[:-1])
-
-
 def test_sharding_over_s3(s3, tokenizer):
     put_gzipped_jsonl(s3, "data/p0.jsonl.gz", [{"prompt": "p", "completion": f"c{i}"} for i in range(5)])
     put_gzipped_jsonl(s3, "data/p1.jsonl.gz", [{"prompt": "p", "completion": f"d{i}"} for i in range(4)])
-    spec = make_spec([f"s3://{s3.bucket}/data/*.jsonl.gz"], format="completion")
+    spec = one_epoch_spec([f"s3://{s3.bucket}/data/*.jsonl.gz"], format="completion")
     seen = []
     for rank in range(2):
         pipeline = pipeline_for(spec, tokenizer, rank, 2)
@@ -186,6 +149,6 @@ def test_validate_check_access_reads_every_source(tiny_model_dir, isolated, s3):
 def test_unreadable_bucket_is_exit_2_without_credentials(tokenizer, s3, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SECRET-MARKER-123")
     with pytest.raises(UserError) as error:
-        pipeline_for(make_spec(["s3://no-such-bucket-xyz/data/*.jsonl"]), tokenizer)
+        pipeline_for(one_epoch_spec(["s3://no-such-bucket-xyz/data/*.jsonl"]), tokenizer)
     assert error.value.exit_code == 2
     assert "data.train[0]" in str(error.value) and "SECRET-MARKER" not in str(error.value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import pipeline_for, write_jsonl
+from helpers import completion_text, one_epoch_spec, pipeline_for, write_jsonl
 
 from job.data.batching import pad_batch
 from job.data.formats import BadRow, Example, Formatter, alpaca_prompt
@@ -12,7 +12,7 @@ from job.data.pipeline import BUDGET_MIN_ROWS, BadRowBudget
 from job.data.stream import EPOCH_END, ShuffleBuffer, SourceStream
 from job.data.tokens import IGNORE_INDEX, TokenizedExample, fit, tokenize
 from job.errors import DataError
-from job.spec import BadRowsSpec, validate_spec
+from job.spec import BadRowsSpec
 
 # ---------------------------------------------------------------------------------------------
 # formats
@@ -320,27 +320,9 @@ def test_budget_checked_on_each_bad_row_once_enough_rows_were_read():
     assert within.bad == 1
 
 
-def make_spec(train: list[str], **data):
-    """One pass over the data (train.epochs=1), so that train_batches ends."""
-    return validate_spec(
-        {
-            "model": {"source": "unused"},
-            "data": {"train": train, **data},
-            "train": {"epochs": 1},
-        }
-    )
-
-
-def completion_text(tokenizer, example: TokenizedExample) -> str:
-    """The loss-bearing text of an example (train_on 'completion': its completion), EOS left out."""
-    ids = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
-    assert ids[-1] == tokenizer.eos_token_id
-    return tokenizer.decode(ids[:-1])
-
-
 def test_pipeline_fail_policy_names_file_and_line(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
-    spec = make_spec([str(path)], bad_rows={"policy": "fail"})
+    spec = one_epoch_spec([str(path)], bad_rows={"policy": "fail"})
     pipeline = pipeline_for(spec, tokenizer)
     with pytest.raises(DataError, match=rf"{path}:2: missing field 'output'"):
         list(pipeline.train_batches(2))
@@ -349,7 +331,9 @@ def test_pipeline_fail_policy_names_file_and_line(tmp_path, tokenizer):
 def test_pipeline_skip_policy_counts_and_checks(tmp_path, tokenizer):
     rows = [{"instruction": f"i{i}", "output": f"o{i}"} for i in range(9)] + ["{broken"]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    within = pipeline_for(make_spec([str(path)], bad_rows={"max_fraction": 0.1}, shuffle_buffer=0), tokenizer)
+    within = pipeline_for(
+        one_epoch_spec([str(path)], bad_rows={"max_fraction": 0.1}, shuffle_buffer=0), tokenizer
+    )
     within.budget.quiet = True
     assert [completion_text(tokenizer, e) for e in within.examples if e is not EPOCH_END] == [
         f"o{i}" for i in range(9)
@@ -358,7 +342,7 @@ def test_pipeline_skip_policy_counts_and_checks(tmp_path, tokenizer):
     assert within.examples.counts.examples == 9
     within.budget.check()
 
-    over = pipeline_for(make_spec([str(path)], bad_rows={"max_fraction": 0.05}), tokenizer)
+    over = pipeline_for(one_epoch_spec([str(path)], bad_rows={"max_fraction": 0.05}), tokenizer)
     over.budget.quiet = True
     with pytest.raises(DataError, match=rf"first: {path}:10: invalid JSON"):
         over.count_micro_batches(4)
@@ -371,7 +355,7 @@ def test_sharding_is_balanced_and_counts_rows_per_rank(tmp_path, tokenizer, worl
     """Exactly-once coverage is tested in test_pipeline.py; here: balance, row counts, one-rank order."""
     write_jsonl(tmp_path / "d" / "part-0.jsonl", [{"instruction": "x", "output": f"a{i}"} for i in range(7)])
     write_jsonl(tmp_path / "d" / "part-1.jsonl", [{"instruction": "x", "output": f"b{i}"} for i in range(4)])
-    spec = make_spec(["d/part-*.jsonl"], shuffle_buffer=0)
+    spec = one_epoch_spec(["d/part-*.jsonl"], shuffle_buffer=0)
     per_rank = []
     for rank in range(world_size):
         pipeline = pipeline_for(spec, tokenizer, rank, world_size)
@@ -391,7 +375,7 @@ def test_sharding_is_balanced_and_counts_rows_per_rank(tmp_path, tokenizer, worl
 def test_train_batches_end_to_end(tmp_path, tokenizer):
     rows = [{"instruction": f"Say {w}", "output": w} for w in ["hi", "hello there", "yo", "hey"]]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    pipeline = pipeline_for(make_spec([str(path)], shuffle_buffer=0), tokenizer)
+    pipeline = pipeline_for(one_epoch_spec([str(path)], shuffle_buffer=0), tokenizer)
     batches = list(pipeline.train_batches(2))  # epochs=1: one pass, then the iterator ends
     assert len(batches) == 2
     batch = batches[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import write_jsonl
+from helpers import values, write_jsonl
 
 from job.data.files import expand, file_format
 from job.data.sources import Position, Row, read_rows
@@ -75,10 +75,6 @@ def written(request, tmp_path) -> tuple[str, list]:
 
 def even(i: int) -> bool:
     return i % 2 == 0
-
-
-def values(pairs) -> list:
-    return [row.value for row, _ in pairs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,20 +316,6 @@ def test_json_invalid_utf8_names_line_and_column(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Parquet
-
-
-@pytest.fixture
-def groups_read(monkeypatch) -> list:
-    """The row groups each ParquetFile.iter_batches call reads."""
-    calls: list = []
-    original = pq.ParquetFile.iter_batches
-
-    def spy(self, *args, **kwargs):
-        calls.append(kwargs.get("row_groups"))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
-    return calls
 
 
 def test_parquet_reads_one_row_group_at_a_time(tmp_path, groups_read):
