@@ -157,15 +157,20 @@ def ddp_uninterrupted(spec_path, workdir):
     return "ddp-straight"
 
 
-@pytest.fixture
-def slow_s3_spec(spec_path, workdir, s3, fault_proxy) -> Path:
-    """The resume spec with checkpoints and output on S3 behind the fault proxy (healthy until a test
-    slows it down)."""
+def behind_the_proxy(spec_path: Path, directory: Path, bucket: str, proxy) -> Path:
+    """spec_path's spec with checkpoints and output on S3 behind the fault proxy (healthy until a test
+    slows it down), written in directory."""
     spec = json.loads(spec_path.read_text())
-    spec["storage_options"] = {"s3": {"endpoint_url": fault_proxy.url}}
-    path = workdir / f"spec-{s3.bucket}.json"
+    spec["storage_options"] = {"s3": {"endpoint_url": proxy.url}}
+    path = directory / f"spec-{bucket}.json"
     path.write_text(json.dumps(spec))
     return path
+
+
+@pytest.fixture
+def slow_s3_spec(spec_path, workdir, s3, fault_proxy) -> Path:
+    """The resume spec behind the fault proxy."""
+    return behind_the_proxy(spec_path, workdir, s3.bucket, fault_proxy)
 
 
 def slow_uploads(proxy) -> None:
@@ -247,13 +252,19 @@ STEPS = 40
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def launch_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("launch")
 
 
 @pytest.fixture(scope="module")
-def spec_path(tiny_model_dir, workdir):
-    return write_stop_spec(workdir, tiny_model_dir, "l", STEPS, checkpoint_every=10, seed=5)
+def launch_spec(tiny_model_dir, launch_dir):
+    return write_stop_spec(launch_dir, tiny_model_dir, "l", STEPS, checkpoint_every=10, seed=5)
+
+
+@pytest.fixture
+def slow_launch_spec(launch_spec, launch_dir, s3, fault_proxy) -> Path:
+    """The launch spec behind the fault proxy."""
+    return behind_the_proxy(launch_spec, launch_dir, s3.bucket, fault_proxy)
 
 
 def finish(process: subprocess.Popen, timeout: int = 300) -> tuple[int, str]:
@@ -270,26 +281,26 @@ def weights(output: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_processes(spec_path, workdir) -> Path:
-    code, out = finish(start_run(spec_path, "./two", "--nproc-per-node", "2"))
+def two_processes(launch_spec, launch_dir) -> Path:
+    code, out = finish(start_run(launch_spec, "./two", "--nproc-per-node", "2"))
     assert code == 0, out
-    assert out.count("adapter published to") == 1 and len(history(workdir / "two")) == STEPS
-    return workdir / "two"
+    assert out.count("adapter published to") == 1 and len(history(launch_dir / "two")) == STEPS
+    return launch_dir / "two"
 
 
-def test_two_ranks_of_micro_batch_m_train_like_one_rank_of_2m(spec_path, workdir, two_processes):
+def test_two_ranks_of_micro_batch_m_train_like_one_rank_of_2m(launch_spec, launch_dir, two_processes):
     """Gradients averaged over ranks and no row trained twice: the same losses and weights as one
     process taking both ranks' rows at once. Rows in file order, unpacked and without dropout: row k
     goes to rank k mod 2, so each step sees the same rows either way."""
     same = ["--set", "adapter.dropout=0", "--set", "data.shuffle_buffer=0", "--set", "data.packing=false"]
-    one = start_run(spec_path, "./one-2m", "--set", "train.micro_batch_size=4", *same)
-    two = start_run(spec_path, "./two-m", "--nproc-per-node", "2", *same)
+    one = start_run(launch_spec, "./one-2m", "--set", "train.micro_batch_size=4", *same)
+    two = start_run(launch_spec, "./two-m", "--nproc-per-node", "2", *same)
     (code_one, out_one), (code_two, out_two) = finish(one), finish(two)
     assert code_one == 0 and code_two == 0, out_one + out_two
-    losses_one = [h["train/loss"] for h in history(workdir / "one-2m")]
-    losses_two = [h["train/loss"] for h in history(workdir / "two-m")]
+    losses_one = [h["train/loss"] for h in history(launch_dir / "one-2m")]
+    losses_two = [h["train/loss"] for h in history(launch_dir / "two-m")]
     assert losses_two == pytest.approx(losses_one, rel=1e-4)
-    a, b = weights(workdir / "one-2m"), weights(workdir / "two-m")
+    a, b = weights(launch_dir / "one-2m"), weights(launch_dir / "two-m")
     assert all(pytest.approx(a[k].flatten().tolist(), abs=1e-5) == b[k].flatten().tolist() for k in a)
 
 
@@ -301,7 +312,7 @@ def committed(s3, uri: str) -> list[str]:
 
 @pytest.mark.parametrize("target", ["launcher", "every process", "one worker"])
 def test_a_stop_with_slow_uploads_exits_75_commits_and_resumes_exactly(
-    slow_s3_spec, workdir, s3, fault_proxy, two_processes, target
+    slow_launch_spec, launch_dir, s3, fault_proxy, two_processes, target
 ):
     """What Kubernetes does (SIGTERM to the launcher), what scancel does (every process), and a signal
     that reaches one worker: every time exit 75, the stop checkpoint committed, the resumed run
@@ -309,7 +320,7 @@ def test_a_stop_with_slow_uploads_exits_75_commits_and_resumes_exactly(
     import psutil
 
     output = f"s3://{s3.bucket}/stopped"
-    launcher = start_run(slow_s3_spec, output, "--nproc-per-node", "2")
+    launcher = start_run(slow_launch_spec, output, "--nproc-per-node", "2")
     read_until(launcher, f"step 12/{STEPS}")
     fault_proxy.slow_seconds = 1.0
     fault_proxy.outage("slow")  # every request now a second late: the stop checkpoint takes seconds
@@ -331,13 +342,13 @@ def test_a_stop_with_slow_uploads_exits_75_commits_and_resumes_exactly(
     steps = committed(s3, output)
     assert steps and steps[-1] >= "step-000012", steps
 
-    code, out = finish(start_run(slow_s3_spec, output, "--nproc-per-node", "2"))
+    code, out = finish(start_run(slow_launch_spec, output, "--nproc-per-node", "2"))
     assert code == 0 and "resuming from the checkpoint at step" in out, out
-    s3.get(f"{s3.bucket}/stopped/adapter/", str(workdir / target / "adapter") + "/", recursive=True)
-    assert [h["train/loss"] for h in history(workdir / target)] == [
+    s3.get(f"{s3.bucket}/stopped/adapter/", str(launch_dir / target / "adapter") + "/", recursive=True)
+    assert [h["train/loss"] for h in history(launch_dir / target)] == [
         h["train/loss"] for h in history(two_processes)
     ]
-    resumed, straight = weights(workdir / target), weights(two_processes)
+    resumed, straight = weights(launch_dir / target), weights(two_processes)
     assert all((resumed[k] == straight[k]).all() for k in straight)  # bitwise
 
 
@@ -357,38 +368,38 @@ def open_once_read(fifo: Path, process: subprocess.Popen, timeout: float = 60) -
 
 
 @pytest.mark.parametrize("launcher", [[], ["--nproc-per-node", "2"]], ids=["one-process", "launcher"])
-def test_a_stop_while_the_spec_is_read_exits_75(spec_path, workdir, launcher):
+def test_a_stop_while_the_spec_is_read_exits_75(launch_spec, launch_dir, launcher):
     """A scheduler may stop a job the moment it starts: SIGTERM to every process while `ftjob run`
     still reads its spec (a FIFO here, held open) exits 75, not 143, and trains nothing."""
     name = f"early-{len(launcher)}"
-    fifo = workdir / f"{name}.json"
+    fifo = launch_dir / f"{name}.json"
     os.mkfifo(fifo)
     process = start_run(fifo, f"./{name}", *launcher)
     writer = open_once_read(fifo, process)  # ftjob is reading the spec
     os.killpg(process.pid, signal.SIGTERM)
     time.sleep(0.5)
     with open(writer, "w") as spec:
-        spec.write(spec_path.read_text())
+        spec.write(launch_spec.read_text())
     code, out = finish(process)
     assert code == 75, out
     assert "SIGTERM as the job started, nothing trained; exit 75 to be requeued" in out
-    assert not (workdir / name / "adapter").exists() and not (workdir / name / "checkpoints").exists()
+    assert not (launch_dir / name / "adapter").exists() and not (launch_dir / name / "checkpoints").exists()
 
 
-def test_a_failing_worker_ends_the_job_with_its_code(spec_path, workdir):
-    bad = write_jsonl(workdir / "bad.jsonl", ["{broken"] * 20)
+def test_a_failing_worker_ends_the_job_with_its_code(launch_spec, launch_dir):
+    bad = write_jsonl(launch_dir / "bad.jsonl", ["{broken"] * 20)
     code, out = finish(
-        start_run(spec_path, "./bad", "--nproc-per-node", "2", "--set", f"data.train=['{bad}']", "--set", "data.bad_rows.policy=fail")
+        start_run(launch_spec, "./bad", "--nproc-per-node", "2", "--set", f"data.train=['{bad}']", "--set", "data.bad_rows.policy=fail")
     )  # fmt: skip
     assert code == 3, out
     assert "invalid JSON" in out
 
 
-def test_missing_data_found_by_rank_0_ends_every_rank_with_exit_2(spec_path, workdir):
+def test_missing_data_found_by_rank_0_ends_every_rank_with_exit_2(launch_spec, launch_dir):
     """Rank 0 resolves the files for every rank; what it cannot find is exit 2 on all of them."""
     started = time.monotonic()
     code, out = finish(
-        start_run(spec_path, "./missing", "--nproc-per-node", "2", "--set", f"data.train=['{workdir / 'none-*.jsonl'}']")
+        start_run(launch_spec, "./missing", "--nproc-per-node", "2", "--set", f"data.train=['{launch_dir / 'none-*.jsonl'}']")
     )  # fmt: skip
     assert code == 2, out
     assert out.count("no such file") >= 2  # raised on both ranks, from rank 0's plan
@@ -396,7 +407,7 @@ def test_missing_data_found_by_rank_0_ends_every_rank_with_exit_2(spec_path, wor
 
 
 @pytest.mark.parametrize("how", ["arguments", "indexed job"])
-def test_two_nodes_of_one_process_each_train_one_run(spec_path, workdir, two_processes, how):
+def test_two_nodes_of_one_process_each_train_one_run(launch_spec, launch_dir, two_processes, how):
     """Two "nodes" on 127.0.0.1: placed by --nnodes/--node-rank, or by a Kubernetes Indexed Job's
     environment. The same 2-rank run as two processes on one node, bitwise: each worker with one
     thread, as accelerate gives each of two processes on this 2-core node (alone on a node it would
@@ -417,7 +428,7 @@ def test_two_nodes_of_one_process_each_train_one_run(spec_path, workdir, two_pro
                 "--master-port",
                 port,
             ]
-            nodes.append(start_run(spec_path, output, "--nproc-per-node", "1", *args, env=one_thread))
+            nodes.append(start_run(launch_spec, output, "--nproc-per-node", "1", *args, env=one_thread))
         else:
             env = {
                 **one_thread,
@@ -426,10 +437,10 @@ def test_two_nodes_of_one_process_each_train_one_run(spec_path, workdir, two_pro
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": port,
             }
-            nodes.append(start_run(spec_path, output, "--nproc-per-node", "1", env=env))
+            nodes.append(start_run(launch_spec, output, "--nproc-per-node", "1", env=env))
     results = [finish(node) for node in nodes]
     assert [code for code, _ in results] == [0, 0], "".join(out for _, out in results)
     assert "adapter published to" in results[0][1] and "adapter published to" not in results[1][1]
-    assert [h["train/loss"] for h in history(workdir / output)] == [
+    assert [h["train/loss"] for h in history(launch_dir / output)] == [
         h["train/loss"] for h in history(two_processes)
     ]
