@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from job.errors import UserError
-from job.tracking.store import HTTP_DEFAULTS, LOCAL_STORE_DIR, redact_url
+from job.tracking.store import LOCAL_STORE_DIR, redact_url, use_http_defaults
 
 DEFAULT_METRIC = "eval/loss"
 FALLBACK_METRIC = "train/loss"
@@ -75,8 +75,7 @@ def compare(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    for name, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(name, value)
+    use_http_defaults()
     uri = tracking_uri()
     client = MlflowClient(uri)
     try:

@@ -377,3 +377,11 @@ def completion_text(tokenizer, example) -> str:
     ids = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
     assert ids[-1] == tokenizer.eos_token_id
     return tokenizer.decode(ids[:-1])
+
+
+def put_other_weights(model: Path) -> None:
+    """Other weights under the same model.source, as a re-upload of the model would leave."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v + 0.01 for k, v in weights.items()}, model / "model.safetensors", {"format": "pt"})

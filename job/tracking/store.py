@@ -7,6 +7,7 @@ never imports the tracker.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from job.spec import URL_CREDENTIALS
@@ -15,6 +16,12 @@ LOCAL_STORE_DIR = "mlruns"
 # MLflow's client retries a failed request for minutes by default; the spool retries instead, so
 # an outage costs a failed request now and then, not minutes of training. The user's values win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def use_http_defaults() -> None:
+    """HTTP_DEFAULTS into the environment, where MLflow's client reads them, unless the user set them."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def default_tracking_uri() -> str:

@@ -51,7 +51,7 @@ from job.tracking.spool import (
     remove_abandoned,
     spool_root,
 )
-from job.tracking.store import HTTP_DEFAULTS, default_tracking_uri, redact_url
+from job.tracking.store import default_tracking_uri, redact_url, use_http_defaults
 from job.tracking.system_metrics import SystemSampler
 
 log = logging.getLogger(__name__)
@@ -284,8 +284,7 @@ class Tracker:
     def _start(self, extra_tags: Mapping[str, str]) -> None:
         """The run's opening records into the spool; the delivery thread connects and sends them, so
         the first step does not wait for MLflow's import and client (seconds: bench/RESULTS.md)."""
-        for name, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
+        use_http_defaults()
         uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
         if "MLFLOW_TRACKING_URI" not in os.environ and "KUBERNETES_SERVICE_HOST" in os.environ:
             log.warning(

@@ -7,9 +7,7 @@ import shutil
 import tempfile
 
 import pytest
-from helpers import (
-    train_in_process,
-)
+from helpers import put_other_weights, train_in_process
 from safetensors.torch import load_file, save_file
 
 from job.errors import UserError
@@ -39,8 +37,7 @@ def test_resuming_on_other_weights_under_the_same_model_source_is_refused(
     checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
 
     original = (model / "model.safetensors").read_bytes()
-    weights = load_file(model / "model.safetensors")
-    save_file({k: v + 0.01 for k, v in weights.items()}, model / "model.safetensors", {"format": "pt"})
+    put_other_weights(model)
     with pytest.raises(UserError) as refused:
         train_in_process(spec)
     message = str(refused.value)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from helpers import ftjob
+from helpers import ftjob, put_other_weights
 
 from job.errors import UserError
 from job.storage import download_dir
@@ -118,14 +118,6 @@ def adapter_on_a_copy(isolated, tiny_model_dir, data_files) -> tuple[Path, dict,
     spec = spec_dict(model, data_files, tracking={"enabled": False}, train={"max_steps": 2})
     train_in_process(spec)
     return model, spec, isolated / "runs" / "t" / "adapter"
-
-
-def put_other_weights(model: Path) -> None:
-    """Other weights under the same model.source, as a re-upload of the model would leave."""
-    from safetensors.torch import load_file, save_file
-
-    weights = load_file(model / "model.safetensors")
-    save_file({k: v + 0.01 for k, v in weights.items()}, model / "model.safetensors", {"format": "pt"})
 
 
 def test_a_merge_only_run_refuses_a_base_other_than_the_one_the_adapter_was_trained_on(
