@@ -23,6 +23,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 from job.errors import EXIT_REQUEUE, JobError, Preempted
@@ -159,3 +161,23 @@ class StopRequest:
         log.error("%s", message)
         logging.shutdown()
         os._exit(code)
+
+
+@contextmanager
+def time_limit(seconds: float, error: Exception) -> Iterator[None]:
+    """Raise `error` in the body once it has run `seconds` (SIGALRM). Only the main thread gets signals:
+    in any other thread the body runs without a limit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise error
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -11,8 +11,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import chdir, contextmanager, redirect_stderr, redirect_stdout
+from contextlib import (
+    AbstractContextManager,
+    chdir,
+    nullcontext,
+    redirect_stderr,
+    redirect_stdout,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -143,22 +148,12 @@ def ftjob(
     return Ran(code, stdout.getvalue(), stderr.getvalue())
 
 
-@contextmanager
-def _alarm_after(seconds: float | None) -> Iterator[None]:
+def _alarm_after(seconds: float | None) -> AbstractContextManager[None]:
     if seconds is None:
-        yield
-        return
+        return nullcontext()
+    from job.signals import time_limit
 
-    def hung(signum, frame):
-        raise TimeoutError(f"ftjob did not return within {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    return time_limit(seconds, TimeoutError(f"ftjob did not return within {seconds} s"))
 
 
 # float32 on every CPU, where `auto` means bf16 on those with AMX: the tests compare numbers tightly,

@@ -14,15 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import select
-import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from functools import lru_cache
 
 from job.errors import UserError
+from job.signals import time_limit
 
 log = logging.getLogger(__name__)
 CHECK_SECONDS = 10.0  # the rendering alone, timed from when the child is ready
@@ -86,22 +85,6 @@ class TemplateTimeout(Exception):
     pass
 
 
-@contextmanager
-def row_time_limit() -> Iterator[None]:
-    """TemplateTimeout when the body runs longer than ROW_SECONDS. Only the main thread gets signals:
-    in any other thread the body runs without a limit."""
-    seconds = ROW_SECONDS
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum, frame):
-        raise TemplateTimeout(f"rendering took more than {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+def row_time_limit() -> AbstractContextManager[None]:
+    """TemplateTimeout when the body runs longer than ROW_SECONDS (in the main thread only)."""
+    return time_limit(ROW_SECONDS, TemplateTimeout(f"rendering took more than {ROW_SECONDS:g} s"))
