@@ -95,7 +95,7 @@ def train(
     set_seed(spec.train.seed)
     job = restart_id(os.environ)
     restart, published = restart_decision(spec.output_uri, restart, job)
-    lease = Lease(spec.output_uri, spec.train.lease_seconds, spec.train.collective_timeout_seconds)
+    lease = Lease(spec.output_uri, spec.train.lease_seconds, spec.train.collective_timeout_seconds, job)
     if published:
         if accelerator.is_main_process and spec.output.merge:
             merge_published(spec.output_uri, lease, spec.model, stop)
@@ -165,7 +165,7 @@ def setup(spec: Spec, accelerator: Accelerator, stop: StopRequest, takeover: Tak
     scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.warmup_steps, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     first_step, history = takeover.restore(model, optimizer, scheduler)
-    record = run_record(spec) if is_main and spec.tracking.enabled else None
+    record = run_record(spec, data.plan) if is_main and spec.tracking.enabled else None
     tracker = Tracker(spec.tracking, record, resume_run_id=takeover.run_id)
     progress = Progress(total_steps, cfg.log_every, enabled=is_main, first_step=first_step)
     return Run(

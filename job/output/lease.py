@@ -50,7 +50,6 @@ from pathlib import Path
 from types import NoneType
 from typing import Any
 
-from job.cluster import restart_id
 from job.collective import rank_0_outcome
 from job.errors import JobError, Preempted, UserError
 from job.output.layout import LEASE, OutputLayout
@@ -110,9 +109,10 @@ def process_namespace() -> str | None:
 class Lease:
     """This process's claim on output.uri (taken and renewed by rank 0; other ranks learn its generation)."""
 
-    def __init__(self, output_uri: str, seconds: float, max_wait: float):
+    def __init__(self, output_uri: str, seconds: float, max_wait: float, job: str | None = None):
         """seconds: train.lease_seconds. max_wait: train.collective_timeout_seconds, the longest this job
-        may wait for another's lease to expire, since its other ranks wait for rank 0 no longer."""
+        may wait for another's lease to expire, since its other ranks wait for rank 0 no longer. job: the
+        scheduler's job this process belongs to (job.cluster.restart_id), None outside a scheduler."""
         self.output_uri = output_uri
         self.uri = OutputLayout(output_uri).lease
         self.seconds = seconds
@@ -122,7 +122,7 @@ class Lease:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "pid_namespace": process_namespace(),
-            "job": restart_id(os.environ),
+            "job": job,
         }
         self.generation = 0
         self._claimed_at = 0.0  # time.monotonic() of the claim's write

@@ -35,9 +35,9 @@ from typing import Any
 
 from job import __version__
 from job.cluster import scheduler_tags
-from job.data.files import expand
+from job.data.plan import DataPlan, source_entries
 from job.errors import EXIT_REQUEUE
-from job.spec import Spec, TrackingSpec, echo, flatten, public_dict, public_tags, redact
+from job.spec import DataSpec, Spec, TrackingSpec, echo, flatten, public_dict, public_tags, redact
 from job.storage import absolute, filesystem, protocol_of
 from job.tracking.spool import (
     RUN_KEY_TAG,
@@ -164,36 +164,45 @@ def run_tags(spec_tags: Mapping[str, str], extra_tags: Mapping[str, str], key: s
 # Dataset inputs: where the data came from, and a digest that changes when the files do
 
 
-def file_dataset(name: str, pattern: str) -> dict[str, str]:
-    """An MLflow dataset (entity fields) for the files a URL or glob names: its source URI, and a
-    digest of their names, sizes and ETags (modification times where the store has no ETags)."""
+def file_dataset(name: str, patterns: list[str], files: list[str]) -> dict[str, str]:
+    """An MLflow dataset (entity fields) for one source of the run: the URLs and globs the spec names
+    (its source), and a digest of the names, sizes and ETags (modification times where the store has no
+    ETags) of the files the run reads from them."""
     entries = []
-    for url in expand([pattern], name):
+    for url in files:
         fs, path = filesystem(url)
         info = fs.info(path)
         change = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
         entries.append([posixpath.basename(path), info.get("size"), str(change)])
     digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
-    protocol = protocol_of(pattern)
-    uri = str(Path(pattern).resolve()) if protocol == "file" and "://" not in pattern else redact_url(pattern)
+    uris = [source_uri(pattern) for pattern in patterns]
+    protocol = protocol_of(patterns[0])
     return {
         "name": name,
         "digest": digest,
         "source_type": "local" if protocol == "file" else protocol,
-        "source": json.dumps({"uri": uri}),
+        "source": json.dumps({"uri": uris[0]} if len(uris) == 1 else {"uris": uris}),
         "profile": json.dumps({"files": len(entries), "bytes": sum(e[1] or 0 for e in entries)}),
     }
 
 
-def dataset_inputs(spec: Spec) -> list[dict[str, Any]]:
-    """data.train and data.eval as MLflow dataset inputs, one per URL or glob, named by spec key."""
-    inputs = []
-    for i, (patterns, _) in enumerate(spec.data.train_groups()):
-        for j, pattern in enumerate(patterns):
-            name = f"data.train[{i}]" + (f".path[{j}]" if len(patterns) > 1 else "")
-            inputs.append({"dataset": file_dataset(name, pattern), "context": "train"})
-    for i, pattern in enumerate(spec.data.eval):
-        inputs.append({"dataset": file_dataset(f"data.eval[{i}]", pattern), "context": "eval"})
+def source_uri(pattern: str) -> str:
+    """A URL or glob as a dataset source: a local path made absolute, credentials left out."""
+    if protocol_of(pattern) == "file" and "://" not in pattern:
+        return str(Path(pattern).resolve())
+    return redact_url(pattern)
+
+
+def dataset_inputs(data: DataSpec, plan: DataPlan) -> list[dict[str, Any]]:
+    """The plan's sources as MLflow dataset inputs, named by spec key (data.train, or data.train[i] for
+    each weighted source; data.eval): the files the run reads, which a resumed run takes from its
+    checkpoint, not from what a glob names today."""
+    inputs = [
+        {"dataset": file_dataset(name, patterns, files), "context": "train"}
+        for (name, patterns, _), (files, _) in zip(source_entries(data), plan.sources, strict=True)
+    ]
+    if data.eval:
+        inputs.append({"dataset": file_dataset("data.eval", data.eval, plan.eval_files), "context": "eval"})
     return inputs
 
 
@@ -219,9 +228,9 @@ class RunRecord:
     datasets: list[dict[str, Any]]
 
 
-def run_record(spec: Spec) -> RunRecord:
+def run_record(spec: Spec, plan: DataPlan) -> RunRecord:
     try:
-        datasets = dataset_inputs(spec)
+        datasets = dataset_inputs(spec.data, plan)
     except Exception as e:  # a source listed a moment ago and gone now: the run goes on without it
         log.warning("data sources not logged to MLflow: %s: %s", type(e).__name__, e)
         datasets = []

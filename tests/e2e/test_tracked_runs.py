@@ -124,13 +124,13 @@ def test_metrics_each_step_once_with_memory_and_system_metrics(finished_run, cli
 def test_data_sources_spec_adapter_and_model_version(finished_run, client, tmp_path):
     run = finished_run["run"]
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
-    assert set(inputs) == {"data.train[0]", "data.eval[0]"}
-    train = inputs["data.train[0]"]
+    assert set(inputs) == {"data.train", "data.eval"}
+    train = inputs["data.train"]
     assert {t.key: t.value for t in train.tags}["mlflow.data.context"] == "train"
     assert train.dataset.source_type == "local"
     assert json.loads(train.dataset.source)["uri"] == str(finished_run["workdir"] / "data" / "train.jsonl")
     assert json.loads(train.dataset.profile)["files"] == 1
-    assert train.dataset.digest != inputs["data.eval[0]"].dataset.digest
+    assert train.dataset.digest != inputs["data.eval"].dataset.digest
 
     local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path)))
     assert json.loads((local / "spec.json").read_text())["name"] == "t"
@@ -194,7 +194,7 @@ def test_unreachable_at_start_run_created_by_the_next_job(
     assert run.data.tags["team"] == "nlp" and run.data.tags["world_size"] == "1"
     assert run.info.start_time <= started * 1000 + 1000  # created with the time the job started
     assert steps(client, run.info.run_id, "train/loss") == [1, 2, 3, 4, 5]
-    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"data.train[0]", "data.eval[0]"}
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"data.train", "data.eval"}
     assert run.info.status == "FINISHED"
     assert not list(spool_dir.iterdir())
 

@@ -76,14 +76,13 @@ def test_a_lease_from_a_clock_ahead_is_taken_once_seen_unrenewed_for_its_lease_s
     minutes more, but unrenewed for its lease_seconds on this host's monotonic clock, it has expired."""
     from job.output.lease import Lease
 
-    monkeypatch.setenv("FTJOB_RESTART_ID", "slurm-5")
     output = isolated / "out"
     ahead = time.time() + 180
     stale = lease_record(job=job, renewed_at=ahead, expires_at=ahead + LEASE_SECONDS)
     write_lease(output, stale)
     owners = []  # (seconds waited, the lease's owner) at each of the job's sleeps
     fake = fake_clock(monkeypatch, lambda elapsed: owners.append((elapsed, read_lease(output)["owner"])))
-    lease = Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT)
+    lease = Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT, job="slurm-5")
     with caplog.at_level("INFO", logger="job"):
         lease.take()
     lease.release()
@@ -100,7 +99,6 @@ def test_a_lease_from_a_clock_behind_that_is_renewed_is_not_taken(isolated, monk
     the last moment: the job is refused (exit 2) and leaves it alone."""
     from job.output.lease import Lease
 
-    monkeypatch.setenv("FTJOB_RESTART_ID", "slurm-5")
     output = isolated / "out"
     behind = time.time() - 180
     live = lease_record(job=job, renewed_at=behind, expires_at=behind + LEASE_SECONDS)
@@ -113,7 +111,7 @@ def test_a_lease_from_a_clock_behind_that_is_renewed_is_not_taken(isolated, monk
 
     fake_clock(monkeypatch, renew_in_the_last_second)
     with pytest.raises(UserError, match="held by another job: host node-7, pid 4242") as refused:
-        Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT).take()
+        Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT, job="slurm-5").take()
     assert refused.value.exit_code == 2
     assert read_lease(output) == renewed
 
@@ -167,14 +165,13 @@ def test_a_lease_too_long_to_wait_for_is_exit_2_at_once(isolated, monkeypatch, j
     in a collective past their timeout. Refused at once (exit 2); the lease is left as it was."""
     from job.output.lease import Lease
 
-    monkeypatch.setenv("FTJOB_RESTART_ID", "slurm-5")
     output = isolated / "out"
     ended = int(time.time()) - 60  # whole seconds: expires_at - renewed_at is exactly `seconds`
     stale = lease_record(job=job, renewed_at=ended - seconds, expires_at=ended)
     write_lease(output, stale)
     fake = fake_clock(monkeypatch)
     with pytest.raises(UserError) as refused:
-        Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT).take()
+        Lease(str(output), LEASE_SECONDS, COLLECTIVE_TIMEOUT, job="slurm-5").take()
     assert refused.value.exit_code == 2 and fake.elapsed == 0
     message = str(refused.value)
     assert f"{output}/lease.json says that host node-7, pid 4242" in message

@@ -13,9 +13,12 @@ import pytest
 from helpers import ALPACA_ROWS, REPO, write_jsonl
 from tracking_helpers import messages
 
+from job.data.plan import DataPlan
 from job.errors import Preempted
 from job.metrics import flops_per_token, gpu_peak_flops
+from job.spec import validate_spec
 from job.tracking.tracker import (
+    dataset_inputs,
     end_status,
     environment_tags,
     file_dataset,
@@ -79,11 +82,47 @@ def test_credentials_in_urls_are_redacted():
 
 def test_dataset_digest_follows_file_names_sizes_and_changes(isolated):
     path = write_jsonl(isolated / "d" / "a.jsonl", ALPACA_ROWS)
-    first = file_dataset("data.train[0]", str(isolated / "d" / "*.jsonl"))
-    assert file_dataset("data.train[0]", str(isolated / "d" / "*.jsonl"))["digest"] == first["digest"]
+    glob, files = [str(isolated / "d" / "*.jsonl")], [str(path)]
+    first = file_dataset("data.train", glob, files)
+    assert file_dataset("data.train", glob, files)["digest"] == first["digest"]
     write_jsonl(path, ALPACA_ROWS * 2)
-    assert file_dataset("data.train[0]", str(isolated / "d" / "*.jsonl"))["digest"] != first["digest"]
-    assert json.loads(first["source"]) == {"uri": str(isolated / "d" / "*.jsonl")}
+    assert file_dataset("data.train", glob, files)["digest"] != first["digest"]
+    assert json.loads(first["source"]) == {"uri": glob[0]}
+
+
+def test_datasets_are_the_files_of_the_plan_not_what_the_globs_name_now(isolated):
+    """A resumed run logs the files its checkpoint's plan reads, though the glob names more by now."""
+    old = write_jsonl(isolated / "d" / "a.jsonl", ALPACA_ROWS)
+    write_jsonl(isolated / "d" / "b.jsonl", ALPACA_ROWS)
+    glob = str(isolated / "d" / "*.jsonl")
+    extra = write_jsonl(isolated / "e.jsonl", ALPACA_ROWS)
+    data = validate_spec(
+        {"model": {"source": "m"}, "data": {"train": [glob, str(extra)]}, "train": {"max_steps": 1}}
+    ).data
+    plan = DataPlan([([str(old), str(extra)], 1.0)], [], [None])
+    [train] = dataset_inputs(data, plan)
+    assert train["context"] == "train" and train["dataset"]["name"] == "data.train"
+    assert json.loads(train["dataset"]["profile"]) == {"files": 2, "bytes": 2 * old.stat().st_size}
+    assert json.loads(train["dataset"]["source"]) == {"uris": [glob, str(extra)]}
+
+
+def test_weighted_sources_and_the_eval_files_are_a_dataset_each(isolated):
+    a, b, e = (
+        write_jsonl(isolated / f"{n}.jsonl", ALPACA_ROWS[:k]) for n, k in (("a", 1), ("b", 2), ("e", 3))
+    )
+    spec = {
+        "model": {"source": "m"},
+        "data": {"train": [{"path": str(a), "weight": 1}, {"path": str(b), "weight": 3}], "eval": [str(e)]},
+        "train": {"max_steps": 1},
+    }
+    plan = DataPlan([([str(a)], 1.0), ([str(b)], 3.0)], [str(e)], [None, None])
+    inputs = dataset_inputs(validate_spec(spec).data, plan)
+    assert [(i["dataset"]["name"], i["context"]) for i in inputs] == [
+        ("data.train[0]", "train"),
+        ("data.train[1]", "train"),
+        ("data.eval", "eval"),
+    ]
+    assert len({i["dataset"]["digest"] for i in inputs}) == 3
 
 
 def test_peak_flops_of_known_gpus_and_model_flops():
