@@ -28,7 +28,12 @@ def load_trained(
     unless `base_model` replaces the base it names."""
     where = str(adapter_dir / "spec.json")
     data = parse_spec_text(read_spec_text(where)[0], where)
-    data["model"] = {**data.get("model", {}), "trust_remote_code": trust_remote_code}
+    model = data.get("model", {})
+    if not isinstance(model, dict):
+        raise UserError(
+            f"{where}: model must be a mapping, got {type(model).__name__}; is the adapter damaged?"
+        )
+    data["model"] = {**model, "trust_remote_code": trust_remote_code}
     if base_model:
         data["model"].update(source=base_model, revision=None, identity=None)
     # Storage options are not taken from the file either (hidden values, or an endpoint of its choosing):

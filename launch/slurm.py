@@ -416,14 +416,16 @@ def slurm_state(job_id: str) -> str:
 
 def follow(
     job,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     poll_seconds: float = 5.0,
     sleep: Callable[[float], None] = time.sleep,
     state_of: Callable[[str], str] = slurm_state,
     clock: Callable[[], float] = time.monotonic,
 ) -> int:
     """Stream the job's log through its requeues until it ends; its exit code (0 when it completed,
-    ftjob's own code when it failed, 1 when sacct stays silent or nothing says more)."""
+    ftjob's own code when it failed, 1 when sacct stays silent or nothing says more). `out`: standard
+    output when None (the one of the moment, not of the import)."""
+    out = out or sys.stdout
     offsets: dict[Path, int] = {}
     state, since = "", clock()
     while True:
@@ -453,7 +455,7 @@ def follow(
     return int(codes[-1]) if codes else 1
 
 
-def follow_all(jobs: list, out: TextIO = sys.stdout) -> int:
+def follow_all(jobs: list, out: TextIO | None = None) -> int:
     """Follow each job in turn (a sweep's tasks run side by side meanwhile); the first non-zero exit
     code, else 0."""
     codes = [follow(job, out) for job in jobs]

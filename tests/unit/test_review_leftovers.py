@@ -1,0 +1,39 @@
+"""Two review findings of session 10: a published spec.json whose model is not a mapping, and the Slurm
+launcher's output bound at import time."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+
+from job.errors import UserError
+
+
+@pytest.mark.parametrize("model", [["m"], "m", 3])
+def test_a_published_spec_whose_model_is_not_a_mapping_is_refused_naming_the_file(tmp_path, model):
+    from job.generate import load_trained
+
+    (tmp_path / "spec.json").write_text(json.dumps({"model": model, "data": {"train": ["d.jsonl"]}}))
+    with pytest.raises(UserError) as refused:
+        load_trained(tmp_path)
+    assert str(refused.value).startswith(f"{tmp_path / 'spec.json'}: model must be a mapping")
+
+
+def test_follow_writes_to_the_standard_output_of_the_moment(tmp_path, monkeypatch):
+    """A caller that swaps sys.stdout after `launch.slurm` was imported (the in-process CLI, a wrapper
+    capturing output) gets the job's lines there."""
+    from types import SimpleNamespace
+
+    from launch.slurm import follow
+
+    (tmp_path / "9.out").write_text("step 1/1\n")
+    job = SimpleNamespace(
+        job_id="9", paths=SimpleNamespace(stdout=tmp_path / "9.out", stderr=tmp_path / "9.err")
+    )
+    captured = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", captured)
+    code = follow(job, sleep=lambda s: None, state_of=lambda _: "COMPLETED", clock=lambda: 0.0)
+    assert code == 0 and "step 1/1" in captured.getvalue() and "ended COMPLETED" in captured.getvalue()
