@@ -10,6 +10,7 @@ from pathlib import Path
 from helpers import spec_dict
 from mlflow_server import MlflowServer
 
+from job.data.plan import DataPlan
 from job.spec import validate_spec
 from job.tracking.spool import (
     Target,
@@ -30,7 +31,7 @@ def messages(caplog, level: int, text: str) -> list[str]:
 
 def tracked(spec, resume_run_id: str | None = None) -> Tracker:
     """The tracker of rank 0 for spec."""
-    return Tracker(spec.tracking, run_record(spec), resume_run_id)
+    return Tracker(spec.tracking, run_record(spec, DataPlan.make(spec.data, 1)), resume_run_id)
 
 
 def wait_for_run(tracker: Tracker) -> None:

@@ -36,7 +36,8 @@ renamed to `<key>.bad-<ms>`, which no later run opens, with one warning. That in
 record whose folder is not under the spool's own files/, holds a symbolic link, or whose path leaves
 the run. An open record continues the run in state.json or the one to resume (from a checkpoint) only
 when it is an active run of the record's experiment with an `ftjob.run_key` tag: any other run on the
-server is left alone, and a new one made. A `.new-<key>` folder an hour old is what a crash in
+server is left alone, and a new one made; a leftover spool whose open record was delivered sends its
+other records only to such a run (state.json's run id is input too), else it is quarantined. A `.new-<key>` folder an hour old is what a crash in
 Spool.create left, and is removed.
 """
 
@@ -346,6 +347,19 @@ class Spool:
             shutil.rmtree(self.directory, ignore_errors=True)
         os.close(self.lock_fd)
 
+    def open_record(self) -> dict[str, Any]:
+        """records.jsonl's first record, this spool's open record (checked as pending() checks one)."""
+        with self._file, open(self.records_path, "rb") as f:
+            line = f.readline()
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise CorruptSpool(f"{RECORDS} at byte 0: not JSON") from None
+        problem = self._problem(record) or ("" if record["kind"] == "open" else "not an open record")
+        if problem:
+            raise CorruptSpool(f"{RECORDS} at byte 0: {problem}")
+        return record
+
     def _drop_torn_line(self) -> None:
         """A process killed mid-write leaves half a line: cut it, so the next record starts a line."""
         if not self.records_path.exists():
@@ -483,12 +497,16 @@ def find_spool(root: Path, ref: str) -> str | None:
     return None
 
 
-def deliver(spool: Spool, client) -> int:
+def deliver(spool: Spool, client, leftover: bool = False) -> int:
     """Send the spool's pending records to MLflow in order, acknowledging as it goes; returns how many.
 
     Raises on the first failure that is not a rejection (MLflow unreachable): the rest stays pending.
+    A `leftover` (an earlier process's spool) whose open record was delivered goes on only to a run its
+    open record could have continued (state.json is input like the rest): else CorruptSpool.
     """
     sender = _Sender(spool.state, client)
+    if leftover and spool.state.offset > 0:
+        sender.confirm_run(spool.open_record())
     records = spool.pending()
     sent = 0
     while sent < len(records):
@@ -570,6 +588,15 @@ class _Sender:
             for key, step in self._last_steps(run_id).items():
                 self.state.last_steps[key] = max(step, self.state.last_steps.get(key, step))
         self.state.run_id = run_id
+
+    def confirm_run(self, record: dict[str, Any]) -> None:
+        """CorruptSpool unless state.json's run is an active ftjob run of the open record's experiment."""
+        experiment = self.client.get_experiment_by_name(record["experiment"])
+        run = self._run(self.state.run_id) if self.state.run_id else None
+        if experiment is None or run is None or not _is_ftjob_run_of(run, experiment.experiment_id):
+            raise CorruptSpool(
+                f"{STATE}: run {self.state.run_id} is not an ftjob run of experiment {record['experiment']!r}"
+            )
 
     def _experiment_id(self, name: str) -> str:
         from mlflow.exceptions import MlflowException

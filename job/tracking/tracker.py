@@ -41,6 +41,7 @@ from job.spec import DataSpec, Spec, TrackingSpec, echo, flatten, public_dict, p
 from job.storage import absolute, filesystem, protocol_of
 from job.tracking.spool import (
     RUN_KEY_TAG,
+    CorruptSpool,
     Spool,
     Target,
     deliver,
@@ -48,6 +49,7 @@ from job.tracking.spool import (
     is_run_id,
     leftovers,
     now_ms,
+    quarantine,
     remove_abandoned,
     spool_root,
 )
@@ -456,7 +458,10 @@ class Tracker:
             if spool is None:
                 continue
             try:
-                sent = deliver(spool, self.client)
+                sent = deliver(spool, self.client, leftover=True)
+            except CorruptSpool as e:
+                quarantine(root, spool.directory, str(e))
+                continue
             except Exception as e:
                 log.debug("spool %s not delivered: %s", spool.directory, e)
                 return

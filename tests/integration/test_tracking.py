@@ -534,6 +534,27 @@ def test_a_spool_whose_state_names_a_run_that_is_not_its_jobs_starts_a_new_run(
     assert client.get_run(other).info.status == "FAILED" and client.get_run(other).data.metrics == {}
 
 
+def test_a_delivered_leftover_whose_state_was_edited_to_name_another_run_is_quarantined(
+    server, client, tiny_model_dir, data_files, spool_dir, monkeypatch, caplog
+):
+    """The leftover's open record was delivered, then its state.json edited to name another run: its
+    pending records go nowhere (quarantined), not to that run."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    other = failed_run(client, "edited-state-other", {})
+    left = leftover(spool_dir, key_of("f"), "edited-state")
+    spool = Spool.acquire(spool_dir, key_of("f"), tracking_target(server.url))
+    open_record, after_open = spool.pending()[0]
+    assert open_record["kind"] == "open"
+    spool.release()
+    (left / STATE).write_text(json.dumps({"run_id": other, "offset": after_open, "last_steps": {}}))
+    with caplog.at_level(logging.WARNING, logger="job"):
+        run_three_steps(tracker_spec(tiny_model_dir, data_files, "edited-state-current"))
+
+    assert client.get_run(other).data.metrics == {} and client.get_run(other).data.params == {}
+    assert not left.exists() and len(list(spool_dir.glob(f"{key_of('f')}.bad-*"))) == 1
+    assert messages(caplog, logging.WARNING, f"run {other} is not an ftjob run of experiment 'edited-state'")
+
+
 def half_made(path: Path, age_seconds: float) -> Path:
     """A spool folder as Spool.create leaves it when killed before renaming it into place."""
     path.mkdir(parents=True)

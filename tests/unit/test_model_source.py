@@ -176,6 +176,7 @@ def test_a_model_identity_that_is_not_one_is_refused_in_the_spec(identity):
 
 
 def test_the_run_logs_the_identity_it_publishes(isolated):
+    from job.data.plan import DataPlan
     from job.output.publish import write_run_files
     from job.spec import validate_spec
     from job.tracking.tracker import run_record
@@ -187,7 +188,7 @@ def test_the_run_logs_the_identity_it_publishes(isolated):
     resolve_model_dir(spec.model)
     write_run_files(isolated, spec, {})
     published = json.loads((isolated / "spec.json").read_text())
-    record = run_record(spec)
+    record = run_record(spec, DataPlan([([], 1.0)], [], [None]))
     assert published["model"]["identity"] == spec.model.identity == record.params["model.identity"]
     assert record.spec_json == published  # MLflow's copy of spec.json is the published one
     assert validate_spec(published).model.identity == spec.model.identity  # and it is a spec
