@@ -145,7 +145,9 @@ def submit(args: argparse.Namespace, submission: Submission) -> int:
     options = K8sOptions(**{name: value for name, value in given.items() if value is not None})
     for warning in k8s_warnings(submission.spec, options, len(submission.specs)):
         print(f"warning: {warning}", file=sys.stderr)
-    objects = render(submission.specs, options, parent_run(submission) if args.apply else None)
+    objects = render(submission.specs, options)  # first: manifests that cannot be made leave no parent run
+    if args.apply:
+        objects = render(submission.specs, options, parent_run(submission))
     if args.output:
         Path(args.output).write_text(to_yaml(objects))
         print(f"wrote {len(objects)} objects to {args.output}")

@@ -1,5 +1,5 @@
-"""Two review findings of session 10: a published spec.json whose model is not a mapping, and the Slurm
-launcher's output bound at import time."""
+"""Review findings of session 10: a published spec.json whose model is not a mapping, the Slurm launcher's
+output bound at import time, a Kubernetes sweep's parent run started before its manifests were made."""
 
 from __future__ import annotations
 
@@ -37,3 +37,20 @@ def test_follow_writes_to_the_standard_output_of_the_moment(tmp_path, monkeypatc
     monkeypatch.setattr(sys, "stdout", captured)
     code = follow(job, sleep=lambda s: None, state_of=lambda _: "COMPLETED", clock=lambda: 0.0)
     assert code == 0 and "step 1/1" in captured.getvalue() and "ended COMPLETED" in captured.getvalue()
+
+
+def test_a_k8s_sweep_whose_manifests_cannot_be_made_starts_no_parent_run(tmp_path, monkeypatch, capsys):
+    from helpers import REPO
+
+    from launch.cli import launch_main
+    from launch.sweep import Submission
+
+    started = []
+    monkeypatch.setattr(Submission, "start_parent_run", lambda self, uri: started.append(uri) or "parent-1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example")
+    (tmp_path / "sweep.yaml").write_text("adapter.r: [4, 8]\n")
+    argv = ["k8s", str(REPO / "examples" / "demo.yaml"), "--set", "output.uri=s3://bucket/runs/{name}"]
+    argv += ["--sweep", str(tmp_path / "sweep.yaml"), "--apply", "--env", "NO_VALUE"]
+    with pytest.raises(UserError, match="--env 'NO_VALUE': expected KEY=VALUE"):
+        launch_main(argv)
+    assert started == []
