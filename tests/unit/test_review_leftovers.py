@@ -50,7 +50,7 @@ def test_a_k8s_sweep_whose_manifests_cannot_be_made_starts_no_parent_run(tmp_pat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example")
     (tmp_path / "sweep.yaml").write_text("adapter.r: [4, 8]\n")
     argv = ["k8s", str(REPO / "examples" / "demo.yaml"), "--set", "output.uri=s3://bucket/runs/{name}"]
-    argv += ["--sweep", str(tmp_path / "sweep.yaml"), "--apply", "--env", "NO_VALUE"]
-    with pytest.raises(UserError, match="--env 'NO_VALUE': expected KEY=VALUE"):
+    argv += ["--sweep", str(tmp_path / "sweep.yaml"), "--apply", "--env", "FTJOB__train__max_steps=3"]
+    with pytest.raises(UserError, match="--env FTJOB__train__max_steps: a spec override"):
         launch_main(argv)
     assert started == []
