@@ -135,6 +135,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from job.output.status import output_status, status_text
+    from job.storage import configure_storage
+
+    configure_storage(None)  # the environment's credentials and endpoint, as for any URL
+    status = output_status(args.output_uri)
+    print(json.dumps(status, indent=2) if args.json else status_text(status))
+    return 0
+
+
 def setup_logging() -> None:
     """ftjob's own messages at INFO on stderr; libraries keep their own settings."""
     handler = logging.StreamHandler(sys.stderr)
@@ -233,6 +243,13 @@ def build_parser(elsewhere: dict[str, EntryPoint], with_their_help: bool) -> arg
         help="run custom model code shipped with the model or adapter (never taken from the adapter's spec)",
     )
     generate.set_defaults(handler=cmd_generate)
+
+    status = commands.add_parser(
+        "status", help="who holds an output.uri's lease, its newest checkpoint, what is published"
+    )
+    status.add_argument("output_uri", metavar="OUTPUT_URI", help="a run's output.uri")
+    status.add_argument("--json", action="store_true", help="as JSON, for scripts")
+    status.set_defaults(handler=cmd_status)
 
     for name, entry in elsewhere.items():
         commands.add_parser(name, help=first_line(entry.load().__doc__) if with_their_help else None)

@@ -97,6 +97,27 @@ def record_problem(record: Any) -> str | None:
     return None
 
 
+def read_lease(output_uri: str) -> dict[str, Any] | None:
+    """output.uri's lease record, checked as this module writes one; None when there is none. A damaged
+    one is a UserError, a storage failure storage_error's."""
+    uri = OutputLayout(output_uri).lease
+    try:
+        fs, path = filesystem(uri)
+        text = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # every backend raises its own types; an outage that outlasted the retries
+        raise storage_error(e, f"cannot read {uri}") from None
+    try:
+        record = json.loads(text)
+        problem = record_problem(record)
+    except ValueError as e:
+        problem = str(e)
+    if problem:
+        raise UserError(f"{uri} is damaged ({problem}); delete it once no job writes to {output_uri}")
+    return record
+
+
 def process_namespace() -> str | None:
     """This kernel boot and pid namespace, where another process's pid means that process (Linux)."""
     try:
@@ -316,21 +337,9 @@ class Lease:
     def _read(self) -> dict[str, Any] | None:
         """The lease record; None when there is none."""
         try:
-            fs, path = filesystem(self.uri)
-            text = fs.cat_file(path)
-        except FileNotFoundError:
-            return None
-        except Exception as e:  # every backend raises its own types; an outage that outlasted the retries
-            raise self._failure(storage_error(e, f"cannot read {self.uri}")) from None
-        try:
-            record = json.loads(text)
-            problem = record_problem(record)
-        except ValueError as e:
-            problem = str(e)
-        if problem:
-            damaged = f"{self.uri} is damaged ({problem}); delete it once no job writes to {self.output_uri}"
-            raise self._failure(UserError(damaged))
-        return record
+            return read_lease(self.output_uri)
+        except JobError as e:
+            raise self._failure(e) from None
 
     def _write(self, record: dict[str, Any]) -> None:
         data = json.dumps(record).encode()
