@@ -30,7 +30,7 @@ COMMANDS_GROUP = "ftjob.commands"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from job.signals import StopRequest
+    from job.signals import StopRequest, stop_when_orphaned
     from job.spec import TrainSpec, load_spec
     from job.startup import leave_out_bitsandbytes
 
@@ -55,6 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from job.cluster import check_process_group_variables
 
         check_process_group_variables(os.environ)  # before accelerate would wait for absent processes
+        stop_when_orphaned(os.environ)
         if spec.model.quantization is None:
             leave_out_bitsandbytes()
         from job.accelerator import make_accelerator

@@ -4,7 +4,8 @@ This process, the workers' launcher, is what a scheduler sees. It forwards SIGTE
 worker (which then stop together, commit a checkpoint and exit 75) and waits for them, and it exits
 with the workers' code: 0 when all finish; otherwise a worker's own failure (1, 2, 3) before a stop
 (75). A stop that comes before any worker has started ends the launcher with 75. torchrun, by contrast, reports 1 for
-any failure and kills its workers 30 s after its own signal.
+any failure and kills its workers 30 s after its own signal. Workers stop (as on SIGTERM) when this
+process is gone, SIGKILLed even (FTJOB_LAUNCHER_PID, job/signals.py: stop_when_orphaned).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import psutil
 
 from job.cluster import Placement
 from job.errors import EXIT_REQUEUE, DataError, Preempted, UserError
-from job.signals import STOP_SIGNALS, StopRequest
+from job.signals import LAUNCHER_PID, STOP_SIGNALS, StopRequest
 
 RENDEZVOUS_TIMEOUT_SECONDS = 900  # how long the first node waits for the others to come up
 
@@ -129,6 +130,7 @@ def run_workers(
         for name in [n for n in os.environ if n.startswith("FTJOB__")]:
             del os.environ[name]
         os.environ["FTJOB_SPEC"] = str(spec_file)
+        os.environ[LAUNCHER_PID] = str(os.getpid())  # workers stop when this process is gone
         try:
             elastic_launch(config, sys.executable)("-m", "job", "run", *worker_args)
         except ChildFailedError as e:

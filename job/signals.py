@@ -23,7 +23,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -32,6 +32,8 @@ from job.errors import EXIT_REQUEUE, JobError, Preempted
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 REPEAT_SECONDS = 2.0
+LAUNCHER_CHECK_SECONDS = 1.0
+LAUNCHER_PID = "FTJOB_LAUNCHER_PID"  # set by job/node_workers.py for its workers
 
 
 class Committing(Protocol):
@@ -181,3 +183,23 @@ def time_limit(seconds: float, error: Exception) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def stop_when_orphaned(environ: Mapping[str, str]) -> None:
+    """In a worker of an elastic launcher (`ftjob run --nproc-per-node`, torchrun: TORCHELASTIC_RUN_ID is
+    set), a launcher that is gone (SIGKILLed, taken by the OOM killer) is a stop: SIGTERM to this process,
+    so the workers checkpoint and exit together instead of running on as orphans that hold the lease.
+    The launcher is ftjob's (FTJOB_LAUNCHER_PID), else the parent this worker started with; a thread
+    looks for this process's parent changing every LAUNCHER_CHECK_SECONDS."""
+    if "TORCHELASTIC_RUN_ID" not in environ:
+        return
+    given = environ.get(LAUNCHER_PID, "")
+    launcher = int(given) if given.isdigit() else os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(LAUNCHER_CHECK_SECONDS)
+        log.warning("the launcher (pid %d) is gone: stopping as on SIGTERM", launcher)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="ftjob-launcher-watch", daemon=True).start()
