@@ -59,9 +59,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         if spec.model.quantization is None:
             leave_out_bitsandbytes()
         from job.accelerator import make_accelerator
+        from job.collective import lost_peer
         from job.train import train
 
-        if train(spec, make_accelerator(spec.train), restart=args.restart, stop=stop) is None:
+        try:
+            result = train(spec, make_accelerator(spec.train), restart=args.restart, stop=stop)
+        except Exception as e:  # a collective's failure because another rank is gone is exit 76
+            peer_lost = lost_peer(e)
+            if peer_lost is None:
+                raise
+            raise peer_lost from e
+        if result is None:
             print(f"{spec.output_uri}/adapter is already published; nothing to do (--restart trains again)")
         stop.ignore_from_now()  # the run is done: a stop signal on the way out changes nothing
     return 0

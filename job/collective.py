@@ -1,15 +1,22 @@
-"""What every rank must agree on: rank 0's outcome on every rank, a check that holds on every rank."""
+"""What every rank must agree on: rank 0's outcome on every rank, a check that holds on every rank; and
+what it means when a collective fails because a rank is gone."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 
-from job.errors import JobError
+from job.errors import JobError, PeerLost
 
 T = TypeVar("T")
+# What gloo and NCCL say when the process at the other end is gone, or silent past the group's timeout
+PEER_GONE = re.compile(
+    r"Connection (closed|reset) by peer|Broken pipe|remote process exited|Timed out waiting \d+ms for (recv|send)",
+    re.IGNORECASE,
+)
 
 
 def rank_0_outcome(accelerator, work: Callable[[], T]) -> T:
@@ -36,3 +43,22 @@ def whole_everywhere(whole: bool, accelerator) -> bool:
         return whole
     damaged = torch.tensor([int(not whole)], device=accelerator.device)
     return not bool(accelerator.reduce(damaged, reduction="max"))
+
+
+def lost_peer(error: BaseException) -> PeerLost | None:
+    """The PeerLost that `error` is, when it is a collective's failure because another rank is gone (in
+    a process group); None for any other error, which keeps its own exit code."""
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()):
+        return None
+    # torch's collectives raise RuntimeErrors; a JobError's code is decided, but for rank_0_outcome's plain
+    # JobError, which may carry rank 0's failed collective
+    if type(error) is not JobError and not isinstance(error, RuntimeError):
+        return None
+    if not (isinstance(error, distributed.DistNetworkError) or PEER_GONE.search(str(error))):
+        return None
+    cause = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    return PeerLost(
+        f"another process of this job is gone ({cause}); exit 76: rerun every node of the job, which "
+        "resumes from the last committed checkpoint"
+    )

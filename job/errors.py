@@ -4,6 +4,7 @@ Raise these for anything a user can fix; the CLI prints the message without a tr
 """
 
 EXIT_REQUEUE = 75
+EXIT_PEER_LOST = 76
 
 
 class JobError(Exception):
@@ -29,3 +30,11 @@ class Preempted(JobError):
     nothing new to save): requeue me, I will resume. Exit 75."""
 
     exit_code = EXIT_REQUEUE
+
+
+class PeerLost(JobError):
+    """A collective failed because another process of the job is gone (its process or node died, or the
+    network to it): this process cannot go on alone. Rerun every node (the whole gang) and the job
+    resumes from its last committed checkpoint. Exit 76."""
+
+    exit_code = EXIT_PEER_LOST

@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 
 from job.cluster import Placement
-from job.errors import EXIT_REQUEUE, DataError, Preempted, UserError
+from job.errors import EXIT_PEER_LOST, EXIT_REQUEUE, DataError, Preempted, UserError
 from job.signals import LAUNCHER_PID, STOP_SIGNALS, StopRequest
 
 RENDEZVOUS_TIMEOUT_SECONDS = 900  # how long the first node waits for the others to come up
@@ -40,16 +40,18 @@ def nproc_auto() -> int:
 def exit_code(codes: Mapping[int, int]) -> int:
     """The job's exit code from the failed workers' (rank -> code; a negative code is a signal): a
     worker's own failure (2 or 3, bad input, before the 1s it may cause on other ranks; else the
-    lowest rank's), then a stop (75: workers killed while they exit after it are no failure), then a
-    worker killed by a signal (128 + signal)."""
-    own = [code for code in codes.values() if code > 0 and code != EXIT_REQUEUE]
+    lowest rank's), then a peer lost (76: what another's failure does to the rest), then a stop (75:
+    workers killed while they exit after it are no failure), then a worker killed by a signal
+    (128 + signal)."""
+    own = [code for code in codes.values() if code > 0 and code not in (EXIT_REQUEUE, EXIT_PEER_LOST)]
     for cause in (UserError.exit_code, DataError.exit_code):  # bad input, not what it made others do
         if cause in own:
             return cause
     if own:
         return own[0]
-    if EXIT_REQUEUE in codes.values():
-        return EXIT_REQUEUE
+    for consequence in (EXIT_PEER_LOST, EXIT_REQUEUE):
+        if consequence in codes.values():
+            return consequence
     return 128 - min(codes.values())
 
 

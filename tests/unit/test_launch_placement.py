@@ -89,6 +89,9 @@ def test_a_multi_node_job_that_cannot_be_placed_is_a_user_error(env, missing):
         ({0: 3}, 3),
         ({0: -9}, 137),
         ({1: 2}, 2),
+        ({0: 76, 1: 1}, 1),  # rank 1's own failure, not the lost peer it made of it for rank 0
+        ({0: 76, 1: 75}, 76),  # a peer lost during a stop: the checkpoint may not be committed
+        ({0: 76, 1: -9}, 76),
     ],
 )
 def test_the_job_exits_with_the_workers_code(codes, expected):

@@ -1,0 +1,53 @@
+"""A lost peer is its own exit code: two nodes on 127.0.0.1 (`ftjob run --nnodes 2`), node 1 killed
+whole (SIGKILL to its processes, as a node that dies): node 0 exits 76 at its next collective, no
+traceback, nothing left running; both rerun and the job resumes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import psutil
+from helpers import ALPACA_ROWS, free_port, read_until, start_run, write_jsonl
+
+
+def node(spec_path, output, rank: int, port: int):
+    placement = ["--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1"]
+    return start_run(spec_path, str(output), "--nproc-per-node", "1", *placement, "--master-port", str(port))
+
+
+def test_a_node_that_dies_ends_the_other_with_76_and_a_rerun_resumes(tiny_model_dir, isolated):
+    data = write_jsonl(isolated / "d.jsonl", ALPACA_ROWS * 16)
+    spec = {
+        "name": "gang",
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"train": [str(data)], "shuffle_buffer": 0},
+        "train": {"max_steps": 12, "micro_batch_size": 2, "log_every": 1, "checkpoint_every": 2},
+        "tracking": {"enabled": False},
+    }
+    spec_path = isolated / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    output = isolated / "out"
+    port = free_port()
+    first, second = node(spec_path, output, 0, port), node(spec_path, output, 1, port)
+    read_until(first, "step 3/12")
+    survivors = [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]
+
+    for process in [psutil.Process(second.pid), *psutil.Process(second.pid).children(recursive=True)]:
+        process.send_signal(signal.SIGKILL)  # node 1 is gone, every process of it at once
+    second.wait()
+    started = time.monotonic()
+    code = first.wait(timeout=120)
+    noticed = time.monotonic() - started
+    log = first.stdout.read()
+    assert code == 76, log[-3000:]
+    assert "another process of this job is gone" in log and "Traceback" not in log
+    assert noticed < 60, noticed
+    assert not [p for p in survivors if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    port = free_port()
+    first, second = node(spec_path, output, 0, port), node(spec_path, output, 1, port)
+    assert first.wait(timeout=300) == 0 and second.wait(timeout=60) == 0
+    assert "resuming from the checkpoint at step" in first.stdout.read()
+    assert json.loads((output / "adapter" / "metrics.json").read_text())["history"][-1]["step"] == 12
