@@ -54,16 +54,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError(f"{', '.join(placed)}: placement for --nproc-per-node, which is not given")
         from job.cluster import check_process_group_variables
 
-        check_process_group_variables(os.environ)  # before accelerate would wait for absent processes
+        group = check_process_group_variables(os.environ)  # before accelerate waits for absent processes
         stop_when_orphaned(os.environ)
         if spec.model.quantization is None:
             leave_out_bitsandbytes()
         from job.accelerator import make_accelerator
         from job.collective import lost_peer
+        from job.peers import peers_watched
         from job.train import train
 
         try:
-            result = train(spec, make_accelerator(spec.train), restart=args.restart, stop=stop)
+            with peers_watched(group, spec.train.peer_timeout_seconds):
+                result = train(spec, make_accelerator(spec.train), restart=args.restart, stop=stop)
         except Exception as e:  # a collective's failure because another rank is gone is exit 76
             peer_lost = lost_peer(e)
             if peer_lost is None:

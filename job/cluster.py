@@ -18,7 +18,7 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from job.errors import UserError
 
@@ -178,17 +178,27 @@ def _placement(environ: Mapping[str, str]) -> Placement:
 PROCESS_GROUP_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def check_process_group_variables(environ: Mapping[str, str]) -> None:
+class ProcessGroup(NamedTuple):
+    """This process's place in the process group a launcher started, and where its ranks meet."""
+
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+
+def check_process_group_variables(environ: Mapping[str, str]) -> ProcessGroup | None:
     """For `ftjob run` without --nproc-per-node, before the Accelerator is made: accelerate makes a
     process group from WORLD_SIZE > 1 or from LOCAL_RANK alone, and its rank 0 waits
     train.collective_timeout_seconds for processes that no launcher started. Such variables without
     the others (left in the environment by a shell or a job script) or out of range are exit 2.
-    MASTER_ADDR and MASTER_PORT alone ask for no process group and are left alone, as accelerate does."""
+    MASTER_ADDR and MASTER_PORT alone ask for no process group and are left alone, as accelerate does.
+    Returns the process group the variables describe; None for one process."""
     world_size = integer_variable(environ, "WORLD_SIZE", default=1)
     if world_size < 1:
         raise UserError(f"WORLD_SIZE={world_size}: a number of processes, 1 or more")
     if world_size == 1 and "LOCAL_RANK" not in environ:
-        return
+        return None
     missing = [name for name in PROCESS_GROUP_VARIABLES if not environ.get(name)]
     if missing:
         present = [name for name in PROCESS_GROUP_VARIABLES if name in environ]
@@ -210,6 +220,7 @@ def check_process_group_variables(environ: Mapping[str, str]) -> None:
     port = integer_variable(environ, "MASTER_PORT")
     if not 0 < port < 65536:
         raise UserError(f"MASTER_PORT={port} is not a port (1 to 65535)")
+    return ProcessGroup(rank, world_size, environ["MASTER_ADDR"], port)
 
 
 def integer_variable(environ: Mapping[str, str], name: str, default: int | None = None) -> int:

@@ -181,6 +181,12 @@ class TrainSpec(_Section):
         description="With several processes: how long a rank waits for the others in a collective (each "
         "checkpoint waits for the previous upload to commit) before the job fails.",
     )
+    peer_timeout_seconds: float = Field(
+        60,
+        ge=5,
+        description="With several processes: a process of the job that has sent no heartbeat for this long "
+        "(its node powered off, cut from the network, frozen) is a lost peer, and the others exit 76.",
+    )
     lease_seconds: float = Field(
         120,
         ge=5,

@@ -85,6 +85,7 @@ MAY_CHANGE_ON_RESUME = (
     "train.checkpoint_every",
     "train.stop_grace_seconds",
     "train.collective_timeout_seconds",
+    "train.peer_timeout_seconds",
     "train.lease_seconds",
     "train.eval_every",
     "train.log_every",

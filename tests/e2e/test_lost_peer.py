@@ -1,6 +1,7 @@
-"""A lost peer is its own exit code: two nodes on 127.0.0.1 (`ftjob run --nnodes 2`), node 1 killed
-whole (SIGKILL to its processes, as a node that dies): node 0 exits 76 at its next collective, no
-traceback, nothing left running; both rerun and the job resumes."""
+"""A lost peer is its own exit code: two nodes on 127.0.0.1 (`ftjob run --nnodes 2`). Node 1 killed whole
+(SIGKILL to its processes, as a node that dies): node 0 exits 76 at its next collective, no traceback,
+nothing left running; both rerun and the job resumes. Node 1 frozen (SIGSTOP: no connection is reset, as
+a node cut from the network): node 0 exits 76 once train.peer_timeout_seconds pass without its heartbeat."""
 
 from __future__ import annotations
 
@@ -17,24 +18,32 @@ def node(spec_path, output, rank: int, port: int):
     return start_run(spec_path, str(output), "--nproc-per-node", "1", *placement, "--master-port", str(port))
 
 
-def test_a_node_that_dies_ends_the_other_with_76_and_a_rerun_resumes(tiny_model_dir, isolated):
+def gang_spec(tiny_model_dir, isolated, **train):
     data = write_jsonl(isolated / "d.jsonl", ALPACA_ROWS * 16)
     spec = {
         "name": "gang",
         "model": {"source": str(tiny_model_dir)},
         "data": {"train": [str(data)], "shuffle_buffer": 0},
-        "train": {"max_steps": 12, "micro_batch_size": 2, "log_every": 1, "checkpoint_every": 2},
+        "train": {"max_steps": 12, "micro_batch_size": 2, "log_every": 1, "checkpoint_every": 2, **train},
         "tracking": {"enabled": False},
     }
     spec_path = isolated / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    output = isolated / "out"
+    return spec_path
+
+
+def processes(launcher) -> list[psutil.Process]:
+    return [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+
+
+def test_a_node_that_dies_ends_the_other_with_76_and_a_rerun_resumes(tiny_model_dir, isolated):
+    spec_path, output = gang_spec(tiny_model_dir, isolated), isolated / "out"
     port = free_port()
     first, second = node(spec_path, output, 0, port), node(spec_path, output, 1, port)
     read_until(first, "step 3/12")
-    survivors = [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]
+    survivors = processes(first)
 
-    for process in [psutil.Process(second.pid), *psutil.Process(second.pid).children(recursive=True)]:
+    for process in processes(second):
         process.send_signal(signal.SIGKILL)  # node 1 is gone, every process of it at once
     second.wait()
     started = time.monotonic()
@@ -51,3 +60,24 @@ def test_a_node_that_dies_ends_the_other_with_76_and_a_rerun_resumes(tiny_model_
     assert first.wait(timeout=300) == 0 and second.wait(timeout=60) == 0
     assert "resuming from the checkpoint at step" in first.stdout.read()
     assert json.loads((output / "adapter" / "metrics.json").read_text())["history"][-1]["step"] == 12
+
+
+def test_a_frozen_node_ends_the_other_with_76_after_the_peer_timeout(tiny_model_dir, isolated):
+    spec_path, output = gang_spec(tiny_model_dir, isolated, peer_timeout_seconds=6), isolated / "out"
+    port = free_port()
+    first, second = node(spec_path, output, 0, port), node(spec_path, output, 1, port)
+    read_until(first, "step 3/12")
+    frozen = processes(second)
+    for process in frozen:
+        process.suspend()  # SIGSTOP: its sockets stay open, nothing is reset
+    try:
+        started = time.monotonic()
+        code = first.wait(timeout=120)
+        noticed = time.monotonic() - started
+        log = first.stdout.read()
+    finally:
+        for process in [*frozen, *processes(first)] if first.poll() is None else frozen:
+            process.kill()
+    assert code == 76, log[-3000:]
+    assert "rank 1 has sent no heartbeat for" in log and "Traceback" not in log
+    assert 6 <= noticed < 30, noticed
