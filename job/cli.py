@@ -32,7 +32,7 @@ COMMANDS_GROUP = "ftjob.commands"
 def cmd_run(args: argparse.Namespace) -> int:
     from job.signals import StopRequest, stop_when_orphaned
     from job.spec import TrainSpec, load_spec
-    from job.startup import leave_out_bitsandbytes
+    from job.startup import leave_out_bitsandbytes, use_the_cpus_given
 
     # First: a stop while the spec is read, the libraries are imported, the workers start, the model
     # downloads or the counting pass runs exits 75 too (the default action would be 128 + the signal).
@@ -56,6 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         group = check_process_group_variables(os.environ)  # before accelerate waits for absent processes
         stop_when_orphaned(os.environ)
+        use_the_cpus_given()
         if spec.model.quantization is None:
             leave_out_bitsandbytes()
         from job.accelerator import make_accelerator

@@ -223,6 +223,28 @@ def check_process_group_variables(environ: Mapping[str, str]) -> ProcessGroup | 
     return ProcessGroup(rank, world_size, environ["MASTER_ADDR"], port)
 
 
+def cpu_threads(environ: Mapping[str, str], affinity: int, quota: float | None) -> tuple[int, str]:
+    """Threads for torch in this process, and why: OMP_NUM_THREADS when set (the user's choice); else the
+    CPUs this process was given (the fewest of its CPU affinity, the cgroup's quota and Slurm's
+    SLURM_CPUS_PER_TASK), shared among this node's processes (LOCAL_WORLD_SIZE). A pod limited to 4 of
+    64 cores, or a Slurm task sharing a node, would otherwise run a thread on every visible core."""
+    if "OMP_NUM_THREADS" in environ:
+        threads = integer_variable(environ, "OMP_NUM_THREADS")
+        if threads < 1:
+            raise UserError(f"OMP_NUM_THREADS={threads}: a number of threads, 1 or more")
+        return threads, "OMP_NUM_THREADS"
+    limits = {"CPU affinity": affinity}
+    if quota is not None:
+        limits["the cgroup's CPU quota"] = max(1, int(quota))
+    if "SLURM_CPUS_PER_TASK" in environ:
+        limits["SLURM_CPUS_PER_TASK"] = max(1, integer_variable(environ, "SLURM_CPUS_PER_TASK"))
+    source = min(limits, key=limits.get)
+    processes = max(1, integer_variable(environ, "LOCAL_WORLD_SIZE", default=1))
+    threads = max(1, limits[source] // processes)
+    shared = f", shared by {processes} processes" if processes > 1 else ""
+    return threads, f"{limits[source]} CPUs from {source}{shared}"
+
+
 def integer_variable(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
     """The integer in environ[name] (default when unset); anything else is exit 2 naming the variable."""
     text = environ.get(name)

@@ -92,12 +92,21 @@ class Heartbeats(threading.Thread):
         return store.get(key(rank)) if store.check([key(rank)]) else None
 
     def stop(self) -> None:
-        """This rank leaves the loop: the others stop watching it, and it stops watching them."""
+        """This rank leaves the loop: it stops watching, and tells the others so that they stop watching
+        it. Neither waits longer than a beat: with the store gone (a launcher that died hosted it), a
+        store call waits out its timeout, and the others learn that by themselves."""
         self.stopped.set()
-        self.join()
+        self.join(timeout=BEAT_SECONDS)
+        if self.store is None:
+            return
+        done = threading.Thread(target=self._say_done, name="ftjob-heartbeats-done", daemon=True)
+        done.start()
+        done.join(timeout=BEAT_SECONDS)
+
+    def _say_done(self) -> None:
         try:
-            self._store().set(key(self.rank), DONE)
-        except Exception:  # the store is gone too: the others learn that by themselves
+            self.store.set(key(self.rank), DONE)
+        except Exception:  # every backend raises its own types
             log.debug("could not tell the other ranks that rank %d is done", self.rank)
 
     def _store(self):

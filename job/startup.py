@@ -1,5 +1,5 @@
-"""How ftjob's processes start, outside torch: the C allocator, the libraries they leave out, the
-Hub kernel code they never run and the library chatter they keep out of the log."""
+"""How ftjob's processes start, outside torch: the C allocator, torch's threads, the libraries they leave
+out, the Hub kernel code they never run and the library chatter they keep out of the log."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit systems
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -39,6 +42,47 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # another C library (musl)
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def use_the_cpus_given() -> None:
+    """As many torch threads as the CPUs this process was given (job/cluster.py: cpu_threads)."""
+    import torch
+
+    from job.cluster import cpu_threads
+
+    threads, why = cpu_threads(os.environ, len(os.sched_getaffinity(0)), cgroup_cpu_quota())
+    torch.set_num_threads(threads)
+    log.info("torch threads: %d (%s)", threads, why)
+
+
+def cgroup_cpu_quota(
+    root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> float | None:
+    """The CPUs this process's cgroup may use (quota over period; the tightest of it and its parents'),
+    None when unlimited or unknown. cgroup v2: cpu.max ("400000 100000", or "max 100000") along the
+    path /proc/self/cgroup names; v1: cpu.cfs_quota_us and cpu.cfs_period_us where it is mounted."""
+    try:
+        quotas = []
+        if (root / "cgroup.controllers").is_file():  # v2
+            own = next(line[3:] for line in membership.read_text().splitlines() if line.startswith("0::"))
+            folder = root / own.strip().lstrip("/")
+            for directory in (folder, *folder.parents):
+                if (directory / "cpu.max").is_file():
+                    quotas.append((directory / "cpu.max").read_text().split()[:2])
+                if directory == root:
+                    break
+        else:
+            v1 = root / "cpu"
+            quotas.append([(v1 / f"cpu.cfs_{name}_us").read_text().strip() for name in ("quota", "period")])
+        limits = [int(quota) / int(period) for quota, period in quotas if quota not in ("max", "-1")]
+        return min(limits) if limits else None
+    except (
+        OSError,
+        ValueError,
+        ZeroDivisionError,
+        StopIteration,
+    ):  # no cgroup here, or not as the kernel writes it
+        return None
 
 
 def leave_out_bitsandbytes() -> None:

@@ -24,7 +24,7 @@ def test_workers_whose_launcher_is_killed_checkpoint_release_the_lease_and_exit(
     (isolated / "spec.json").write_text(json.dumps(spec))
     output = isolated / "out"
     launcher = start_run(isolated / "spec.json", str(output), "--nproc-per-node", "2")
-    read_until(launcher, "step 3/40")
+    started = "".join(read_until(launcher, "step 3/40"))
     workers = psutil.Process(launcher.pid).children(recursive=True)
     assert len([w for w in workers if "job" in " ".join(w.cmdline())]) == 2
 
@@ -35,6 +35,8 @@ def test_workers_whose_launcher_is_killed_checkpoint_release_the_lease_and_exit(
     log = launcher.stdout.read()  # every worker has closed the pipe
     assert "the launcher (pid" in log and "is gone: stopping as on SIGTERM" in log
     assert "checkpoint committed" in log
+    cpus = len(os.sched_getaffinity(0))  # two workers share this node's CPUs (job/cluster.py cpu_threads)
+    assert f"torch threads: {max(1, cpus // 2)} ({cpus} CPUs from CPU affinity, shared by 2 processes)" in started
     lease = json.loads((output / "lease.json").read_text())
     assert lease["released"] is True
     committed = sorted(p.parent.name for p in (output / "checkpoints").glob("*/COMMITTED"))
