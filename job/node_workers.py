@@ -40,15 +40,18 @@ def nproc_auto() -> int:
 def exit_code(codes: Mapping[int, int]) -> int:
     """The job's exit code from the failed workers' (rank -> code; a negative code is a signal): a
     worker's own failure (2 or 3, bad input, before the 1s it may cause on other ranks; else the
-    lowest rank's), then a peer lost (76: what another's failure does to the rest), then a stop (75:
-    workers killed while they exit after it are no failure), then a worker killed by a signal
-    (128 + signal)."""
+    lowest rank's; else a worker killed by a signal that is not a stop, a crash or the OOM killer, as
+    128 + signal), then a peer lost (76: what another's failure does to the rest), then a stop (75:
+    workers killed while they exit after it are no failure), then a worker killed by a stop signal
+    (128 + signal). A crash ranks above 76: a node whose worker crashed every time must not be
+    restarted for nothing, as a lost peer is."""
     own = [code for code in codes.values() if code > 0 and code not in (EXIT_REQUEUE, EXIT_PEER_LOST)]
     for cause in (UserError.exit_code, DataError.exit_code):  # bad input, not what it made others do
         if cause in own:
             return cause
-    if own:
-        return own[0]
+    crashed = [128 - code for code in codes.values() if code < 0 and -code not in STOP_SIGNALS]
+    if own or crashed:
+        return (own or crashed)[0]
     for consequence in (EXIT_PEER_LOST, EXIT_REQUEUE):
         if consequence in codes.values():
             return consequence

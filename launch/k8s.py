@@ -1,16 +1,39 @@
 """`ftjob launch k8s`: render a spec as Kubernetes objects (and optionally create them).
 
-One run is a ConfigMap holding the spec and an Indexed Job of N pods, one per node (the completion
-index is the node rank; job/cluster.py reads it); with N > 1 a headless Service gives pod 0 the DNS
-name the others meet at. Each pod runs `ftjob run /spec/spec.json --nproc-per-node auto` (one worker
-per GPU of the pod). Exit 75 (checkpointed after SIGTERM) and disruptions do not count against
-backoffLimit, 2 and 3 (bad input, bad data) fail the Job at once. Credentials only by reference to
-Secrets. The spec is resolved here (FTJOB__ variables of this shell, then --set) and the ConfigMap holds
-it whole: an `--env FTJOB__...` override, or a variable the container sets itself, is refused, and the
-pod runs `ftjob run --env-overrides secrets`, so that a Secret's FTJOB__ keys (every key of a Secret
-becomes a variable of the pod) may set secret values of the spec, such as storage_options credentials,
-and nothing else. A flag, not a variable: a Secret could set a variable too. A sweep renders one
-ConfigMap and Job (and Service) per point.
+One run is a ConfigMap holding the spec and, by --kind, one of:
+- `job` (the default for one node): an Indexed Job of N pods, one per node (the completion index is the
+  node rank; job/cluster.py reads it); with N > 1 a headless Service gives pod 0 the DNS name the others
+  meet at;
+- `jobset` (the default for several nodes): a JobSet (jobset.x-k8s.io) of one such Job, which gives the
+  pods their DNS names and restarts every pod together after a failure;
+- `trainjob`: a Kubeflow Trainer v2 TrainJob running ftjob's image and command on a training runtime
+  (default `torch-distributed`), whose JobSet template decides what a failure does.
+Each pod runs `ftjob run /spec/spec.json --nproc-per-node auto` (one worker per GPU of the pod).
+
+What an exit does (docs/contracts.md, "Exit codes"). A pod's exit goes through its Job's
+podFailurePolicy; a JobSet sees only why its Job failed (the Job's reason), never the exit code:
+- 2, 3 (bad input, bad data): FailJob, reason PodFailurePolicy: the Job, or the JobSet, fails at once;
+- 75 (checkpointed after SIGTERM) and a disruption (DisruptionTarget: eviction, preemption, a node
+  drained or lost): Ignore: the pod is replaced and nothing is counted; every rank stops together
+  after a signal, so every pod is replaced;
+- 76 (a lost peer), with several nodes: Ignore too. It is what another pod's failure does to the
+  survivors, so only that failure (the root cause) counts; were 76 to fail the Job, a survivor's 76
+  could come first and hide a root cause that fails every time. With one node it counts: the
+  worker that died was this pod's own;
+- anything else counts: a Job of one node allows --backoff-limit failed pods; of several,
+  --backoff-limit per node (backoffLimitPerIndex), and the Job fails as soon as one node is past it
+  (maxFailedIndexes 0), rather than its peers cycling on 76; in a JobSet the Job allows none
+  (backoffLimit 0, reason BackoffLimitExceeded) and the JobSet restarts every pod, at most
+  --max-restarts times, the old pods gone before new ones start (BlockingRecreate).
+A TrainJob cannot carry a failure policy (its runtime's JobSet template does), nor take a Secret's keys
+as variables, nor a priority class or a time to live: those options are refused with --kind trainjob.
+
+Credentials only by reference to Secrets. The spec is resolved here (FTJOB__ variables of this shell,
+then --set) and the ConfigMap holds it whole: an `--env FTJOB__...` override, or a variable the container
+sets itself, is refused, and the pod runs `ftjob run --env-overrides secrets`, so that a Secret's FTJOB__
+keys (every key of a Secret becomes a variable of the pod) may set secret values of the spec, such as
+storage_options credentials, and nothing else. A flag, not a variable: a Secret could set a variable
+too. A sweep renders one ConfigMap and Job, JobSet or TrainJob (and Service) per point.
 """
 
 from __future__ import annotations
@@ -28,7 +51,7 @@ from typing import Any
 import yaml
 
 from job import __version__
-from job.errors import EXIT_REQUEUE, DataError, UserError
+from job.errors import EXIT_PEER_LOST, EXIT_REQUEUE, DataError, UserError
 from job.spec import (
     CREDENTIAL_VALUE,
     URL_CREDENTIALS,
@@ -50,6 +73,27 @@ SECRET_NAME = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|AUTH)", 
 # Writable paths of a pod whose root filesystem is read-only (the image keeps its state under these).
 WRITABLE = {"work": "/work", "tmp": "/tmp", "home": "/home/ftjob"}
 SPOOL_DIR = "/spool"
+KINDS = ("job", "jobset", "trainjob")
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# A JobSet's (and a TrainJob's) one replicated Job; the Kubeflow Trainer names it so, and its container.
+REPLICATED_JOB = "node"
+# Kinds of custom resources (--apply creates them through the CustomObjectsApi): their plural.
+CUSTOM_RESOURCES = {"JobSet": "jobsets", "TrainJob": "trainjobs"}
+# Options a kind has no field for, and why: given, they are refused rather than dropped.
+NOT_FOR_KIND = {
+    "job": (("max_restarts", "runtime"), "--max-restarts is a JobSet's, --runtime a TrainJob's"),
+    "jobset": (
+        ("backoff_limit", "runtime"),
+        "a JobSet counts its restarts (--max-restarts), not failed pods",
+    ),
+    "trainjob": (
+        ("backoff_limit", "max_restarts", "ttl_seconds", "priority_class", "secrets"),
+        "a TrainJob's runtime decides what a failure does and how long a finished job stays, and a "
+        "TrainJob can take neither a priority class nor a Secret's keys as variables",
+    ),
+}
+# What a TrainJob may set of the pod (the trainer's runtimePatches); the rest is its runtime's.
+TRAINJOB_POD_FIELDS = ("securityContext", "terminationGracePeriodSeconds", "volumes", "tolerations", "nodeSelector", "serviceAccountName")  # fmt: skip
 
 
 @dataclass
@@ -70,7 +114,10 @@ class K8sOptions:
     priority_class: str | None = None
     service_account: str | None = None
     queue: str | None = None  # Kueue's LocalQueue
-    backoff_limit: int = 3
+    kind: str = "job"  # one of KINDS; the command's default is jobset for several nodes
+    backoff_limit: int = 3  # job: failed pods (per node, with several) before the Job fails
+    max_restarts: int = 3  # jobset: restarts of every pod after a failure that counts
+    runtime: str = "torch-distributed"  # trainjob: its ClusterTrainingRuntime
     active_deadline_seconds: int | None = None
     ttl_seconds: int = 86400
 
@@ -78,8 +125,8 @@ class K8sOptions:
 HELP = "render (and --apply) Kubernetes objects"
 DESCRIPTION = (
     "Render the spec as a ConfigMap and an Indexed Job of --nodes pods (plus a headless Service for several "
-    "nodes), restricted pod security, credentials from Secrets by reference; print them, write them "
-    "(--output) or create them (--apply)."
+    "nodes), a JobSet or a TrainJob (--kind), restricted pod security, credentials from Secrets by "
+    "reference; print them, write them (--output) or create them (--apply)."
 )
 
 
@@ -121,11 +168,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--priority-class")
     parser.add_argument("--service-account")
-    parser.add_argument("--queue", help="Kueue LocalQueue (the kueue.x-k8s.io/queue-name label)")
-    parser.add_argument("--backoff-limit", type=int, default=3)
+    parser.add_argument(
+        "--queue",
+        help="Kueue LocalQueue (the kueue.x-k8s.io/queue-name label of the Job, JobSet or TrainJob)",
+    )
+    parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        help="job: an Indexed Job (the default for one node); jobset: a JobSet, which restarts every pod "
+        "together (the default for several nodes; needs JobSet in the cluster); trainjob: a Kubeflow "
+        "Trainer v2 TrainJob",
+    )
+    parser.add_argument(
+        "--backoff-limit",
+        type=int,
+        help="job: failed pods before the Job fails (default 3); with several nodes, per node",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        help="jobset: restarts of every pod after a failure other than a stop (75), a lost peer (76), a "
+        "disruption or bad input (default 3)",
+    )
+    parser.add_argument("--runtime", help="trainjob: the ClusterTrainingRuntime (default torch-distributed)")
     parser.add_argument("--active-deadline-seconds", type=int)
     parser.add_argument(
-        "--ttl-seconds", type=int, default=86400, help="delete the finished Job after this long"
+        "--ttl-seconds", type=int, help="delete the finished Job or JobSet after this long (default 86400)"
     )
     parser.add_argument("--output", "-o", metavar="FILE", help="write the manifests here instead of stdout")
     parser.add_argument(
@@ -141,7 +209,13 @@ def submit(args: argparse.Namespace, submission: Submission) -> int:
             f"output.uri {submission.spec.output.uri}: a pod's local disk goes with the pod (checkpoints and "
             "the adapter with it); give object storage, e.g. s3://bucket/runs/{name}"
         )
-    given = {name: getattr(args, name) for name in K8sOptions.__dataclass_fields__}
+    kind = args.kind or ("jobset" if args.nodes > 1 else "job")
+    names, why = NOT_FOR_KIND[kind]
+    unused = [name for name in names if getattr(args, name) is not None]
+    if unused:
+        flag = "--secret" if unused[0] == "secrets" else f"--{unused[0].replace('_', '-')}"
+        raise UserError(f"{flag} does not apply to --kind {kind}: {why}")
+    given = {name: getattr(args, name) for name in K8sOptions.__dataclass_fields__} | {"kind": kind}
     options = K8sOptions(**{name: value for name, value in given.items() if value is not None})
     for warning in k8s_warnings(submission.spec, options, len(submission.specs)):
         print(f"warning: {warning}", file=sys.stderr)
@@ -170,28 +244,36 @@ def parent_run(submission: Submission) -> str | None:
     return submission.start_parent_run(os.environ["MLFLOW_TRACKING_URI"])
 
 
-def object_name(spec_name: str) -> str:
+def object_name(spec_name: str, max_length: int = 52) -> str:
     """A DNS-1035 label from the spec's name (a Service's name starts with a letter), short enough for
-    `<name>-<index>` pod hostnames; a long one keeps a hash of the whole name, so names stay apart."""
+    the pods' names (`<name>-<index>-<5 characters>` for a Job); a long one keeps a hash of the whole
+    name, so names stay apart."""
     name = re.sub(r"[^a-z0-9-]+", "-", spec_name.lower()).strip("-")
     if not name[:1].isalpha():
         name = f"ftjob-{name}".rstrip("-")
-    if len(name) > 52:
-        name = f"{name[:43].rstrip('-')}-{hashlib.sha256(spec_name.encode()).hexdigest()[:8]}"
+    if len(name) > max_length:
+        name = f"{name[: max_length - 9].rstrip('-')}-{hashlib.sha256(spec_name.encode()).hexdigest()[:8]}"
     return name
 
 
 def render(specs: list[Spec], options: K8sOptions, parent_run_id: str | None = None) -> list[dict[str, Any]]:
     """The objects of every spec (one for a run, one per point for a sweep), in creation order."""
-    names = [object_name(spec.name) for spec in specs]
+    # A JobSet's pods are `<name>-node-0-<index>-<5 characters>`: 7 characters more than a Job's.
+    max_length = 52 if options.kind == "job" else 45
+    names = [object_name(spec.name, max_length) for spec in specs]
     if len(set(names)) < len(names):
         raise UserError(f"two runs would get one Kubernetes name: {names}; give the spec a shorter name")
     objects = []
     for spec, name in zip(specs, names, strict=True):
         objects.append(config_map(name, spec, options))
-        if options.nodes > 1:
-            objects.append(service(name, options))
-        objects.append(job(name, spec, options, parent_run_id))
+        if options.kind == "job":
+            if options.nodes > 1:
+                objects.append(service(name, options))
+            objects.append(job(name, spec, options, parent_run_id))
+        elif options.kind == "jobset":
+            objects.append(job_set(name, spec, options, parent_run_id))
+        else:
+            objects.append(train_job(name, spec, options, parent_run_id))
     return objects
 
 
@@ -271,19 +353,38 @@ def service(name: str, options: K8sOptions) -> dict[str, Any]:
 
 
 def job(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | None) -> dict[str, Any]:
-    labels = {"kueue.x-k8s.io/queue-name": options.queue} if options.queue else {}
+    body = job_spec(name, spec, options, parent_run_id)
+    body["ttlSecondsAfterFinished"] = options.ttl_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata(name, options, **queue_label(options)),
+        "spec": body,
+    }
+
+
+def job_spec(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | None) -> dict[str, Any]:
+    """An Indexed Job's spec, a pod per node: a Job's own, or the one a JobSet replicates."""
     exits = {"containerName": "ftjob", "operator": "In"}
+    gang = options.nodes > 1
+    if options.kind == "jobset":
+        limits = {"backoffLimit": 0}  # a failure that counts fails the Job; the JobSet restarts every pod
+    elif gang:  # counted per node, and the Job fails once one node is past its limit
+        limits = {"backoffLimitPerIndex": options.backoff_limit, "maxFailedIndexes": 0}
+    else:
+        limits = {"backoffLimit": options.backoff_limit}
+    # 76 on one node: a worker of this very pod died, a root cause that counts
+    ignored = [EXIT_REQUEUE, EXIT_PEER_LOST] if gang else [EXIT_REQUEUE]
     body: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": options.nodes,
         "parallelism": options.nodes,
-        "backoffLimit": options.backoff_limit,
+        **limits,
         "podReplacementPolicy": "Failed",  # a replacement starts once the old pod has committed
-        "ttlSecondsAfterFinished": options.ttl_seconds,
         "podFailurePolicy": {
             "rules": [
                 {"action": "FailJob", "onExitCodes": {**exits, "values": [UserError.exit_code, DataError.exit_code]}},
-                {"action": "Ignore", "onExitCodes": {**exits, "values": [EXIT_REQUEUE]}},
+                {"action": "Ignore", "onExitCodes": {**exits, "values": ignored}},
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
         },
@@ -291,12 +392,78 @@ def job(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | None) -
     }  # fmt: skip
     if options.active_deadline_seconds:
         body["activeDeadlineSeconds"] = options.active_deadline_seconds
+    return body
+
+
+def job_set(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | None) -> dict[str, Any]:
+    """One replicated Job of --nodes pods. The JobSet sees only why its Job failed: PodFailurePolicy
+    (exit 2 or 3) and DeadlineExceeded (--active-deadline-seconds) fail it; BackoffLimitExceeded (any
+    other failure that counts) restarts every pod, --max-restarts times at most. 75, 76 and disruptions
+    never fail the Job: its pods are replaced (job_spec)."""
     return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": metadata(name, options, **labels),
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": metadata(name, options, **queue_label(options)),
+        "spec": {
+            # pod i is <name>-node-0-i.<name>, from a headless Service of the JobSet's, before it is ready
+            "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+            "failurePolicy": {
+                "maxRestarts": options.max_restarts,
+                "restartStrategy": "BlockingRecreate",  # the old pods are gone before the new ones start
+                "rules": [
+                    {"name": "badInputOrDeadline", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy", "DeadlineExceeded"]},
+                    {"name": "otherFailure", "action": "RestartJobSet", "onJobFailureReasons": ["BackoffLimitExceeded"]},
+                ],
+            },
+            "replicatedJobs": [
+                {"name": REPLICATED_JOB, "replicas": 1, "template": {"spec": job_spec(name, spec, options, parent_run_id)}}
+            ],
+            "ttlSecondsAfterFinished": options.ttl_seconds,
+        },
+    }  # fmt: skip
+
+
+def train_job(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | None) -> dict[str, Any]:
+    """ftjob's container as a TrainJob's trainer, and what the trainer lets a TrainJob set of the pod
+    (runtimePatches); the runtime's JobSet template gives the rest, its failure policy included."""
+    whole_pod = pod(name, spec, options, parent_run_id)
+    (ftjob,) = whole_pod["containers"]
+    pod_patch = {key: whole_pod[key] for key in TRAINJOB_POD_FIELDS if key in whole_pod}
+    pod_patch["containers"] = [
+        {
+            "name": REPLICATED_JOB,
+            "securityContext": ftjob["securityContext"],
+            "volumeMounts": ftjob["volumeMounts"],
+        }
+    ]
+    node = {"name": REPLICATED_JOB, "template": {"spec": {"template": {"spec": pod_patch}}}}
+    body: dict[str, Any] = {
+        "runtimeRef": {"name": options.runtime},
+        "trainer": {
+            "image": ftjob["image"],
+            "command": ftjob["command"],
+            "args": ftjob["args"],
+            "env": ftjob["env"],
+            "numNodes": options.nodes,
+            "resourcesPerNode": ftjob["resources"],
+        },
+        "runtimePatches": [
+            {"manager": "ftjob/launch", "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [node]}}}}
+        ],
+    }  # fmt: skip
+    if options.active_deadline_seconds:
+        body["activeDeadlineSeconds"] = options.active_deadline_seconds
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": metadata(name, options, **queue_label(options)),
         "spec": body,
     }
+
+
+def queue_label(options: K8sOptions) -> dict[str, str]:
+    """Kueue admits the top object of every kind by this label."""
+    return {QUEUE_LABEL: options.queue} if options.queue else {}
 
 
 def pod(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | None) -> dict[str, Any]:
@@ -324,8 +491,8 @@ def pod(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | None) -
     }
     if options.spool_claim:
         body["volumes"].append({"name": "spool", "persistentVolumeClaim": {"claimName": options.spool_claim}})
-    if options.nodes > 1:
-        body["subdomain"] = name
+    if options.kind == "job" and options.nodes > 1:
+        body["subdomain"] = name  # a JobSet's pods get theirs from the JobSet
     optional = {
         "tolerations": tolerations,
         "nodeSelector": dict(pair(item, "--node-selector") for item in options.node_selector),
@@ -338,19 +505,24 @@ def pod(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | None) -
 
 def container(name: str, options: K8sOptions, parent_run_id: str | None) -> dict[str, Any]:
     gpus = {"nvidia.com/gpu": options.gpus_per_node} if options.gpus_per_node else {}
+    # the object a user created (a JobSet's Jobs are made anew at each restart): its name, and its uid,
+    # one for every pod and retry, so that `ftjob run --restart` starts over once per job
+    owner = "batch.kubernetes.io/job-name", "batch.kubernetes.io/controller-uid"
+    if options.kind != "job":  # a TrainJob runs as a JobSet of its name
+        owner = "jobset.sigs.k8s.io/jobset-name", "jobset.sigs.k8s.io/jobset-uid"
     env = [
         {"name": "FTJOB_SPEC", "value": f"{SPEC_DIR}/spec.json"},
         {"name": "FTJOB_IMAGE", "value": options.image},
-        field_env("JOB_NAME", "metadata.labels['batch.kubernetes.io/job-name']"),
-        # one id for every pod and retry of the Job: `ftjob run --restart` starts over once per Job
-        field_env("FTJOB_RESTART_ID", "metadata.labels['batch.kubernetes.io/controller-uid']"),
+        field_env("JOB_NAME", f"metadata.labels['{owner[0]}']"),
+        field_env("FTJOB_RESTART_ID", f"metadata.labels['{owner[1]}']"),
         field_env("NODE_RANK", "metadata.annotations['batch.kubernetes.io/job-completion-index']"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
         {"name": "NNODES", "value": str(options.nodes)},
         {"name": "MASTER_PORT", "value": str(PORT)},
     ]
     if options.nodes > 1:
-        env.append({"name": "MASTER_ADDR", "value": f"$(JOB_NAME)-0.{name}"})
+        pod_0 = f"$(JOB_NAME)-0.{name}" if options.kind == "job" else f"{name}-{REPLICATED_JOB}-0-0.{name}"
+        env.append({"name": "MASTER_ADDR", "value": pod_0})
     if parent_run_id:
         env.append({"name": "FTJOB_PARENT_RUN_ID", "value": parent_run_id})
     if options.spool_claim:
@@ -469,9 +641,24 @@ def apply(objects: list[dict[str, Any]], namespace: str | None) -> list[str]:
             config.load_incluster_config()
             target = namespace or Path(IN_CLUSTER_NAMESPACE).read_text().strip()
         api = client.ApiClient()
+        custom = client.CustomObjectsApi(api)
         for dry_run in ("All", None):
             for obj in objects:
-                utils.create_from_dict(api, obj, namespace=target, dry_run=dry_run)
+                if obj["kind"] in CUSTOM_RESOURCES:  # create_from_dict knows only Kubernetes' own kinds
+                    group, version = obj["apiVersion"].split("/")
+                    plural = CUSTOM_RESOURCES[obj["kind"]]
+                    custom.create_namespaced_custom_object(
+                        group, version, target, plural, obj, dry_run=dry_run
+                    )
+                else:
+                    utils.create_from_dict(api, obj, namespace=target, dry_run=dry_run)
     except (config.ConfigException, ApiException, utils.FailToCreateError, HTTPError, OSError) as e:
-        raise UserError(f"cannot create the objects in Kubernetes: {type(e).__name__}: {e}") from None
+        # a 404 of a JobSet or TrainJob (create_from_dict reports its own as FailToCreateError)
+        unknown = isinstance(e, ApiException) and e.status == 404
+        hint = (
+            "; is JobSet (or Kubeflow Trainer, for a TrainJob) installed? --kind job needs neither"
+            if unknown
+            else ""
+        )
+        raise UserError(f"cannot create the objects in Kubernetes: {type(e).__name__}: {e}{hint}") from None
     return [f"{obj['kind'].lower()}/{obj['metadata']['name']}" for obj in objects]

@@ -7,8 +7,12 @@ login shell are folded into it already and never reach that ftjob. Placement and
 Slurm's environment (job/cluster.py), nothing is added here. Slurm sends the stop signal (USR2,
 `--signal-seconds` before the time limit); the task passes it on, ftjob checkpoints and exits 75, and
 task 0 requeues the job (`scontrol requeue`, up to `--max-requeues` times), which resumes from that
-checkpoint. After SIGTERM (scancel, preemption) the job is not requeued here: Slurm requeues
-preempted jobs itself where the cluster says so. A requeued run never passes `--restart` on.
+checkpoint. An ftjob that lost a peer (exit 76: another node's process or the node itself is gone)
+cannot go on alone either: whichever task sees it requeues the whole job (the task that would have
+may be dead), within the same cap, and the job resumes from its last committed checkpoint. After
+SIGTERM (scancel, preemption) the job is not requeued here: Slurm requeues preempted jobs itself where
+the cluster says so. A requeue that fails ends the task with ftjob's code. A requeued run never passes
+`--restart` on.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from job.errors import EXIT_REQUEUE, UserError
+from job.errors import EXIT_PEER_LOST, EXIT_REQUEUE, UserError
 from job.spec import Spec
 from job.tracking.store import default_tracking_uri
 from launch.sweep import PARENT_ENV, Submission
@@ -85,22 +89,35 @@ class FtjobTask:
             code, received = run_forwarding_signals(argv, environment)
         if code == 0:
             return 0
-        time_limit = bool(received & TIME_LIMIT_SIGNALS) and signal.SIGTERM not in received
-        if code == EXIT_REQUEUE and time_limit and int(os.environ.get("SLURM_PROCID") or 0) == 0:
+        reason = requeue_reason(code, received, int(os.environ.get("SLURM_PROCID") or 0))
+        if reason:
             job = os.environ["SLURM_JOB_ID"]
             if requeues < self.max_requeues:
-                print(f"ftjob launch: checkpointed (exit 75); requeueing job {job}", file=sys.stderr)
+                print(f"ftjob launch: {reason}; requeueing job {job}", file=sys.stderr)
                 try:
                     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
                 except (OSError, subprocess.SubprocessError) as e:  # no scontrol here (an image without it)
-                    print(f"ftjob launch: cannot requeue ({e}); the job ends with 75", file=sys.stderr)
+                    print(f"ftjob launch: cannot requeue ({e}); the job ends with {code}", file=sys.stderr)
                     raise FtjobFailed(code) from None
-                sys.exit(EXIT_REQUEUE)  # no result is recorded: the requeued run records its own
+                sys.exit(code)  # no result is recorded: the requeued run records its own
             print(
                 f"ftjob launch: requeued {requeues} times already (--max-requeues); not again",
                 file=sys.stderr,
             )
         raise FtjobFailed(code)
+
+
+def requeue_reason(code: int, received: set[int], task: int) -> str | None:
+    """Why this task's ftjob exit asks for a requeue of the whole job, or None: a checkpoint after the
+    time-limit signal (every task made it; task 0 asks), or a lost peer, which any task may be the one
+    to see. Never after SIGTERM (a cancel, or a preemption that Slurm requeues itself)."""
+    if signal.SIGTERM in received:
+        return None
+    if code == EXIT_PEER_LOST:
+        return "another node of the job is gone (exit 76)"
+    if code == EXIT_REQUEUE and received & TIME_LIMIT_SIGNALS and task == 0:
+        return "checkpointed (exit 75)"
+    return None
 
 
 def is_launcher_variable(name: str) -> bool:
@@ -141,7 +158,7 @@ HELP = "submit to Slurm through submitit"
 DESCRIPTION = (
     "Validate the spec here, then submit one Slurm job: one task per node, each running "
     "`ftjob run --nproc-per-node G`. Before the time limit Slurm sends USR2; the job checkpoints, "
-    "exits 75 and is requeued, and resumes."
+    "exits 75 and is requeued, and resumes; so does a job that lost a node (76)."
 )
 
 
@@ -168,7 +185,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--signal-seconds", type=int, default=120, help="USR2 this long before the time limit"
     )
-    parser.add_argument("--max-requeues", type=int, default=10, help="requeues after the time-limit signal")
+    parser.add_argument(
+        "--max-requeues",
+        type=int,
+        default=10,
+        help="requeues of the job after the time-limit signal (75) or a lost node (76), together",
+    )
     parser.add_argument(
         "--container-image", help="run each task in this image: a .sif (Apptainer) or a pyxis/enroot image"
     )

@@ -84,19 +84,13 @@ def test_apply_dry_runs_everything_on_the_server_then_creates_it(tmp_path):
     spec = example_spec_file(tmp_path)
     applied = run_ftjob("launch", "k8s", str(spec), "--apply", "--nodes", "2", env=env)
     assert applied.returncode == 0, applied.stderr
-    assert applied.stdout.splitlines() == [
-        "created configmap/ftjob-spec",
-        "created service/ftjob",
-        "created job/ftjob",
-    ]
+    assert applied.stdout.splitlines() == ["created configmap/ftjob-spec", "created jobset/ftjob"]
     paths = [path for path, _ in api.requests]
-    assert paths == [
+    assert paths == [  # several nodes: a JobSet, a custom resource
         "/api/v1/namespaces/team/configmaps?dryRun=All",
-        "/api/v1/namespaces/team/services?dryRun=All",
-        "/apis/batch/v1/namespaces/team/jobs?dryRun=All",
+        "/apis/jobset.x-k8s.io/v1alpha2/namespaces/team/jobsets?dryRun=All",
         "/api/v1/namespaces/team/configmaps",
-        "/api/v1/namespaces/team/services",
-        "/apis/batch/v1/namespaces/team/jobs",
+        "/apis/jobset.x-k8s.io/v1alpha2/namespaces/team/jobsets",
     ]
     api.requests.clear()
     again = run_ftjob("launch", "k8s", str(spec), "--apply", "--namespace", "other", env=env)

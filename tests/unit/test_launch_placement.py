@@ -91,7 +91,9 @@ def test_a_multi_node_job_that_cannot_be_placed_is_a_user_error(env, missing):
         ({1: 2}, 2),
         ({0: 76, 1: 1}, 1),  # rank 1's own failure, not the lost peer it made of it for rank 0
         ({0: 76, 1: 75}, 76),  # a peer lost during a stop: the checkpoint may not be committed
-        ({0: 76, 1: -9}, 76),
+        ({0: 76, 1: -9}, 137),  # rank 1 killed (the OOM killer, a crash): the root cause, not the 76
+        ({0: 76, 1: -15}, 76),  # stopped by the launcher as it shuts the node down after the 76
+        ({0: -11, 1: -15}, 139),
     ],
 )
 def test_the_job_exits_with_the_workers_code(codes, expected):
