@@ -1,4 +1,7 @@
-"""The Accelerator a run trains with: its devices, mixed precision and process-group timeout.
+"""The Accelerator a run trains with: its devices, mixed precision and process-group timeout; and what
+differs between train.distributed ddp (accelerate's DDP, autocast) and fsdp (job/model/sharding.py:
+torch's FSDP2, its own mixed precision), which accelerate's process group, reductions and loop serve
+alike.
 
 The callers (the CLI, tests, benchmarks) make it and hand it to the recipe.
 """
@@ -6,23 +9,30 @@ The callers (the CLI, tests, benchmarks) make it and hand it to the recipe.
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
+from torch.distributed.tensor import DTensor
 
+from job.errors import JobError
+from job.model.sharding import clip_sharded_gradients, gathered_weights, is_sharded
 from job.spec import TrainSpec
 
 log = logging.getLogger(__name__)
 
 
 def make_accelerator(cfg: TrainSpec) -> Accelerator:
-    """The Accelerator for a run of this train section."""
+    """The Accelerator for a run of this train section. Under fsdp it does not autocast: FSDP casts the
+    gathered parameters itself (fsdp_compute_dtype), and autocast would compute from float32 shards."""
     cuda = torch.cuda.is_available()
+    sharded = cfg.distributed == "fsdp"
     return Accelerator(
         cpu=not cuda,
-        mixed_precision=resolve_mixed_precision(cfg.mixed_precision, cuda),
+        mixed_precision="no" if sharded else resolve_mixed_precision(cfg.mixed_precision, cuda),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_seconds))],
     )
 
@@ -54,3 +64,48 @@ def resolve_mixed_precision(requested: str, cuda: bool) -> str:
         log.warning("train.mixed_precision fp16 needs a GPU; training in float32 on the CPU")
         return "no"
     return requested
+
+
+def fsdp_compute_dtype(cfg: TrainSpec) -> torch.dtype | None:
+    """The dtype FSDP computes in under train.distributed fsdp, as mixed_precision resolves; None:
+    the weights' own, and under ddp. fp16 (auto on GPUs without bf16) trains in float32: no loss
+    scaling here."""
+    if cfg.distributed != "fsdp":
+        return None
+    precision = resolve_mixed_precision(cfg.mixed_precision, torch.cuda.is_available())
+    if precision == "fp16":
+        log.warning("train.distributed fsdp: this GPU has no bf16; training in the weights' dtype (float32)")
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def wrap_for_ranks(model, optimizer, accelerator: Accelerator) -> tuple[Any, Any]:
+    """ddp: the model in accelerate's DDP (and autocast), the optimizer in its wrapper (loss scaling).
+    A model sharded by FSDP stays as it is, and so does its optimizer, which must hold its shards."""
+    if is_sharded(model):
+        if not all(isinstance(p, DTensor) for group in optimizer.param_groups for p in group["params"]):
+            raise JobError(
+                "train.distributed fsdp: the optimizer holds parameters that are not the model's shards"
+            )
+        return model, optimizer
+    return accelerator.prepare(model, optimizer)
+
+
+def gradient_sync(model, accelerator: Accelerator, last: bool) -> AbstractContextManager:
+    """Around one micro-batch's backward: DDP syncs gradients at the step's last micro-batch only;
+    FSDP reduce-scatters each micro-batch's (left unsynced, they would be whole on every rank)."""
+    return nullcontext() if last or is_sharded(model) else accelerator.no_sync(model)
+
+
+def clip_gradients(optimizer, max_norm: float | None, accelerator: Accelerator) -> torch.Tensor:
+    """The gradients' whole norm (before clipping), clipped to max_norm (None: not clipped)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(isinstance(p, DTensor) for p in params):
+        return clip_sharded_gradients(params, max_norm or float("inf"))
+    return accelerator.clip_grad_norm_(params, max_norm or float("inf"))
+
+
+def trained(model, accelerator: Accelerator) -> tuple[Any, dict[str, torch.Tensor] | None]:
+    """Every rank, after the loop: the model unwrapped, in eval mode, and where it is sharded its
+    weights gathered whole on rank 0 for publishing (a collective; None for a model that is whole)."""
+    model = accelerator.unwrap_model(model).eval()
+    return model, gathered_weights(model) if is_sharded(model) else None

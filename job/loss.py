@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from job.data.batching import Batch
+from job.data.batching import Batch, empty_batch
 from job.data.tokens import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -151,12 +151,15 @@ def evaluate(
     token at all (a small data.eval_fraction can leave it empty).
 
     Every rank calls it, with or without eval rows of its own (the reduce needs all). The unwrapped
-    model: DDP's forward would sync buffers per batch, and ranks may have different batch counts.
+    model: DDP's forward would sync buffers per batch, and ranks may have different batch counts. A
+    model sharded by FSDP gathers its layers in each forward, which every rank must join: a rank with
+    fewer batches adds empty ones.
     """
     model = accelerator.unwrap_model(model)
     model.eval()
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    for batch in batches:
+    most = int(accelerator.reduce(torch.tensor(len(batches), device=accelerator.device), reduction="max"))
+    for batch in batches + [empty_batch(0)] * (most - len(batches)):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             loss = loss_sum(model, batch, head)

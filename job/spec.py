@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from job.errors import UserError
+from job.prompt_template import PromptTemplate, TemplateError, unknown_fields
 
 # The fields of each data.format (data.fields maps them to the user's column names).
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -97,7 +98,16 @@ class DataSpec(_Section):
     )
     format: Literal["alpaca", "chat", "completion", "text"] = "alpaca"
     fields: dict[str, str] = Field(
-        default_factory=dict, description="Map of the format's field names to your column names."
+        default_factory=dict,
+        description="Map of the format's field names to your column names; with data.prompt_template, "
+        "also of the other fields it places.",
+    )
+    prompt_template: str | None = Field(
+        None,
+        description="alpaca and completion: the prompt written over the row's fields, e.g. "
+        "'Instruction: {instruction}\\n[[Input: {input}\\n]]Response: ' ({field}: a field of the format or "
+        "one data.fields names; [[...]]: only when its fields are non-empty; {{ and }}: braces). Default: "
+        "alpaca's template, or the completion format's prompt field as it is.",
     )
     chat_template: str | None = Field(None, description="Jinja chat template; default: the tokenizer's.")
     max_seq_len: int = Field(2048, gt=0)
@@ -140,6 +150,25 @@ class DataSpec(_Section):
         return any(isinstance(entry, SourceSpec) for entry in self.train)
 
 
+class FsdpSpec(_Section):
+    reshard_after_forward: bool = Field(
+        True,
+        description="Free each wrap unit's gathered parameters after its forward and gather them again for "
+        "its backward: less memory, one more all-gather per unit and step. false keeps them until backward.",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="Keep the parameter shards, their gradients and the optimizer state in host memory, the "
+        "optimizer stepping on the CPU: bigger models on the same GPUs, slower steps. GPUs only.",
+    )
+    wrap_classes: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Module class names sharded as units, each gathered whole for its forward and backward "
+        "(e.g. LlamaDecoderLayer); default: the model's decoder layer classes (its _no_split_modules).",
+    )
+
+
 class TrainSpec(_Section):
     max_steps: int | None = Field(
         None, gt=0, description="Optimizer steps. Exactly one of max_steps or epochs."
@@ -162,6 +191,13 @@ class TrainSpec(_Section):
         "bf16 matrix units (AMX), else none.",
     )
     gradient_checkpointing: bool = False
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="How several processes train one model. ddp: each holds the whole model, gradients are "
+        "averaged. fsdp: parameters, gradients and optimizer state are sharded over the processes (torch's "
+        "FSDP2), for models whose training state does not fit on one device.",
+    )
+    fsdp: FsdpSpec = Field(default_factory=FsdpSpec, description="Options of train.distributed fsdp.")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -169,9 +205,19 @@ class TrainSpec(_Section):
         return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
 
     seed: int = 42
-    checkpoint_every: int = Field(
-        100, ge=0, description="Checkpoint every N steps (0: only when stopped by a signal)."
+    checkpoint_every: int | Literal["epoch"] = Field(
+        100,
+        description="Checkpoint every N steps (0: only when stopped by a signal), or epoch: after the step "
+        "that ends each epoch's data (an epoch whose last micro-batch ends a step: after the next step).",
     )
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _steps_or_epoch(cls, value: Any) -> Any:
+        if value == "epoch" or (type(value) is int and value >= 0):
+            return value
+        raise ValueError(f"a number of steps (0 or more) or 'epoch', not {value!r}")
+
     stop_grace_seconds: float = Field(
         90, gt=0, description="After a stop signal, exit within this time even if the checkpoint is not done."
     )
@@ -214,6 +260,62 @@ class TrackingSpec(_Section):
     )
 
 
+class HarnessSpec(_Section):
+    """eval.harness: lm-evaluation-harness tasks scored on the model as it trains."""
+
+    tasks: list[str] = Field(
+        min_length=1,
+        description="lm-evaluation-harness tasks: names of lm-eval's own tasks and groups (e.g. hellaswag; "
+        "their data comes from the Hugging Face Hub), or paths or fsspec URLs of task YAML files (.yaml, "
+        ".yml; a file read from a URL cannot include files next to it). Each is scored as "
+        "harness/<task>/<metric>.",
+    )
+    every: Literal["checkpoint", "end"] = Field(
+        "end",
+        description="When the tasks are scored: at each checkpoint (not the one a stop signal asks for) "
+        "and at the end, or only at the end.",
+    )
+    limit: int | None = Field(
+        None,
+        gt=0,
+        description="Score at most this many examples of each task (its first ones); null: all of them.",
+    )
+    batch_size: int = Field(
+        8,
+        gt=0,
+        description="Requests scored per forward pass. Each batch's logits are whole in memory (batch x "
+        "length x vocabulary), unlike training's.",
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _each_task_once(cls, tasks: list[str]) -> list[str]:
+        if any(not task.strip() for task in tasks):
+            raise ValueError("a task is an empty string")
+        twice = sorted({task for task in tasks if tasks.count(task) > 1})
+        if twice:
+            raise ValueError(f"named more than once: {', '.join(twice)}")
+        return tasks
+
+
+class EvalSpec(_Section):
+    harness: HarnessSpec | None = Field(
+        None,
+        description="lm-evaluation-harness tasks scored on the model as it trains (the eval extra: pip "
+        "install 'ftjob[eval]').",
+    )
+    samples: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Prompts generated greedily at each eval (train.eval_every, eval.harness's evals and the "
+        "end), rendered as training renders a prompt, logged to MLflow as the table eval_samples.json "
+        "(step, prompt, generation).",
+    )
+    sample_length: int = Field(
+        64, gt=0, le=1024, description="Tokens generated at most for each of eval.samples."
+    )
+
+
 class OutputSpec(_Section):
     uri: str = Field("./runs/{name}", description="Any fsspec URL; {name} is replaced by the spec's name.")
     keep_checkpoints: int = Field(2, ge=1, description="Committed checkpoints kept; older ones are deleted.")
@@ -226,6 +328,7 @@ class Spec(_Section):
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     data: DataSpec
     train: TrainSpec
+    eval: EvalSpec = Field(default_factory=EvalSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     storage_options: dict[str, dict[str, Any]] = Field(
@@ -449,6 +552,37 @@ def validate_spec(data: dict[str, Any], where: str = "spec") -> Spec:
     return spec
 
 
+def template_fields(data_spec: dict[str, Any]) -> list[str]:
+    """The fields data.prompt_template places; none when it is unset or cannot be read."""
+    text = data_spec.get("prompt_template")
+    try:
+        return PromptTemplate.parse(text).fields if isinstance(text, str) else []
+    except TemplateError:
+        return []
+
+
+def prompt_template_problems(data_format: Any, text: Any, fields: Any) -> list[str]:
+    """data.prompt_template: for the alpaca and completion formats, readable, naming only fields of the
+    format or fields data.fields names."""
+    if not isinstance(text, str):
+        return []
+    if data_format not in ("alpaca", "completion"):
+        return [f"data.prompt_template: for the alpaca and completion formats, not '{data_format}'"]
+    try:
+        template = PromptTemplate.parse(text)
+    except TemplateError as e:
+        return [f"data.prompt_template: {e}"]
+    known = [*FORMAT_FIELDS[data_format], *(fields if isinstance(fields, dict) else {})]
+    unknown = unknown_fields(template, known)
+    if unknown:
+        return [
+            f"data.prompt_template: {', '.join(unknown)} not a field of format '{data_format}' "
+            f"({', '.join(FORMAT_FIELDS[data_format])}) or of data.fields; add them to data.fields "
+            "(name: your column)"
+        ]
+    return []
+
+
 def cross_key_problems(data: dict[str, Any]) -> list[str]:
     """Rules between keys, checked on the raw mapping so they are reported beside field errors."""
 
@@ -463,8 +597,9 @@ def cross_key_problems(data: dict[str, Any]) -> list[str]:
     ):
         problems.append("train: set exactly one of train.max_steps or train.epochs")
     data_format, fields = data_spec.get("format", "alpaca"), data_spec.get("fields")
+    problems += prompt_template_problems(data_format, data_spec.get("prompt_template"), fields)
     if data_format in FORMAT_FIELDS and isinstance(fields, dict):
-        unknown = sorted(set(fields) - set(FORMAT_FIELDS[data_format]))
+        unknown = sorted(set(fields) - set(FORMAT_FIELDS[data_format]) - set(template_fields(data_spec)))
         if unknown:
             problems.append(
                 f"data.fields: {', '.join(map(str, unknown))} not a field of format '{data_format}' "
@@ -491,12 +626,29 @@ def cross_key_problems(data: dict[str, Any]) -> list[str]:
         for where, value in strings_in(data)
         if URL_CREDENTIALS.search(value)
     ]
+    if train.get("distributed") == "fsdp":
+        problems += fsdp_problems(train, model)
     full = adapter.get("method") == "full"
     if full and model.get("quantization"):
         problems.append("adapter.method: 'full' cannot train a quantized model; unset model.quantization")
     if full and section("output").get("merge"):
         problems.append(
             "output.merge: applies to adapters; adapter.method 'full' already saves the whole model"
+        )
+    return problems
+
+
+def fsdp_problems(train: dict[str, Any], model: dict[str, Any]) -> list[str]:
+    """What train.distributed fsdp does not train."""
+    problems = []
+    if model.get("quantization") == "8bit":
+        problems.append(
+            "model.quantization: 8bit is not trained with train.distributed fsdp; use 4bit (QLoRA), or ddp"
+        )
+    if train.get("mixed_precision") == "fp16":
+        problems.append(
+            "train.mixed_precision: fp16 is not trained with train.distributed fsdp (its sharded gradients "
+            "get no loss scaling); use bf16, or no"
         )
     return problems
 

@@ -20,15 +20,15 @@ ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # and
 ALLOCATOR_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(largest_kept: int = MMAP_THRESHOLD) -> bool:
     """Have glibc keep freed memory for the next allocation instead of handing it back to the kernel.
 
     Every training step allocates the same large activations again. By default glibc gives them fresh
     pages (mmap, or a heap it trims after each step), which the kernel zero-fills on first touch: page
-    faults in every step, which make it slower (bench/RESULTS.md). Blocks up to 32 MiB come
-    from glibc's arenas, each of which keeps up to 1 GiB of freed memory at its top: the process's memory
-    does not shrink between steps. For CPU runs, where activations live in this allocator. False where
-    this is not glibc, or where the environment already sets either threshold (its choice stands).
+    faults in every step, which make it slower (bench/RESULTS.md). Blocks up to `largest_kept` (32 MiB)
+    come from glibc's arenas, each of which keeps up to 1 GiB of freed memory at its top: the process's
+    memory does not shrink between steps. For CPU runs, where activations live in this allocator. False
+    where this is not glibc, or where the environment already sets either threshold (its choice stands).
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if any(name in os.environ for name in ALLOCATOR_SETTINGS) or any(
@@ -41,7 +41,7 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # another C library (musl)
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return bool(mallopt(M_MMAP_THRESHOLD, largest_kept) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def use_the_cpus_given() -> None:

@@ -24,7 +24,7 @@ import errno
 import math
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -256,17 +256,17 @@ def _put_options(protocol: str, size: int) -> dict[str, Any]:
     return {"chunksize": max(UPLOAD_PART_SIZE, math.ceil(size / MAX_UPLOAD_PARTS))}
 
 
-def download_dir(uri: str, local_dir: Path) -> list[str]:
-    """Copy every file under uri into local_dir; returns the relative names copied. Object keys are
-    untrusted: one that is absolute, has a `..` or empty part, or would land outside local_dir is
-    refused (UserError naming it) before anything is copied."""
+def download_dir(uri: str, local_dir: Path, wanted: Callable[[str], bool] = lambda name: True) -> list[str]:
+    """Copy every file under uri (whose relative name `wanted` accepts) into local_dir; returns the
+    relative names copied. Object keys are untrusted: one that is absolute, has a `..` or empty part, or
+    would land outside local_dir is refused (UserError naming it) before anything is copied."""
     fs, root = filesystem(uri)
     root = root.rstrip("/")
     inside = local_dir.resolve()
     copies = []
     for path in sorted(fs.find(root)):
         name = path[len(root) :].removeprefix("/")  # one separator: "a//b" keeps its empty part
-        if not name or name.endswith("/"):  # a "folder" marker object (S3 consoles make them): no file
+        if not name or name.endswith("/") or not wanted(name):  # "/": a folder marker (S3 consoles)
             continue
         target = (local_dir / name).resolve()
         if (

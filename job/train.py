@@ -13,7 +13,6 @@ import logging
 import os
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,17 +21,20 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from job.accelerator import clip_gradients, fsdp_compute_dtype, gradient_sync, trained, wrap_for_ranks
 from job.cluster import restart_id
 from job.data.batching import Batch, empty_batch, flatten_packed
 from job.data.counting import data_metrics, data_summary, epoch_run_steps
 from job.data.pipeline import DataPipeline
 from job.data.plan import shared_plan
-from job.loss import eval_metrics, loss_sum, loss_tokens, output_head
+from job.evaluation import Evaluator
+from job.loss import loss_sum, loss_tokens, output_head
 from job.metrics import device_name, flops_per_token, mfu, peak_flops, peak_memory_gib
 from job.model.adapter import count_parameters
 from job.model.loading import model_dir_and_tokenizer
 from job.model.prepare import prepare_model
-from job.output.checkpoint import fingerprint, resume_copies_removed, saved_total_steps
+from job.model.sharding import resharded
+from job.output.checkpoint import Cadence, fingerprint, resume_copies_removed, saved_total_steps
 from job.output.curve import remove_segments, write_curve
 from job.output.lease import Lease
 from job.output.publish import publish, publish_merged
@@ -76,6 +78,7 @@ class Run:
     model_flops: float  # per trained token
     device_flops: float | None  # peak FLOP/s of one device; None where MFU means nothing
     progress: Progress
+    evaluator: Evaluator
     head: torch.nn.Linear | None  # the output layer the loss is computed through, chunk by chunk (loss.py)
     flatten_packed: bool  # each micro-batch's packed rows become one row (packed_rows_flattened)
 
@@ -116,14 +119,14 @@ def train(
             run = setup(spec, accelerator, stop, takeover)
         with takeover.checkpointer, run.tracker.run(tags):
             history = train_loop(run, accelerator, stop)
-            model = accelerator.unwrap_model(run.model).eval()
+            model, weights = trained(run.model, accelerator)  # under fsdp a collective: every rank
             if not accelerator.is_main_process:
                 return TrainResult(model, run.tokenizer, "", history)
             # Rank 0 alone from here, after the last collective: a slow upload or merge cannot run into
             # the process group's timeout, the other ranks are done.
             takeover.checkpointer.wait()
             takeover.lease.check()  # a job that lost output.uri to another publishes nothing there
-            adapter_uri = publish_adapter(run, model, history)
+            adapter_uri = publish_adapter(run, model, history, weights)
             run.progress.message(f"adapter published to {adapter_uri}")
             if spec.output.merge:
                 merged_uri = publish_merged(spec.output_uri, spec.model, run.model_dir)
@@ -145,7 +148,7 @@ def setup(spec: Spec, accelerator: Accelerator, stop: StopRequest, takeover: Tak
     rank, world = accelerator.process_index, accelerator.num_processes
     data = DataPipeline(spec.data, tokenizer, cfg.seed, cfg.epochs, rank, world, plan)
     takeover.claim(stop)
-    model, flatten = prepare_model(model_dir, spec, accelerator)
+    model, flatten = prepare_model(model_dir, spec, accelerator, fsdp_compute_dtype(cfg))
     head = output_head(model)
     log.info(
         "the loss %s", "goes through the output layer chunk by chunk" if head else "uses the model's logits"
@@ -161,17 +164,18 @@ def setup(spec: Spec, accelerator: Accelerator, stop: StopRequest, takeover: Tak
     takeover.stop_if_agreed(stop)
     takeover.clear_if_restart()
     trainable, total = count_parameters(model)
-    optimizer = make_optimizer(model, cfg, accelerator.device.type)
+    optimizer = make_optimizer(resharded(model), cfg, accelerator.device.type)
     scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.warmup_steps, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = wrap_for_ranks(model, optimizer, accelerator)
     first_step, history = takeover.restore(model, optimizer, scheduler)
     record = run_record(spec, data.plan) if is_main and spec.tracking.enabled else None
     tracker = Tracker(spec.tracking, record, resume_run_id=takeover.run_id)
+    evaluator = Evaluator(spec, data, tokenizer, head, tracker, accelerator)
     progress = Progress(total_steps, cfg.log_every, enabled=is_main, first_step=first_step)
     return Run(
         spec, model_dir, tokenizer, data, model, optimizer, scheduler, takeover,
         tracker, total_steps, first_step, history, flops_per_token(total, trainable), peak_flops(accelerator),
-        progress, head, flatten,
+        progress, evaluator, head, flatten,
     )  # fmt: skip
 
 
@@ -189,8 +193,7 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
         f"mixed precision {accelerator.mixed_precision}"
     )
     train_batches = data.train_batches(cfg.micro_batch_size)
-    has_eval = bool(data.eval_files)  # the same on every rank, unlike a rank's own share of eval rows
-    eval_batches = data.eval_batches(cfg.micro_batch_size) if has_eval else []
+    cadence = Cadence(cfg.checkpoint_every)
     run.model.train()
     stop.training_begins(run.takeover.checkpointer)
     for step in itertools.count(run.first_step):
@@ -208,15 +211,13 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
         if step % cfg.log_every == 0:
             metrics.update(data_metrics(data, accelerator))
             metrics["train/peak_memory_gib"] = peak_memory_gib(accelerator)
-        if has_eval and cfg.eval_every and step % cfg.eval_every == 0:
-            scores = eval_metrics(run.model, eval_batches, accelerator, run.head)
-            has_eval = bool(scores)  # an eval split with nothing to score stays so (warned once)
-            metrics.update(scores)
+        checkpointing = cadence.due(step, data.epochs_ended, accelerator)
+        metrics.update(run.evaluator.at_step(run.model, step, checkpointing, stop))
         history.append({"step": step, **metrics})
         run.tracker.log_metrics(metrics, step)
         progress.update(step, metrics)
         stopping = stop.agreed(accelerator)
-        if stopping or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+        if stopping or checkpointing:
             state = {
                 "run_id": run.tracker.resume_id,
                 "fingerprint": fingerprint(spec, accelerator.num_processes),
@@ -229,9 +230,7 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
             raise run.takeover.stop_for_requeue(stop, step)
     progress.close()
     data.budget.check()  # a run that ends before the data does still answers for its bad rows
-    final = data_metrics(data, accelerator)
-    if has_eval and "eval/loss" not in history[-1]:
-        final.update(eval_metrics(run.model, eval_batches, accelerator, run.head))
+    final = data_metrics(data, accelerator) | run.evaluator.at_end(run.model, history[-1], stop)
     history[-1].update(final)
     run.tracker.log_metrics(final, history[-1]["step"])
     progress.message(data_summary(final))
@@ -261,13 +260,12 @@ def optimizer_step(run: Run, window: list[Batch], accelerator: Accelerator) -> d
     for i, batch in enumerate(window):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         last = i == len(window) - 1
-        with nullcontext() if last else accelerator.no_sync(model):  # gradients sync once per step
+        with gradient_sync(model, accelerator, last):
             with accelerator.autocast():  # over the loss's output layer too (run.head)
                 loss = loss_sum(model, batch, run.head)
             accelerator.backward(loss * scale)
         step_loss += loss.detach()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+    grad_norm = clip_gradients(optimizer, cfg.max_grad_norm, accelerator)
     optimizer.step()
     if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
         scheduler.step()
@@ -284,7 +282,7 @@ def optimizer_step(run: Run, window: list[Batch], accelerator: Accelerator) -> d
 # 3. Publish (rank 0)
 
 
-def publish_adapter(run: Run, model, history: list[dict[str, float]]) -> str:
+def publish_adapter(run: Run, model, history: list[dict[str, float]], weights: dict | None) -> str:
     """adapter/, written once: into the tracker's artifact folder when MLflow is on, so that MLflow
     logs those same files; for a full fine-tune MLflow gets only the URI (no second copy of a model)."""
     full = run.spec.adapter.method == "full"
@@ -292,7 +290,7 @@ def publish_adapter(run: Run, model, history: list[dict[str, float]]) -> str:
         logged = None if full else run.tracker.artifact_dir("adapter")
         metrics = {"history": history, "final": history[-1]}
         write_curve(run.spec.output_uri, history)
-        uri = publish(model, run.tokenizer, run.spec, metrics, logged or Path(tmp))
+        uri = publish(model, run.tokenizer, run.spec, metrics, logged or Path(tmp), weights)
         remove_segments(run.spec.output_uri)  # only now: a publish that failed resumes from them
         run.tracker.log_adapter(logged, absolute(uri))
     return uri

@@ -3,6 +3,7 @@
 A format is a set of canonical field names; `data.fields` maps them to the user's columns.
   alpaca      instruction, optional input, output  -> prompt (no loss) + output (loss) + EOS
   completion  prompt, completion                   -> prompt (no loss) + completion (loss) + EOS
+For these two, data.prompt_template writes the prompt over the row's fields (job/prompt_template.py).
   chat        messages: [{role, content}, ...]     -> the chat template's text; loss on assistant turns
   text        text                                 -> loss everywhere; long documents split into pieces
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 from job.data.template_budget import TemplateTimeout, check_template, row_time_limit
 from job.errors import UserError
+from job.prompt_template import PromptTemplate
 from job.spec import FORMAT_FIELDS, OPTIONAL_FIELDS, DataSpec
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -53,10 +55,10 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-def _string(row: Mapping[str, Any], name: str, column: str) -> str:
+def _string(row: Mapping[str, Any], column: str, optional: bool) -> str:
     value = row.get(column)
     if value is None:
-        if name in OPTIONAL_FIELDS:
+        if optional:
             return ""
         raise BadRow(f"missing field '{column}'")
     if not isinstance(value, str):
@@ -70,13 +72,25 @@ class Formatter:
     @classmethod
     def of(cls, data: DataSpec, tokenizer) -> Formatter:
         """The formatter data.format, data.fields, data.train_on and data.chat_template describe."""
-        return cls(data.format, data.fields, data.train_on, tokenizer, data.chat_template)
+        return cls(
+            data.format, data.fields, data.train_on, tokenizer, data.chat_template, data.prompt_template
+        )
 
     def __init__(
-        self, data_format: str, fields: Mapping[str, str], train_on: str, tokenizer=None, chat_template=None
+        self,
+        data_format: str,
+        fields: Mapping[str, str],
+        train_on: str,
+        tokenizer=None,
+        chat_template=None,
+        prompt_template: str | None = None,
     ):
         self.format = data_format
-        self.columns = {name: fields.get(name, name) for name in FORMAT_FIELDS[data_format]}
+        self.template = PromptTemplate.parse(prompt_template) if prompt_template else None
+        placed = self.template.fields if self.template else []
+        names = dict.fromkeys([*FORMAT_FIELDS[data_format], *placed])
+        self.columns = {name: fields.get(name, name) for name in names}
+        self.optional = OPTIONAL_FIELDS | (set(placed) - self.template.required if self.template else set())
         self.prompt_loss = train_on == "all"
         self.tokenizer = tokenizer
         self.chat_template = chat_template
@@ -100,25 +114,29 @@ class Formatter:
             raise BadRow(f"expected a JSON object, got {type(row).__name__}")
         if self.format == "chat":
             return self._chat(row)
-        values = {name: _string(row, name, column) for name, column in self.columns.items()}
+        values = {name: _string(row, column, name in self.optional) for name, column in self.columns.items()}
         if self.format == "text":
             if not values["text"].strip():
                 raise BadRow(f"empty '{self.columns['text']}'")
             return Example(((values["text"], True),), split_long=True)
-        if self.format == "alpaca":
-            prompt, completion, field = (
-                alpaca_prompt(values["instruction"], values["input"]),
-                values["output"],
-                "output",
-            )
+        if self.template:
+            prompt = self.template.render(values)
+        elif self.format == "alpaca":
+            prompt = alpaca_prompt(values["instruction"], values["input"])
         else:
-            prompt, completion, field = values["prompt"], values["completion"], "completion"
+            prompt = values["prompt"]
+        field = "output" if self.format == "alpaca" else "completion"
+        completion = values[field]
         if not completion.strip():
             raise BadRow(f"empty '{self.columns[field]}'")
         return Example(((prompt, self.prompt_loss), (completion, True)))
 
     def render_prompt(self, text: str) -> str:
-        """The prompt for `ftjob generate`: TEXT placed the way training placed a prompt."""
+        """The prompt for `ftjob generate`: TEXT placed the way training placed a prompt (as the
+        instruction, or the prompt field, of data.prompt_template, its other fields empty)."""
+        if self.template:
+            placed = "instruction" if self.format == "alpaca" else "prompt"
+            return self.template.render({**dict.fromkeys(self.template.fields, ""), placed: text})
         if self.format == "alpaca":
             return alpaca_prompt(text)
         if self.format == "chat":

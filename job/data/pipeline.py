@@ -299,6 +299,7 @@ class DataPipeline:
         self.world_size = world_size
         self.formatter = Formatter.of(config, tokenizer)
         self.plan = plan or DataPlan.make(config, world_size)
+        self.epochs_ended = 0  # epochs whose last micro-batch this process has handed to training
         self._build()
 
     @property
@@ -344,11 +345,17 @@ class DataPipeline:
     def train_batches(self, micro_batch_size: int) -> Iterator[Batch]:
         """Micro-batches from the cursor on; ends after train.epochs epochs (never, with max_steps)."""
         if self.packer:
-            for rows in batched(self.packer, micro_batch_size):
+            for rows in batched(self._counting_epochs(self.packer), micro_batch_size):
                 yield stack_packed(rows)
         else:
-            for examples in batched(self.examples, micro_batch_size):
+            for examples in batched(self._counting_epochs(self.examples), micro_batch_size):
                 yield pad_batch(examples, self.tokenizer.pad_token_id)
+
+    def _counting_epochs(self, items: Iterable) -> Iterator:
+        for item in items:
+            if item is EPOCH_END:  # read as the first micro-batch after it is asked for (batched)
+                self.epochs_ended += 1
+            yield item
 
     def stats(self) -> dict[str, float]:
         """Counters of this rank so far (for logs and metrics)."""

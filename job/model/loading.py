@@ -94,6 +94,25 @@ def load_model(model_dir: Path, model_spec: ModelSpec, device: torch.device, ful
     return model
 
 
+def model_on_meta(model_dir: Path, model_spec: ModelSpec, device: torch.device, full_finetune: bool = False):
+    """The model's modules as load_model makes them (dtype, attention), with no weights: on the meta
+    device, for every rank to shard before rank 0 sends each its shards (job/model/sharding.py)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = model_spec.trust_remote_code
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                config,
+                dtype=resolve_dtype(model_spec.dtype, device, full_finetune),
+                trust_remote_code=trust,
+                attn_implementation=model_spec.attn_implementation,
+            )
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"model.source: cannot load {model_spec.source}: {e}") from None
+
+
 def keep_4bit_weights_trainable_on_cpu(model) -> None:
     """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
 

@@ -1,5 +1,6 @@
 """The model as the loop trains it: loaded, packed rows routed to its attention, the adapter applied,
-and on CPUs the kernels and allocator that are faster there."""
+on CPUs the kernels and allocator that are faster there, and under train.distributed fsdp sharded over
+the ranks (job/model/sharding.py)."""
 
 from __future__ import annotations
 
@@ -7,39 +8,104 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from job.model.adapter import apply_adapter
 from job.model.dropout import use_cpu_dropout
 from job.model.fused_lora import fuse_lora_linears
 from job.model.fused_norm import fuse_rms_norms
-from job.model.loading import load_model
+from job.model.loading import load_model, model_on_meta
 from job.model.packed_attention import packed_attention_pays, use_packed_attention
+from job.model.sharding import (
+    check_sharded_loss,
+    frozen_parameters,
+    offloaded,
+    probe_loss,
+    process_mesh,
+    receive_from_rank0,
+    shard_model,
+    share_trainable_from_rank0,
+)
 from job.spec import Spec
 from job.startup import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
+# Under fsdp, the largest freed block glibc keeps for reuse (job/startup.py: keep_freed_memory), below the
+# 32 MiB kept under ddp: FSDP gathers each layer's parameters and gradients and frees them a layer later;
+# kept in glibc's arenas, those blocks fragmented them and a rank's memory doubled over a few steps.
+# Handed back to the kernel from 4 MiB up, a ~100M-parameter full fine-tune on 2 ranks peaks at 0.68 of
+# ddp's memory, not 1.1-1.2, as fast; glibc's defaults, 0.55 but slower (bench/RESULTS.md, FSDP against DDP).
+FSDP_LARGEST_KEPT = 4 << 20
 
-def prepare_model(model_dir: Path, spec: Spec, accelerator) -> tuple[Any, bool]:
-    """The model to train, and whether each micro-batch's packed rows become one row for it."""
-    full = spec.adapter.method == "full"
-    model = load_model(model_dir, spec.model, accelerator.device, full_finetune=full)
-    flatten = spec.data.packing and packed_rows_flattened(model, spec.model.attn_implementation, accelerator)
+
+def prepare_model(
+    model_dir: Path, spec: Spec, accelerator, compute_dtype: torch.dtype | None = None
+) -> tuple[Any, bool]:
+    """The model to train, and whether each micro-batch's packed rows become one row for it.
+    `compute_dtype`: under train.distributed fsdp, the dtype FSDP computes in (None: the weights')."""
+    if spec.train.distributed == "fsdp":  # its weights are there, for the packing probe, once received
+        model = sharded_model(model_dir, spec, accelerator, compute_dtype)
+        return model, packed_rows_flattened(model, spec, accelerator)
+    model = load_model(model_dir, spec.model, accelerator.device, full_finetune=spec.adapter.method == "full")
+    flatten = packed_rows_flattened(model, spec, accelerator)
+    return adapted(model, spec, accelerator), flatten
+
+
+def adapted(model, spec: Spec, accelerator):
+    """The loaded base with the adapter applied and, on CPUs, the faster layers and allocator."""
     train = spec.train
     model = apply_adapter(model, spec.adapter, bool(spec.model.quantization), train.gradient_checkpointing)
     if (
         accelerator.device.type == "cpu"
     ):  # on GPUs torch's and peft's own kernels and allocator are the fast ones
-        keep_freed_memory()
+        if train.distributed == "fsdp":
+            keep_freed_memory(FSDP_LARGEST_KEPT)
+        else:
+            keep_freed_memory()
         use_cpu_dropout(model)
         fuse_lora_linears(model)
         fuse_rms_norms(model)
-    return model, flatten
+    return model
 
 
-def packed_rows_flattened(model, attn_implementation: str, accelerator) -> bool:
-    """How packed rows reach the model, decided once: flattened into one row per micro-batch for flash
-    attention (job/data/batching.py: flatten_packed); under sdpa, attended one example at a time where
-    that pays and the model's layers get position ids, else under sdpa's block mask."""
+def sharded_model(model_dir: Path, spec: Spec, accelerator, compute_dtype: torch.dtype | None):
+    """train.distributed fsdp. Rank 0 reads the weights and applies the adapter first (so its random
+    init is the one a ddp run would draw); every rank shards the model built on the meta device, then
+    receives its shards from rank 0. A quantized base is loaded by every rank and not sharded."""
+    device, full = accelerator.device, spec.adapter.method == "full"
+    mesh = process_mesh(device)
+    if spec.model.quantization:
+        model = adapted(load_model(model_dir, spec.model, device), spec, accelerator)
+        share_trainable_from_rank0(model)
+        unsharded = probe_loss(model, device, compute_dtype)
+        model = shard_model(model, spec.train.fsdp, mesh, compute_dtype, frozen_parameters(model))
+        check_sharded_loss(model, unsharded, device, compute_dtype)
+        return model
+    source = rank_0_weights(model_dir, spec, device) if accelerator.is_main_process else {}
+    model = adapted(model_on_meta(model_dir, spec.model, device, full), spec, accelerator)
+    model = shard_model(model, spec.train.fsdp, mesh, compute_dtype)
+    receive_from_rank0(model, source, device, offloaded(spec.train.fsdp, device.type))
+    return model
+
+
+def rank_0_weights(model_dir: Path, spec: Spec, device: torch.device) -> dict[str, torch.Tensor]:
+    """The base's weights with the adapter applied, as a ddp run starts, in host memory, by name (the
+    buffers too: their values are computed as the model is made, and no state dict holds some)."""
+    model = load_model(model_dir, spec.model, device, full_finetune=spec.adapter.method == "full")
+    model = apply_adapter(model, spec.adapter, quantized=False, gradient_checkpointing=False)
+    named = [*model.named_buffers(remove_duplicate=False), *model.named_parameters(remove_duplicate=False)]
+    return dict(named)
+
+
+def packed_rows_flattened(model, spec: Spec, accelerator) -> bool:
+    """How packed rows (data.packing) reach the model, decided once: flattened into one row per
+    micro-batch for flash attention (job/data/batching.py: flatten_packed); under sdpa, attended one
+    example at a time where that pays and the model's layers get position ids (a forward tells), else
+    under sdpa's block mask."""
+    if not spec.data.packing:
+        return False
+    attn_implementation = spec.model.attn_implementation
     if attn_implementation.startswith("flash"):
         return True
     pays = packed_attention_pays(accelerator.device.type, accelerator.mixed_precision, model.dtype)

@@ -10,22 +10,27 @@ wrote it, job/output/lease.py): everything needed to continue a run exactly.
                             the job still holds output.uri's lease (job/output/lease.py); names the
                             lease's generation (as run.json does), host and pid
 
+A sharded model's (train.distributed fsdp) has no trainable.safetensors: each rank writes its shards of
+the trainable weights and of their optimizer state, shard-00000.safetensors, and optimizer.pt holds no
+per-parameter state (job/output/sharded.py). Each rank downloads and reads the checkpoint's files but
+the other ranks' shards.
+
 A job writes only folders of its own generation, so a job that lost the lease (a frozen node) and the
 job that took it over never write the same folder, even for the same step. The newest checkpoint is the
 one of the highest step, and of the highest generation among those (folders named step-NNNNNN, from
 before generations, are generation 0).
 
 A reader trusts only a checkpoint with COMMITTED whose files match its MANIFEST; a damaged newest one
-(a truncated or missing file) is skipped with a warning for the one before. What a whole one holds is
-input all the same, checked as strictly as the spec before anything is trained (run.json, the rank
-files' RNG states, the metric curve, the weights and optimizer states against what they are loaded into
-here, the data cursor by the data pipeline): one that is not as ftjob writes it is refused (exit 2),
-naming the file and key.
+(a truncated or missing file, as any rank sees it) is skipped with a warning for the one before. What a
+whole one holds is input all the same, checked as strictly as the spec before anything is trained
+(run.json, the rank files' RNG states, the metric curve, the weights and optimizer states against what
+they are loaded into here, the data cursor by the data pipeline): one that is not as ftjob writes it is
+refused (exit 2), naming the file and key.
 
-Rank files are uploaded before a barrier; rank 0 then uploads its files from a background thread and
-writes COMMITTED, so training goes on meanwhile. At most one upload is in flight: a checkpoint that
-comes while one is uploading waits for it. Retention runs right after a commit, which happens only
-while the lease is this job's; a failure to list or delete checkpoints there is a warning.
+Rank files (and shards) are uploaded before a barrier; rank 0 then uploads its files from a background
+thread and writes COMMITTED, so training goes on meanwhile. At most one upload is in flight: a
+checkpoint that comes while one is uploading waits for it. Retention runs right after a commit, which
+happens only while the lease is this job's; a failure to list or delete checkpoints there is a warning.
 The metric curve is not in checkpoints: each one adds a segment of it (job/output/curve.py).
 """
 
@@ -52,6 +57,7 @@ from safetensors.torch import load_file, save_file
 
 from job.collective import rank_0_outcome, whole_everywhere
 from job.errors import JobError, UserError
+from job.model.sharding import is_sharded
 from job.model.source import ModelIdentity, identity_change, resolved_identity
 from job.output.curve import read_history, remove_segments_after, to_lines
 from job.output.layout import (
@@ -64,11 +70,14 @@ from job.output.layout import (
     StepFolder,
     parse_step_folder,
     rank_file,
+    read_by,
     segment_file,
+    shard_file,
     step_folder,
 )
 from job.output.lease import Lease, LeaseLost, holder
 from job.output.manifest import manifest_entry, verify_manifest, write_manifest
+from job.output.sharded import load_shard, shard_reference, write_shard
 from job.rng import SavedRngStates, rng_states
 from job.saved import Count, Saved, refuse, validated
 from job.spec import Spec, echo, flatten
@@ -86,6 +95,7 @@ MAY_CHANGE_ON_RESUME = (
     "train.stop_grace_seconds",
     "train.collective_timeout_seconds",
     "train.peer_timeout_seconds",
+    "eval",
     "train.lease_seconds",
     "train.eval_every",
     "train.log_every",
@@ -103,18 +113,20 @@ CHECKPOINT_FORMAT = 2  # 2: with MANIFEST.json (a format-2 checkpoint without on
 FINGERPRINT_VERSION = 5
 # The identity of the model the run loaded, and its files' digests, which name what changed in a message.
 MODEL_IDENTITY, MODEL_FILES = "model.identity", "model.files"
+# Spec keys added since fingerprints were first written, with the value a checkpoint without the key was
+# trained with: such a checkpoint still resumes under a spec of that value. (train.fsdp's options are in
+# the fingerprints of fsdp runs only.)
+ADDED_KEYS = {"train.distributed": "ddp"}
 
 
 def fingerprint(spec: Spec, world_size: int) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the checkpoint: every spec key (dotted)
-    but those in MAY_CHANGE_ON_RESUME, the identity of the model it loaded (the same model.source may
-    hold other weights by then), and the number of processes."""
+    but those in MAY_CHANGE_ON_RESUME (and train.fsdp's, which mean nothing under ddp), the identity of
+    the model it loaded (the same model.source may hold other weights by then), and the number of
+    processes (each rank's data cursor and shards are its own)."""
     keys = flatten(spec.model_dump(mode="json"))
-    kept = {
-        k: v
-        for k, v in keys.items()
-        if not any(k == p or k.startswith(f"{p}.") for p in MAY_CHANGE_ON_RESUME)
-    }
+    left_out = MAY_CHANGE_ON_RESUME + (() if spec.train.distributed == "fsdp" else ("train.fsdp",))
+    kept = {k: v for k, v in keys.items() if not any(k == p or k.startswith(f"{p}.") for p in left_out)}
     identity = resolved_identity(spec.model)
     return {
         **kept,
@@ -128,6 +140,7 @@ def fingerprint(spec: Spec, world_size: int) -> dict[str, Any]:
 def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     if saved.get("fingerprint_version") != current["fingerprint_version"]:
         return ["the checkpoint was written by another version of ftjob, which saved other fields"]
+    saved, current = {**ADDED_KEYS, **saved}, {**ADDED_KEYS, **current}
     changes = [
         f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
         for key in sorted((saved.keys() | current.keys()) - {MODEL_IDENTITY, MODEL_FILES})
@@ -299,12 +312,23 @@ def checked_weights(path: Path, where: str, parameters: dict[str, torch.Tensor])
     return weights
 
 
-def checked_states(path: Path, where: str, optimizer, scheduler, scaler) -> dict[str, Any]:
+def checked_shard(path: Path, where: str, parameters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A shard file: exactly this rank's shards of the model's trainable tensors and their optimizer
+    state, of their names, dtypes and shapes."""
+    shard = read_back(load_file, path, where, "safetensors file")
+    check_like(shard, shard_reference(shard, parameters), where)
+    return shard
+
+
+def checked_states(
+    path: Path, where: str, optimizer, scheduler, scaler, sharded: bool = False
+) -> dict[str, Any]:
     """optimizer.pt (read with weights_only): as states_reference says, and the optimizer's param groups
-    with this run's parameters and settings; only the learning rate, which the schedule sets, may differ."""
+    with this run's parameters and settings; only the learning rate, which the schedule sets, may differ.
+    A sharded model's holds no per-parameter state (it is in the shards)."""
     load = partial(torch.load, weights_only=True)
     states = read_back(load, path, where, "file torch.load reads with weights_only")
-    reference = states_reference(states, optimizer, scheduler, scaler)
+    reference = states_reference(states, optimizer, scheduler, scaler, sharded)
     check_like(states, reference, where)
     groups = zip(states["optimizer"]["param_groups"], reference["optimizer"]["param_groups"], strict=True)
     for i, (group, ours) in enumerate(groups):
@@ -315,7 +339,7 @@ def checked_states(path: Path, where: str, optimizer, scheduler, scaler) -> dict
     return states
 
 
-def states_reference(states: Any, optimizer, scheduler, scaler) -> dict[str, Any]:
+def states_reference(states: Any, optimizer, scheduler, scaler, sharded: bool = False) -> dict[str, Any]:
     """What optimizer.pt must be like to be loaded into this run's objects: the optimizer's state as
     adamw_reference says, the schedule's as the scheduler's own state_dict, and a grad scaler's as the
     scaler's. A grad scaler's state is there when the run that wrote it used fp16; a run without a scaler
@@ -323,7 +347,7 @@ def states_reference(states: Any, optimizer, scheduler, scaler) -> dict[str, Any
     saved = states if isinstance(states, dict) else {}
     saved_optimizer = saved.get("optimizer") if isinstance(saved.get("optimizer"), dict) else {}
     reference = {
-        "optimizer": adamw_reference(optimizer, saved_optimizer.get("state")),
+        "optimizer": adamw_reference(optimizer, {} if sharded else saved_optimizer.get("state")),
         "scheduler": scheduler.state_dict(),
     }
     if "scaler" in saved:
@@ -374,7 +398,13 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 def write_trained_state(directory: Path, model, optimizer, scheduler, scaler) -> None:
     """trainable.safetensors and optimizer.pt, which Checkpointer.restore() checks and loads."""
     save_file(trainable_state(model), directory / WEIGHTS)
-    states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    write_states(directory, optimizer.state_dict(), scheduler, scaler)
+
+
+def write_states(directory: Path, optimizer_state: dict[str, Any], scheduler, scaler) -> None:
+    """optimizer.pt: the optimizer's state_dict (a sharded model's without per-parameter state, which
+    is in the shards), the schedule's and the grad scaler's."""
+    states = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}
     if scaler is not None:
         states["scaler"] = scaler.state_dict()
     torch.save(states, directory / STATES)
@@ -418,23 +448,30 @@ class Checkpointer:
     def save(
         self, step: int, model, optimizer, scheduler, accelerator, data_state: dict, run: dict, history: list
     ) -> None:
-        """Every rank, at the same step: each uploads its own file; rank 0 then uploads the rest in the
-        background (the metrics since the last checkpoint as a segment first) and commits."""
+        """Every rank, at the same step: each uploads its own files (its rank file, and its shard of a
+        sharded model); rank 0 then uploads the rest in the background (the metrics since the last
+        checkpoint as a segment first) and commits."""
         self.wait_committed(accelerator)  # one upload in flight at most
         uri = self.step_uri(step)
+        model = accelerator.unwrap_model(model)
+        sharded = is_sharded(model)
         with tempfile.TemporaryDirectory(prefix="ftjob-rank-") as tmp:
-            rank_path = Path(tmp) / rank_file(self.rank)
-            rank_path.write_text(json.dumps({"rng": rng_states(), "data": data_state}))
-            entry = (rank_path.name, manifest_entry(rank_path))
-            upload_dir(Path(tmp), uri)
-        # every rank's file is up before rank 0 can commit (a collective), and rank 0 learns their hashes
-        rank_entries = dict(gather_object([entry]) if accelerator.num_processes > 1 else [entry])
+            own = Path(tmp)
+            (own / rank_file(self.rank)).write_text(json.dumps({"rng": rng_states(), "data": data_state}))
+            if sharded:
+                write_shard(own / shard_file(self.rank), trainable_parameters(model), optimizer)
+            entries = [(path.name, manifest_entry(path)) for path in sorted(own.iterdir())]
+            upload_dir(own, uri)
+        # every rank's files are up before rank 0 can commit (a collective), and rank 0 learns their hashes
+        rank_entries = dict(gather_object(entries) if accelerator.num_processes > 1 else entries)
         if self.rank != 0:
             return
         staging = Path(tempfile.mkdtemp(prefix="ftjob-checkpoint-"))
-        write_trained_state(
-            staging, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler
-        )
+        if sharded:
+            groups = optimizer.state_dict()["param_groups"]
+            write_states(staging, {"state": {}, "param_groups": groups}, scheduler, accelerator.scaler)
+        else:
+            write_trained_state(staging, model, optimizer, scheduler, accelerator.scaler)
         record = {"step": step, **run, "last_metrics": history[-1], "checkpoint_format": CHECKPOINT_FORMAT,
                   "lease_generation": self.lease.generation}  # fmt: skip
         (staging / RUN_RECORD).write_text(json.dumps(record))
@@ -547,9 +584,10 @@ class Checkpointer:
     def _download_whole(self, folder: StepFolder, local: Path) -> Any:
         """The checkpoint's files into local, checked against its MANIFEST (checkpoints written before
         there were manifests have none); its run.json, parsed (what it holds is checked by _check_run)."""
-        download_dir(self.layout.checkpoint(folder), local)
+        reads = partial(read_by, self.rank)
+        download_dir(self.layout.checkpoint(folder), local, reads)
         if (local / MANIFEST).is_file():
-            verify_manifest(local)
+            verify_manifest(local, reads)
         run = json.loads((local / RUN_RECORD).read_text())
         before_manifests = isinstance(run, dict) and run.get("checkpoint_format", 1) == 1
         if not before_manifests and not (local / MANIFEST).is_file():
@@ -592,20 +630,47 @@ class Checkpointer:
         return state
 
     def restore(self, saved: dict[str, Any], model, optimizer, scheduler, accelerator) -> None:
-        """Load weights, optimizer, schedule and grad scaler into the prepared objects, once both files
+        """Load weights, optimizer, schedule and grad scaler into the prepared objects, once their files
         are checked against them: one that is not as this run writes it is refused (UserError) before
         anything is applied. Then the local copy goes."""
-        directory: Path = saved["dir"]
-        parameters = trainable_parameters(accelerator.unwrap_model(model))
-        weights = checked_weights(directory / WEIGHTS, join(saved["uri"], WEIGHTS), parameters)
+        directory, scaler = saved["dir"], accelerator.scaler
+        model = accelerator.unwrap_model(model)
+        parameters, sharded = trainable_parameters(model), is_sharded(model)
         states = checked_states(
-            directory / STATES, join(saved["uri"], STATES), optimizer, scheduler, accelerator.scaler
+            directory / STATES, join(saved["uri"], STATES), optimizer, scheduler, scaler, sharded
         )
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                parameters[name].copy_(tensor)
-        optimizer.load_state_dict(states["optimizer"])
+        if sharded:
+            name = shard_file(self.rank)
+            shard = checked_shard(directory / name, join(saved["uri"], name), parameters)
+            load_shard(shard, parameters, optimizer, states["optimizer"]["param_groups"])
+        else:
+            weights = checked_weights(directory / WEIGHTS, join(saved["uri"], WEIGHTS), parameters)
+            with torch.no_grad():
+                for name, tensor in weights.items():
+                    parameters[name].copy_(tensor)
+            optimizer.load_state_dict(states["optimizer"])
         scheduler.load_state_dict(states["scheduler"])
-        if "scaler" in states and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(states["scaler"])
+        if "scaler" in states and scaler is not None:
+            scaler.load_state_dict(states["scaler"])
         shutil.rmtree(directory, ignore_errors=True)
+
+
+class Cadence:
+    """When the loop checkpoints (train.checkpoint_every): every N steps, or after the step that ended an
+    epoch's data (job/data/pipeline.py: epochs_ended; an epoch whose last micro-batch ends a step is
+    seen ended at the next one). Ranks end an epoch at different steps (each has its own share of the
+    data), so at the first step where any rank has, every rank checkpoints, once an epoch (a
+    collective). The data of the last epoch ends the run, whose adapter is published."""
+
+    def __init__(self, every: int | str):
+        self.every = every
+        self.ended = 0  # epochs ended as of the last checkpoint, counted since this process began
+
+    def due(self, step: int, epochs_ended: int, accelerator) -> bool:
+        if self.every != "epoch":
+            return bool(self.every) and step % self.every == 0
+        ended = epochs_ended
+        if accelerator.num_processes > 1:
+            ended = int(accelerator.reduce(torch.tensor([ended], device=accelerator.device), reduction="max"))
+        due, self.ended = ended > self.ended, max(self.ended, ended)
+        return due

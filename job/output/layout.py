@@ -5,7 +5,8 @@
     restart.json                    the scheduler job that last restarted this output (restart.py)
     checkpoints/
         step-NNNNNN-gG/             step NNNNNN, written under lease generation G (checkpoint.py)
-            trainable.safetensors
+            trainable.safetensors   (train.distributed ddp)
+            shard-NNNNN.safetensors one a rank (train.distributed fsdp: sharded.py)
             optimizer.pt
             run.json
             rank-NNNNN.json         one a rank
@@ -35,6 +36,7 @@ RUN_RECORD = "run.json"
 CURVE = "metrics.jsonl"
 PUBLISHED = ("adapter", "merged")
 STEP_DIR = re.compile(r"step-(\d+)(?:-g(\d+))?")
+SHARD = re.compile(r"shard-(\d{5})\.safetensors")
 SEGMENT = re.compile(r"(\d{6})\.jsonl$")
 
 
@@ -59,6 +61,16 @@ def parse_step_folder(name: str) -> StepFolder | None:
 
 def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.json"
+
+
+def shard_file(rank: int) -> str:
+    return f"shard-{rank:05d}.safetensors"
+
+
+def read_by(rank: int, name: str) -> bool:
+    """Whether rank reads a checkpoint's file `name`: every file but the other ranks' shards."""
+    shard = SHARD.fullmatch(name)
+    return shard is None or int(shard.group(1)) == rank
 
 
 def segment_file(step: int) -> str:

@@ -5,6 +5,7 @@ merged/). A reader trusts a folder only when its MANIFEST.json is there and ever
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ def write_manifest(directory: Path, others: dict[str, dict[str, Any]] | None = N
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def verify_manifest(directory: Path) -> None:
-    """Raise UserError unless directory has a MANIFEST.json whose every file is present and matches."""
+def verify_manifest(directory: Path, reads: Callable[[str], bool] = lambda name: True) -> None:
+    """Raise UserError unless directory has a MANIFEST.json whose every file is present and matches;
+    of the files it lists, only those whose names `reads` accepts (the ones this reader downloaded)."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise UserError(
@@ -42,6 +44,8 @@ def verify_manifest(directory: Path) -> None:
         path = directory / name
         if ".." in name.split("/") or name.startswith("/"):
             raise UserError(f"{directory}/{MANIFEST}: names a file outside the folder: {name!r}")
+        if not reads(name):
+            continue
         if not path.is_file() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
             raise UserError(f"{directory}: {name} is missing or does not match {MANIFEST}")
 

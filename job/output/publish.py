@@ -25,9 +25,10 @@ from job.storage import download_dir, filesystem, is_local, join, upload_dir
 log = logging.getLogger(__name__)
 
 
-def save_trained(model, tokenizer, directory: Path) -> None:
-    """peft models save adapter_model.safetensors + adapter_config.json; full models save the model."""
-    model.save_pretrained(directory, safe_serialization=True)
+def save_trained(model, tokenizer, directory: Path, weights: dict | None = None) -> None:
+    """peft models save adapter_model.safetensors + adapter_config.json; full models save the model.
+    `weights`: a sharded model's, gathered whole (job/model/sharding.py); None: the model's own."""
+    model.save_pretrained(directory, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(directory)
 
 
@@ -64,11 +65,13 @@ def remove_published(output_uri: str) -> None:
         remove_dir(OutputLayout(output_uri).published(name))
 
 
-def publish(model, tokenizer, spec: Spec, metrics: dict[str, Any], directory: Path) -> str:
+def publish(
+    model, tokenizer, spec: Spec, metrics: dict[str, Any], directory: Path, weights: dict | None = None
+) -> str:
     """adapter/ under output.uri, written once into `directory` (which the caller may then hand to
-    MLflow: the same files), then uploaded. Returns its URI."""
+    MLflow: the same files), then uploaded. Returns its URI. `weights`: as save_trained takes them."""
     uri = OutputLayout(spec.output_uri).published("adapter")
-    save_trained(model, tokenizer, directory)
+    save_trained(model, tokenizer, directory, weights)
     write_run_files(directory, spec, metrics)
     write_manifest(directory)
     publish_dir(directory, uri)

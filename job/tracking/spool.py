@@ -4,7 +4,7 @@
                                  (the tracking URI without credentials, and the sha256 of the store it
                                  names: tracking.tracking_store)
     <root>/<key>/records.jsonl   append-only, one record a line: open, params, metrics, inputs,
-                                 artifacts, register, status
+                                 artifacts, register, table, status
     <root>/<key>/state.json      the MLflow run id, how far records.jsonl is delivered (a byte offset),
                                  and the last step delivered for each metric key
     <root>/<key>/files/          local copies of artifacts, kept until they are delivered
@@ -98,8 +98,10 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "inputs": {"datasets": (list,)},
     "artifacts": {"dir": (str,), "path": (str, type(None))},
     "register": {"name": (str,), "path": (str,)},
+    "table": {"data": (dict,), "artifact_file": (str,)},
     "status": {"status": (str,), "time": (int,)},
 }
+TABLE_FILE = re.compile(r"[A-Za-z0-9_.-]+\.json")
 
 
 class CorruptSpool(Exception):
@@ -294,6 +296,8 @@ class Spool:
                 return f"a {record['kind']} record without a valid {name!r}"
         if record["kind"] == "open":
             return self._open_problem(record)
+        if record["kind"] == "table":
+            return table_problem(record)
         return self._artifacts_problem(record) if record["kind"] == "artifacts" else None
 
     def _open_problem(self, record: dict[str, Any]) -> str | None:
@@ -368,6 +372,17 @@ class Spool:
         if data and not data.endswith(b"\n"):
             with open(self.records_path, "r+b") as f:
                 f.truncate(data.rfind(b"\n") + 1)
+
+
+def table_problem(record: dict[str, Any]) -> str | None:
+    """A table record: a file name at the run's root, and columns of strings and numbers, equally long."""
+    if not TABLE_FILE.fullmatch(record["artifact_file"]) or record["artifact_file"].startswith("."):
+        return f"table file {record['artifact_file']!r} is not a JSON file name"
+    columns = record["data"].values()
+    cells_ok = all(isinstance(c, list) and all(isinstance(v, str | int | float) for v in c) for c in columns)
+    if not cells_ok or len({len(c) for c in columns}) > 1:
+        return "a table whose columns are not lists of strings and numbers, all as long"
+    return None
 
 
 def folder_problem(root: Path, directory: Path) -> str | None:
@@ -710,6 +725,10 @@ class _Sender:
         source = record.get("source") or f"{self.client.get_run(run_id).info.artifact_uri}/{record['path']}"
         version = self.client.create_model_version(name, source, run_id=run_id)
         log.info("registered model %s version %s", name, version.version)
+
+    def _table(self, record: dict[str, Any]) -> None:
+        """Rows added to the run's table artifact (MLflow appends to a table of that name)."""
+        self.client.log_table(self.state.run_id, data=record["data"], artifact_file=record["artifact_file"])
 
     def _status(self, record: dict[str, Any]) -> None:
         self.client.set_terminated(self.state.run_id, record["status"], end_time=record["time"])

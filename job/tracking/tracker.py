@@ -343,6 +343,11 @@ class Tracker:
                 self._log, kind="metrics", step=step, metrics={k: float(v) for k, v in metrics.items()}
             )
 
+    def log_table(self, table: Mapping[str, list], artifact_file: str) -> None:
+        """Rows (columns of equal length) added to the run's table `artifact_file` (a .json name)."""
+        if self.active:
+            self._guard(self._log, kind="table", data=dict(table), artifact_file=artifact_file)
+
     def artifact_dir(self, name: str) -> Path | None:
         """A local directory to write files into for log_adapter, kept until they are delivered."""
         return self.spool.files(name) if self.active and self.spool else None

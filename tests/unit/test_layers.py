@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 # The base: what every wing may use. Each imports only other base modules.
 BASE = {
     "job", "job.errors", "job.spec", "job.storage", "job.digest", "job.startup", "job.cluster",
-    "job.signals", "job.collective", "job.rng", "job.saved",
+    "job.signals", "job.collective", "job.rng", "job.saved", "job.prompt_template",
 }  # fmt: skip
 # The wings, and the other wings each may use besides the base.
 WINGS = {"data": set(), "model": set(), "output": {"model"}, "tracking": {"data"}}
