@@ -6,30 +6,18 @@ from __future__ import annotations
 
 import copy
 import random
+import runpy
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import train_in_process, write_jsonl
+from helpers import REPO, train_in_process, write_jsonl
 
 from job.data.formats import Formatter, alpaca_prompt
 from job.errors import UserError
 from job.harness import HarnessSpec, HarnessTasks, harness_metrics, load_harness_tasks, sample_generations
 
-WORDS = [
-    "apple",
-    "banana",
-    "cherry",
-    "grape",
-    "lemon",
-    "mango",
-    "olive",
-    "peach",
-    "pear",
-    "plum",
-    "kiwi",
-    "lime",
-]
+WORDS = runpy.run_path(str(REPO / "examples" / "demo.py"))["WORDS"]  # the demo's vocabulary
 PROMPT = "### Instruction:\\nReverse the words: {{words}}\\n\\n### Response:\\n"  # alpaca, as trained
 TASK = """\
 task: reversal
