@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from job.train import train
 
         try:
-            with peers_watched(group, spec.train.peer_timeout_seconds):
+            with peers_watched(group, spec.train.peer_timeout_seconds, stop):
                 result = train(spec, make_accelerator(spec.train), restart=args.restart, stop=stop)
         except Exception as e:  # a collective's failure because another rank is gone is exit 76
             peer_lost = lost_peer(e)

@@ -12,11 +12,10 @@ import torch
 from job.errors import JobError, PeerLost
 
 T = TypeVar("T")
-# What gloo and NCCL say when the process at the other end is gone, or silent past the group's timeout
-PEER_GONE = re.compile(
-    r"Connection (closed|reset) by peer|Broken pipe|remote process exited|Timed out waiting \d+ms for (recv|send)",
-    re.IGNORECASE,
-)
+# What gloo and NCCL say when the process at the other end is gone. Not a collective's timeout: a rank
+# that is silent is the heartbeats' to judge (job/peers.py); a timeout may be a deadlock or a slow upload.
+PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Broken pipe|remote process exited", re.IGNORECASE)
+BACKENDS = re.compile(r"gloo|nccl", re.IGNORECASE)
 
 
 def rank_0_outcome(accelerator, work: Callable[[], T]) -> T:
@@ -51,11 +50,11 @@ def lost_peer(error: BaseException) -> PeerLost | None:
     distributed = torch.distributed
     if not (distributed.is_available() and distributed.is_initialized()):
         return None
-    # torch's collectives raise RuntimeErrors; a JobError's code is decided, but for rank_0_outcome's plain
-    # JobError, which may carry rank 0's failed collective
-    if type(error) is not JobError and not isinstance(error, RuntimeError):
-        return None
-    if not (isinstance(error, distributed.DistNetworkError) or PEER_GONE.search(str(error))):
+    # torch's own errors only: a storage error that says "connection reset" (a lease claim, an upload) is no
+    # lost peer, wherever it is raised
+    message = str(error)
+    from_backend = isinstance(error, RuntimeError) and BACKENDS.search(message) and PEER_GONE.search(message)
+    if not (isinstance(error, distributed.DistNetworkError) or from_backend):
         return None
     cause = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     return PeerLost(

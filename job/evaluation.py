@@ -56,7 +56,7 @@ class Evaluator:
             scores |= harness_metrics(
                 unwrapped, self.tokenizer, self.harness, should_stop, self.autocast_dtype
             )
-        if self.prompts and (split or harness):
+        if self.prompts and (split or harness) and not stop.requested:  # a stop's grace is for its checkpoint
             samples = sample_generations(
                 unwrapped, self.tokenizer, self.prompts, self.sample_length, self.formatter
             )

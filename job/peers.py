@@ -5,11 +5,11 @@ elsewhere need).
 
 Each rank's thread writes its heartbeat to the rendezvous store (MASTER_ADDR:MASTER_PORT) every
 BEAT_SECONDS; rank 0 reads every other rank's, the others rank 0's: a rank whose heartbeat has not
-changed for the timeout, or a store that cannot be reached for as long, is a lost peer. The main thread is then stuck in a collective
-that will not return, so the thread ends the process itself with exit 76 (job/errors.py PeerLost). A rank
-that has not yet started (a node that comes up late) is left to the rendezvous' own timeout; one that
-ends (done, stopped, failed) says so first, and the others stop watching it. Rank 0 goes on alone after
-the others are done (it publishes), unwatched.
+changed for the timeout, or a store that cannot be reached for as long once it was, is a lost peer. The
+main thread is then stuck in a collective that will not return, so the thread ends the process itself
+with exit 76 (job/errors.py PeerLost). A rank or a store that has not come up yet (a node that starts
+late) is left to the rendezvous' own timeout; a rank that ends (done, stopped, failed) says so first, and
+the others stop watching it. Rank 0 goes on alone after the others are done (it publishes), unwatched.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from datetime import timedelta
 
 from job.cluster import ProcessGroup
 from job.errors import EXIT_PEER_LOST
+from job.signals import StopRequest
 
 log = logging.getLogger(__name__)
 BEAT_SECONDS = 2.0
@@ -35,13 +36,14 @@ def key(rank: int) -> str:
 
 
 @contextmanager
-def peers_watched(group: ProcessGroup | None, timeout: float) -> Iterator[None]:
+def peers_watched(group: ProcessGroup | None, timeout: float, stop: StopRequest) -> Iterator[None]:
     """Around a run of several processes (job/cluster.py: the launcher's process group); nothing for one.
-    timeout: train.peer_timeout_seconds."""
+    timeout: train.peer_timeout_seconds. Once `stop` is requested nobody is judged: ranks leave at their
+    own pace, and a launcher that died (job/signals.py: stop_when_orphaned) took the store with it."""
     if group is None or group.world_size == 1:
         yield
         return
-    watch = Heartbeats(group, timeout)
+    watch = Heartbeats(group, timeout, stop)
     watch.start()
     try:
         yield
@@ -50,7 +52,7 @@ def peers_watched(group: ProcessGroup | None, timeout: float) -> Iterator[None]:
 
 
 class Heartbeats(threading.Thread):
-    def __init__(self, group: ProcessGroup, timeout: float):
+    def __init__(self, group: ProcessGroup, timeout: float, stop: StopRequest):
         super().__init__(name="ftjob-heartbeats", daemon=True)
         self.host, self.port, self.rank, self.world_size = (
             group.master_addr,
@@ -58,7 +60,7 @@ class Heartbeats(threading.Thread):
             group.rank,
             group.world_size,
         )
-        self.timeout = timeout
+        self.timeout, self.stop_request = timeout, stop
         self.stopped = threading.Event()
         self.store = None
 
@@ -66,18 +68,22 @@ class Heartbeats(threading.Thread):
         watched = [r for r in range(self.world_size) if r != self.rank] if self.rank == 0 else [0]
         last_seen: dict[int, tuple[bytes | None, float]] = {r: (None, time.monotonic()) for r in watched}
         unreachable_since: float | None = None
-        count = 0
+        reached, count = False, 0
         while not self.stopped.wait(BEAT_SECONDS):
             now = time.monotonic()
             try:
                 count += 1
                 self._store().set(key(self.rank), str(count))
                 beats = {r: self._beat(r) for r in watched}
-                unreachable_since = None
+                reached, unreachable_since = True, None
             except Exception as e:  # a store that is gone, or silent: every backend raises its own
+                if not reached or self.stop_request.requested:  # not up yet: rank 0's process starts it
+                    continue
                 unreachable_since = unreachable_since or now
                 if now - unreachable_since >= self.timeout:
                     self._lost(f"the rendezvous store at {self.host}:{self.port} cannot be reached ({e})")
+                continue
+            if self.stop_request.requested:
                 continue
             for rank, beat in beats.items():
                 seen, since = last_seen[rank]
