@@ -15,13 +15,13 @@ import pytest
 from helpers import (
     ALPACA_ROWS,
     REPO,
-    RESUME_STEPS,
     S3_ENV,
     causal_attention,
     free_port,
+    make_spec,
     tiny_corpus,
     write_jsonl,
-    write_stop_spec,
+    write_spec,
 )
 
 import job  # noqa: F401  first: ftjob's refusal of hub kernels holds for the whole test process
@@ -91,10 +91,10 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def spec_path(tiny_model_dir, workdir) -> Path:
-    """The resume spec (a packed LoRA run with dropout, RESUME_STEPS steps, a checkpoint every 5) in workdir."""
-    return write_stop_spec(
-        workdir, tiny_model_dir, "r", RESUME_STEPS, checkpoint_every=5, seed=3, data={"shuffle_buffer": 16}
-    )
+    """The resume spec (make_spec's "stop": a packed LoRA run with dropout, RESUME_STEPS steps, a checkpoint
+    every 5) in workdir."""
+    spec = make_spec("stop", model=tiny_model_dir, files=workdir, data={"shuffle_buffer": 16})
+    return write_spec(workdir / "spec.json", spec)
 
 
 @pytest.fixture(scope="session")

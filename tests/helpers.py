@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -20,9 +21,12 @@ from contextlib import (
 )
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from unittest import mock
 
 import pytest
+
+from job.signals import StopRequest
 
 REPO = Path(__file__).resolve().parent.parent
 S3_ENV = {
@@ -161,34 +165,84 @@ def _alarm_after(seconds: float | None) -> AbstractContextManager[None]:
 NO_AUTOCAST = "no"
 
 
-def spec_dict(model_dir, data_files, **sections) -> dict:
-    """A small LoRA spec over a local model and (train, eval) files; sections update it."""
-    train, evaluation = data_files
-    spec = {
+def numbered_rows() -> list[dict]:
+    """60 alpaca rows, each output numbered: no two rows alike, so a row read twice or skipped shows."""
+    return [dict(r, output=f"{r['output']} {i}") for i, r in enumerate(ALPACA_ROWS * 15)]
+
+
+RESUME_STEPS = 30  # the resume spec's steps: the `spec_path` fixture
+
+# make_spec's presets, less the model
+PRESETS = {
+    "minimal": {"data": {"train": ["d.jsonl"]}, "train": {"max_steps": 1}},
+    "lora": {
         "name": "t",
-        "model": {"source": str(model_dir)},
         "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": [str(train)], "eval": [str(evaluation)], "max_seq_len": 64, "shuffle_buffer": 8},
-        "train": {
-            "max_steps": 8,
-            "micro_batch_size": 4,
-            "learning_rate": 5e-3,
-            "eval_every": 4,
-            "log_every": 2,
-            "mixed_precision": NO_AUTOCAST,
-        },
+        "data": {"max_seq_len": 64, "shuffle_buffer": 8},
+        "train": {"max_steps": 8, "micro_batch_size": 4, "learning_rate": 5e-3, "eval_every": 4, "log_every": 2, "mixed_precision": NO_AUTOCAST},
         "tracking": {"experiment": "tests"},
-    }
+    },
+    "stop": {
+        "name": "r",
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"packing": True, "max_seq_len": 48},
+        "train": {"max_steps": RESUME_STEPS, "micro_batch_size": 2, "checkpoint_every": 5, "log_every": 1, "seed": 3, "mixed_precision": NO_AUTOCAST},
+        "tracking": {"enabled": False},
+    },
+}  # fmt: skip
+
+
+def make_spec(
+    preset: Literal["minimal", "lora", "stop"] = "minimal",
+    *,
+    model: str | Path | dict = "unused",
+    files: Path | tuple[Path, Path] | None = None,
+    **sections,
+) -> dict:
+    """A spec as a dict (JSON-ready). `preset`: minimal (data d.jsonl, one step: nothing trains on it),
+    lora (8 steps of LoRA r8 over the tiny model, eval, MLflow experiment "tests") or stop (RESUME_STEPS
+    steps of packed LoRA with dropout, a checkpoint every 5, tracking off: the resume spec, whose RNG must
+    resume too). `model`: model.source, or the whole model section (a dict). `files`: a folder, where the
+    preset's rows are written and named (stop: train.jsonl of 60 numbered rows; the others: train.jsonl
+    of 32 rows and eval.jsonl of 4), or (train, eval) paths as the data_files fixture gives them.
+    `sections`: a dict is merged into its section one level deep (a key set to None stays None, which the
+    spec reads as unset); any other value replaces the key; None drops the section."""
+    spec = {"model": model if isinstance(model, dict) else {"source": str(model)}, **PRESETS[preset]}
+    if files is not None:
+        spec["data"] |= _data_files(preset, files)
     for section, values in sections.items():
-        spec[section] = {**spec.get(section, {}), **values} if isinstance(values, dict) else values
-    return spec
+        if values is None:
+            spec.pop(section, None)
+        elif isinstance(values, dict):
+            spec[section] = {**spec.get(section, {}), **values}
+        else:
+            spec[section] = values
+    return copy.deepcopy(spec)  # the caller may change what it gets: not the presets, nor its arguments
+
+
+def _data_files(preset: str, files: Path | tuple[Path, Path]) -> dict:
+    if isinstance(files, tuple):
+        train, evaluation = files
+        return {"train": [str(train)], "eval": [str(evaluation)]}
+    if preset == "stop":
+        return {"train": [str(write_jsonl(files / "train.jsonl", numbered_rows()))]}
+    train = write_jsonl(files / "train.jsonl", ALPACA_ROWS * 8)
+    return {"train": [str(train)], "eval": [str(write_jsonl(files / "eval.jsonl", ALPACA_ROWS))]}
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    """spec written as JSON at path; returns path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec))
+    return path
 
 
 _accelerator = None
 
 
-def train_in_process(spec: dict, restart: bool = False):
-    """job.train.train on one Accelerator for the whole test process, made as the CLI makes it."""
+def train_in_process(spec: dict, restart: bool = False, stop: StopRequest | None = None):
+    """job.train.train on one Accelerator for the whole test process, made as the CLI makes it; `stop`
+    as `ftjob run` passes it (StopAfterSteps: a stop signal at a given step)."""
     global _accelerator
     from job.accelerator import make_accelerator
     from job.spec import validate_spec
@@ -196,7 +250,24 @@ def train_in_process(spec: dict, restart: bool = False):
 
     spec = validate_spec(spec)
     _accelerator = _accelerator or make_accelerator(spec.train)
-    return train(spec, _accelerator, restart=restart)
+    return train(spec, _accelerator, restart=restart, stop=stop)
+
+
+class StopAfterSteps(StopRequest):
+    """A stop signal (SIGTERM) that arrives as an in-process run finishes its `steps`-th step (step `steps`
+    of a run from scratch): the run checkpoints and raises Preempted (exit 75), as a signalled job does,
+    without a process or a signal handler."""
+
+    def __init__(self, steps: int):
+        super().__init__(grace_seconds=60)
+        self.steps, self.trained = steps, 0
+
+    def agreed(self, accelerator) -> bool:
+        if self.checkpointer is not None:  # training: the loop asks once per step
+            self.trained += 1
+            if self.trained == self.steps:
+                self.signal, self.received_at = signal.SIGTERM, time.monotonic()
+        return self.requested
 
 
 def causal_attention(q, k, v, scale):
@@ -215,30 +286,6 @@ def pipeline_for(spec, tokenizer, rank: int = 0, world_size: int = 1):
     from job.data.pipeline import DataPipeline
 
     return DataPipeline(spec.data, tokenizer, spec.train.seed, spec.train.epochs, rank, world_size)
-
-
-def write_stop_spec(
-    directory: Path, model_dir: Path, name: str, steps: int, checkpoint_every: int, seed: int, **sections
-) -> Path:
-    """A small packed LoRA run with dropout (the RNG must resume too), for stop-and-resume tests;
-    `sections` update the spec's sections (e.g. train={"lease_seconds": 6})."""
-    rows = [dict(r, output=f"{r['output']} {i}") for i, r in enumerate(ALPACA_ROWS * 15)]
-    spec = {
-        "name": name,
-        "model": {"source": str(model_dir)},
-        "adapter": {"r": 4, "alpha": 8, "dropout": 0.1},
-        "data": {"train": [str(write_jsonl(directory / "train.jsonl", rows))], "packing": True, "max_seq_len": 48},
-        "train": {"max_steps": steps, "micro_batch_size": 2, "checkpoint_every": checkpoint_every, "log_every": 1, "seed": seed, "mixed_precision": NO_AUTOCAST},
-        "tracking": {"enabled": False},
-    }  # fmt: skip
-    for section, values in sections.items():
-        spec[section].update(values)
-    path = directory / "spec.json"
-    path.write_text(json.dumps(spec))
-    return path
-
-
-RESUME_STEPS = 30  # the resume spec's steps: the `spec_path` fixture
 
 
 def losses(output_dir) -> list[float]:
@@ -360,9 +407,7 @@ def one_epoch_spec(train: list[str], **data):
     train_batches ends; the model is never loaded."""
     from job.spec import validate_spec
 
-    return validate_spec(
-        {"model": {"source": "unused"}, "data": {"train": train, **data}, "train": {"epochs": 1}}
-    )
+    return validate_spec(make_spec(data={"train": train, **data}, train={"epochs": 1, "max_steps": None}))
 
 
 def completion_text(tokenizer, example) -> str:

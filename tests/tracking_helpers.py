@@ -7,7 +7,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from helpers import spec_dict
+from helpers import make_spec
 from mlflow_server import MlflowServer
 
 from job.data.plan import DataPlan
@@ -54,9 +54,10 @@ def server_down(server: MlflowServer):
 
 def tracker_spec(tiny_model_dir, data_files, experiment: str, **tracking_cfg):
     return validate_spec(
-        spec_dict(
-            tiny_model_dir,
-            data_files,
+        make_spec(
+            "lora",
+            model=tiny_model_dir,
+            files=data_files,
             tracking={"experiment": experiment, "system_metrics": False, **tracking_cfg},
         )
     )

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO, RESUME_STEPS, losses, mark_tier, may_set_up_the_machine, run_ftjob
+from helpers import REPO, RESUME_STEPS, ftjob, losses, mark_tier, may_set_up_the_machine
 
 HERE = Path(__file__).parent
 
@@ -43,8 +43,9 @@ def slurm():
 
 @pytest.fixture(scope="module")
 def uninterrupted(spec_path, workdir) -> str:
-    """The resume spec run straight through by `ftjob run`: the run each stopped and resumed one equals."""
-    result = run_ftjob("run", str(spec_path), "--set", "output.uri=./straight", cwd=workdir)
+    """The resume spec run straight through by `ftjob run` (in this process): the run each stopped and
+    resumed one equals."""
+    result = ftjob("run", str(spec_path), "--set", "output.uri=./straight", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert len(losses(workdir / "straight")) == RESUME_STEPS
     return "straight"

@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import math
 
-from helpers import run_ftjob, spec_dict
+from helpers import make_spec, run_ftjob
 
 
 def test_a_bf16_model_trains_under_bf16_autocast(tiny_model_dir, data_files, isolated):
     """A GPU's usual setting (bf16 weights and autocast), on the CPU with the real CLI: accelerate's
     autocast returns the model's outputs in float32, and the loss's bf16 output layer still computes."""
-    spec = spec_dict(
-        tiny_model_dir, data_files, model={"dtype": "bfloat16"}, train={"mixed_precision": "bf16"}
+    spec = make_spec(
+        "lora",
+        model={"source": str(tiny_model_dir), "dtype": "bfloat16"},
+        files=data_files,
+        train={"mixed_precision": "bf16"},
     )
     (isolated / "spec.json").write_text(json.dumps(spec | {"tracking": {"enabled": False}}))
     done = run_ftjob("run", "spec.json", cwd=isolated)

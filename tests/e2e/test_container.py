@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ALPACA_ROWS, REPO, S3_ENV, read_until, write_jsonl
+from helpers import REPO, S3_ENV, numbered_rows, read_until, write_jsonl
 
 from job import __version__
 
 TAG = "localhost/ftjob:latest"
-STEPS = 40
+STEPS = 20  # each step is logged to MLflow's SQLite store in the pod (a good part of a second)
 SLOW_LOAD_SECONDS = 5
 SLOW_MODEL_CODE = f'''
 import sys
@@ -254,8 +254,7 @@ def bucket(s3_server, tiny_model_dir, tmp_path_factory):
     (slow / "config.json").write_text(json.dumps(config))
     fs.put(f"{tiny_model_dir}/", f"{name}/models/slow/", recursive=True)
     fs.put(f"{slow}/", f"{name}/models/slow/", recursive=True)
-    rows = [dict(r, output=f"{r['output']} {i}") for i, r in enumerate(ALPACA_ROWS * 15)]
-    fs.put(str(write_jsonl(slow / "train.jsonl", rows)), f"{name}/data/train.jsonl")
+    fs.put(str(write_jsonl(slow / "train.jsonl", numbered_rows())), f"{name}/data/train.jsonl")
     fs.bucket = name
     return fs
 

@@ -12,15 +12,18 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    ALPACA_ROWS,
+    NO_AUTOCAST,
     REPO,
     RESUME_STEPS,
     assert_same_run,
     free_port,
+    ftjob,
+    make_spec,
     read_until,
-    run_ftjob,
     start_run,
     write_jsonl,
-    write_stop_spec,
+    write_spec,
 )
 from safetensors.torch import load_file
 
@@ -28,21 +31,24 @@ from safetensors.torch import load_file
 def test_two_processes_with_uneven_shards_finish_the_epoch_together(tiny_model_dir, isolated):
     """5 rows over 2 ranks (3 and 2): the rank that runs out first joins the last step with an empty
     batch, both stop at the epoch's end, and every row was trained on once."""
-    import subprocess
-    import sys
-
-    from helpers import ALPACA_ROWS
-
     data = write_jsonl(isolated / "d.jsonl", (ALPACA_ROWS * 2)[:5])
     one_eval_row = write_jsonl(isolated / "e.jsonl", ALPACA_ROWS[:1])  # rank 1 has no eval batch
-    spec = {
-        "name": "ddp",
-        "model": {"source": str(tiny_model_dir)},
-        "data": {"train": [str(data)], "eval": [str(one_eval_row)], "shuffle_buffer": 0},
-        "train": {"epochs": 1, "micro_batch_size": 1, "grad_accum": 2, "log_every": 1, "eval_every": 1},
-        "tracking": {"enabled": False},
+    train = {
+        "max_steps": None,
+        "epochs": 1,
+        "micro_batch_size": 1,
+        "grad_accum": 2,
+        "log_every": 1,
+        "eval_every": 1,
     }
-    (isolated / "spec.json").write_text(json.dumps(spec))
+    spec = make_spec(
+        name="ddp",
+        model=tiny_model_dir,
+        data={"train": [str(data)], "eval": [str(one_eval_row)], "shuffle_buffer": 0},
+        train=train,
+        tracking={"enabled": False},
+    )
+    write_spec(isolated / "spec.json", spec)
     torchrun = Path(sys.executable).parent / "torchrun"
     run = subprocess.run(
         [str(torchrun), "--nproc-per-node", "2", "-m", "job", "run", "spec.json"],
@@ -63,21 +69,16 @@ def test_two_ranks_compute_the_same_step_as_one_rank_accumulating(tiny_model_dir
     """Rows 0-3 in one step: 2 ranks x micro batch 2 (rank r gets rows r, r+2) or 1 rank x 2 micro
     batches of 2. The loss is a mean over the step's tokens on all ranks, so both give the same loss
     and gradient norm."""
-    import subprocess
-    import sys
-
-    from helpers import ALPACA_ROWS, NO_AUTOCAST
-
     data = write_jsonl(isolated / "d.jsonl", ALPACA_ROWS)
-    spec = {
-        "model": {"source": str(tiny_model_dir)},
-        "adapter": {"dropout": 0.0},
-        "data": {"train": [str(data)], "shuffle_buffer": 0},
-        "train": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 2, "mixed_precision": NO_AUTOCAST},
-        "tracking": {"enabled": False},
-    }
-    (isolated / "spec.json").write_text(json.dumps(spec))
-    one = run_ftjob("run", "spec.json", "--set", "output.uri=./one", cwd=isolated)
+    spec = make_spec(
+        model=tiny_model_dir,
+        adapter={"dropout": 0.0},
+        data={"train": [str(data)], "shuffle_buffer": 0},
+        train={"micro_batch_size": 2, "grad_accum": 2, "mixed_precision": NO_AUTOCAST},
+        tracking={"enabled": False},
+    )
+    write_spec(isolated / "spec.json", spec)
+    one = ftjob("run", "spec.json", "--set", "output.uri=./one", cwd=isolated)  # in this process
     assert one.returncode == 0, one.stderr
     torchrun = Path(sys.executable).parent / "torchrun"
     two = subprocess.run(
@@ -102,7 +103,7 @@ def test_publishing_on_rank_0_sits_behind_no_collective(slow_s3_spec, workdir, s
                 "train.collective_timeout_seconds=6", "--set", "train.lease_seconds=5"]  # fmt: skip
     rank0, rank1 = ranks(slow_s3_spec, output, workdir, *settings)
     read_until(rank0, "step 2/4")
-    fault_proxy.slow_seconds = 1.5  # the adapter's ~10 requests now take ~15 s
+    fault_proxy.slow_seconds = 0.6  # publishing's ~35 requests now take ~15 s, past the 6 s timeout
     fault_proxy.outage("slow")
     out = rank0.stdout.read()
     assert rank0.wait(timeout=300) == 0, out
@@ -174,8 +175,9 @@ def slow_s3_spec(spec_path, workdir, s3, fault_proxy) -> Path:
 
 
 def slow_uploads(proxy) -> None:
-    """Every request to the store from now on is answered a second late: a checkpoint takes ~10 s."""
-    proxy.slow_seconds = 1.0
+    """Every request to the store from now on is answered 0.3 s late: a checkpoint's ~30 requests take
+    ~10 s."""
+    proxy.slow_seconds = 0.3
     proxy.outage("slow")
 
 
@@ -258,7 +260,9 @@ def launch_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def launch_spec(tiny_model_dir, launch_dir):
-    return write_stop_spec(launch_dir, tiny_model_dir, "l", STEPS, checkpoint_every=10, seed=5)
+    train = {"max_steps": STEPS, "checkpoint_every": 10, "seed": 5}
+    spec = make_spec("stop", model=tiny_model_dir, files=launch_dir, name="l", train=train)
+    return write_spec(launch_dir / "spec.json", spec)
 
 
 @pytest.fixture
@@ -322,8 +326,7 @@ def test_a_stop_with_slow_uploads_exits_75_commits_and_resumes_exactly(
     output = f"s3://{s3.bucket}/stopped"
     launcher = start_run(slow_launch_spec, output, "--nproc-per-node", "2")
     read_until(launcher, f"step 12/{STEPS}")
-    fault_proxy.slow_seconds = 1.0
-    fault_proxy.outage("slow")  # every request now a second late: the stop checkpoint takes seconds
+    slow_uploads(fault_proxy)
     if target == "launcher":
         launcher.send_signal(signal.SIGTERM)
     elif (

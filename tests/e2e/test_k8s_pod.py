@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import ALPACA_ROWS, REPO, read_until, write_jsonl
+from helpers import REPO, make_spec, numbered_rows, read_until, write_jsonl
 from k8s_helpers import env_of, the_container
 
 from job.spec import validate_spec
@@ -41,15 +41,11 @@ def pod_process(job: dict, config_map: dict, tmp_path: Path, output: str) -> sub
 
 
 def test_the_pod_trains_publishes_and_stops_with_75(tiny_model_dir, tmp_path):
-    rows = [dict(r, output=f"{r['output']} {i}") for i, r in enumerate(ALPACA_ROWS * 15)]
+    # few steps: each one is logged to MLflow's SQLite store in the pod's folder (a good part of a second)
+    train = {"max_steps": 12, "micro_batch_size": 2, "checkpoint_every": 1000, "log_every": 1}
+    data = {"train": [str(write_jsonl(tmp_path / "train.jsonl", numbered_rows()))], "max_seq_len": 48}
     spec = validate_spec(
-        {
-            "name": "pod",
-            "model": {"source": str(tiny_model_dir)},
-            "data": {"train": [str(write_jsonl(tmp_path / "train.jsonl", rows))], "max_seq_len": 48},
-            "train": {"max_steps": 40, "micro_batch_size": 2, "checkpoint_every": 1000, "log_every": 1},
-            "tracking": {"experiment": "pod"},
-        }
+        make_spec(name="pod", model=tiny_model_dir, data=data, train=train, tracking={"experiment": "pod"})
     )
     config_map, job = render([spec], K8sOptions())
     finished = pod_process(job, config_map, tmp_path, str(tmp_path / "done"))
@@ -59,7 +55,7 @@ def test_the_pod_trains_publishes_and_stops_with_75(tiny_model_dir, tmp_path):
     assert "MLFLOW_TRACKING_URI is not set in this pod" in out  # loud: the run dies with the pod
 
     stopped = pod_process(job, config_map, tmp_path, str(tmp_path / "stopped"))
-    read_until(stopped, "step 5/40")
+    read_until(stopped, "step 5/12")
     os.killpg(stopped.pid, signal.SIGTERM)  # what the kubelet does: SIGTERM to the container
     out = stopped.communicate(timeout=300)[0]
     assert stopped.returncode == 75, out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import socket
@@ -14,16 +16,21 @@ import pytest
 from helpers import (
     LEASE_SECONDS,
     REPO,
+    StopAfterSteps,
     files_under,
     free_port,
+    ftjob,
     lease_record,
+    make_spec,
     read_lease,
     read_until,
-    run_ftjob,
     start_run,
+    train_in_process,
     write_lease,
-    write_stop_spec,
+    write_spec,
 )
+
+from job.errors import Preempted
 
 STEPS = 3000  # far more than a test lets a job train: each one is stopped or fails first
 
@@ -35,23 +42,18 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def spec_path(tiny_model_dir, workdir):
-    return write_stop_spec(
-        workdir,
-        tiny_model_dir,
-        "lease",
-        STEPS,
-        checkpoint_every=10,
-        seed=3,
-        train={"lease_seconds": LEASE_SECONDS},
-    )
+    train = {"max_steps": STEPS, "checkpoint_every": 10, "lease_seconds": LEASE_SECONDS}
+    spec = make_spec("stop", model=tiny_model_dir, files=workdir, name="lease", train=train)
+    return write_spec(workdir / "spec.json", spec)
 
 
 def test_a_second_job_is_refused_while_the_first_runs_and_takes_over_at_once_after_its_stop(
-    spec_path, workdir
+    spec_path, workdir, caplog
 ):
+    """The first job a process; the second and the requeued one in this process."""
     first = start_run(spec_path, "./shared")
     read_until(first, f"step 2/{STEPS}")
-    second = run_ftjob("run", str(spec_path), "--set", "output.uri=./shared", cwd=workdir)
+    second = ftjob("run", str(spec_path), "--set", "output.uri=./shared", cwd=workdir)
     assert second.returncode == 2, second.stderr
     assert "held by another job" in second.stderr and "Traceback" not in second.stderr
     assert f"host {socket.gethostname()}, pid {first.pid}" in second.stderr and "until" in second.stderr
@@ -63,11 +65,12 @@ def test_a_second_job_is_refused_while_the_first_runs_and_takes_over_at_once_aft
     lease = read_lease(workdir / "shared")
     assert lease["released"] and lease["generation"] == 1 and lease["pid"] == first.pid
 
-    requeued = start_run(spec_path, "./shared")
-    took = "".join(read_until(requeued, "resuming from the checkpoint at step"))
-    requeued.send_signal(signal.SIGTERM)
-    out = requeued.stdout.read()
-    assert requeued.wait(timeout=120) == 75, took + out
+    requeued = json.loads(spec_path.read_text()) | {"output": {"uri": str(workdir / "shared")}}
+    with caplog.at_level(logging.INFO, logger="job"), pytest.raises(Preempted) as stopped:
+        train_in_process(requeued, stop=StopAfterSteps(1))
+    assert stopped.value.exit_code == 75
+    took = caplog.text
+    assert "resuming from the checkpoint at step" in took
     assert "as generation 2" in took and "(released" in took and "waiting" not in took
     assert read_lease(workdir / "shared")["generation"] == 2
 

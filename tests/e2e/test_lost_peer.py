@@ -10,7 +10,7 @@ import signal
 import time
 
 import psutil
-from helpers import ALPACA_ROWS, free_port, read_until, start_run, write_jsonl
+from helpers import ALPACA_ROWS, free_port, make_spec, read_until, start_run, write_jsonl, write_spec
 
 
 def node(spec_path, output, rank: int, port: int):
@@ -19,17 +19,10 @@ def node(spec_path, output, rank: int, port: int):
 
 
 def gang_spec(tiny_model_dir, isolated, **train):
-    data = write_jsonl(isolated / "d.jsonl", ALPACA_ROWS * 16)
-    spec = {
-        "name": "gang",
-        "model": {"source": str(tiny_model_dir)},
-        "data": {"train": [str(data)], "shuffle_buffer": 0},
-        "train": {"max_steps": 12, "micro_batch_size": 2, "log_every": 1, "checkpoint_every": 2, **train},
-        "tracking": {"enabled": False},
-    }
-    spec_path = isolated / "spec.json"
-    spec_path.write_text(json.dumps(spec))
-    return spec_path
+    data = {"train": [str(write_jsonl(isolated / "d.jsonl", ALPACA_ROWS * 16))], "shuffle_buffer": 0}
+    train = {"max_steps": 12, "micro_batch_size": 2, "log_every": 1, "checkpoint_every": 2, **train}
+    spec = make_spec(name="gang", model=tiny_model_dir, data=data, train=train, tracking={"enabled": False})
+    return write_spec(isolated / "spec.json", spec)
 
 
 def processes(launcher) -> list[psutil.Process]:

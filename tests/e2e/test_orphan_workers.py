@@ -9,19 +9,16 @@ import os
 import signal
 
 import psutil
-from helpers import ALPACA_ROWS, read_until, run_ftjob, start_run, write_jsonl
+from helpers import ALPACA_ROWS, make_spec, read_until, run_ftjob, start_run, write_jsonl, write_spec
 
 
 def test_workers_whose_launcher_is_killed_checkpoint_release_the_lease_and_exit(tiny_model_dir, isolated):
-    data = write_jsonl(isolated / "d.jsonl", ALPACA_ROWS * 16)
-    spec = {
-        "name": "orphans",
-        "model": {"source": str(tiny_model_dir)},
-        "data": {"train": [str(data)], "shuffle_buffer": 0},
-        "train": {"max_steps": 40, "micro_batch_size": 2, "log_every": 1, "checkpoint_every": 100},
-        "tracking": {"enabled": False},
-    }
-    (isolated / "spec.json").write_text(json.dumps(spec))
+    data = {"train": [str(write_jsonl(isolated / "d.jsonl", ALPACA_ROWS * 16))], "shuffle_buffer": 0}
+    train = {"max_steps": 40, "micro_batch_size": 2, "log_every": 1, "checkpoint_every": 100}
+    spec = make_spec(
+        name="orphans", model=tiny_model_dir, data=data, train=train, tracking={"enabled": False}
+    )
+    write_spec(isolated / "spec.json", spec)
     output = isolated / "out"
     launcher = start_run(isolated / "spec.json", str(output), "--nproc-per-node", "2")
     started = "".join(read_until(launcher, "step 3/40"))

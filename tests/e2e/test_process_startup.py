@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, free_port, run_ftjob, spec_dict
+from helpers import REPO, free_port, make_spec, run_ftjob
 
 # Allocates and frees 64 MiB of tensors, as a training step does its activations, then prints how much
 # freed memory glibc's heap keeps for the next step (mallinfo2's fordblks) instead of handing it back.
@@ -132,7 +132,9 @@ def test_no_library_fetches_kernel_code_from_a_hub(tiny_model_dir):
 def test_a_run_imports_bitsandbytes_only_when_it_quantizes(tiny_model_dir, data_files, tmp_path):
     """The real CLI: an unquantized run trains without ever importing bitsandbytes; a 4-bit run has it."""
     for quantization in (None, "4bit"):
-        spec = spec_dict(tiny_model_dir, data_files, model={"quantization": quantization})
+        spec = make_spec(
+            "lora", model={"source": str(tiny_model_dir), "quantization": quantization}, files=data_files
+        )
         spec["train"] |= {"max_steps": 2}
         spec["tracking"] = {"enabled": False}
         spec["output"] = {"uri": str(tmp_path / f"out-{quantization}")}

@@ -9,10 +9,13 @@ import sys
 import time
 
 import pytest
-from helpers import REPO, run_ftjob, write_stop_spec
+from helpers import REPO, make_spec, run_ftjob, write_spec
 from safetensors.torch import load_file
 
-STEPS = 150  # long enough that a signal sent at step 8 lands before the end, on a fast machine too
+# Long enough that a signal sent at step 2 lands before the end, on a fast machine too; no longer, since
+# each step of a tracked run writes to MLflow's SQLite store (a good part of a second here). A stop
+# writes a checkpoint of its own.
+STEPS, CHECKPOINT_EVERY = 80, 20
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +26,9 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def spec_path(tiny_model_dir, workdir):
     tracking = {"enabled": True, "experiment": "slurm", "system_metrics": False}
-    return write_stop_spec(
-        workdir, tiny_model_dir, "sl", STEPS, checkpoint_every=5, seed=3, tracking=tracking
-    )
+    train = {"max_steps": STEPS, "checkpoint_every": CHECKPOINT_EVERY}
+    spec = make_spec("stop", model=tiny_model_dir, files=workdir, name="sl", train=train, tracking=tracking)
+    return write_spec(workdir / "spec.json", spec)
 
 
 def launch(spec_path, output: str, *args: str, **popen) -> subprocess.Popen:
@@ -50,7 +53,7 @@ def wait_for_line(log, text: str, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while text not in (log.read_text() if log.exists() else ""):
         assert time.monotonic() < deadline, f"{text!r} never appeared in {log}"
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 def adapter(workdir, output: str) -> dict:
@@ -82,7 +85,7 @@ def test_the_time_limit_signal_checkpoints_requeues_and_resumes_exactly(
     process = launch(spec_path, "stopped", "--wait", env=tracking_env)
     job, lines = job_id(process)
     log = workdir / "logs-stopped" / f"{job}_0_log.out"
-    wait_for_line(log, f"step 8/{STEPS}", 120)
+    wait_for_line(log, f"step 2/{STEPS}", 120)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     out = "".join(lines) + process.communicate(timeout=300)[0]
     assert process.returncode == 0, out
@@ -158,7 +161,7 @@ def test_the_sbatch_script_with_two_processes_requeues_after_usr1_and_resumes_ex
     )  # fmt: skip
     job = submitted.stdout.strip()
     log = workdir / "logs" / f"ftjob-{job}.out"
-    wait_for_line(log, f"step 8/{STEPS}", 180)
+    wait_for_line(log, f"step 2/{STEPS}", 180)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     from launch.slurm import slurm_state
 

@@ -8,14 +8,7 @@ import os
 import sys
 
 import pytest
-
-
-def minimal_spec(tmp_path):
-    spec = tmp_path / "s.json"
-    spec.write_text(
-        json.dumps({"model": {"source": "m"}, "data": {"train": ["d.jsonl"]}, "train": {"max_steps": 1}})
-    )
-    return spec
+from helpers import make_spec, write_spec
 
 
 def test_the_job_runs_the_spec_resolved_here_not_the_login_shells_overrides(tmp_path, monkeypatch):
@@ -33,7 +26,9 @@ def test_the_job_runs_the_spec_resolved_here_not_the_login_shells_overrides(tmp_
     monkeypatch.setenv("FTJOB__TRAIN__SEED", "7")
     monkeypatch.setenv("FTJOB_SPEC", '{"name": "another"}')
     monkeypatch.setenv("FTJOB_RESTART_ID", "stale")
-    base = load_spec(str(minimal_spec(tmp_path)), ["train.learning_rate=0.001"])
+    base = load_spec(
+        str(write_spec(tmp_path / "s.json", make_spec(model="m"))), ["train.learning_rate=0.001"]
+    )
     specs = [base, *point_specs(base, [{"train.learning_rate": 0.01}, {"train.learning_rate": 0.02}])]
     seen = tmp_path / "seen.json"
     resolve_as_ftjob_run = tmp_path / "resolve.py"  # what `ftjob run SPEC` reads, recorded

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-from helpers import run_ftjob, spec_dict
+from helpers import make_spec, run_ftjob
 
 
 def test_cli_run_logs_plain_lines_then_generate(tiny_model_dir, data_files, isolated):
     spec_path = isolated / "spec.json"
-    spec_path.write_text(json.dumps(spec_dict(tiny_model_dir, data_files)))
+    spec_path.write_text(json.dumps(make_spec("lora", model=tiny_model_dir, files=data_files)))
     run = run_ftjob("run", str(spec_path), "--set", "train.max_steps=6", cwd=isolated)
     assert run.returncode == 0, run.stderr
     steps = [line for line in run.stdout.splitlines() if line.startswith("step ")]

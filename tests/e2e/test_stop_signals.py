@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from helpers import REPO, read_until, write_stop_spec
+from helpers import REPO, make_spec, read_until, write_spec
 
 SCRIPT = """
 import logging, os, signal, sys, time
@@ -121,8 +121,9 @@ sys.exit(entry())
 def stop_a_run_whose_uploads_hang(tmp_path, model_dir, commits: int, signal_after: str) -> tuple[int, str]:
     """A run with checkpoint_every 2 and a grace of 2 s, SIGTERMed once `signal_after` is in its output:
     its exit code and output."""
-    spec = write_stop_spec(
-        tmp_path, model_dir, "grace", 30, checkpoint_every=2, seed=1, train={"stop_grace_seconds": 2}
+    train = {"checkpoint_every": 2, "seed": 1, "stop_grace_seconds": 2}
+    spec = write_spec(
+        tmp_path / "spec.json", make_spec("stop", model=model_dir, files=tmp_path, name="grace", train=train)
     )
     command = [sys.executable, "-c", SLOW_COMMITS.format(commits=commits), "run", str(spec)]
     process = subprocess.Popen(

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ALPACA_ROWS, REPO, run_ftjob, spec_dict, write_jsonl
+from helpers import REPO, make_spec, run_ftjob
 from tracking_helpers import (
     TRAIN_KEYS,
     log_steps,
@@ -41,13 +41,10 @@ def finished_run(server, tiny_model_dir, tmp_path_factory):
     from mlflow import MlflowClient
 
     workdir = tmp_path_factory.mktemp("finished-run")
-    data = (
-        write_jsonl(workdir / "data" / "train.jsonl", ALPACA_ROWS * 8),
-        write_jsonl(workdir / "data" / "eval.jsonl", ALPACA_ROWS),
-    )
-    spec = spec_dict(
-        tiny_model_dir,
-        data,
+    spec = make_spec(
+        "lora",
+        model=tiny_model_dir,
+        files=workdir / "data",
         train={"max_steps": 6, "eval_every": 3, "log_every": 2},
         tracking={"experiment": "complete", "tags": {"team": "nlp"}, "register_as": "tiny-adapter"},
         storage_options={"s3": {"secret": "SPEC-SECRET-MARKER", "key": "SPEC-KEY-MARKER"}},
@@ -201,13 +198,10 @@ def test_unreachable_at_start_run_created_by_the_next_job(
 
 def test_killed_job_restarted_from_its_checkpoint_continues_its_run(server, client, tiny_model_dir, isolated):
     """Real processes: SIGKILL after the checkpoint at step 10 and step 12's log, then the same command."""
-    data = (
-        write_jsonl(isolated / "train.jsonl", ALPACA_ROWS * 8),
-        write_jsonl(isolated / "eval.jsonl", ALPACA_ROWS),
-    )
-    spec = spec_dict(
-        tiny_model_dir,
-        data,
+    spec = make_spec(
+        "lora",
+        model=tiny_model_dir,
+        files=isolated,
         train={"max_steps": 20, "checkpoint_every": 5, "log_every": 1, "eval_every": 0},
         tracking={"experiment": "killed"},
     )

@@ -19,9 +19,9 @@ from helpers import (
     files_under,
     free_port,
     lease_record,
+    make_spec,
     messages,
     read_lease,
-    spec_dict,
     train_in_process,
     write_jsonl,
     write_lease,
@@ -33,7 +33,9 @@ from job.errors import JobError, UserError
 def small_spec(tiny_model_dir, data_files, **train) -> dict:
     """Four steps, a checkpoint every two, a short lease, no MLflow; output in ./runs/t."""
     settings = {"max_steps": 4, "checkpoint_every": 2, "lease_seconds": LEASE_SECONDS, **train}
-    return spec_dict(tiny_model_dir, data_files, train=settings, tracking={"enabled": False})
+    return make_spec(
+        "lora", model=tiny_model_dir, files=data_files, train=settings, tracking={"enabled": False}
+    )
 
 
 def test_an_expired_lease_is_taken_over_with_the_next_generation(

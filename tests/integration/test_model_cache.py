@@ -10,7 +10,7 @@ import sys
 import threading
 
 import pytest
-from helpers import ALPACA_ROWS, NO_AUTOCAST, REPO, write_jsonl
+from helpers import ALPACA_ROWS, NO_AUTOCAST, REPO, make_spec, write_jsonl, write_spec
 
 from job.cli import main
 from job.errors import UserError
@@ -90,17 +90,17 @@ def test_missing_object_store_model(s3):
 
 def bad_run(isolated, capsys, tiny_model_dir, **changes):
     data = write_jsonl(isolated / "train.jsonl", ALPACA_ROWS)
-    spec = {
-        "name": "bad",
-        "model": {"source": str(tiny_model_dir)},
-        "data": {"train": [str(data)]},
-        "train": {"max_steps": 1, "mixed_precision": NO_AUTOCAST},  # the process's accelerator's, in-process
-        "output": {"uri": str(isolated / "out")},
-        "tracking": {"enabled": False},
-    }
+    spec = make_spec(
+        name="bad",
+        model=tiny_model_dir,
+        data={"train": [str(data)]},
+        train={"mixed_precision": NO_AUTOCAST},  # the process's accelerator's, in-process
+        output={"uri": str(isolated / "out")},
+        tracking={"enabled": False},
+    )
     for section, values in changes.items():
-        spec[section] = {**spec[section], **values}
-    (isolated / "spec.json").write_text(json.dumps(spec))
+        spec[section] |= values
+    write_spec(isolated / "spec.json", spec)
     code = main(["run", str(isolated / "spec.json")])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -163,11 +163,15 @@ def test_a_resume_refuses_changed_model_files_naming_them_and_ignores_files_the_
 ):
     """Stopped before publishing, then resumed: an edited tokenizer config is named; a LICENSE.txt or code
     that does not run (no trust_remote_code), as tools add to a model folder, are not the model."""
-    from helpers import spec_dict, train_in_process
+    from helpers import make_spec, train_in_process
 
     model, output = shutil.copytree(tiny_model_dir, isolated / "model"), isolated / "out"
-    spec = spec_dict(
-        model, data_files, tracking={"enabled": False}, train={"max_steps": 4, "checkpoint_every": 2}
+    spec = make_spec(
+        "lora",
+        model=model,
+        files=data_files,
+        tracking={"enabled": False},
+        train={"max_steps": 4, "checkpoint_every": 2},
     )
     spec["output"] = {"uri": str(output)}
     train_in_process(spec)

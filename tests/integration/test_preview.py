@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 
-from helpers import ALPACA_ROWS, ftjob, write_jsonl
+from helpers import ALPACA_ROWS, ftjob, make_spec, write_jsonl, write_spec
 
 from job.data.tokens import IGNORE_INDEX
 
 
 def test_preview_json_lines_and_statistics(tiny_model_dir, isolated):
     data = write_jsonl(isolated / "a.jsonl", ALPACA_ROWS + ["{not json"])
-    spec = {
-        "model": {"source": str(tiny_model_dir)},
-        "data": {"train": [str(data)], "shuffle_buffer": 0, "bad_rows": {"max_fraction": 0.5}},
-        "train": {"max_steps": 1},
-    }
-    (isolated / "spec.json").write_text(json.dumps(spec))
+    data_section = {"train": [str(data)], "shuffle_buffer": 0, "bad_rows": {"max_fraction": 0.5}}
+    write_spec(isolated / "spec.json", make_spec(model=tiny_model_dir, data=data_section))
     result = ftjob("preview", "spec.json", "-n", "2", "--json", cwd=isolated)
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]

@@ -1,10 +1,12 @@
-"""Checkpoints, signals and exact resume, with real processes killed by real signals."""
+"""What a resume reads back from a checkpoint, in this process: other model weights, a rank file, weights
+and optimizer states not as the run has them; checkpoints on a store with faults."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 from helpers import put_other_weights, train_in_process
@@ -13,16 +15,37 @@ from safetensors.torch import load_file, save_file
 from job.errors import UserError
 
 
-def interrupted_in_process(spec_path, model_dir, output) -> dict:
-    """The resume spec on model_dir, trained in this process to its last checkpoint but not published, as
-    a run stopped before publishing leaves it."""
+def four_steps(spec_path, model_dir, output) -> dict:
+    """The resume spec on model_dir, four steps with a checkpoint every two, into output."""
     spec = json.loads(spec_path.read_text())
     spec["model"]["source"] = str(model_dir)
     spec["train"].update(max_steps=4, checkpoint_every=2)
     spec["output"] = {"uri": str(output)}
+    return spec
+
+
+def interrupted_in_process(spec_path, model_dir, output) -> dict:
+    """four_steps trained in this process to its last checkpoint but not published, as a run stopped
+    before publishing leaves it."""
+    spec = four_steps(spec_path, model_dir, output)
     train_in_process(spec)
     (output / "adapter" / "MANIFEST.json").unlink()
     return spec
+
+
+@pytest.fixture(scope="module")
+def interrupted(spec_path, tiny_model_dir, workdir) -> Path:
+    """interrupted_in_process on the tiny model, once for the module: its output, which tests copy."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        interrupted_in_process(spec_path, tiny_model_dir, workdir / "interrupted")
+    return workdir / "interrupted"
+
+
+def copy_of(interrupted: Path, spec_path, tiny_model_dir, output: Path) -> dict:
+    """The interrupted run's output copied to output; its spec there."""
+    shutil.copytree(interrupted, output)
+    return four_steps(spec_path, tiny_model_dir, output)
 
 
 def test_resuming_on_other_weights_under_the_same_model_source_is_refused(
@@ -56,11 +79,11 @@ def test_resuming_on_other_weights_under_the_same_model_source_is_refused(
 
 
 def test_the_local_copy_of_a_checkpoint_is_removed_when_setup_fails_after_loading_it(
-    tiny_model_dir, spec_path, isolated, monkeypatch
+    interrupted, tiny_model_dir, spec_path, isolated, monkeypatch
 ):
     from job.output.checkpoint import Checkpointer
 
-    spec = interrupted_in_process(spec_path, tiny_model_dir, isolated / "out")
+    spec = copy_of(interrupted, spec_path, tiny_model_dir, isolated / "out")
     temporary = isolated / "tmp"
     temporary.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temporary))
@@ -76,12 +99,12 @@ def test_the_local_copy_of_a_checkpoint_is_removed_when_setup_fails_after_loadin
 
 
 def test_a_rank_file_not_as_ftjob_writes_it_stops_the_run_before_it_trains(
-    tiny_model_dir, spec_path, isolated
+    interrupted, tiny_model_dir, spec_path, isolated
 ):
     from job.output.manifest import write_manifest
 
     output = isolated / "out"
-    spec = interrupted_in_process(spec_path, tiny_model_dir, output)
+    spec = copy_of(interrupted, spec_path, tiny_model_dir, output)
     checkpoint = sorted((output / "checkpoints").iterdir())[-1]
     state = json.loads((checkpoint / "rank-00000.json").read_text())
     state["rng"]["numpy"][2] = 10**6  # a position NumPy would read its keys at, far past their end
@@ -103,7 +126,7 @@ def test_a_rank_file_not_as_ftjob_writes_it_stops_the_run_before_it_trains(
 
 @pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt"])
 def test_a_checkpoint_s_weights_or_states_not_as_the_run_has_them_stop_it_before_it_trains(
-    tiny_model_dir, spec_path, isolated, name
+    interrupted, tiny_model_dir, spec_path, isolated, name
 ):
     """An edited file in a checkpoint whose MANIFEST.json says it is whole: exit 2 naming the file and the
     tensor, nothing trained, nothing deleted."""
@@ -112,7 +135,7 @@ def test_a_checkpoint_s_weights_or_states_not_as_the_run_has_them_stop_it_before
     from job.output.manifest import write_manifest
 
     output = isolated / "out"
-    spec = interrupted_in_process(spec_path, tiny_model_dir, output)
+    spec = copy_of(interrupted, spec_path, tiny_model_dir, output)
     checkpoint = sorted((output / "checkpoints").iterdir())[-1]
     if name == "trainable.safetensors":
         weights = load_file(checkpoint / name)

@@ -8,10 +8,11 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import boto3
 import pytest
-from helpers import ALPACA_ROWS, S3_ENV, free_port, ftjob, spec_dict
+from helpers import ALPACA_ROWS, S3_ENV, free_port, ftjob, make_spec, write_spec
 
 from job.data.sources import read_rows
 from job.errors import JobError, UserError
@@ -32,11 +33,9 @@ def assert_user_error(result: subprocess.CompletedProcess, *expected: str) -> No
 
 @pytest.fixture
 def spec_file(isolated, tiny_model_dir, data_files):
-    def write(**sections) -> str:
-        spec = spec_dict(tiny_model_dir, data_files, tracking={"enabled": False}, **sections)
-        path = isolated / "spec.json"
-        path.write_text(json.dumps(spec))
-        return str(path)
+    def write(model: Path | dict = tiny_model_dir, **sections) -> str:
+        spec = make_spec("lora", model=model, files=data_files, tracking={"enabled": False}, **sections)
+        return str(write_spec(isolated / "spec.json", spec))
 
     return write
 

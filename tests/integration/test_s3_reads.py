@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import completion_text, one_epoch_spec, pipeline_for, values
+from helpers import completion_text, make_spec, one_epoch_spec, pipeline_for, values, write_spec
 
 from job.data.files import expand
 from job.data.sources import Position, read_rows
@@ -18,12 +18,7 @@ from job.errors import UserError
 from job.spec import load_spec
 from job.storage import configure_storage
 
-FROM_S3 = {
-    "name": "from-s3",
-    "model": {"source": "./model"},
-    "data": {"train": ["train.jsonl"]},
-    "train": {"max_steps": 10},
-}
+FROM_S3 = make_spec(name="from-s3", model="./model", data={"train": ["train.jsonl"]}, train={"max_steps": 10})
 
 
 def test_load_from_s3_url(s3):
@@ -133,16 +128,15 @@ def test_validate_check_access_reads_every_source(tiny_model_dir, isolated, s3):
 
     s3.pipe(f"{s3.bucket}/data/a.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in ALPACA_ROWS))
     s3.pipe(f"{s3.bucket}/data/b.jsonl", b"{broken\n")
-    spec = {
-        "model": {"source": str(tiny_model_dir)},
-        "data": {"train": [f"s3://{s3.bucket}/data/a.jsonl"]},
-        "train": {"max_steps": 1},
-        "output": {"uri": f"s3://{s3.bucket}/runs/x"},
-    }
-    (isolated / "spec.json").write_text(json.dumps(spec))
+    spec = make_spec(
+        model=tiny_model_dir,
+        data={"train": [f"s3://{s3.bucket}/data/a.jsonl"]},
+        output={"uri": f"s3://{s3.bucket}/runs/x"},
+    )
+    write_spec(isolated / "spec.json", spec)
     assert main(["validate", "spec.json", "--check-access"]) == 0
     spec["data"]["train"].append(f"s3://{s3.bucket}/data/b.jsonl")
-    (isolated / "spec.json").write_text(json.dumps(spec))
+    write_spec(isolated / "spec.json", spec)
     assert main(["validate", "spec.json", "--check-access"]) == 2
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import spec_dict, train_in_process
+from helpers import make_spec, train_in_process
 from tracking_helpers import (
     TARGET,
     TRAIN_KEYS,
@@ -73,9 +73,10 @@ def test_server_outage_mid_run_loses_and_duplicates_nothing(
             reachable_at[step] = self.reachable
 
     monkeypatch.setattr(Tracker, "log_metrics", log_then_disturb)
-    spec = spec_dict(
-        tiny_model_dir,
-        data_files,
+    spec = make_spec(
+        "lora",
+        model=tiny_model_dir,
+        files=data_files,
         train={"max_steps": 16, "log_every": 1, "eval_every": 4},
         tracking={"experiment": "outage", "system_metrics": False},
     )
@@ -452,9 +453,10 @@ def test_a_checkpoint_whose_run_id_is_a_path_deletes_nothing_and_starts_a_new_ru
 ):
     """A run_id that named a folder outside the spool: the run adopted it as its spool and, once the
     records were delivered, removed it."""
-    spec = spec_dict(
-        tiny_model_dir,
-        data_files,
+    spec = make_spec(
+        "lora",
+        model=tiny_model_dir,
+        files=data_files,
         train={"max_steps": 2, "checkpoint_every": 2, "eval_every": 0},
         tracking={"experiment": "run-id-paths", "system_metrics": False},
     )

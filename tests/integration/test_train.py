@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import ALPACA_ROWS, CHATML, ftjob, spec_dict, train_in_process, write_jsonl
+from helpers import ALPACA_ROWS, CHATML, ftjob, make_spec, train_in_process, write_jsonl
 
 from job.digest import sha256_file
 from job.output.layout import MANIFEST
@@ -49,7 +49,8 @@ def reload_published(adapter_dir, spec) -> torch.nn.Module:
 def test_adapter_trains_publishes_and_reloads_with_same_logits(
     tiny_model_dir, data_files, isolated, adapter, model, train
 ):
-    spec = spec_dict(tiny_model_dir, data_files, adapter=adapter, model=model, train=train)
+    model = {"source": str(tiny_model_dir), **model}
+    spec = make_spec("lora", model=model, files=data_files, adapter=adapter, train=train)
     result = run_in_process(spec)
 
     adapter_dir = isolated / "runs" / "t" / "adapter"
@@ -86,7 +87,9 @@ def test_adapter_trains_publishes_and_reloads_with_same_logits(
 
 
 def test_loss_falls_and_is_tracked_in_local_mlflow_store(tiny_model_dir, data_files, isolated):
-    spec = spec_dict(tiny_model_dir, data_files, train={"max_steps": 30, "scheduler": "constant"})
+    spec = make_spec(
+        "lora", model=tiny_model_dir, files=data_files, train={"max_steps": 30, "scheduler": "constant"}
+    )
     result = run_in_process(spec)
     losses = [h["train/loss"] for h in result.history]
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
@@ -106,7 +109,9 @@ def test_loss_falls_and_is_tracked_in_local_mlflow_store(tiny_model_dir, data_fi
 def test_full_finetune_saves_a_loadable_model(tiny_model_dir, data_files, isolated):
     from transformers import AutoModelForCausalLM
 
-    result = run_in_process(spec_dict(tiny_model_dir, data_files, adapter={"method": "full"}))
+    result = run_in_process(
+        make_spec("lora", model=tiny_model_dir, files=data_files, adapter={"method": "full"})
+    )
     adapter_dir = isolated / "runs" / "t" / "adapter"
     assert (adapter_dir / "model.safetensors").is_file()
     assert not (adapter_dir / "adapter_config.json").exists()
@@ -128,7 +133,9 @@ def test_a_publish_replaces_what_an_earlier_one_left(tiny_model_dir, data_files,
     adapter = isolated / "runs" / "t" / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "leftover.safetensors").write_bytes(b"from an earlier publish")  # its MANIFEST went first
-    train_in_process(spec_dict(tiny_model_dir, data_files, train={"max_steps": 2}))  # no --restart
+    train_in_process(
+        make_spec("lora", model=tiny_model_dir, files=data_files, train={"max_steps": 2})
+    )  # no --restart
     assert not (adapter / "leftover.safetensors").exists()
     manifest = json.loads((adapter / MANIFEST).read_text())["files"]
     assert sorted(manifest) == sorted(p.name for p in adapter.iterdir() if p.name != MANIFEST)
@@ -153,7 +160,12 @@ def test_merge_writes_the_trained_model_in_the_stored_dtype(
     from transformers import AutoModelForCausalLM
 
     model_dir = bf16_copy(tiny_model_dir, isolated / "bf16")
-    spec = spec_dict(model_dir, data_files, model={"quantization": quantization}, output={"merge": True})
+    spec = make_spec(
+        "lora",
+        model={"source": str(model_dir), "quantization": quantization},
+        files=data_files,
+        output={"merge": True},
+    )
     result = run_in_process(spec)
     merged_dir = isolated / "runs" / "t" / "merged"
     assert (merged_dir / MANIFEST).is_file()
@@ -176,7 +188,9 @@ def test_a_failed_merge_keeps_the_adapter_and_the_next_run_merges(
     def out_of_memory(*args):
         raise MemoryError("no room to merge")
 
-    spec = spec_dict(tiny_model_dir, data_files, output={"merge": True}, train={"max_steps": 2})
+    spec = make_spec(
+        "lora", model=tiny_model_dir, files=data_files, output={"merge": True}, train={"max_steps": 2}
+    )
     with monkeypatch.context() as patched, pytest.raises(MemoryError):
         patched.setattr(job.output.publish, "merge_adapter", out_of_memory)
         train_in_process(spec)
@@ -216,10 +230,10 @@ def test_packed_micro_batches_reach_flash_attention_as_one_row(
         return head
 
     monkeypatch.setattr(job.train, "output_head", probe_then_forget)
-    spec = spec_dict(
-        tiny_model_dir,
-        data_files,
-        model={"attn_implementation": "flash_attention_2"},
+    spec = make_spec(
+        "lora",
+        model={"source": str(tiny_model_dir), "attn_implementation": "flash_attention_2"},
+        files=data_files,
         data={"packing": True, "eval": []},
         train={"max_steps": 3, "micro_batch_size": 4},
     )
@@ -234,7 +248,9 @@ def test_a_publish_that_fails_after_the_last_checkpoint_is_finished_by_the_next_
     with the whole metric curve."""
     import job.train
 
-    spec = spec_dict(tiny_model_dir, data_files, train={"max_steps": 4, "checkpoint_every": 2})
+    spec = make_spec(
+        "lora", model=tiny_model_dir, files=data_files, train={"max_steps": 4, "checkpoint_every": 2}
+    )
     with monkeypatch.context() as patched, pytest.raises(OSError):
         patched.setattr(job.train, "publish", lambda *a: (_ for _ in ()).throw(OSError("store gone")))
         train_in_process(spec)
@@ -248,10 +264,20 @@ def test_a_publish_that_fails_after_the_last_checkpoint_is_finished_by_the_next_
 def test_grad_accumulation_matches_one_big_batch(tiny_model_dir, data_files):
     """The loss is a mean over loss-bearing tokens of the whole step, however it is split."""
     one_batch = run_in_process(
-        spec_dict(tiny_model_dir, data_files, train={"max_steps": 2, "micro_batch_size": 4, "grad_accum": 1})
+        make_spec(
+            "lora",
+            model=tiny_model_dir,
+            files=data_files,
+            train={"max_steps": 2, "micro_batch_size": 4, "grad_accum": 1},
+        )
     )
     accumulated = run_in_process(
-        spec_dict(tiny_model_dir, data_files, train={"max_steps": 1, "micro_batch_size": 2, "grad_accum": 2})
+        make_spec(
+            "lora",
+            model=tiny_model_dir,
+            files=data_files,
+            train={"max_steps": 1, "micro_batch_size": 2, "grad_accum": 2},
+        )
     )
     assert accumulated.history[0]["train/loss"] == pytest.approx(one_batch.history[0]["train/loss"], rel=1e-5)
     assert accumulated.history[0]["train/grad_norm"] == pytest.approx(
@@ -261,7 +287,12 @@ def test_grad_accumulation_matches_one_big_batch(tiny_model_dir, data_files):
 
 def test_epochs_set_the_number_of_steps(tiny_model_dir, data_files):
     # 32 rows, micro batch 4 -> 8 micro-batches an epoch; grad_accum 2 -> 4 steps an epoch; 2 epochs -> 8
-    spec = spec_dict(tiny_model_dir, data_files, train={"max_steps": None, "epochs": 2, "grad_accum": 2})
+    spec = make_spec(
+        "lora",
+        model=tiny_model_dir,
+        files=data_files,
+        train={"max_steps": None, "epochs": 2, "grad_accum": 2},
+    )
     result = run_in_process(spec)
     assert len(result.history) == 8
     assert result.history[-1]["train/epoch"] == 2.0
@@ -270,9 +301,10 @@ def test_epochs_set_the_number_of_steps(tiny_model_dir, data_files):
 
 def test_empty_eval_split_logs_no_eval_metric_and_warns_once(tiny_model_dir, data_files, isolated, caplog):
     """An eval_fraction that holds out no row: no eval/loss 0.0 (which compare would rank best)."""
-    spec = spec_dict(
-        tiny_model_dir,
-        data_files,
+    spec = make_spec(
+        "lora",
+        model=tiny_model_dir,
+        files=data_files,
         data={"eval": [], "eval_fraction": 1e-9},
         train={"max_steps": 4, "eval_every": 1},
     )
@@ -305,9 +337,10 @@ def test_chat_adapter_publishes_its_template_and_generate_stops_on_its_end_of_tu
         for r in ALPACA_ROWS * 4
     ]
     train = write_jsonl(isolated / "chat.jsonl", chats)
-    spec = spec_dict(
-        tiny_model_dir,
-        (train, None),
+    spec = make_spec(
+        "lora",
+        model=tiny_model_dir,
+        files=(train, None),
         data={"format": "chat", "chat_template": CHATML, "eval": []},
         train={"max_steps": 2},
     )
@@ -327,7 +360,9 @@ def test_generate_renders_prompt_like_training(tiny_model_dir, data_files, isola
     """Greedy generation equals decoding the trained model on the alpaca-rendered prompt."""
     from job.generate import generate, generate_text
 
-    result = run_in_process(spec_dict(tiny_model_dir, data_files, train={"max_steps": 20}))
+    result = run_in_process(
+        make_spec("lora", model=tiny_model_dir, files=data_files, train={"max_steps": 20})
+    )
     text = generate("runs/t/adapter", "Say hi", max_new_tokens=6)
     expected = generate_text(
         result.model,
@@ -343,10 +378,10 @@ def test_model_from_s3_output_to_s3_and_generate_from_s3(tiny_model_dir, data_fi
     bucket = s3.bucket
     s3.put(str(tiny_model_dir) + "/", f"{bucket}/models/tiny/", recursive=True)
     s3.put(str(data_files[0]), f"{bucket}/data/train.jsonl")
-    spec = spec_dict(
-        tiny_model_dir,
-        data_files,
-        model={"source": f"s3://{bucket}/models/tiny/"},
+    spec = make_spec(
+        "lora",
+        model=f"s3://{bucket}/models/tiny/",
+        files=data_files,
         data={"train": [f"s3://{bucket}/data/*.jsonl"], "eval": []},
         output={"uri": f"s3://{bucket}/runs/{{name}}"},
         train={"max_steps": 4},
@@ -367,8 +402,11 @@ def test_model_from_s3_output_to_s3_and_generate_from_s3(tiny_model_dir, data_fi
 
 
 def test_secrets_stay_out_of_published_spec_and_params(tiny_model_dir, data_files, isolated):
-    spec = spec_dict(
-        tiny_model_dir, data_files, storage_options={"s3": {"secret": "SECRET-MARKER", "key": "KEY-MARKER"}}
+    spec = make_spec(
+        "lora",
+        model=tiny_model_dir,
+        files=data_files,
+        storage_options={"s3": {"secret": "SECRET-MARKER", "key": "KEY-MARKER"}},
     )
     result = run_in_process(spec)
     published = (isolated / "runs" / "t" / "adapter" / "spec.json").read_text()
@@ -385,7 +423,9 @@ def test_secrets_stay_out_of_published_spec_and_params(tiny_model_dir, data_file
 
 
 def test_tracking_disabled_writes_no_store(tiny_model_dir, data_files, isolated):
-    result = run_in_process(spec_dict(tiny_model_dir, data_files, tracking={"enabled": False}))
+    result = run_in_process(
+        make_spec("lora", model=tiny_model_dir, files=data_files, tracking={"enabled": False})
+    )
     assert result.run_id is None
     assert not (isolated / "mlruns").exists()
 
@@ -397,7 +437,12 @@ def test_data_error_beyond_budget_exits_3_naming_file_and_line(tiny_model_dir, d
         + [json.dumps(ALPACA_ROWS[1])]
     )
     bad = write_jsonl(isolated / "data" / "bad.jsonl", rows)
-    spec = spec_dict(tiny_model_dir, data_files, data={"train": [str(bad)], "bad_rows": {"policy": "fail"}})
+    spec = make_spec(
+        "lora",
+        model=tiny_model_dir,
+        files=data_files,
+        data={"train": [str(bad)], "bad_rows": {"policy": "fail"}},
+    )
     spec_path = isolated / "spec.json"
     spec_path.write_text(json.dumps(spec))
     run = ftjob("run", str(spec_path), cwd=isolated)
@@ -409,9 +454,10 @@ def test_data_error_beyond_budget_exits_3_naming_file_and_line(tiny_model_dir, d
 
 def test_same_seed_same_run_other_seed_other_run(tiny_model_dir, data_files):
     def losses(seed):
-        spec = spec_dict(
-            tiny_model_dir,
-            data_files,
+        spec = make_spec(
+            "lora",
+            model=tiny_model_dir,
+            files=data_files,
             adapter={"dropout": 0.1},
             train={"max_steps": 3, "seed": seed, "eval_every": 0},
         )
@@ -426,9 +472,10 @@ def test_epoch_runs_plan_exactly_the_steps_they_take(tiny_model_dir, data_files,
     """5 rows, micro batch 4: each epoch is 2 micro-batches (4 + 1; no batch spans two epochs), so 3
     epochs are 6 steps, and the schedule reaches its end on the last one."""
     five = write_jsonl(isolated / "five.jsonl", (ALPACA_ROWS * 2)[:5])
-    spec = spec_dict(
-        tiny_model_dir,
-        data_files,
+    spec = make_spec(
+        "lora",
+        model=tiny_model_dir,
+        files=data_files,
         data={"train": [str(five)], "eval": []},
         train={"max_steps": None, "epochs": 3, "micro_batch_size": 4, "scheduler": "linear"},
     )
@@ -446,9 +493,7 @@ def test_a_packed_epoch_run_over_files_with_an_eval_split_ends_its_schedule_on_i
         str(write_jsonl(isolated / f"part-{k}.jsonl", [dict(r, output=r["output"] * (k + i % 3)) for i, r in enumerate(ALPACA_ROWS * 3)]))
         for k in range(1, 4)
     ]  # fmt: skip
-    spec = spec_dict(
-        tiny_model_dir,
-        data_files,
+    spec = make_spec("lora", model=tiny_model_dir, files=data_files,
         data={"train": files, "eval": [], "eval_fraction": 0.2, "packing": True, "max_seq_len": 96},
         train={"max_steps": None, "epochs": 3, "micro_batch_size": 2, "grad_accum": 2, "scheduler": "linear", "eval_every": 0},
     )  # fmt: skip
@@ -463,7 +508,13 @@ def test_a_packed_epoch_run_over_files_with_an_eval_split_ends_its_schedule_on_i
 def test_data_with_no_usable_example_is_exit_3_not_a_hang(
     tiny_model_dir, data_files, isolated, train, expected
 ):
-    spec = spec_dict(tiny_model_dir, data_files, data={"max_seq_len": 4}, train={"max_steps": None, **train})
+    spec = make_spec(
+        "lora",
+        model=tiny_model_dir,
+        files=data_files,
+        data={"max_seq_len": 4},
+        train={"max_steps": None, **train},
+    )
     (isolated / "spec.json").write_text(json.dumps(spec))
     run = ftjob("run", "spec.json", cwd=isolated)
     assert run.returncode == 3, run.stderr
@@ -473,7 +524,9 @@ def test_data_with_no_usable_example_is_exit_3_not_a_hang(
 def test_bad_rows_over_budget_fail_a_short_max_steps_run(tiny_model_dir, data_files, isolated):
     rows = [json.dumps(ALPACA_ROWS[0]), "{broken"] * 4
     bad = write_jsonl(isolated / "half-bad.jsonl", rows)
-    spec = spec_dict(tiny_model_dir, data_files, data={"train": [str(bad)]}, train={"max_steps": 2})
+    spec = make_spec(
+        "lora", model=tiny_model_dir, files=data_files, data={"train": [str(bad)]}, train={"max_steps": 2}
+    )
     (isolated / "spec.json").write_text(json.dumps(spec))
     run = ftjob("run", "spec.json", cwd=isolated)
     assert run.returncode == 3, run.stderr
@@ -484,7 +537,12 @@ def test_bad_rows_over_budget_fail_a_short_max_steps_run(tiny_model_dir, data_fi
 def test_second_spec_entry_is_named_in_errors(tiny_model_dir, data_files, isolated, capsys):
     from job.cli import main
 
-    spec = spec_dict(tiny_model_dir, data_files, data={"train": [str(data_files[0]), "missing-*.jsonl"]})
+    spec = make_spec(
+        "lora",
+        model=tiny_model_dir,
+        files=data_files,
+        data={"train": [str(data_files[0]), "missing-*.jsonl"]},
+    )
     (isolated / "spec.json").write_text(json.dumps(spec))
     assert main(["run", "spec.json"]) == 2
     assert "data.train[1]: no such file: missing-*.jsonl" in capsys.readouterr().err
@@ -503,9 +561,10 @@ def test_a_cpu_run_trains_with_the_cpu_layers(tiny_model_dir, data_files, isolat
     from job.model.fused_norm import FusedRMSNorm
     from job.model.packed_attention import PACKED_SDPA
 
-    spec = spec_dict(
-        tiny_model_dir,
-        data_files,
+    spec = make_spec(
+        "lora",
+        model=tiny_model_dir,
+        files=data_files,
         adapter={"dropout": 0.05},
         data={"packing": packing},
         train={"max_steps": 2},
@@ -528,7 +587,11 @@ def test_a_quantized_bf16_model_keeps_its_other_weights_in_bf16(tiny_model_dir, 
     from job.model.loading import load_model
 
     spec = validate_spec(
-        spec_dict(tiny_model_dir, data_files, model={"quantization": "4bit", "dtype": dtype})
+        make_spec(
+            "lora",
+            model={"source": str(tiny_model_dir), "quantization": "4bit", "dtype": dtype},
+            files=data_files,
+        )
     )
     model = load_model(tiny_model_dir, spec.model, torch.device("cpu"))
     model = apply_adapter(model, spec.adapter, quantized=True, gradient_checkpointing=True)

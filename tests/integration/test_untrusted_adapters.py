@@ -52,12 +52,18 @@ def crafted_adapter(tmp_path, tiny_model_dir, data_files) -> tuple:
     tokenizer config points at Python shipped beside it; the MANIFEST is rewritten to match."""
     import json
 
-    from helpers import spec_dict, train_in_process
+    from helpers import make_spec, train_in_process
 
     from job.output.manifest import write_manifest
 
     train_in_process(
-        spec_dict(tiny_model_dir, data_files, tracking={"enabled": False}, train={"max_steps": 2}),
+        make_spec(
+            "lora",
+            model=tiny_model_dir,
+            files=data_files,
+            tracking={"enabled": False},
+            train={"max_steps": 2},
+        ),
         restart=True,
     )
     adapter = tmp_path / "runs" / "t" / "adapter"
@@ -86,10 +92,16 @@ def test_generate_never_runs_code_an_adapter_ships(tiny_model_dir, data_files, i
 def test_generate_takes_the_base_model_from_the_command_line(tiny_model_dir, data_files, isolated):
     import json
 
-    from helpers import spec_dict, train_in_process
+    from helpers import make_spec, train_in_process
 
     train_in_process(
-        spec_dict(tiny_model_dir, data_files, tracking={"enabled": False}, train={"max_steps": 2}),
+        make_spec(
+            "lora",
+            model=tiny_model_dir,
+            files=data_files,
+            tracking={"enabled": False},
+            train={"max_steps": 2},
+        ),
         restart=True,
     )
     adapter = isolated / "runs" / "t" / "adapter"
@@ -112,10 +124,12 @@ def adapter_on_a_copy(isolated, tiny_model_dir, data_files) -> tuple[Path, dict,
     test may then change."""
     import shutil
 
-    from helpers import spec_dict, train_in_process
+    from helpers import make_spec, train_in_process
 
     model = Path(shutil.copytree(tiny_model_dir, isolated / "model"))
-    spec = spec_dict(model, data_files, tracking={"enabled": False}, train={"max_steps": 2})
+    spec = make_spec(
+        "lora", model=model, files=data_files, tracking={"enabled": False}, train={"max_steps": 2}
+    )
     train_in_process(spec)
     return model, spec, isolated / "runs" / "t" / "adapter"
 

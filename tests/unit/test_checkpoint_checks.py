@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import make_spec
 from safetensors.torch import load_file, save_file
 
 from job.errors import UserError
@@ -18,7 +19,7 @@ def test_resuming_refuses_changes_to_what_is_trained_and_allows_the_rest(isolate
 
     (isolated / "m").mkdir()
     (isolated / "m" / "model.safetensors").write_bytes(b"weights")
-    base = {"model": {"source": "m"}, "data": {"train": ["d.jsonl"]}, "train": {"max_steps": 10}}
+    base = make_spec(model="m", train={"max_steps": 10})
     saved = fingerprint(validate_spec(base), world_size=2)
     identity = saved["model.identity"]
     assert identity.startswith("sha256:")

@@ -4,12 +4,11 @@ placement of each scheduler)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 import pytest
-from helpers import free_port, ftjob
+from helpers import free_port, ftjob, make_spec, write_spec
 
 from job.cluster import Placement, check_process_group_variables, is_loopback, node_placement
 from job.errors import UserError
@@ -139,12 +138,9 @@ def test_process_group_variables_that_no_launcher_set_are_a_user_error(environ, 
 def test_a_stale_world_size_ends_ftjob_run_with_exit_2_at_once(isolated):
     """Today's login shell exported WORLD_SIZE, MASTER_ADDR and MASTER_PORT for another job: rank 0
     would wait train.collective_timeout_seconds for a rank 1 that never comes, then fail with exit 1."""
-    spec = {
-        "model": {"source": "unused"},
-        "data": {"train": ["unused.jsonl"]},
-        "train": {"max_steps": 1, "collective_timeout_seconds": 60, "lease_seconds": 10},
-    }
-    (isolated / "spec.json").write_text(json.dumps(spec))
+    write_spec(
+        isolated / "spec.json", make_spec(train={"collective_timeout_seconds": 60, "lease_seconds": 10})
+    )
     stale = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     started = time.monotonic()
     result = ftjob("run", "spec.json", cwd=isolated, env=stale)

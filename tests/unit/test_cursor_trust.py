@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from urllib.parse import parse_qs
 
 import pytest
-from helpers import write_jsonl
+from helpers import make_spec, write_jsonl
 
 from job.data import files as files_module
 from job.data import stream as stream_module
@@ -34,13 +34,9 @@ CARDS = {
 
 
 def spec_over(train: list, **data):
-    return validate_spec(
-        {
-            "model": {"source": "unused"},
-            "data": {"train": train, "format": "text", "shuffle_buffer": 4, **data},
-            "train": {"max_steps": 1, "seed": 7},
-        }
-    )
+    """A text-format spec over `train` (make_spec's minimal one)."""
+    data = {"train": train, "format": "text", "shuffle_buffer": 4, **data}
+    return validate_spec(make_spec(data=data, train={"seed": 7}))
 
 
 def pipeline(spec, plan: DataPlan | None = None, rank: int = 0, world_size: int = 1) -> DataPipeline:

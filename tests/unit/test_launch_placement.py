@@ -3,11 +3,10 @@ with real processes, real signals and a slow object store."""
 
 from __future__ import annotations
 
-import json
 import signal
 
 import pytest
-from helpers import ftjob
+from helpers import ftjob, make_spec, write_spec
 
 from job.cluster import Placement, first_host, node_placement
 from job.errors import Preempted, UserError
@@ -118,8 +117,7 @@ def test_auto_is_one_process_on_a_cpu_node():
 
 
 def test_the_command_line_refuses_a_placement_it_cannot_use(isolated):
-    spec = {"model": {"source": "unused"}, "data": {"train": ["unused.jsonl"]}, "train": {"max_steps": 1}}
-    (isolated / "spec.json").write_text(json.dumps(spec))
+    write_spec(isolated / "spec.json", make_spec())
     unplaced = ftjob(
         "run", "spec.json", "--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "1", cwd=isolated
     )

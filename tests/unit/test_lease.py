@@ -11,7 +11,15 @@ import time
 from collections.abc import Callable
 
 import pytest
-from helpers import COLLECTIVE_TIMEOUT, LEASE_SECONDS, lease_record, messages, read_lease, write_lease
+from helpers import (
+    COLLECTIVE_TIMEOUT,
+    LEASE_SECONDS,
+    lease_record,
+    make_spec,
+    messages,
+    read_lease,
+    write_lease,
+)
 
 from job.errors import JobError, UserError
 
@@ -320,9 +328,7 @@ def test_a_checkpoint_from_before_data_cursors_held_row_positions_is_refused_as_
     from job.spec import validate_spec
 
     output = isolated / "out"
-    spec = validate_spec(
-        {"model": {"source": "m"}, "data": {"train": ["d.jsonl"]}, "train": {"max_steps": 9}}
-    )
+    spec = validate_spec(make_spec(model="m", train={"max_steps": 9}))
     (isolated / "m").mkdir()  # the model source, whose identity the fingerprint holds
     (isolated / "m" / "model.safetensors").write_bytes(b"weights")
     current = fingerprint(spec, world_size=1)
@@ -345,12 +351,11 @@ def test_a_lease_as_long_as_the_collective_timeout_is_refused():
     collective, which fails after collective_timeout_seconds."""
     from job.spec import validate_spec
 
-    base = {"model": {"source": "m"}, "data": {"train": ["d.jsonl"]}}
     with pytest.raises(
         UserError, match=r"train.lease_seconds: 120 must be under train.collective_timeout_seconds \(120\)"
     ):
-        validate_spec({**base, "train": {"max_steps": 1, "collective_timeout_seconds": 120}})
-    validate_spec({**base, "train": {"max_steps": 1, "collective_timeout_seconds": 120, "lease_seconds": 60}})
+        validate_spec(make_spec(model="m", train={"collective_timeout_seconds": 120}))
+    validate_spec(make_spec(model="m", train={"collective_timeout_seconds": 120, "lease_seconds": 60}))
 
 
 def test_the_lease_is_renewed_every_third_of_its_time(isolated, monkeypatch):

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from helpers import make_spec
 
 from job.errors import UserError
 from job.model.source import resolve_model_dir
@@ -166,11 +167,7 @@ def test_a_model_identity_in_the_spec_pins_the_model(isolated):
 def test_a_model_identity_that_is_not_one_is_refused_in_the_spec(identity):
     from job.spec import validate_spec
 
-    spec = {
-        "model": {"source": "m", "identity": identity},
-        "data": {"train": ["d"]},
-        "train": {"max_steps": 1},
-    }
+    spec = make_spec(model={"source": "m", "identity": identity})
     with pytest.raises(UserError, match="model.identity: String should match pattern"):
         validate_spec(spec)
 
@@ -182,9 +179,7 @@ def test_the_run_logs_the_identity_it_publishes(isolated):
     from job.tracking.tracker import run_record
 
     model = fake_model(isolated / "model", b"weights")
-    spec = validate_spec(
-        {"model": {"source": str(model)}, "data": {"train": ["d"]}, "train": {"max_steps": 1}}
-    )
+    spec = validate_spec(make_spec(model=model))
     resolve_model_dir(spec.model)
     write_run_files(isolated, spec, {})
     published = json.loads((isolated / "spec.json").read_text())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CHATML, pipeline_for, write_jsonl
+from helpers import CHATML, make_spec, pipeline_for, write_jsonl
 
 from job.data import stream as stream_module
 from job.data import tokens as tokens_module
@@ -20,7 +20,7 @@ from job.data.formats import BadRow, Formatter
 from job.data.stream import EPOCH_END, SourceStream
 from job.data.tokens import IGNORE_INDEX, TokenizedExample, fit, tokenize
 from job.errors import UserError
-from job.spec import validate_spec
+from job.spec import Spec, validate_spec
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -33,16 +33,11 @@ CONVERSATION = [
 ]
 
 
-def make_spec(files, endless: bool = False, **data) -> object:
+def text_spec(files, endless: bool = False, **data) -> Spec:
     """A text-format spec over files: one epoch of data, or endless (max_steps) to cross epochs."""
-    length = {"max_steps": 1} if endless else {"epochs": 1}
-    return validate_spec(
-        {
-            "model": {"source": "unused"},
-            "data": {"train": [str(f) for f in files], "format": "text", "shuffle_buffer": 0, **data},
-            "train": {**length, "seed": 7},
-        }
-    )
+    length = {"max_steps": 1} if endless else {"epochs": 1, "max_steps": None}
+    data = {"train": [str(f) for f in files], "format": "text", "shuffle_buffer": 0, **data}
+    return validate_spec(make_spec(data=data, train={**length, "seed": 7}))
 
 
 def text_rows(n: int, prefix: str = "row") -> list[dict]:
@@ -135,7 +130,7 @@ def test_pipeline_counts_truncated_and_dropped(tokenizer, isolated):
     rows = [{"prompt": "Say hi", "completion": "hi " * n} for n in (1, 30, 2, 40)]
     data = write_jsonl(isolated / "c.jsonl", rows)
     for policy, expected in (("truncate", (2, 0, 4)), ("drop", (0, 2, 2))):
-        spec = make_spec([data], format="completion", max_seq_len=16, truncation=policy)
+        spec = text_spec([data], format="completion", max_seq_len=16, truncation=policy)
         pipeline = pipeline_for(spec, tokenizer)
         batches = list(pipeline.train_batches(8))
         counts = pipeline.examples.counts
@@ -148,7 +143,7 @@ def test_pipeline_counts_truncated_and_dropped(tokenizer, isolated):
 
 def test_packing_fills_rows_and_reports_efficiency(tokenizer, isolated):
     data = write_jsonl(isolated / "t.jsonl", text_rows(40))
-    spec = make_spec([data], packing=True, max_seq_len=32)
+    spec = text_spec([data], packing=True, max_seq_len=32)
     pipeline = pipeline_for(spec, tokenizer)
     batches = list(pipeline.train_batches(4))
     assert all(b["input_ids"].shape[1] == 32 for b in batches)
@@ -222,7 +217,7 @@ def test_ranks_read_only_their_share_of_the_files_exactly_once_and_resume_exactl
             stream_module, "read_rows",
             lambda url, start, keep, limit, rank=rank: opened[rank].append(url) or real_read_rows(url, start, keep, limit),
         )  # fmt: skip
-        spec = make_spec(files, shuffle_buffer=4)
+        spec = text_spec(files, shuffle_buffer=4)
         for batch in pipeline_for(spec, tokenizer, rank, 2).train_batches(3):
             for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
                 seen[tokenizer.decode(row[mask.bool()], skip_special_tokens=True)] += 1
@@ -232,7 +227,7 @@ def test_ranks_read_only_their_share_of_the_files_exactly_once_and_resume_exactl
     assert set(seen.values()) == {1} and len(seen) == 36
 
     monkeypatch.setattr(stream_module, "read_rows", real_read_rows)
-    spec = make_spec(files, endless=True, shuffle_buffer=4)
+    spec = text_spec(files, endless=True, shuffle_buffer=4)
     reference = pipeline_for(spec, tokenizer, 1, 2)
     batches = reference.train_batches(2)
     for _ in range(5):
@@ -257,7 +252,7 @@ def test_every_row_exactly_once_per_epoch_across_ranks(tokenizer, isolated, worl
     files = [write_jsonl(isolated / f"part-{k}.jsonl", text_rows(7, prefix=f"f{k}")) for k in range(n_files)]
     seen = Counter()
     for rank in range(world_size):
-        spec = make_spec(files, shuffle_buffer=4)
+        spec = text_spec(files, shuffle_buffer=4)
         spec = spec.model_copy(
             update={"train": spec.train.model_copy(update={"epochs": 1, "max_steps": None})}
         )
@@ -303,7 +298,7 @@ def test_resume_yields_exactly_what_an_uninterrupted_run_yields(tokenizer, isola
         path = isolated / f"p{k}.jsonl{'.gz' if compress else ''}"
         path.write_bytes(gzip.compress(rows.encode()) if compress else rows.encode())
         files.append(path)
-    spec = make_spec(files, endless=True, **options)
+    spec = text_spec(files, endless=True, **options)
     reference = pipeline_for(spec, tokenizer)
     batches = reference.train_batches(2)
     first = [next(batches) for _ in range(cut)]
@@ -337,13 +332,8 @@ def test_checkpointed_shuffle_buffer_holds_only_what_the_format_reads(tokenizer,
         }
     )
     pq.write_table(table, isolated / "rows.parquet", row_group_size=8)
-    spec = validate_spec(
-        {
-            "model": {"source": "unused"},
-            "data": {"train": [str(isolated / "rows.parquet")], "shuffle_buffer": 16},
-            "train": {"max_steps": 1, "seed": 7},
-        }
-    )
+    data = {"train": [str(isolated / "rows.parquet")], "shuffle_buffer": 16}
+    spec = validate_spec(make_spec(data=data, train={"seed": 7}))
     reference = pipeline_for(spec, tokenizer)
     batches = reference.train_batches(2)
     for _ in range(3):
@@ -361,7 +351,7 @@ def test_checkpointed_shuffle_buffer_holds_only_what_the_format_reads(tokenizer,
 def test_resume_continues_reading_where_it_stopped(tokenizer, isolated, monkeypatch):
     """No re-reading: the resumed stream opens the file at the saved offset, not at its start."""
     data = write_jsonl(isolated / "big.jsonl", text_rows(50))
-    spec = make_spec([data], endless=True)
+    spec = text_spec([data], endless=True)
     reference = pipeline_for(spec, tokenizer)
     batches = reference.train_batches(4)
     for _ in range(5):
@@ -386,7 +376,7 @@ def test_a_resumed_cursor_reads_the_files_it_was_saved_with(tokenizer, isolated)
     """A glob naming one more file by the time of the resume: the cursor goes on over its own files."""
     write_jsonl(isolated / "a.jsonl", text_rows(12))
     write_jsonl(isolated / "eval-a.txt", text_rows(3))
-    spec = make_spec([str(isolated / "*.jsonl")], endless=True, eval=[str(isolated / "eval-*")])
+    spec = text_spec([str(isolated / "*.jsonl")], endless=True, eval=[str(isolated / "eval-*")])
     reference = pipeline_for(spec, tokenizer)
     batches = reference.train_batches(2)
     next(batches)
@@ -435,7 +425,7 @@ def test_a_saved_data_state_holds_where_rows_are_not_what_they_say(tokenizer, is
             files.append(write_jsonl(isolated / f"p{k}.jsonl", rows))
     weighted = {"train": [{"path": str(f), "weight": w} for f, w in zip(files, (2, 1), strict=True)]}
     options = {"shuffle_buffer": 5, "packing": True, "max_seq_len": 8}  # texts longer: split into pieces
-    spec = make_spec(files, endless=True, **options, **(weighted if sources == "weighted" else {}))
+    spec = text_spec(files, endless=True, **options, **(weighted if sources == "weighted" else {}))
     held = Counter()
     for cut in range(1, 13):
         reference = pipeline_for(spec, tokenizer)
@@ -509,7 +499,7 @@ def test_the_pipeline_cuts_long_texts_but_not_documents_split_into_pieces(tokeni
     rows = [{"prompt": "p", "completion": huge}, {"prompt": huge, "completion": "c"}]
     data = write_jsonl(isolated / "d.jsonl", rows)
     recording = RecordingTokenizer(tokenizer)
-    truncated = pipeline_for(make_spec([data], format="completion", max_seq_len=16), recording)
+    truncated = pipeline_for(text_spec([data], format="completion", max_seq_len=16), recording)
     assert len([e for e in truncated.examples if e is not EPOCH_END]) == 1  # the prompt-only head is dropped
     assert (truncated.examples.counts.truncated, truncated.examples.counts.dropped) == (1, 1)
     assert max(recording.lengths) <= (16 + tokens_module.CUT_MARGIN) * tokens_module.CHARS_PER_TOKEN
@@ -517,7 +507,7 @@ def test_the_pipeline_cuts_long_texts_but_not_documents_split_into_pieces(tokeni
     document = write_jsonl(isolated / "t.jsonl", [{"text": "word " * 2000}])
     pieces = [
         e
-        for e in pipeline_for(make_spec([document], max_seq_len=16), tokenizer).examples
+        for e in pipeline_for(text_spec([document], max_seq_len=16), tokenizer).examples
         if e is not EPOCH_END
     ]
     assert sum(len(p.input_ids) for p in pieces) == len(
@@ -529,7 +519,7 @@ def test_a_row_over_max_row_bytes_is_a_bad_row_and_a_resumed_cursor_is_past_it(t
     rows = text_rows(6)
     rows[2] = {"text": "long " * 100}
     data = write_jsonl(isolated / "d.jsonl", rows)
-    spec = make_spec([data], max_row_bytes=200, bad_rows={"max_fraction": 0.5})
+    spec = text_spec([data], max_row_bytes=200, bad_rows={"max_fraction": 0.5})
     reference = pipeline_for(spec, tokenizer)
     reference.budget.quiet = True
     batches = reference.train_batches(1)
@@ -551,17 +541,8 @@ def test_a_row_over_max_row_bytes_is_a_bad_row_and_a_resumed_cursor_is_past_it(t
 def test_weighted_sources_are_drawn_by_weight_and_cycle(tokenizer, isolated):
     big = write_jsonl(isolated / "big.jsonl", text_rows(30, prefix="big"))
     small = write_jsonl(isolated / "small.jsonl", text_rows(3, prefix="small"))
-    spec = validate_spec(
-        {
-            "model": {"source": "unused"},
-            "data": {
-                "train": [{"path": str(big), "weight": 3}, {"path": [str(small)], "weight": 1}],
-                "format": "text",
-                "shuffle_buffer": 0,
-            },
-            "train": {"max_steps": 1},
-        }
-    )
+    train = [{"path": str(big), "weight": 3}, {"path": [str(small)], "weight": 1}]
+    spec = validate_spec(make_spec(data={"train": train, "format": "text", "shuffle_buffer": 0}))
     pipeline = pipeline_for(spec, tokenizer)
     batches = pipeline.train_batches(10)
     texts = [
@@ -577,17 +558,17 @@ def test_weighted_sources_are_drawn_by_weight_and_cycle(tokenizer, isolated):
 def test_epochs_with_weighted_sources_is_refused():
     with pytest.raises(UserError, match="train.epochs: sources mixed by weight"):
         validate_spec(
-            {
-                "model": {"source": "m"},
-                "data": {"train": [{"path": "a", "weight": 2}]},
-                "train": {"epochs": 1},
-            }
+            make_spec(
+                model="m",
+                data={"train": [{"path": "a", "weight": 2}]},
+                train={"max_steps": None, "epochs": 1},
+            )
         )
 
 
 def test_eval_fraction_holds_out_the_same_rows_on_every_rank(tokenizer, isolated):
     data = write_jsonl(isolated / "d.jsonl", text_rows(200))
-    spec = make_spec([data], eval_fraction=0.2)
+    spec = text_spec([data], eval_fraction=0.2)
 
     def texts(batches):
         return {
@@ -678,14 +659,15 @@ def test_epoch_runs_plan_the_steps_the_loop_takes(
             for _ in range(rng.randint(5, 17))
         ]
         paths.append(str(write_jsonl(isolated / f"f{i}.jsonl", rows)))
-    spec = validate_spec(
-        {
-            "model": {"source": "unused"},
-            "data": {"train": paths, "packing": packing, "max_seq_len": 64, "eval_fraction": eval_fraction,
-                     "shuffle_buffer": 4},
-            "train": {"epochs": 3, "micro_batch_size": 2, "grad_accum": grad_accum},
-        }
-    )  # fmt: skip
+    data = {
+        "train": paths,
+        "packing": packing,
+        "max_seq_len": 64,
+        "eval_fraction": eval_fraction,
+        "shuffle_buffer": 4,
+    }
+    train = {"max_steps": None, "epochs": 3, "micro_batch_size": 2, "grad_accum": grad_accum}
+    spec = validate_spec(make_spec(data=data, train=train))
     planned_per_rank = [
         pipeline_for(spec, tokenizer, rank, ranks).count_micro_batches(2)[0] for rank in range(ranks)
     ]

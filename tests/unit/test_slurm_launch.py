@@ -3,11 +3,10 @@ anything is submitted, sweeps and following a job (with a real Slurm: tests/e2e/
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
-from helpers import ftjob
+from helpers import ftjob, make_spec, write_spec
 
 
 def without_slurm(folder) -> dict[str, str]:
@@ -25,16 +24,8 @@ def dry_run(spec_path, *args: str):
     )  # fmt: skip
 
 
-def minimal_spec(tmp_path):
-    spec = tmp_path / "s.json"
-    spec.write_text(
-        json.dumps({"model": {"source": "m"}, "data": {"train": ["d.jsonl"]}, "train": {"max_steps": 1}})
-    )
-    return spec
-
-
 def test_the_dry_run_prints_the_script_for_each_runtime(tmp_path):
-    spec = minimal_spec(tmp_path)
+    spec = write_spec(tmp_path / "s.json", make_spec(model="m"))
     plain = dry_run(spec, "--partition", "gpu", "--nodes", "2", "--gpus-per-node", "4", "--sbatch", "mail-type=END", "--env", "MY_VAR=hidden-value")  # fmt: skip
     assert plain.returncode == 0, plain.stderr
     for line in ("#SBATCH --partition=gpu", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
@@ -59,7 +50,7 @@ def test_the_dry_run_prints_the_script_for_each_runtime(tmp_path):
 
 
 def test_without_slurm_a_dry_run_prints_the_script_and_a_submission_is_exit_2(tmp_path):
-    spec = minimal_spec(tmp_path)
+    spec = write_spec(tmp_path / "s.json", make_spec(model="m"))
     printed = dry_run(spec)
     assert printed.returncode == 0, printed.stderr
     assert "#SBATCH --requeue" in printed.stdout.splitlines()
@@ -85,7 +76,9 @@ def test_values_that_would_leave_their_line_of_the_script_are_refused(tmp_path, 
     ]:
         with pytest.raises(UserError, match=f"^--{option} .*control characters and backslashes"):
             executor_for(SlurmOptions(**{option: value}), "x", dry_run=True)
-    refused = dry_run(minimal_spec(tmp_path), "--partition", "gpu\n#SBATCH --no-requeue")
+    refused = dry_run(
+        write_spec(tmp_path / "s.json", make_spec(model="m")), "--partition", "gpu\n#SBATCH --no-requeue"
+    )
     assert refused.returncode == 2 and "--partition 'gpu\\n#SBATCH --no-requeue'" in refused.stderr
     monkeypatch.setenv("SBATCH_NO_REQUEUE", "1")  # sbatch takes it over the script's --requeue
     with pytest.raises(UserError, match="SBATCH_NO_REQUEUE set in this shell"):
@@ -132,15 +125,7 @@ def test_sweep_points_from_a_grid_and_points(tmp_path):
     )
     points = load_points(str(tmp_path / "both.yaml"))
     assert len(points) == 4 and points[0] == {"adapter.r": 8, "data.max_seq_len": 64}
-    base = validate_spec(
-        {
-            "name": "b",
-            "model": {"source": "m"},
-            "data": {"train": ["d"]},
-            "train": {"max_steps": 1},
-            "output": {"uri": "s3://x/runs"},
-        }
-    )
+    base = validate_spec(make_spec(name="b", model="m", output={"uri": "s3://x/runs"}))
     specs = point_specs(base, points)
     assert [s.name for s in specs] == ["b-p00", "b-p01", "b-p02", "b-p03"]
     assert specs[3].output_uri == "s3://x/runs/b-p03" and specs[3].train.seed == 1
@@ -207,7 +192,7 @@ def test_follow_ends_on_every_end_and_only_then(tmp_path):
 
 
 def test_reserved_sbatch_options_and_patterned_folders_are_refused(tmp_path):
-    spec = minimal_spec(tmp_path)
+    spec = write_spec(tmp_path / "s.json", make_spec(model="m"))
     for option in ("no-requeue", "signal=B:USR2@60", "export=NONE", "array=0-3"):
         refused = dry_run(spec, "--sbatch", option)
         assert refused.returncode == 2 and "set by ftjob launch itself" in refused.stderr, option

@@ -6,26 +6,20 @@ import io
 import json
 import re
 import uuid
+from functools import partial
 
 import fsspec
 import pytest
 import yaml
-from helpers import ftjob
+from helpers import ftjob, make_spec
 
 from job.cli import main
 from job.errors import UserError
 from job.spec import REDACTED, Spec, flatten, load_spec, public_dict, validate_spec
 
-MINIMAL = {
-    "model": {"source": "./model"},
-    "data": {"train": ["train.jsonl"]},
-    "train": {"max_steps": 10},
-}
-
-
-def spec_dict(**sections) -> dict:
-    """MINIMAL with some sections replaced or added."""
-    return {**json.loads(json.dumps(MINIMAL)), **sections}
+# the minimal spec, sections merged over it
+minimal = partial(make_spec, model="./model", data={"train": ["train.jsonl"]}, train={"max_steps": 10})
+MINIMAL = minimal()
 
 
 def write_json(path, data) -> str:
@@ -50,7 +44,7 @@ def spec_error(data: dict) -> str:
 
 
 def test_load_json_file(tmp_path):
-    path = write_json(tmp_path / "spec.json", spec_dict(name="from-json"))
+    path = write_json(tmp_path / "spec.json", minimal(name="from-json"))
     spec = load_spec(path)
     assert isinstance(spec, Spec)
     assert spec.name == "from-json"
@@ -90,7 +84,7 @@ def test_load_yaml_flow_mapping(tmp_path):
 def test_load_from_memory_url():
     fs = fsspec.filesystem("memory")
     path = f"/ftjob-tests/{uuid.uuid4().hex}/spec.json"
-    fs.pipe(path, json.dumps(spec_dict(name="from-memory")).encode())
+    fs.pipe(path, json.dumps(minimal(name="from-memory")).encode())
     try:
         spec = load_spec(f"memory://{path}")
         assert spec.name == "from-memory"
@@ -104,7 +98,7 @@ def test_missing_url_names_it():
 
 
 def test_load_from_stdin(monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO(yaml.safe_dump(spec_dict(name="from-stdin"))))
+    monkeypatch.setattr("sys.stdin", io.StringIO(yaml.safe_dump(minimal(name="from-stdin"))))
     spec = load_spec("-")
     assert spec.name == "from-stdin"
 
@@ -116,12 +110,12 @@ def test_load_from_stdin_names_stdin_in_errors(monkeypatch):
 
 
 def test_load_from_ftjob_spec_path(tmp_path, monkeypatch):
-    monkeypatch.setenv("FTJOB_SPEC", write_json(tmp_path / "env.json", spec_dict(name="from-env-path")))
+    monkeypatch.setenv("FTJOB_SPEC", write_json(tmp_path / "env.json", minimal(name="from-env-path")))
     assert load_spec(None).name == "from-env-path"
 
 
 def test_load_from_ftjob_spec_inline_json(monkeypatch):
-    monkeypatch.setenv("FTJOB_SPEC", json.dumps(spec_dict(name="inline")))
+    monkeypatch.setenv("FTJOB_SPEC", json.dumps(minimal(name="inline")))
     assert load_spec(None).name == "inline"
 
 
@@ -148,7 +142,7 @@ def test_env_learning_rate_is_a_float(tmp_path, monkeypatch):
 
 
 def test_precedence_set_beats_env_beats_file(tmp_path, monkeypatch):
-    data = spec_dict(train={"max_steps": 10, "learning_rate": 0.5, "seed": 1, "grad_accum": 3})
+    data = minimal(train={"max_steps": 10, "learning_rate": 0.5, "seed": 1, "grad_accum": 3})
     path = write_json(tmp_path / "spec.json", data)
     monkeypatch.setenv("FTJOB__TRAIN__LEARNING_RATE", "0.25")
     monkeypatch.setenv("FTJOB__TRAIN__SEED", "7")
@@ -250,7 +244,7 @@ def test_all_problems_reported_at_once():
 
 def test_wrong_types_name_path_and_value():
     message = spec_error(
-        spec_dict(
+        minimal(
             train={"max_steps": "ten", "learning_rate": "fast"},
             model={"source": "m", "trust_remote_code": "maybe"},
         )
@@ -263,7 +257,7 @@ def test_wrong_types_name_path_and_value():
 
 
 def test_unknown_key_did_you_mean_top_level_and_nested():
-    data = spec_dict(trian={"max_steps": 1})
+    data = minimal(trian={"max_steps": 1})
     data["train"]["learnig_rate"] = 1e-4
     data["data"]["bad_rows"] = {"polcy": "fail"}
     found = problems(spec_error(data))
@@ -273,7 +267,7 @@ def test_unknown_key_did_you_mean_top_level_and_nested():
 
 
 def test_unknown_key_without_close_match_lists_known_keys():
-    data = spec_dict()
+    data = minimal()
     data["adapter"] = {"zzzzzz": 1}
     message = spec_error(data)
     assert "adapter.zzzzzz: unknown key; known keys: method, r, alpha, dropout, target_modules" in message
@@ -297,7 +291,7 @@ def test_empty_spec_names_every_section():
 
 
 def test_empty_train_list():
-    assert "data.train: List should have at least 1 item" in spec_error(spec_dict(data={"train": []}))
+    assert "data.train: List should have at least 1 item" in spec_error(minimal(data={"train": []}))
 
 
 @pytest.mark.parametrize(
@@ -314,7 +308,7 @@ def test_empty_train_list():
     ],
 )
 def test_non_positive_sizes(section, key, value):
-    data = spec_dict()
+    data = minimal()
     data.setdefault(section, {})[key] = value
     message = spec_error(data)
     assert f"{section}.{key}: Input should be greater than" in message
@@ -322,19 +316,19 @@ def test_non_positive_sizes(section, key, value):
 
 
 def test_max_steps_and_epochs_both():
-    message = spec_error(spec_dict(train={"max_steps": 10, "epochs": 1}))
+    message = spec_error(minimal(train={"max_steps": 10, "epochs": 1}))
     assert "train.max_steps" in message and "train.epochs" in message
     assert len(problems(message)) == 1
 
 
 def test_cross_field_problems_reported_with_field_errors():
     """All problems at once: a section's cross-key check still runs when one of its keys is bad."""
-    data = spec_dict(train={"max_steps": 5, "epochs": 1, "seed": "abc"})
+    data = minimal(train={"max_steps": 5, "epochs": 1, "seed": "abc"})
     message = spec_error(data)
     assert "train.seed: Input should be a valid integer" in message
     assert "set exactly one of train.max_steps or train.epochs" in message
 
-    data = spec_dict(adapter={"method": "full"}, name="bad name")
+    data = minimal(adapter={"method": "full"}, name="bad name")
     data["model"]["quantization"] = "4bit"
     message = spec_error(data)
     assert "name: String should match pattern" in message
@@ -342,17 +336,17 @@ def test_cross_field_problems_reported_with_field_errors():
 
 
 def test_max_steps_and_epochs_neither():
-    message = spec_error(spec_dict(train={"learning_rate": 1e-4}))
+    message = spec_error(minimal(train={"max_steps": None, "learning_rate": 1e-4}))
     assert "set exactly one of train.max_steps or train.epochs" in message
 
 
 def test_epochs_alone_is_valid():
-    spec = validate_spec(spec_dict(train={"epochs": 2}))
+    spec = validate_spec(minimal(train={"max_steps": None, "epochs": 2}))
     assert spec.train.epochs == 2 and spec.train.max_steps is None
 
 
 def test_data_fields_key_not_in_format():
-    data = spec_dict()
+    data = minimal()
     data["data"] = {"train": ["a"], "format": "completion", "fields": {"output": "answer"}}
     message = spec_error(data)
     assert "data.fields: output not a field of format 'completion'" in message
@@ -360,20 +354,20 @@ def test_data_fields_key_not_in_format():
 
 
 def test_data_fields_of_the_format_are_accepted():
-    data = spec_dict()
+    data = minimal()
     data["data"] = {"train": ["a"], "format": "alpaca", "fields": {"instruction": "q", "output": "a"}}
     assert validate_spec(data).data.fields == {"instruction": "q", "output": "a"}
 
 
 def test_full_with_quantization_refused():
-    data = spec_dict(adapter={"method": "full"})
+    data = minimal(adapter={"method": "full"})
     data["model"]["quantization"] = "4bit"
     message = spec_error(data)
     assert "adapter.method: 'full'" in message and "model.quantization" in message
 
 
 def test_bad_name_pattern():
-    assert "name: String should match pattern" in spec_error(spec_dict(name="has space"))
+    assert "name: String should match pattern" in spec_error(minimal(name="has space"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +436,7 @@ def test_empty_yaml_file(tmp_path):
 
 
 def test_cli_validate_ok(tmp_path, capsys):
-    path = write_json(tmp_path / "spec.json", spec_dict(name="ok-run"))
+    path = write_json(tmp_path / "spec.json", minimal(name="ok-run"))
     assert main(["validate", path]) == 0
     out = capsys.readouterr().out
     assert "valid spec 'ok-run'" in out
@@ -450,7 +444,7 @@ def test_cli_validate_ok(tmp_path, capsys):
 
 
 def test_cli_validate_bad_spec_exit_2(tmp_path, capsys):
-    data = spec_dict()
+    data = minimal()
     data["train"] = {"max_steps": 5, "learnig_rate": 1e-4}
     data["data"]["max_seq_len"] = 0
     path = write_json(tmp_path / "spec.json", data)
@@ -492,7 +486,7 @@ def test_cli_validate_set_and_ftjob_spec(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_validate_stdin(monkeypatch, capsys):
-    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(spec_dict(name="piped"))))
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(minimal(name="piped"))))
     assert main(["validate", "-"]) == 0
     assert "valid spec 'piped'" in capsys.readouterr().out
 
@@ -506,7 +500,7 @@ def test_cli_schema(capsys):
 
 
 def test_cli_a_misspelled_nested_key_is_exit_2(tmp_path):
-    data = spec_dict()
+    data = minimal()
     data["data"]["bad_rows"] = {"polcy": "fail"}
     write_json(tmp_path / "spec.json", data)
     result = ftjob("validate", "spec.json", cwd=tmp_path, timeout=120)
@@ -536,7 +530,7 @@ def test_cli_stdin_and_env_override(tmp_path):
 
 
 def secret_spec() -> Spec:
-    data = spec_dict(
+    data = minimal(
         storage_options={
             "s3": {
                 "endpoint_url": "http://minio:9000",
@@ -570,11 +564,9 @@ def test_public_dict_redacts_storage_secrets():
 
 def test_storage_options_are_shown_by_allowlist_and_credential_tags_hidden():
     """Keys of any spelling (headers, cookies, connection strings, SAS tokens) stay hidden."""
-    data = {
-        "model": {"source": "m"},
-        "data": {"train": ["d.jsonl"]},
-        "train": {"max_steps": 1},
-        "tracking": {
+    data = make_spec(
+        model="m",
+        tracking={
             "tags": {
                 "team": "nlp",
                 "ci": "ghp_abcdefghijklmnopqrstuvwxyz0123",
@@ -583,7 +575,7 @@ def test_storage_options_are_shown_by_allowlist_and_credential_tags_hidden():
                 "commit": "0123456789abcdef0123456789abcdef01234567",
             }
         },
-        "storage_options": {
+        storage_options={
             "http": {"headers": {"Authorization": "Basic SECRET-A", "Cookie": "session=SECRET-B"}},
             "abfs": {
                 "connection_string": "DefaultEndpointsProtocol=https;AccountKey=SECRET-C",
@@ -592,7 +584,7 @@ def test_storage_options_are_shown_by_allowlist_and_credential_tags_hidden():
             "az": {"sas": "sv=2021&sig=SECRET-D"},
             "s3": {"endpoint_url": "http://minio:9000", "config_kwargs": {"retries": {"max_attempts": 3}}},
         },
-    }
+    )
     spec = validate_spec(data)
     public = public_dict(spec)
     assert "SECRET" not in json.dumps(public)
@@ -615,7 +607,7 @@ def test_public_dict_keeps_ordinary_keys_and_defaults():
 
 
 def test_flatten_dotted_keys():
-    flat = flatten(public_dict(validate_spec(spec_dict(train={"max_steps": 5, "learning_rate": 1e-4}))))
+    flat = flatten(public_dict(validate_spec(minimal(train={"max_steps": 5, "learning_rate": 1e-4}))))
     assert flat["train.learning_rate"] == 1e-4
     assert flat["train.max_steps"] == 5
     assert flat["data.bad_rows.policy"] == "skip"
@@ -626,10 +618,10 @@ def test_flatten_dotted_keys():
 
 
 def test_output_uri_name_substitution():
-    spec = validate_spec(spec_dict(name="support-bot", output={"uri": "s3://runs/{name}/"}))
+    spec = validate_spec(minimal(name="support-bot", output={"uri": "s3://runs/{name}/"}))
     assert spec.output_uri == "s3://runs/support-bot/"
-    assert validate_spec(spec_dict(name="x1")).output_uri == "./runs/x1"
-    assert validate_spec(spec_dict(output={"uri": "/data/out"})).output_uri == "/data/out"
+    assert validate_spec(minimal(name="x1")).output_uri == "./runs/x1"
+    assert validate_spec(minimal(output={"uri": "/data/out"})).output_uri == "/data/out"
 
 
 def test_plain_words_in_overrides_stay_strings():

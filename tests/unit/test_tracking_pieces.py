@@ -10,7 +10,7 @@ import time
 import uuid
 
 import pytest
-from helpers import ALPACA_ROWS, REPO, write_jsonl
+from helpers import ALPACA_ROWS, REPO, make_spec, write_jsonl
 from tracking_helpers import messages
 
 from job.data.plan import DataPlan
@@ -96,9 +96,7 @@ def test_datasets_are_the_files_of_the_plan_not_what_the_globs_name_now(isolated
     write_jsonl(isolated / "d" / "b.jsonl", ALPACA_ROWS)
     glob = str(isolated / "d" / "*.jsonl")
     extra = write_jsonl(isolated / "e.jsonl", ALPACA_ROWS)
-    data = validate_spec(
-        {"model": {"source": "m"}, "data": {"train": [glob, str(extra)]}, "train": {"max_steps": 1}}
-    ).data
+    data = validate_spec(make_spec(model="m", data={"train": [glob, str(extra)]})).data
     plan = DataPlan([([str(old), str(extra)], 1.0)], [], [None])
     [train] = dataset_inputs(data, plan)
     assert train["context"] == "train" and train["dataset"]["name"] == "data.train"
@@ -110,11 +108,8 @@ def test_weighted_sources_and_the_eval_files_are_a_dataset_each(isolated):
     a, b, e = (
         write_jsonl(isolated / f"{n}.jsonl", ALPACA_ROWS[:k]) for n, k in (("a", 1), ("b", 2), ("e", 3))
     )
-    spec = {
-        "model": {"source": "m"},
-        "data": {"train": [{"path": str(a), "weight": 1}, {"path": str(b), "weight": 3}], "eval": [str(e)]},
-        "train": {"max_steps": 1},
-    }
+    train = [{"path": str(a), "weight": 1}, {"path": str(b), "weight": 3}]
+    spec = make_spec(model="m", data={"train": train, "eval": [str(e)]})
     plan = DataPlan([([str(a)], 1.0), ([str(b)], 3.0)], [str(e)], [None, None])
     inputs = dataset_inputs(validate_spec(spec).data, plan)
     assert [(i["dataset"]["name"], i["context"]) for i in inputs] == [

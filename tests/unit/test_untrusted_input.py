@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from helpers import make_spec
 
 from job.errors import UserError
 
@@ -56,7 +57,7 @@ def test_a_manifest_not_as_ftjob_writes_it_is_refused(tmp_path, manifest):
 def test_credentials_inside_a_url_are_refused_without_being_echoed(where, value):
     from job.spec import apply_override, validate_spec
 
-    data = {"model": {"source": "m"}, "data": {"train": ["d.jsonl"]}, "train": {"max_steps": 1}}
+    data = make_spec(model="m")
     apply_override(data, where.replace("[0]", ""), [value] if "[0]" in where else value, "test")
     with pytest.raises(UserError) as refused:
         validate_spec(data)
@@ -67,27 +68,20 @@ def test_credentials_inside_a_url_are_refused_without_being_echoed(where, value)
 def test_urls_without_credentials_pass():
     from job.spec import validate_spec
 
-    validate_spec(
-        {
-            "model": {"source": "https://models.example.com/llama?rev=main@x"},
-            "data": {"train": ["hf://datasets/org/name@v1.0", "s3://bucket/a@b.jsonl"]},
-            "train": {"max_steps": 1},
-        }
-    )
+    train = ["hf://datasets/org/name@v1.0", "s3://bucket/a@b.jsonl"]
+    validate_spec(make_spec(model="https://models.example.com/llama?rev=main@x", data={"train": train}))
 
 
 def test_paths_that_merely_contain_token_letters_are_published_as_they_are():
     from job.spec import public_dict, validate_spec
 
+    train = ["s3://b/sk-learn-datasets-2024-cleaned-v2/train.jsonl", "https://h/d.jsonl?sig=abc"]
     spec = validate_spec(
-        {
-            "model": {"source": "/models/hf_Llama3InstructFinetunedVersionTwoXyz"},
-            "data": {
-                "train": ["s3://b/sk-learn-datasets-2024-cleaned-v2/train.jsonl", "https://h/d.jsonl?sig=abc"]
-            },
-            "train": {"max_steps": 1},
-            "tracking": {"tags": {"api_token": "hunter2", "hf": "hf_abcdefghijklmnopqrstuvwxyzABCDEFGH"}},
-        }
+        make_spec(
+            model="/models/hf_Llama3InstructFinetunedVersionTwoXyz",
+            data={"train": train},
+            tracking={"tags": {"api_token": "hunter2", "hf": "hf_abcdefghijklmnopqrstuvwxyzABCDEFGH"}},
+        )
     )
     public = public_dict(spec)
     assert public["model"]["source"] == "/models/hf_Llama3InstructFinetunedVersionTwoXyz"
