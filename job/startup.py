@@ -52,7 +52,9 @@ def use_the_cpus_given() -> None:
 
     threads, why = cpu_threads(os.environ, len(os.sched_getaffinity(0)), cgroup_cpu_quota())
     torch.set_num_threads(threads)
-    log.info("torch threads: %d (%s)", threads, why)
+    # accelerate sets its own count (physical cores over local processes) where OMP_NUM_THREADS is unset
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    log.debug("torch threads: %d (%s)", threads, why)  # the progress line says how many
 
 
 def cgroup_cpu_quota(

@@ -189,7 +189,8 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
     spec, cfg, data, history, progress = run.spec, run.spec.train, run.data, run.history, run.progress
     progress.message(
         f"training {spec.name}: {run.total_steps} steps, micro batch {cfg.micro_batch_size} x grad_accum "
-        f"{cfg.grad_accum} x {accelerator.num_processes} process(es), {accelerator.device}, "
+        f"{cfg.grad_accum} x {accelerator.num_processes} process(es), {accelerator.device} "
+        f"({torch.get_num_threads()} threads), "
         f"mixed precision {accelerator.mixed_precision}"
     )
     train_batches = data.train_batches(cfg.micro_batch_size)

@@ -33,10 +33,7 @@ def test_workers_whose_launcher_is_killed_checkpoint_release_the_lease_and_exit(
     assert "the launcher (pid" in log and "is gone: stopping as on SIGTERM" in log
     assert "checkpoint committed" in log
     cpus = len(os.sched_getaffinity(0))  # two workers share this node's CPUs (job/cluster.py cpu_threads)
-    assert (
-        f"torch threads: {max(1, cpus // 2)} ({cpus} CPUs from CPU affinity, shared by 2 processes)"
-        in started
-    )
+    assert f"({max(1, cpus // 2)} threads)" in started  # on the "training ..." line
     lease = json.loads((output / "lease.json").read_text())
     assert lease["released"] is True
     committed = sorted(p.parent.name for p in (output / "checkpoints").glob("*/COMMITTED"))
