@@ -352,15 +352,22 @@ def service(name: str, options: K8sOptions) -> dict[str, Any]:
     }
 
 
-def job(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | None) -> dict[str, Any]:
-    body = job_spec(name, spec, options, parent_run_id)
-    body["ttlSecondsAfterFinished"] = options.ttl_seconds
+def top_object(
+    api_version: str, kind: str, name: str, options: K8sOptions, body: dict[str, Any]
+) -> dict[str, Any]:
+    """The object that holds the run's pods (a Job, JobSet or TrainJob), with Kueue's queue label."""
     return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
+        "apiVersion": api_version,
+        "kind": kind,
         "metadata": metadata(name, options, **queue_label(options)),
         "spec": body,
     }
+
+
+def job(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | None) -> dict[str, Any]:
+    body = job_spec(name, spec, options, parent_run_id)
+    body["ttlSecondsAfterFinished"] = options.ttl_seconds
+    return top_object("batch/v1", "Job", name, options, body)
 
 
 def job_spec(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | None) -> dict[str, Any]:
@@ -400,27 +407,23 @@ def job_set(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | Non
     (exit 2 or 3) and DeadlineExceeded (--active-deadline-seconds) fail it; BackoffLimitExceeded (any
     other failure that counts) restarts every pod, --max-restarts times at most. 75, 76 and disruptions
     never fail the Job: its pods are replaced (job_spec)."""
-    return {
-        "apiVersion": "jobset.x-k8s.io/v1alpha2",
-        "kind": "JobSet",
-        "metadata": metadata(name, options, **queue_label(options)),
-        "spec": {
-            # pod i is <name>-node-0-i.<name>, from a headless Service of the JobSet's, before it is ready
-            "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
-            "failurePolicy": {
-                "maxRestarts": options.max_restarts,
-                "restartStrategy": "BlockingRecreate",  # the old pods are gone before the new ones start
-                "rules": [
-                    {"name": "badInputOrDeadline", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy", "DeadlineExceeded"]},
-                    {"name": "otherFailure", "action": "RestartJobSet", "onJobFailureReasons": ["BackoffLimitExceeded"]},
-                ],
-            },
-            "replicatedJobs": [
-                {"name": REPLICATED_JOB, "replicas": 1, "template": {"spec": job_spec(name, spec, options, parent_run_id)}}
+    body = {
+        # pod i is <name>-node-0-i.<name>, from a headless Service of the JobSet's, before it is ready
+        "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+        "failurePolicy": {
+            "maxRestarts": options.max_restarts,
+            "restartStrategy": "BlockingRecreate",  # the old pods are gone before the new ones start
+            "rules": [
+                {"name": "badInputOrDeadline", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy", "DeadlineExceeded"]},
+                {"name": "otherFailure", "action": "RestartJobSet", "onJobFailureReasons": ["BackoffLimitExceeded"]},
             ],
-            "ttlSecondsAfterFinished": options.ttl_seconds,
         },
+        "replicatedJobs": [
+            {"name": REPLICATED_JOB, "replicas": 1, "template": {"spec": job_spec(name, spec, options, parent_run_id)}}
+        ],
+        "ttlSecondsAfterFinished": options.ttl_seconds,
     }  # fmt: skip
+    return top_object("jobset.x-k8s.io/v1alpha2", "JobSet", name, options, body)
 
 
 def train_job(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | None) -> dict[str, Any]:
@@ -453,12 +456,7 @@ def train_job(name: str, spec: Spec, options: K8sOptions, parent_run_id: str | N
     }  # fmt: skip
     if options.active_deadline_seconds:
         body["activeDeadlineSeconds"] = options.active_deadline_seconds
-    return {
-        "apiVersion": "trainer.kubeflow.org/v1alpha1",
-        "kind": "TrainJob",
-        "metadata": metadata(name, options, **queue_label(options)),
-        "spec": body,
-    }
+    return top_object("trainer.kubeflow.org/v1alpha1", "TrainJob", name, options, body)
 
 
 def queue_label(options: K8sOptions) -> dict[str, str]:

@@ -47,26 +47,25 @@ def test_plain_keys_are_copied(s3, s3_server, tmp_path):
     assert (tmp_path / "sub/dir/weights.safetensors").read_bytes() == b"m/sub/dir/weights.safetensors"
 
 
+def published_adapter(workdir: Path, tiny_model_dir, data_files) -> Path:
+    """The adapter/ of two LoRA steps on the tiny model, published under workdir/runs/t (the cwd)."""
+    from helpers import make_spec, train_in_process
+
+    spec = make_spec(
+        "lora", model=tiny_model_dir, files=data_files, tracking={"enabled": False}, train={"max_steps": 2}
+    )
+    train_in_process(spec, restart=True)
+    return workdir / "runs" / "t" / "adapter"
+
+
 def crafted_adapter(tmp_path, tiny_model_dir, data_files) -> tuple:
     """A published adapter altered as an attacker would: its spec.json asks for remote code and its
     tokenizer config points at Python shipped beside it; the MANIFEST is rewritten to match."""
     import json
 
-    from helpers import make_spec, train_in_process
-
     from job.output.manifest import write_manifest
 
-    train_in_process(
-        make_spec(
-            "lora",
-            model=tiny_model_dir,
-            files=data_files,
-            tracking={"enabled": False},
-            train={"max_steps": 2},
-        ),
-        restart=True,
-    )
-    adapter = tmp_path / "runs" / "t" / "adapter"
+    adapter = published_adapter(tmp_path, tiny_model_dir, data_files)
     spec = json.loads((adapter / "spec.json").read_text())
     spec["model"]["trust_remote_code"] = True
     (adapter / "spec.json").write_text(json.dumps(spec))
@@ -92,19 +91,7 @@ def test_generate_never_runs_code_an_adapter_ships(tiny_model_dir, data_files, i
 def test_generate_takes_the_base_model_from_the_command_line(tiny_model_dir, data_files, isolated):
     import json
 
-    from helpers import make_spec, train_in_process
-
-    train_in_process(
-        make_spec(
-            "lora",
-            model=tiny_model_dir,
-            files=data_files,
-            tracking={"enabled": False},
-            train={"max_steps": 2},
-        ),
-        restart=True,
-    )
-    adapter = isolated / "runs" / "t" / "adapter"
+    adapter = published_adapter(isolated, tiny_model_dir, data_files)
     spec = json.loads((adapter / "spec.json").read_text())
     spec["model"]["source"] = str(isolated / "moved-away")
     (adapter / "spec.json").write_text(json.dumps(spec))
