@@ -8,7 +8,7 @@ container); and ftjob's CPU layers eager (LoRA dropout by gaps, fused LoRA linea
 Reports the first step and the mean of the steps after it, and how many frames torch.compile compiled
 in each form (0 for the eager ones).
 
-    .venv/bin/python -m bench.compile [--size small] [--steps 5] [--micro-batch 4]
+    .venv/bin/python -m bench.compile [--size small] [--steps 5] [--micro-batch 4] [--backend inductor]
 """
 
 from __future__ import annotations
@@ -49,13 +49,13 @@ def lora_model(model_dir: str, form: str):
     return model
 
 
-def measure(model_dir: str, form: str, steps: int, micro_batch: int, vocab: int) -> dict:
+def measure(model_dir: str, form: str, steps: int, micro_batch: int, vocab: int, backend: str) -> dict:
     import torch
     from torch._dynamo.utils import counters
 
     model = lora_model(model_dir, form)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    forward = torch.compile(model) if form == "peft compiled" else model
+    forward = torch.compile(model, backend=backend) if form == "peft compiled" else model
     ids = torch.randint(0, vocab, (micro_batch, MAX_SEQ_LEN), generator=torch.Generator().manual_seed(0))
     times = []
     for _ in range(steps + 1):
@@ -77,6 +77,7 @@ def measure_in_fresh_process(form: str, args: argparse.Namespace, model_dir: str
     """measure() in a process of its own: no form inherits another's caches or heap."""
     command = [sys.executable, "-m", "bench.compile", "--form", form, "--model", model_dir]
     command += ["--vocab", str(vocab), "--steps", str(args.steps), "--micro-batch", str(args.micro_batch)]
+    command += ["--backend", args.backend]
     done = subprocess.run(command, capture_output=True, text=True, env=child_environment())
     if done.returncode:
         sys.exit(f"{form} failed:\n{done.stderr[-3000:]}")
@@ -89,13 +90,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps measured after the first")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--rows", type=int, default=200, help="rows the tokenizer is trained on")
+    parser.add_argument(
+        "--backend",
+        default="inductor",
+        help="torch.compile's backend (the tests' aot_eager traces forward and backward but makes no kernels)",
+    )
     parser.add_argument("--form", choices=FORMS, help=argparse.SUPPRESS)  # one form, in this process
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     leave_out_bitsandbytes()  # as an unquantized ftjob run does
     if args.form:
-        result = measure(args.model, args.form, args.steps, args.micro_batch, args.vocab)
+        result = measure(args.model, args.form, args.steps, args.micro_batch, args.vocab, args.backend)
         print("RESULT", json.dumps(result))
         return
     with tempfile.TemporaryDirectory() as root:
@@ -107,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         results = [measure_in_fresh_process(f, args, workspace["model"], vocab) for f in FORMS]
     eager = results[0]["step_s"]
     print(
-        f"{args.size} model, micro batch {args.micro_batch} x {MAX_SEQ_LEN} tokens, float32, {args.steps} steps"
+        f"{args.size} model, micro batch {args.micro_batch} x {MAX_SEQ_LEN} tokens, float32, {args.steps} steps, "
+        f"backend {args.backend}"
     )
     print("| form | first step s | step s (mean of the rest) | step ÷ peft eager |")
     print("| --- | --- | --- | --- |")

@@ -62,7 +62,8 @@ def create_tracking_store(tracking_uri: str) -> None:
 
 def ftjob_measures(output: Path, tracking_uri: str, experiment: str, device: str) -> dict:
     """What the ftjob run reported: its metric curve (published with the adapter) and, for the step
-    times, the timestamps MLflow recorded as each step's loss was logged."""
+    times, the timestamps MLflow recorded as the first and the last step's loss was logged (ftjob logs
+    those two as they end; the steps between, every train.log_every steps, in groups)."""
     from mlflow.tracking import MlflowClient
 
     history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]

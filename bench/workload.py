@@ -19,9 +19,9 @@ from pathlib import Path
 MAX_SEQ_LEN = 512
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}  # ftjob's defaults
 
-# Model shapes. small is the CPU bench (~10M parameters); 0.5b is Qwen2.5-0.5B's shape and 1b
-# Llama-3.2-1B's, vocabularies included (the LM head is a large part of a step at these sizes; the local
-# tokenizer uses only its first ids), stored in bf16 as released models are. tiny, for tests, takes
+# Model shapes. small is the CPU bench (~10M parameters); 0.5b is Qwen2.5-0.5B's shape, 1b Llama-3.2-1B's
+# and 3b Llama-3.2-3B's, vocabularies included (the LM head is a large part of a step at these sizes; the
+# local tokenizer uses only its first ids), stored in bf16 as released models are. tiny, for tests, takes
 # the large sizes' code paths: Qwen2, a vocabulary larger than the tokenizer's, tied, bf16 on disk.
 SIZES = {
     "tiny": {"arch": "qwen2", "hidden": 64, "intermediate": 172, "layers": 2, "heads": 4, "kv_heads": 2,
@@ -31,6 +31,8 @@ SIZES = {
     "0.5b": {"arch": "qwen2", "hidden": 896, "intermediate": 4864, "layers": 24, "heads": 14, "kv_heads": 2,
              "vocab": 151936, "tokenizer_vocab": 8192, "tied": True, "dtype": "bfloat16"},
     "1b": {"arch": "llama", "hidden": 2048, "intermediate": 8192, "layers": 16, "heads": 32, "kv_heads": 8,
+           "vocab": 128256, "tokenizer_vocab": 8192, "tied": True, "dtype": "bfloat16"},
+    "3b": {"arch": "llama", "hidden": 3072, "intermediate": 8192, "layers": 28, "heads": 24, "kv_heads": 8,
            "vocab": 128256, "tokenizer_vocab": 8192, "tied": True, "dtype": "bfloat16"},
 }  # fmt: skip
 

@@ -9,8 +9,10 @@ The callers (the CLI, tests, benchmarks) make it and hand it to the recipe.
 from __future__ import annotations
 
 import logging
+import tempfile
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +21,8 @@ from accelerate.utils import InitProcessGroupKwargs
 from torch.distributed.tensor import DTensor
 
 from job.errors import JobError
-from job.model.sharding import clip_sharded_gradients, gathered_weights, is_sharded
+from job.model.sharding import clip_sharded_gradients, gathered_weights, is_sharded, resharded
+from job.output.publish import write_model_files
 from job.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,12 @@ def fsdp_compute_dtype(cfg: TrainSpec) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else None
 
 
+def step_precision(accelerator: Accelerator, fsdp_dtype: torch.dtype | None) -> str:
+    """What the step computes in, "bf16", "fp16" or "no": under fsdp FSDP's policy (fsdp_compute_dtype;
+    accelerate's own is "no" there), otherwise accelerate's autocast."""
+    return "bf16" if fsdp_dtype == torch.bfloat16 else accelerator.mixed_precision
+
+
 def wrap_for_ranks(model, optimizer, accelerator: Accelerator) -> tuple[Any, Any]:
     """ddp: the model in accelerate's DDP (and autocast), the optimizer in its wrapper (loss scaling).
     A model sharded by FSDP stays as it is, and so does its optimizer, which must hold its shards."""
@@ -104,8 +113,20 @@ def clip_gradients(optimizer, max_norm: float | None, accelerator: Accelerator) 
     return accelerator.clip_grad_norm_(params, max_norm or float("inf"))
 
 
-def trained(model, accelerator: Accelerator) -> tuple[Any, dict[str, torch.Tensor] | None]:
-    """Every rank, after the loop: the model unwrapped, in eval mode, and where it is sharded its
-    weights gathered whole on rank 0 for publishing (a collective; None for a model that is whole)."""
+def trained(
+    model, accelerator: Accelerator
+) -> tuple[Any, dict[str, torch.Tensor] | tempfile.TemporaryDirectory | None]:
+    """Every rank, after the loop: the model unwrapped, in eval mode, and where it is sharded its weights
+    on rank 0 for publishing (a collective): an adapter's gathered whole, a whole model's written to
+    safetensors files in a temporary folder a tensor at a time, so that no rank ever holds all of it
+    (job/output/publish.py: write_model_files). None for a model that is whole."""
+    from peft import PeftModel
+
     model = accelerator.unwrap_model(model).eval()
-    return model, gathered_weights(model) if is_sharded(model) else None
+    if not is_sharded(model):
+        return model, None
+    if isinstance(model, PeftModel):
+        return model, gathered_weights(model)
+    folder = tempfile.TemporaryDirectory(prefix="ftjob-weights-") if accelerator.is_main_process else None
+    write_model_files(resharded(model), Path(folder.name) if folder else None)
+    return model, folder

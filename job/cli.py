@@ -157,6 +157,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from job.report_table import show_report
+    from job.storage import configure_storage
+
+    configure_storage(None)  # the environment's credentials and endpoint, as for any URL
+    print(show_report(args.target, args.json))
+    return 0
+
+
 def setup_logging() -> None:
     """ftjob's own messages at INFO on stderr; libraries keep their own settings."""
     handler = logging.StreamHandler(sys.stderr)
@@ -262,6 +271,17 @@ def build_parser(elsewhere: dict[str, EntryPoint], with_their_help: bool) -> arg
     status.add_argument("output_uri", metavar="OUTPUT_URI", help="a run's output.uri")
     status.add_argument("--json", action="store_true", help="as JSON, for scripts")
     status.set_defaults(handler=cmd_status)
+
+    report = commands.add_parser(
+        "report", help="what a run cost: tokens, MFU, where the time went, preemption, device-hours, money"
+    )
+    report.add_argument(
+        "target",
+        metavar="OUTPUT_URI|RUN_ID",
+        help="a run's output.uri (its report.json), or an MLflow run id",
+    )
+    report.add_argument("--json", action="store_true", help="as JSON, for scripts")
+    report.set_defaults(handler=cmd_report)
 
     for name, entry in elsewhere.items():
         commands.add_parser(name, help=first_line(entry.load().__doc__) if with_their_help else None)

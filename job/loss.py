@@ -22,6 +22,7 @@ CHUNK_LOGITS = 2**26  # logits computed at once by linear_cross_entropy: 256 MiB
 def loss_sum(model, batch: Batch, head: torch.nn.Linear | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy over the tokens that carry loss (labels != -100).
 
+    Only the positions whose next token carries loss are scored (prompts and padding are not).
     With `head`, the model's output layer (see output_head), the model returns its last hidden states
     and linear_cross_entropy applies the head: the whole [tokens, vocabulary] logits never exist."""
     inputs = {
@@ -30,15 +31,41 @@ def loss_sum(model, batch: Batch, head: torch.nn.Linear | None = None) -> torch.
         "position_ids": batch.get("position_ids"),  # packed rows: positions restart at each example
         "use_cache": False,  # no KV cache in training; with one, transformers ignores packed positions
     }
-    labels = batch["labels"][:, 1:].flatten()
+    positions = loss_positions(batch)
+    targets = batch["labels"].flatten().index_select(0, positions + 1)  # the next tokens' labels
     if head is None:
-        logits = model(**inputs).logits
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        logits = model(**inputs).logits.flatten(0, 1).index_select(0, positions)
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
     # -1: only the last hidden state (transformers 5.25; earlier 5.x return them all, the last the same)
     hidden = model(**inputs, output_hidden_states=-1, logits_to_keep=1).hidden_states[-1]
-    return linear_cross_entropy(hidden[:, :-1].flatten(0, 1), head.weight, labels)
+    return linear_cross_entropy(hidden.flatten(0, 1).index_select(0, positions), head.weight, targets)
+
+
+def loss_positions(batch: Batch) -> torch.Tensor:
+    """The positions, in the batch's flattened [rows x length] tokens, whose next token in the same row
+    carries loss, as an integer index (a boolean mask would make CUDA wait for its count): those that
+    device_batch computed on the CPU, else computed here (on CUDA that waits for the device)."""
+    if "loss_positions" in batch:
+        return batch["loss_positions"]
+    labels = batch["labels"]
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return predicts.flatten().nonzero().flatten()
+
+
+def device_batch(batch: Batch, device: torch.device) -> Batch:
+    """The batch on `device`, its loss_positions computed first, on the CPU; real_tokens, a count that
+    the host reads, stays there."""
+    batch = {**batch, "loss_positions": loss_positions(batch)}
+    return {key: value if key == "real_tokens" else to_device(value, device) for key, value in batch.items()}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """On CUDA through pinned memory, so that the copy does not make the host wait for the device (a
+    copy from pageable memory does)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -129,7 +156,7 @@ def output_head(model) -> torch.nn.Linear | None:
 
 
 def loss_tokens(batch: Batch) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return len(loss_positions(batch))
 
 
 def eval_metrics(
@@ -160,10 +187,11 @@ def evaluate(
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     most = int(accelerator.reduce(torch.tensor(len(batches), device=accelerator.device), reduction="max"))
     for batch in batches + [empty_batch(0)] * (most - len(batches)):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = device_batch(batch, accelerator.device)
         with accelerator.autocast():
             loss = loss_sum(model, batch, head)
-        total += torch.tensor([loss.item(), loss_tokens(batch)], device=accelerator.device)
+        total[0] += loss
+        total[1] += loss_tokens(batch)
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return float(total[0] / total[1]) if total[1] else None

@@ -38,9 +38,10 @@ def device_name(accelerator: Accelerator) -> str:
     return torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else "cpu"
 
 
-def peak_flops(accelerator: Accelerator) -> float | None:
-    """The device's peak FLOP/s for 16-bit mixed precision; None on CPUs, in float32 and for unknown GPUs."""
-    if accelerator.device.type != "cuda" or accelerator.mixed_precision not in ("bf16", "fp16"):
+def peak_flops(accelerator: Accelerator, precision: str) -> float | None:
+    """The device's peak FLOP/s for 16-bit mixed precision (`precision`: accelerator.py's step_precision);
+    None on CPUs, in float32 and for unknown GPUs."""
+    if accelerator.device.type != "cuda" or precision not in ("bf16", "fp16"):
         return None
     return gpu_peak_flops(torch.cuda.get_device_name(accelerator.device))
 
@@ -52,9 +53,9 @@ def flops_per_token(total_params: int, trainable_params: int) -> float:
     return 2.0 * (2 * total_params + trainable_params)
 
 
-def mfu(metrics: dict[str, float], model_flops: float, device_flops: float, devices: int) -> float:
-    """Model FLOPs utilization of a step: FLOPs achieved over the peak of every device."""
-    return metrics["train/tokens_per_second"] * model_flops / (device_flops * devices)
+def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilization: FLOPs achieved over the peak of every device together (`peak_flops`)."""
+    return tokens_per_second * flops_per_token / peak_flops
 
 
 def peak_memory_gib(accelerator: Accelerator) -> float:

@@ -322,6 +322,19 @@ class OutputSpec(_Section):
     merge: bool = Field(False, description="Also write merged/: the base model with the adapter merged in.")
 
 
+class ReportSpec(_Section):
+    """report: what the job cost, in <output.uri>/report.json, MLflow's report/* metrics and `ftjob report`."""
+
+    price_per_device_hour: float | None = Field(
+        None,
+        ge=0,
+        le=1e6,
+        description="The price of one device (GPU, or CPU process) for an hour, in any currency: the report "
+        "adds the cost and the cost per million trained tokens. Null: FTJOB_PRICE_PER_DEVICE_HOUR, else no "
+        "cost.",
+    )
+
+
 class Spec(_Section):
     name: str = Field("ftjob-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: ModelSpec
@@ -331,6 +344,7 @@ class Spec(_Section):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
     storage_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description='fsspec options per protocol, e.g. {"s3": {"endpoint_url": "http://minio:9000"}}. '

@@ -12,7 +12,6 @@ import itertools
 import logging
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from job.accelerator import clip_gradients, fsdp_compute_dtype, gradient_sync, trained, wrap_for_ranks
+from job.accelerator import fsdp_compute_dtype, step_precision, trained, wrap_for_ranks
 from job.cluster import restart_id
-from job.data.batching import Batch, empty_batch, flatten_packed
+from job.data.batching import flatten_packed
 from job.data.counting import data_metrics, data_summary, epoch_run_steps
 from job.data.pipeline import DataPipeline
 from job.data.plan import shared_plan
 from job.evaluation import Evaluator
-from job.loss import loss_sum, loss_tokens, output_head
-from job.metrics import device_name, flops_per_token, mfu, peak_flops, peak_memory_gib
+from job.loss import output_head
+from job.metrics import device_name, flops_per_token, peak_flops, peak_memory_gib
 from job.model.adapter import count_parameters
 from job.model.loading import model_dir_and_tokenizer
 from job.model.prepare import prepare_model
@@ -40,10 +39,12 @@ from job.output.lease import Lease
 from job.output.publish import publish, publish_merged
 from job.output.takeover import Takeover, merge_published, restart_decision
 from job.progress import Progress
+from job.report import RunReport, device_hour_price
 from job.schedule import make_optimizer, make_scheduler
 from job.signals import StopRequest
 from job.spec import Spec
 from job.startup import quiet_libraries
+from job.step import HeldSteps, OptimizerStep
 from job.storage import absolute, configure_storage
 from job.tracking.tracker import Tracker, run_record
 
@@ -75,12 +76,13 @@ class Run:
     total_steps: int
     first_step: int
     history: list[dict[str, float]]
-    model_flops: float  # per trained token
-    device_flops: float | None  # peak FLOP/s of one device; None where MFU means nothing
+    optimizer_step: OptimizerStep
+    held: HeldSteps  # the steps whose metrics are still on the device, until they are logged
     progress: Progress
     evaluator: Evaluator
-    head: torch.nn.Linear | None  # the output layer the loss is computed through, chunk by chunk (loss.py)
     flatten_packed: bool  # each micro-batch's packed rows become one row (packed_rows_flattened)
+    precision: str  # what the step computes in: "bf16", "fp16" or "no" (step_precision)
+    report: RunReport  # what the job cost: report.json, with the attempt's wall clock
 
 
 def train(
@@ -119,18 +121,23 @@ def train(
             run = setup(spec, accelerator, stop, takeover)
         with takeover.checkpointer, run.tracker.run(tags):
             history = train_loop(run, accelerator, stop)
-            model, weights = trained(run.model, accelerator)  # under fsdp a collective: every rank
+            with run.report.clock.phase("publish"):  # under fsdp a collective: every rank
+                model, weights = trained(run.model, accelerator)
             if not accelerator.is_main_process:
                 return TrainResult(model, run.tokenizer, "", history)
             # Rank 0 alone from here, after the last collective: a slow upload or merge cannot run into
             # the process group's timeout, the other ranks are done.
-            takeover.checkpointer.wait()
-            takeover.lease.check()  # a job that lost output.uri to another publishes nothing there
-            adapter_uri = publish_adapter(run, model, history, weights)
-            run.progress.message(f"adapter published to {adapter_uri}")
-            if spec.output.merge:
-                merged_uri = publish_merged(spec.output_uri, spec.model, run.model_dir)
-                run.progress.message(f"merged model published to {merged_uri}")
+            with run.report.clock.phase("checkpoint"):
+                takeover.checkpointer.wait()
+            with run.report.clock.phase("publish"):
+                takeover.lease.check()  # a job that lost output.uri to another publishes nothing there
+                adapter_uri = publish_adapter(run, model, history, weights)
+                run.progress.message(f"adapter published to {adapter_uri}")
+                if spec.output.merge:
+                    merged_uri = publish_merged(spec.output_uri, spec.model, run.model_dir)
+                    run.progress.message(f"merged model published to {merged_uri}")
+            run.report.finished(history[-1]["step"], run.tracker)
+            run.progress.message(f"what it cost: ftjob report {spec.output_uri}")
         if run.tracker.run_id:  # ended and delivered: the run exists unless MLflow was unreachable
             run.progress.message(f"MLflow run {run.tracker.run_id} in {run.tracker.uri}")
     return TrainResult(model, run.tokenizer, adapter_uri, history, run.tracker.run_id)
@@ -143,12 +150,14 @@ def train(
 def setup(spec: Spec, accelerator: Accelerator, stop: StopRequest, takeover: Takeover) -> Run:
     """The components the loop needs, built in the order job/output/takeover.py explains."""
     cfg, is_main = spec.train, accelerator.is_main_process
+    price = device_hour_price(spec.report, os.environ)  # a bad FTJOB_PRICE_PER_DEVICE_HOUR: exit 2 now
     model_dir, tokenizer = model_dir_and_tokenizer(spec.model, spec.data.chat_template)
     plan = shared_plan(spec.data, accelerator)  # rank 0 resolves the files; every rank follows it
     rank, world = accelerator.process_index, accelerator.num_processes
     data = DataPipeline(spec.data, tokenizer, cfg.seed, cfg.epochs, rank, world, plan)
     takeover.claim(stop)
-    model, flatten = prepare_model(model_dir, spec, accelerator, fsdp_compute_dtype(cfg))
+    compute_dtype = fsdp_compute_dtype(cfg)
+    model, flatten = prepare_model(model_dir, spec, accelerator, compute_dtype)
     head = output_head(model)
     log.info(
         "the loss %s", "goes through the output layer chunk by chunk" if head else "uses the model's logits"
@@ -172,10 +181,17 @@ def setup(spec: Spec, accelerator: Accelerator, stop: StopRequest, takeover: Tak
     tracker = Tracker(spec.tracking, record, resume_run_id=takeover.run_id)
     evaluator = Evaluator(spec, data, tokenizer, head, tracker, accelerator)
     progress = Progress(total_steps, cfg.log_every, enabled=is_main, first_step=first_step)
+    step = OptimizerStep(model, optimizer, scheduler, head, cfg, tokenizer.pad_token_id, accelerator)
+    precision = step_precision(accelerator, compute_dtype)
+    peak = peak_flops(accelerator, precision)
+    held = HeldSteps(flops_per_token(total, trainable), peak * world if peak else None)
+    resumed_from = first_step - 1 if takeover.saved else None
+    report = RunReport(
+        spec.output_uri, accelerator, (trainable, total), total_steps, price, resumed_from, precision
+    )
     return Run(
-        spec, model_dir, tokenizer, data, model, optimizer, scheduler, takeover,
-        tracker, total_steps, first_step, history, flops_per_token(total, trainable), peak_flops(accelerator),
-        progress, evaluator, head, flatten,
+        spec, model_dir, tokenizer, data, model, optimizer, scheduler, takeover, tracker, total_steps,
+        first_step, history, step, held, progress, evaluator, flatten, precision, report,
     )  # fmt: skip
 
 
@@ -190,100 +206,81 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
     progress.message(
         f"training {spec.name}: {run.total_steps} steps, micro batch {cfg.micro_batch_size} x grad_accum "
         f"{cfg.grad_accum} x {accelerator.num_processes} process(es), {accelerator.device} "
-        f"({torch.get_num_threads()} threads), "
-        f"mixed precision {accelerator.mixed_precision}"
+        f"({torch.get_num_threads()} threads), mixed precision {run.precision}"
     )
     train_batches = data.train_batches(cfg.micro_batch_size)
-    cadence = Cadence(cfg.checkpoint_every)
+    cadence, clock = Cadence(cfg.checkpoint_every), run.report.clock
     run.model.train()
     stop.training_begins(run.takeover.checkpointer)
+    clock.loop_begins()
     for step in itertools.count(run.first_step):
         if cfg.max_steps and step > cfg.max_steps:
             break
-        window = list(itertools.islice(train_batches, cfg.grad_accum))
-        if run.flatten_packed:
-            window = [flatten_packed(batch) for batch in window]
-        metrics = optimizer_step(run, window, accelerator)
+        with clock.phase("data"):
+            window = list(itertools.islice(train_batches, cfg.grad_accum))
+            if run.flatten_packed:
+                window = [flatten_packed(batch) for batch in window]
+        metrics = run.optimizer_step(window)  # its time: the device's, when log_held_steps reads it
         if metrics is None:
             break
+        run.report.trained(window, step)
         metrics["train/epoch"] = data.epoch
-        if run.device_flops:
-            metrics["train/mfu"] = mfu(metrics, run.model_flops, run.device_flops, accelerator.num_processes)
         if step % cfg.log_every == 0:
             metrics.update(data_metrics(data, accelerator))
             metrics["train/peak_memory_gib"] = peak_memory_gib(accelerator)
         checkpointing = cadence.due(step, data.epochs_ended, accelerator)
-        metrics.update(run.evaluator.at_step(run.model, step, checkpointing, stop))
+        with clock.phase("eval"):
+            metrics.update(run.evaluator.at_step(run.model, step, checkpointing, stop))
         history.append({"step": step, **metrics})
-        run.tracker.log_metrics(metrics, step)
-        progress.update(step, metrics)
+        run.held.add(history[-1])
         stopping = stop.agreed(accelerator)
+        first_or_last = step in (run.first_step, run.total_steps)  # the first at once: a sign it trains
+        if stopping or checkpointing or first_or_last or step % cfg.log_every == 0:
+            log_held_steps(run)
         if stopping or checkpointing:
             state = {
                 "run_id": run.tracker.resume_id,
                 "fingerprint": fingerprint(spec, accelerator.num_processes),
                 "total_steps": run.total_steps,
             }
-            run.takeover.checkpointer.save(
-                step, run.model, run.optimizer, run.scheduler, accelerator, data.state_dict(), state, history
-            )
+            with clock.phase("checkpoint"):
+                run.takeover.checkpointer.save(
+                    step, run.model, run.optimizer, run.scheduler, accelerator, data.state_dict(), state, history
+                )  # fmt: skip
+            run.report.checkpointed(step, accelerator, history, stopping)  # a stop's: its step and time
         if stopping:
             raise run.takeover.stop_for_requeue(stop, step)
+    log_held_steps(run)
     progress.close()
     data.budget.check()  # a run that ends before the data does still answers for its bad rows
-    final = data_metrics(data, accelerator) | run.evaluator.at_end(run.model, history[-1], stop)
+    final = data_metrics(data, accelerator)
+    with clock.phase("eval"):
+        final |= run.evaluator.at_end(run.model, history[-1], stop)
     history[-1].update(final)
     run.tracker.log_metrics(final, history[-1]["step"])
     progress.message(data_summary(final))
+    run.report.measure(accelerator, history)
     return history
 
 
-def optimizer_step(run: Run, window: list[Batch], accelerator: Accelerator) -> dict[str, float] | None:
-    """One optimizer step over up to grad_accum micro-batches (gradient accumulation); None when no
-    rank had any micro-batch left.
-
-    The loss is the mean over every loss-bearing token of the window on all ranks, so it does not
-    depend on padding, packing, or how the tokens are split into micro-batches and ranks. A rank whose
-    data ran out first fills its window with empty batches, so that all ranks run the same steps.
-    """
-    model, optimizer, scheduler, cfg = run.model, run.optimizer, run.scheduler, run.spec.train
-    started = time.perf_counter()
-    counts = torch.tensor(
-        [sum(loss_tokens(b) for b in window), sum(int(b["real_tokens"]) for b in window), len(window)],
-        device=accelerator.device,
-    )
-    step_tokens, step_inputs, batches = (int(x) for x in accelerator.reduce(counts, reduction="sum"))
-    if batches == 0:
-        return None
-    window = window + [empty_batch(run.tokenizer.pad_token_id)] * (cfg.grad_accum - len(window))
-    scale = accelerator.num_processes / max(step_tokens, 1)  # DDP averages gradients over ranks
-    step_loss = torch.zeros((), device=accelerator.device)
-    for i, batch in enumerate(window):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        last = i == len(window) - 1
-        with gradient_sync(model, accelerator, last):
-            with accelerator.autocast():  # over the loss's output layer too (run.head)
-                loss = loss_sum(model, batch, run.head)
-            accelerator.backward(loss * scale)
-        step_loss += loss.detach()
-    grad_norm = clip_gradients(optimizer, cfg.max_grad_norm, accelerator)
-    optimizer.step()
-    if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the schedule waits too
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {
-        "train/loss": float(accelerator.reduce(step_loss, reduction="sum")) / max(step_tokens, 1),
-        "train/learning_rate": scheduler.get_last_lr()[0],
-        "train/grad_norm": float(grad_norm),
-        "train/tokens_per_second": step_inputs / (time.perf_counter() - started),
-    }
+def log_held_steps(run: Run) -> None:
+    """The steps held on the device since the last log, read in one go with their time on the device,
+    then logged to the tracker and the progress."""
+    held, seconds = run.held.read()
+    run.report.clock.add("steps", seconds)
+    for entry in held:
+        metrics = {key: value for key, value in entry.items() if key != "step"}
+        run.tracker.log_metrics(metrics, entry["step"])
+        run.progress.update(entry["step"], metrics)
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. Publish (rank 0)
 
 
-def publish_adapter(run: Run, model, history: list[dict[str, float]], weights: dict | None) -> str:
+def publish_adapter(
+    run: Run, model, history: list[dict[str, float]], weights: dict | tempfile.TemporaryDirectory | None
+) -> str:
     """adapter/, written once: into the tracker's artifact folder when MLflow is on, so that MLflow
     logs those same files; for a full fine-tune MLflow gets only the URI (no second copy of a model)."""
     full = run.spec.adapter.method == "full"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from job.errors import UserError
-from job.tracking.store import LOCAL_STORE_DIR, redact_url, use_http_defaults
+from job.tracking.store import redact_url, tracking_uri_to_read, use_http_defaults
 
 DEFAULT_METRIC = "eval/loss"
 FALLBACK_METRIC = "train/loss"
-LOWER_IS_BETTER = ("loss", "perplexity", "error", "memory")
+LOWER_IS_BETTER = ("loss", "perplexity", "error", "memory", "cost", "seconds", "hours", "retrained", "stops")
 
 
 @dataclass
@@ -50,16 +49,6 @@ class RunSummary:
         return summary
 
 
-def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    store = Path(LOCAL_STORE_DIR, "mlflow.db").resolve()
-    if not store.exists():
-        raise UserError(f"no MLflow store here: MLFLOW_TRACKING_URI is unset and {store} does not exist")
-    return f"sqlite:///{store}"
-
-
 def lower_is_better(metric: str) -> bool:
     return any(word in metric.rsplit("/", 1)[-1] for word in LOWER_IS_BETTER)
 
@@ -76,7 +65,7 @@ def compare(
     from mlflow.exceptions import MlflowException
 
     use_http_defaults()
-    uri = tracking_uri()
+    uri = tracking_uri_to_read()
     client = MlflowClient(uri)
     try:
         if parent:  # a sweep: the parent run's children

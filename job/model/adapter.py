@@ -51,12 +51,40 @@ def apply_adapter(model, adapter: AdapterSpec, quantized: bool, gradient_checkpo
         raise UserError(f"adapter.target_modules: {e}") from None
 
 
+def keep_input_dtype_under_autocast(model) -> int:
+    """Under autocast, the adapter layers compute on their input as it comes (a 16-bit hidden state).
+    peft casts it up to the float32 adapter weights' dtype for them and runs dropout on that copy, and
+    autocast casts it back down for each matmul: two copies of a [tokens, features] tensor per layer,
+    and their gradients' two in backward. Autocast casts the adapter's weights per op; they and the
+    optimizer's state stay float32. peft's own switch (cast_input_dtype_enabled, as
+    peft.helpers.disable_input_dtype_casting sets it), set at each call: a forward without autocast (a
+    probe) still needs the cast. Returns how many layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    for layer in layers:
+        layer.register_forward_pre_hook(_cast_input_unless_autocast)
+    return len(layers)
+
+
+def _cast_input_unless_autocast(layer, args: tuple) -> None:
+    if args and isinstance(args[0], torch.Tensor):
+        layer.cast_input_dtype_enabled = not torch.is_autocast_enabled(args[0].device.type)
+
+
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts, logged."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts, logged; a 4-bit weight counts as the weight it quantizes."""
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
     log.info("%d of %d parameters trainable (%.2f%%)", trainable, total, 100 * trainable / total)
     return trainable, total
+
+
+def parameter_count(parameter: torch.nn.Parameter) -> int:
+    """Its elements; for bitsandbytes' 4-bit weight, the unquantized weight's (its storage packs two or
+    more values into an element, so numel() undercounts and MFU would read low)."""
+    state = getattr(parameter, "quant_state", None)
+    return state.shape.numel() if state is not None else parameter.numel()
 
 
 def merge_adapter(model_dir: Path, adapter_dir: Path, model_spec: ModelSpec):

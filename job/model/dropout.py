@@ -12,7 +12,7 @@ positions for the backward pass.
 The result has the distribution of torch's dropout: every element dropped independently with
 probability p, the others scaled by 1 / (1 - p). The random numbers come from torch's generator,
 whose state checkpoints save, so a resumed run draws the same masks. On GPUs torch's fused dropout
-kernel is already cheap and is kept.
+kernel is already cheap and is kept (job/model/fused_lora.py keeps its mask of kept elements there).
 """
 
 from __future__ import annotations
@@ -42,14 +42,25 @@ def drop_positions(count: int, p: float) -> torch.Tensor:
     return torch.cat(found) if found else torch.empty(0, dtype=torch.int64)
 
 
-def drop(x: torch.Tensor, positions: torch.Tensor | None, p: float) -> torch.Tensor:
-    """x with the elements at `positions` (flat indices) zeroed and the others scaled by 1/(1-p); x
-    itself when there are no positions (p = 0)."""
-    if positions is None:
+def drop(x: torch.Tensor, dropped: torch.Tensor | None, p: float) -> torch.Tensor:
+    """x with the dropped elements zeroed and the others scaled by 1/(1-p); x itself for None (p = 0).
+    `dropped`: their flat indices (drop_positions), or torch's mask of the kept ones (torch.native_dropout's,
+    bool, x's shape)."""
+    if dropped is None:
         return x
+    if dropped.dtype == torch.bool:  # x * mask * scale in one pass
+        return torch.ops.aten.native_dropout_backward(x, dropped, 1 / (1 - p))
     out = torch.mul(x.contiguous(), 1 / (1 - p))
-    out.view(-1).index_fill_(0, positions, 0)
+    out.view(-1).index_fill_(0, dropped, 0)
     return out
+
+
+def zero_dropped(x: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """x, contiguous, with the dropped elements zeroed in place (`dropped` as for drop), unscaled."""
+    if dropped.dtype == torch.bool:
+        return x.mul_(dropped)
+    x.view(-1).index_fill_(0, dropped, 0)
+    return x
 
 
 class _Dropout(torch.autograd.Function):

@@ -1,6 +1,6 @@
 """The model as the loop trains it: loaded, packed rows routed to its attention, the adapter applied,
-on CPUs the kernels and allocator that are faster there, and under train.distributed fsdp sharded over
-the ranks (job/model/sharding.py)."""
+the layers that are faster on its device (on CPUs the allocator too), and under train.distributed fsdp
+sharded over the ranks (job/model/sharding.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from job.model.adapter import apply_adapter
+from job.model.adapter import apply_adapter, keep_input_dtype_under_autocast
 from job.model.dropout import use_cpu_dropout
 from job.model.fused_lora import fuse_lora_linears
 from job.model.fused_norm import fuse_rms_norms
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 # ddp's memory, not 1.1-1.2, as fast; glibc's defaults, 0.55 but slower (bench/RESULTS.md, FSDP against DDP).
 FSDP_LARGEST_KEPT = 4 << 20
 
+# The device types where the fused LoRA layer (job/model/fused_lora.py) is faster than peft's: CPUs
+# (bench/RESULTS.md). On GPUs it saves passes and memory on paper, but is not measured yet.
+FUSED_LORA_WINS = {"cpu"}
+
 
 def prepare_model(
     model_dir: Path, spec: Spec, accelerator, compute_dtype: torch.dtype | None = None
@@ -53,19 +57,31 @@ def prepare_model(
 
 
 def adapted(model, spec: Spec, accelerator):
-    """The loaded base with the adapter applied and, on CPUs, the faster layers and allocator."""
+    """The loaded base with the adapter applied and the layers that are faster on its device; on CPUs,
+    the allocator too."""
     train = spec.train
     model = apply_adapter(model, spec.adapter, bool(spec.model.quantization), train.gradient_checkpointing)
-    if (
-        accelerator.device.type == "cpu"
-    ):  # on GPUs torch's and peft's own kernels and allocator are the fast ones
-        if train.distributed == "fsdp":
-            keep_freed_memory(FSDP_LARGEST_KEPT)
-        else:
-            keep_freed_memory()
+    device_type = accelerator.device.type
+    if device_type == "cpu" and train.distributed == "fsdp":
+        keep_freed_memory(FSDP_LARGEST_KEPT)
+    elif device_type == "cpu":
+        keep_freed_memory()
+    return faster_layers(model, device_type)
+
+
+def faster_layers(model, device_type: str, fused_lora: bool | None = None):
+    """The adapted model's layers as they run faster on `device_type` (tests run a GPU's on the CPU):
+    under autocast, the adapter layers on their 16-bit input (keep_input_dtype_under_autocast); on CPUs,
+    the dropout and RMSNorm written for CPUs; the fused LoRA layer where it wins (FUSED_LORA_WINS) or as
+    `fused_lora` says (a benchmark's switch)."""
+    keep_input_dtype_under_autocast(model)
+    if device_type == "cpu":
         use_cpu_dropout(model)
-        fuse_lora_linears(model)
         fuse_rms_norms(model)
+    if fused_lora is None:
+        fused_lora = device_type in FUSED_LORA_WINS
+    if fused_lora:
+        fuse_lora_linears(model)
     return model
 
 

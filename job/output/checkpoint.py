@@ -104,6 +104,7 @@ MAY_CHANGE_ON_RESUME = (
     "data.bad_rows",
     "tracking",
     "output",
+    "report",
     "storage_options",
 )
 CHECKPOINT_FORMAT = 2  # 2: with MANIFEST.json (a format-2 checkpoint without one is damaged)

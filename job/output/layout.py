@@ -3,6 +3,7 @@
 <output.uri>/
     lease.json                      the one writer's lease (job/output/lease.py)
     restart.json                    the scheduler job that last restarted this output (restart.py)
+    report.json                     what the job cost, over its attempts (report.py)
     checkpoints/
         step-NNNNNN-gG/             step NNNNNN, written under lease generation G (checkpoint.py)
             trainable.safetensors   (train.distributed ddp)
@@ -28,6 +29,7 @@ from job.storage import join
 
 LEASE = "lease.json"
 RESTART_RECORD = "restart.json"
+REPORT = "report.json"
 COMMITTED = "COMMITTED"
 MANIFEST = "MANIFEST.json"
 WEIGHTS = "trainable.safetensors"
@@ -90,6 +92,10 @@ class OutputLayout:
     @property
     def restart_record(self) -> str:
         return join(self.uri, RESTART_RECORD)
+
+    @property
+    def report(self) -> str:
+        return join(self.uri, REPORT)
 
     @property
     def checkpoints(self) -> str:

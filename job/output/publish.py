@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import save_file
 
 from job.errors import UserError
 from job.model.adapter import merge_adapter
@@ -25,11 +29,63 @@ from job.storage import download_dir, filesystem, is_local, join, upload_dir
 log = logging.getLogger(__name__)
 
 
-def save_trained(model, tokenizer, directory: Path, weights: dict | None = None) -> None:
+# The largest safetensors file of a sharded model's weights (write_model_files); a larger tensor has one alone
+WEIGHT_FILE_BYTES = 5 * 1024**3
+INDEX = "model.safetensors.index.json"
+
+
+def save_trained(
+    model, tokenizer, directory: Path, weights: dict | tempfile.TemporaryDirectory | None = None
+) -> None:
     """peft models save adapter_model.safetensors + adapter_config.json; full models save the model.
-    `weights`: a sharded model's, gathered whole (job/model/sharding.py); None: the model's own."""
-    model.save_pretrained(directory, safe_serialization=True, state_dict=weights)
+    `weights`: a sharded adapter's, gathered whole (job/model/sharding.py: gathered_weights), or a sharded
+    full model's weight files (write_model_files), moved here beside the config save_pretrained writes;
+    None: the model's own."""
+    if isinstance(weights, tempfile.TemporaryDirectory):
+        model.save_pretrained(directory, state_dict={})  # config.json and generation_config.json alone
+        for path in sorted(Path(weights.name).iterdir()):
+            shutil.move(path, directory / path.name)
+    else:
+        model.save_pretrained(directory, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(directory)
+
+
+@torch.no_grad()
+def write_model_files(model, directory: Path | None, file_bytes: int = WEIGHT_FILE_BYTES) -> None:
+    """Every rank (a collective a tensor): a sharded model's weights, written by rank 0 into `directory`
+    (None on the other ranks) as save_pretrained names them: model.safetensors, or files of at most
+    `file_bytes` (model-00001-of-0000N.safetensors) and model.safetensors.index.json. Each tensor is
+    gathered whole in turn and each file written once its tensors are: rank 0 holds one file's tensors
+    at most, never the whole model, and writes every file, so that it alone uploads them, as with ddp."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    tensors = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one tensor
+    tensors = remove_tied_weights_from_state_dict(tensors, model)  # the names save_pretrained keeps
+    for name in model._keys_to_ignore_on_save or ():
+        tensors.pop(name, None)
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=file_bytes)
+    for file_name, names in split.filename_to_tensors.items():
+        part = {}
+        for name in names:
+            whole = gathered(tensors[name])
+            if directory is not None:
+                part[name] = whole.detach().cpu().contiguous()
+        if directory is not None:
+            save_file(part, directory / file_name, metadata={"format": "pt"})
+    if directory is not None and split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor whole: a DTensor's shards gathered from every rank (on its mesh's device: offloaded
+    shards are in host memory), any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return tensor
+    return tensor.to(tensor.device_mesh.device_type).full_tensor()
 
 
 def write_run_files(directory: Path, spec: Spec, metrics: dict[str, Any]) -> None:
@@ -66,7 +122,12 @@ def remove_published(output_uri: str) -> None:
 
 
 def publish(
-    model, tokenizer, spec: Spec, metrics: dict[str, Any], directory: Path, weights: dict | None = None
+    model,
+    tokenizer,
+    spec: Spec,
+    metrics: dict[str, Any],
+    directory: Path,
+    weights: dict | tempfile.TemporaryDirectory | None = None,
 ) -> str:
     """adapter/ under output.uri, written once into `directory` (which the caller may then hand to
     MLflow: the same files), then uploaded. Returns its URI. `weights`: as save_trained takes them."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from job.errors import UserError
 from job.spec import URL_CREDENTIALS
 
 LOCAL_STORE_DIR = "mlruns"
@@ -29,6 +30,18 @@ def default_tracking_uri() -> str:
     store = Path(LOCAL_STORE_DIR).resolve()
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def tracking_uri_to_read() -> str:
+    """The store that readers of runs (`ftjob compare`, `ftjob report RUN_ID`) read: MLFLOW_TRACKING_URI,
+    else the local store, which must exist (UserError)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    store = Path(LOCAL_STORE_DIR, "mlflow.db").resolve()
+    if not store.exists():
+        raise UserError(f"no MLflow store here: MLFLOW_TRACKING_URI is unset and {store} does not exist")
+    return f"sqlite:///{store}"
 
 
 def redact_url(text: str) -> str:

@@ -175,9 +175,9 @@ def slow_s3_spec(spec_path, workdir, s3, fault_proxy) -> Path:
 
 
 def slow_uploads(proxy) -> None:
-    """Every request to the store from now on is answered 0.3 s late: a checkpoint's ~30 requests take
-    ~10 s."""
-    proxy.slow_seconds = 0.3
+    """Every request to the store from now on is answered 0.15 s late: a checkpoint's ~30 requests take
+    ~5 s, far longer than a rank needs to exit."""
+    proxy.slow_seconds = 0.15
     proxy.outage("slow")
 
 

@@ -69,6 +69,16 @@ def test_fsdp_trains_as_ddp(tiny_model_dir, isolated, method):
     assert fsdp_weights.keys() == ddp_weights.keys()
     for name, tensor in fsdp_weights.items():
         torch.testing.assert_close(tensor, ddp_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+    if method == "full":  # written by rank 0 from the shards: a model folder as save_pretrained writes it
+        fsdp_logits, ddp_logits = (published_logits(isolated / run / "adapter") for run in ("fsdp", "ddp"))
+        torch.testing.assert_close(fsdp_logits, ddp_logits, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def published_logits(folder) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval()(input_ids=torch.arange(1, 17)[None]).logits
 
 
 def test_a_100m_full_fine_tune_under_fsdp_peaks_well_below_ddp(tmp_path):

@@ -105,6 +105,17 @@ def test_other_metric_higher_is_better_and_fallback_to_train_loss(store, monkeyp
     from launch.compare import lower_is_better
 
     assert lower_is_better("eval/perplexity") and not lower_is_better("train/tokens_per_second")
+    assert all(
+        lower_is_better(f"report/{name}")
+        for name in (
+            "cost",
+            "cost_per_million_tokens",
+            "seconds_lost",
+            "device_hours",
+            "steps_retrained",
+            "stops",
+        )
+    )
 
 
 def test_plot_writes_a_png_of_the_curves(in_store, tmp_path, capsys):

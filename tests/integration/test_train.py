@@ -70,7 +70,12 @@ def test_adapter_trains_publishes_and_reloads_with_same_logits(
     if model.get("quantization") == "4bit":
         import bitsandbytes as bnb
 
+        from job.model.adapter import count_parameters
+
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.modules())
+        plain = validate_spec(make_spec("lora", model=tiny_model_dir, files=data_files))  # no quantization
+        unquantized = sum(p.numel() for p in reload_published(adapter_dir, plain).parameters())
+        assert count_parameters(result.model)[1] == unquantized  # a 4-bit weight counts whole
     reloaded = reload_published(adapter_dir, validate_spec(spec))
     expected = logits_of(result.model, result.tokenizer)
     torch.testing.assert_close(logits_of(reloaded, result.tokenizer), expected, atol=1e-5, rtol=1e-5)

@@ -132,3 +132,15 @@ def test_fsdp_computes_in_the_mixed_precision_asked_for():
     bf16 = torch.bfloat16 if cpu_supports_bf16() else None  # this CPU's: no GPU here
     assert fsdp_compute_dtype(fsdp("bf16")) is bf16
     assert fsdp_compute_dtype(TrainSpec(max_steps=1, mixed_precision="bf16")) is None  # ddp autocasts
+
+
+def test_the_step_s_precision_is_fsdp_s_policy_under_fsdp_and_accelerate_s_otherwise():
+    """Under fsdp accelerate's mixed precision is "no" (FSDP's policy casts): the progress line and the
+    peak FLOP/s that MFU divides by must take the policy's."""
+    from types import SimpleNamespace
+
+    from job.accelerator import step_precision
+
+    assert step_precision(SimpleNamespace(mixed_precision="no"), torch.bfloat16) == "bf16"
+    assert step_precision(SimpleNamespace(mixed_precision="no"), None) == "no"
+    assert step_precision(SimpleNamespace(mixed_precision="fp16"), None) == "fp16"

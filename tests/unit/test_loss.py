@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from helpers import tiny_causal_lm
 
 import job.loss
-from job.loss import linear_cross_entropy, loss_sum, output_head
+from job.data.batching import empty_batch
+from job.loss import device_batch, linear_cross_entropy, loss_positions, loss_sum, loss_tokens, output_head
 
 
 def reference_and_chunked(hidden, weight, labels, chunk_logits: int, monkeypatch):
@@ -130,3 +131,47 @@ def test_under_accelerate_s_bf16_autocast_the_head_computes_as_the_model_s_own(d
     outside = loss_sum(model, batch, head)  # the float32 hidden states the wrapped forward returns
     # a bf16 head computes in its own dtype; a float32 one outside autocast in float32, not as the model
     assert torch.allclose(outside, expected, rtol=1e-6) is (dtype == torch.bfloat16)
+
+
+def prompt_and_padding_batch() -> dict[str, torch.Tensor]:
+    """Two padded rows: the first with a 4-token prompt without loss, the second 6 tokens then padding."""
+    ids = torch.randint(1, 96, (2, 10), generator=torch.Generator().manual_seed(3))
+    labels, attention_mask = ids.clone(), torch.ones_like(ids)
+    labels[0, :4] = -100
+    labels[1, 6:], attention_mask[1, 6:] = -100, 0
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def test_only_the_positions_whose_next_token_carries_loss_are_scored(monkeypatch):
+    """Prompts and padding go through neither the chunked head nor the unchunked loss, and both give the
+    loss and gradients of cross-entropy over the whole logits (ignore_index), which device_batch's
+    CPU-computed positions do not change."""
+    reference = tiny_causal_lm("llama", tie_word_embeddings=True).train()
+    model, whole_logits = copy.deepcopy(reference), copy.deepcopy(reference)
+    batch = prompt_and_padding_batch()
+    logits = whole_logits(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
+    expected.backward()
+    scored, forward = [], job.loss.LinearCrossEntropy.forward
+
+    def recorded(ctx, hidden, *args):
+        scored.append(len(hidden))
+        return forward(ctx, hidden, *args)
+
+    monkeypatch.setattr(job.loss.LinearCrossEntropy, "forward", staticmethod(recorded))
+    chunked = loss_sum(model, device_batch(batch, torch.device("cpu")), output_head(model))
+    chunked.backward()
+    assert scored[-1] == loss_tokens(batch) == 6 + 5  # row 0: tokens 4..9 predicted; row 1: 1..5
+    unchunked = loss_sum(reference, batch)
+    unchunked.backward()
+    assert torch.allclose(chunked, expected, rtol=1e-6) and torch.allclose(unchunked, expected, rtol=1e-6)
+    for p, q, r in zip(whole_logits.parameters(), model.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(q.grad, p.grad, atol=1e-6) and torch.allclose(r.grad, p.grad, atol=1e-6)
+
+
+def test_loss_positions_index_the_token_before_each_label():
+    labels = torch.tensor([[-100, -100, 5, 6], [7, 8, -100, -100]])
+    assert loss_positions({"labels": labels}).tolist() == [1, 2, 4]
+    assert loss_positions(empty_batch(0)).tolist() == []
