@@ -32,7 +32,7 @@ from job.errors import EXIT_REQUEUE, JobError, Preempted
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 REPEAT_SECONDS = 2.0
-LAUNCHER_CHECK_SECONDS = 1.0
+LAUNCHER_CHECK_SECONDS = 0.2
 LAUNCHER_PID = "FTJOB_LAUNCHER_PID"  # set by job/node_workers.py for its workers
 
 

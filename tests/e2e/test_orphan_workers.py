@@ -14,14 +14,14 @@ from helpers import ALPACA_ROWS, make_spec, read_until, run_ftjob, start_run, wr
 
 def test_workers_whose_launcher_is_killed_checkpoint_release_the_lease_and_exit(tiny_model_dir, isolated):
     data = {"train": [str(write_jsonl(isolated / "d.jsonl", ALPACA_ROWS * 16))], "shuffle_buffer": 0}
-    train = {"max_steps": 40, "micro_batch_size": 2, "log_every": 1, "checkpoint_every": 100}
+    train = {"max_steps": 80, "micro_batch_size": 2, "log_every": 1, "checkpoint_every": 100}
     spec = make_spec(
         name="orphans", model=tiny_model_dir, data=data, train=train, tracking={"enabled": False}
     )
     write_spec(isolated / "spec.json", spec)
     output = isolated / "out"
     launcher = start_run(isolated / "spec.json", str(output), "--nproc-per-node", "2")
-    started = "".join(read_until(launcher, "step 3/40"))
+    started = "".join(read_until(launcher, "step 3/80"))
     workers = psutil.Process(launcher.pid).children(recursive=True)
     assert len([w for w in workers if "job" in " ".join(w.cmdline())]) == 2
 
@@ -45,4 +45,4 @@ def test_workers_whose_launcher_is_killed_checkpoint_release_the_lease_and_exit(
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming from the checkpoint at step" in rerun.stdout + rerun.stderr
     metrics = json.loads((output / "adapter" / "metrics.json").read_text())
-    assert metrics["history"][-1]["step"] == 40
+    assert metrics["history"][-1]["step"] == 80
