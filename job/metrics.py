@@ -60,14 +60,17 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> 
 
 def peak_memory_gib(accelerator: Accelerator) -> float:
     """Peak memory of the busiest rank: allocated GPU memory, or on CPUs the process's peak RSS."""
-    if accelerator.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(accelerator.device)
-    else:
-        peak = peak_rss_bytes()
-    peak = torch.tensor(float(peak), device=accelerator.device)
+    host, device = peak_bytes(accelerator.device)
+    peak = torch.tensor(float(host if device is None else device), device=accelerator.device)
     if accelerator.num_processes > 1:
         peak = accelerator.reduce(peak, reduction="max")
     return float(peak) / 2**30
+
+
+def peak_bytes(device: torch.device) -> tuple[int, int | None]:
+    """This process's peaks: host memory (peak_rss_bytes), and on CUDA what torch allocated on the device
+    (None elsewhere)."""
+    return peak_rss_bytes(), torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def peak_rss_bytes() -> int:

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from job.data.batching import Batch
 from job.errors import UserError
-from job.metrics import device_name, flops_per_token, mfu, peak_flops, peak_rss_bytes
+from job.metrics import device_name, flops_per_token, mfu, peak_bytes, peak_flops
 from job.output.report import (
     MAX_RESTARTS_KEPT,
     REPORT_FORMAT,
@@ -196,9 +196,11 @@ class RunReport:
         """Every rank at once: the tokens of all ranks, the peak memory of the busiest."""
         if self.first_step_at is None:  # a resumed run with no step left to train
             self.first_step_at = time.time()
-        device_peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else -1
+        host_peak, device_peak = peak_bytes(self.device)
         local = torch.tensor(
-            [self.tokens, peak_rss_bytes(), device_peak], dtype=torch.float64, device=self.device
+            [self.tokens, host_peak, -1 if device_peak is None else device_peak],
+            dtype=torch.float64,
+            device=self.device,
         )
         ranks = accelerator.gather(local).view(-1, 3) if self.processes > 1 else local.view(1, 3)
         tokens, host, device = int(ranks[:, 0].sum()), float(ranks[:, 1].max()), float(ranks[:, 2].max())
@@ -217,9 +219,10 @@ class RunReport:
         """Rank 0, once the run is published: the final report.json, and its numbers as report/* metrics
         at the last step. Its peak memory includes rank 0's while it gathered and published."""
         tokens, host_gib, device_gib = self.measured
-        host_gib = max(host_gib, peak_rss_bytes() / 2**30)
-        if device_gib is not None:
-            device_gib = max(device_gib, torch.cuda.max_memory_allocated(self.device) / 2**30)
+        host_peak, device_peak = peak_bytes(self.device)
+        host_gib = max(host_gib, host_peak / 2**30)
+        if device_peak is not None:
+            device_gib = max(device_gib or 0.0, device_peak / 2**30)
         self.measured = (tokens, host_gib, device_gib)
         report = self.save(step, "finished")
         if report:
