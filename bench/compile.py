@@ -1,12 +1,14 @@
 """torch.compile against eager on the end-to-end bench's model: compile time and step time, side by side.
 
 Trains the `python -m bench` workload's model (random weights, LoRA r16 all-linear with dropout 0.05,
-float32, AdamW) on [micro batch, 512] random tokens, one full-row causal sequence per row, in three
+float32, AdamW) on [micro batch, 512] random tokens, one full-row causal sequence per row, in four
 forms, each in a fresh process from the same weights: peft's layers eager; the same model under
 torch.compile (inductor), whose first step includes the compilation (with an empty cache, as in a fresh
-container); and ftjob's CPU layers eager (LoRA dropout by gaps, fused LoRA linears, fused RMSNorm).
-Reports the first step and the mean of the steps after it, and how many frames torch.compile compiled
-in each form (0 for the eager ones).
+container); ftjob's CPU layers eager (LoRA dropout by gaps, fused LoRA linears, fused RMSNorm); and
+ftjob's layers as train.compile prepares them (torch's dropout, each decoder layer compiled:
+job/model/compile.py), whose first step includes the compilation too. Reports the first step and the
+mean of the steps after it, and how many frames torch.compile compiled in each form (0 for the eager
+ones).
 
     .venv/bin/python -m bench.compile [--size small] [--steps 5] [--micro-batch 4] [--backend inductor]
 """
@@ -26,26 +28,26 @@ from bench.__main__ import child_environment
 from bench.workload import LORA, MAX_SEQ_LEN, SIZES, build_workspace
 from job.startup import leave_out_bitsandbytes
 
-FORMS = ("peft eager", "peft compiled", "ftjob layers eager")
+FTJOB_COMPILED = "ftjob regional compile"
+FORMS = ("peft eager", "peft compiled", "ftjob layers eager", FTJOB_COMPILED)
 
 
-def lora_model(model_dir: str, form: str):
+def lora_model(model_dir: str, form: str, backend: str):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from job.model.dropout import use_cpu_dropout
-    from job.model.fused_lora import fuse_lora_linears
-    from job.model.fused_norm import fuse_rms_norms
+    from job.model.compile import compile_layers
+    from job.model.prepare import faster_layers
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model = get_peft_model(base, LoraConfig(**LORA, task_type="CAUSAL_LM"))
     model.train()
-    if form == "ftjob layers eager":
-        use_cpu_dropout(model)
-        fuse_lora_linears(model)
-        fuse_rms_norms(model)
+    if form.startswith("ftjob"):
+        faster_layers(model, "cpu", compiled=form == FTJOB_COMPILED)
+    if form == FTJOB_COMPILED:
+        compile_layers(model, backend)
     return model
 
 
@@ -53,7 +55,7 @@ def measure(model_dir: str, form: str, steps: int, micro_batch: int, vocab: int,
     import torch
     from torch._dynamo.utils import counters
 
-    model = lora_model(model_dir, form)
+    model = lora_model(model_dir, form, backend)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     forward = torch.compile(model, backend=backend) if form == "peft compiled" else model
     ids = torch.randint(0, vocab, (micro_batch, MAX_SEQ_LEN), generator=torch.Generator().manual_seed(0))

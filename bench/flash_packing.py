@@ -3,10 +3,10 @@
 Needs a CUDA GPU. With flash-attn installed, transformers' flash path runs its kernels; without it (no
 wheel for the GPU machine's torch), the same transformers code path runs over PyTorch's own
 FlashAttention kernels (`torch.nn.attention.varlen.varlen_attn` for packed rows, the flash backend of
-scaled_dot_product_attention for dense rows), and the JSON says which. Packs examples into a [4, L] micro-batch, flattens it as training
-does (job.data.batching.flatten_packed) and compares its summed loss with the examples one by one
-(sdpa, unpacked); also reports the unflattened [4, L] loss, which let examples attend to each other
-before the fix. Also checks ftjob's own packed attention (job/model/packed_attention.py, PyTorch's varlen
+scaled_dot_product_attention for dense rows), and the JSON says which. Packs examples into a [4, L]
+micro-batch and compares its summed loss with the examples one by one (sdpa, unpacked): flattened into
+one row (job.data.batching.flatten_packed), and as [4, L] rows with the collator's offsets
+(cu_seq_lens_q ...); also reports the [4, L] loss with neither, which lets examples attend to each other. Also checks ftjob's own packed attention (job/model/packed_attention.py, PyTorch's varlen
 kernel on CUDA) on the [4, L] micro-batch against sdpa's block-diagonal mask: loss, gradients, and the
 time of a forward and backward. Prints one JSON line.
 
@@ -71,7 +71,7 @@ def use_torch_flash_kernels() -> None:
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from job.data.batching import flatten_packed, pack_row, pad_batch, stack_packed
+    from job.data.batching import PACKED_OFFSETS, flatten_packed, pack_row, pad_batch, stack_packed
     from job.data.formats import Formatter
     from job.data.tokens import tokenize
     from job.loss import loss_sum
@@ -105,8 +105,10 @@ def main() -> None:
 
     with torch.no_grad():
         one_by_one = sum(float(loss_sum(sdpa, on_gpu(pad_batch([e], pad)))) for e in examples)
-        flat = float(loss_sum(flash, on_gpu(flatten_packed(packed))))
-        unflattened = float(loss_sum(flash, on_gpu(packed)))
+        bare = {key: value for key, value in packed.items() if key not in PACKED_OFFSETS}
+        flat = float(loss_sum(flash, on_gpu(flatten_packed(bare))))
+        offsets = float(loss_sum(flash, on_gpu(packed)))
+        unflattened = float(loss_sum(flash, on_gpu(bare)))
     print(
         json.dumps(
             {
@@ -114,8 +116,10 @@ def main() -> None:
                 "kernels": kernels,
                 "one_by_one_sdpa": one_by_one,
                 "flash_flattened": flat,
+                "flash_offsets": offsets,
                 "flash_unflattened": unflattened,
                 "flattened_rel_diff": abs(flat - one_by_one) / one_by_one,
+                "offsets_rel_diff": abs(offsets - one_by_one) / one_by_one,
                 "unflattened_rel_diff": abs(unflattened - one_by_one) / one_by_one,
                 **packed_attention_check(sdpa, on_gpu(packed), one_by_one),
             }

@@ -12,6 +12,8 @@ memory peaks do not mix. Measured over the steps after the warmup:
   MFU               model FLOPs a token (job/metrics.py: 4N + 2N') x tokens/s over the GPU's datasheet
                     peak (job/metrics.py: gpu_peak_flops), and over the matmul peak measured here
   peak memory       torch's peak allocated and reserved over the whole process (on a CPU: peak RSS)
+  warmup s          the warmup steps' wall time, first step's start to last's end (the device
+                    synchronized at both ends): the compile variant's compile time is in it
 The first run also profiles `--profile-steps` steps after its measured ones: the share of their time
 the GPU is busy, kernels a step, and the time by kernel class (on a CPU the same over its leaf ops).
 
@@ -84,6 +86,14 @@ VARIANTS = {
     "qlora-gc": Variant(
         "QLoRA with gradient checkpointing", QUANTIZED | {"train": {"gradient_checkpointing": True}}
     ),
+    "no-prefetch": Variant(
+        "micro-batches made on the training thread between steps (data.prefetch 0; as-is: 2 steps ahead)",
+        {"data": {"prefetch": 0}},
+    ),
+    "compile": Variant(
+        "train.compile: each decoder layer compiled (job/model/compile.py), its compile in the warmup steps",
+        {"train": {"compile": True}},
+    ),
     "peft-input-cast": Variant(
         "peft's float32 copy of each adapter layer's input kept (no keep_input_dtype_under_autocast)",
         patch=keep_peft_input_cast,
@@ -122,15 +132,16 @@ KERNEL_CLASSES = [
 
 
 class StepProbe:
-    """Wraps ftjob's OptimizerStep for one run: the wall time of the measured steps (the device
-    synchronized at both ends, so the host's work between steps counts) and a profile of the steps
-    after them."""
+    """Wraps ftjob's OptimizerStep for one run: the wall time of the warmup steps and of the measured
+    steps (the device synchronized at both ends, so the host's work between steps counts) and a
+    profile of the steps after them."""
 
     def __init__(self, device: str, warmup: int, steps: int, profile_steps: int):
         self.cuda = device == "cuda"
         self.measured_from, self.measured_to = warmup, warmup + steps  # after these many steps
         self.profiled_to = self.measured_to + profile_steps
-        self.calls, self.began, self.wall_seconds = 0, 0.0, None
+        self.calls, self.started, self.began = 0, 0.0, 0.0
+        self.warmup_seconds, self.wall_seconds = None, None
         self.profiler, self.profile_error = None, None
 
     def __enter__(self) -> StepProbe:
@@ -139,6 +150,8 @@ class StepProbe:
         self.original, probe = OptimizerStep.__call__, self
 
         def probed(step, window):
+            if probe.calls == 0:
+                probe.started = probe.synchronized_time()
             metrics = probe.original(step, window)
             probe.stepped()
             return metrics
@@ -162,6 +175,7 @@ class StepProbe:
         self.calls += 1
         if self.calls == self.measured_from:
             self.began = self.synchronized_time()
+            self.warmup_seconds = self.began - self.started
         if self.calls == self.measured_to:
             self.wall_seconds = self.synchronized_time() - self.began
             if self.profiled_to > self.measured_to:
@@ -234,6 +248,7 @@ def run_one(task: dict) -> dict:
             {"tokens": e["train/tokens"], "seconds": e["train/tokens"] / e["train/tokens_per_second"]}
             for e in measured
         ],
+        "warmup_seconds": probe.warmup_seconds,
         "wall_seconds": probe.wall_seconds,
         "final_loss": history[-1]["train/loss"],
         "peak_allocated": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
@@ -439,6 +454,7 @@ def summary(result: dict, workload: dict, peaks: dict) -> dict:
         "peak_allocated_gib": gib(result["peak_allocated"]),
         "peak_reserved_gib": gib(result["peak_reserved"]),
         "final_loss": result["final_loss"],
+        "warmup_s": result["warmup_seconds"],
         "profile": result["profile"],
     }
 
@@ -569,15 +585,15 @@ def markdown(report: dict) -> str:
         f"{settings['precision']} matmul {peaks['matmul'] / 1e12:.3g} TFLOP/s.",
         "",
         "| size | variant | tokens/s | ÷ as is | ftjob's tokens/s | step median ms | step p90 ms | "
-        "MFU datasheet | MFU matmul | peak GiB | ÷ as is | reserved GiB | final loss | run s |",
-        "|" + " --- |" * 14,
+        "MFU datasheet | MFU matmul | peak GiB | ÷ as is | reserved GiB | final loss | warmup s | run s |",
+        "|" + " --- |" * 15,
     ]
     as_is = {
         run["size"]: run for run in report["runs"] if run["variant"] == "as-is" and "tokens_per_s" in run
     }
     for run in report["runs"]:
         if "error" in run:
-            lines.append(f"| {run['size']} | {run['variant']} | {run['error']} |" + " |" * 11)
+            lines.append(f"| {run['size']} | {run['variant']} | {run['error']} |" + " |" * 12)
             continue
         base = as_is.get(run["size"])
 
@@ -592,7 +608,8 @@ def markdown(report: dict) -> str:
         ]
         cells += [number(run["mfu_datasheet"], ".1%"), number(run["mfu_matmul"], ".1%")]
         cells += [f"{run['peak_allocated_gib']:.2f}", ratio("peak_allocated_gib")]
-        cells += [number(run["peak_reserved_gib"], ".2f"), f"{run['final_loss']:.4f}", f"{run['run_s']:.0f}"]
+        cells += [number(run["peak_reserved_gib"], ".2f"), f"{run['final_loss']:.4f}"]
+        cells += [f"{run['warmup_s']:.1f}", f"{run['run_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",

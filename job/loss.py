@@ -24,13 +24,24 @@ def loss_sum(model, batch: Batch, head: torch.nn.Linear | None = None) -> torch.
 
     Only the positions whose next token carries loss are scored (prompts and padding are not).
     With `head`, the model's output layer (see output_head), the model returns its last hidden states
-    and linear_cross_entropy applies the head: the whole [tokens, vocabulary] logits never exist."""
+    and linear_cross_entropy applies the head: the whole [tokens, vocabulary] logits never exist.
+    Packed rows come with their examples laid end to end (stack_packed), which the model gets as
+    transformers' variable-length attention arguments: flash attention and packed_sdpa_attention then
+    need not find them in the position ids."""
     inputs = {
         "input_ids": batch["input_ids"],
         "attention_mask": batch.get("attention_mask"),  # padded batches
         "position_ids": batch.get("position_ids"),  # packed rows: positions restart at each example
         "use_cache": False,  # no KV cache in training; with one, transformers ignores packed positions
     }
+    if "cu_seq_lens" in batch:
+        offsets, longest = batch["cu_seq_lens"], int(batch["max_length"])  # max_length: on the CPU
+        inputs |= {
+            "cu_seq_lens_q": offsets,
+            "cu_seq_lens_k": offsets,
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }
     positions = loss_positions(batch)
     targets = batch["labels"].flatten().index_select(0, positions + 1)  # the next tokens' labels
     if head is None:
@@ -54,10 +65,11 @@ def loss_positions(batch: Batch) -> torch.Tensor:
 
 
 def device_batch(batch: Batch, device: torch.device) -> Batch:
-    """The batch on `device`, its loss_positions computed first, on the CPU; real_tokens, a count that
-    the host reads, stays there."""
+    """The batch on `device`, its loss_positions computed first, on the CPU; real_tokens and a packed
+    batch's max_length, counts that the host reads, stay there."""
     batch = {**batch, "loss_positions": loss_positions(batch)}
-    return {key: value if key == "real_tokens" else to_device(value, device) for key, value in batch.items()}
+    on_host = ("real_tokens", "max_length")
+    return {key: value if key in on_host else to_device(value, device) for key, value in batch.items()}
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

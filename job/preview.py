@@ -12,6 +12,8 @@ import sys
 from collections import Counter
 from typing import TextIO
 
+import torch
+
 from job.data.files import expand
 from job.data.formats import BadRow, Formatter
 from job.data.pipeline import DataPipeline
@@ -55,6 +57,13 @@ def preview(spec: Spec, n: int, as_json: bool, out: TextIO | None = None, err: T
     out, err = out or sys.stdout, err or sys.stderr  # at call time: a redirected sys.stdout gets the output
     quiet_libraries()
     configure_storage(spec.storage_options)
+    if spec.data.packing is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        spec = spec.for_device(device)
+        print(
+            f"data.packing is null: shown as a job on this machine's {device} would train (GPUs pack)",
+            file=err,
+        )
     _, tokenizer = model_dir_and_tokenizer(spec.model, spec.data.chat_template)
     data = DataPipeline(spec.data, tokenizer, spec.train.seed, epochs=1)
     stage = data.packer if data.packer else data.examples

@@ -30,6 +30,12 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
 }
 OPTIONAL_FIELDS = {"input"}
+# The micro-batch of a spec that sets none (Spec.for_device): on GPUs as many rows as hold this many
+# tokens (the H200 measurement of a 1B LoRA in bench/RESULTS.md: 16 x 512, 227 ms a step), on CPUs
+# this many rows.
+GPU_MICRO_BATCH_TOKENS = 8192
+CPU_MICRO_BATCH = 4
+GPU_PREFETCH = 2  # data.prefetch's default on GPUs (Spec.for_device)
 # A model's identity (job/model/source.py): a Hub repo's commit, or a digest of a folder's files.
 MODEL_IDENTITY = r"hub:[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)?@[0-9a-f]{40}|sha256:[0-9a-f]{64}"
 
@@ -111,12 +117,25 @@ class DataSpec(_Section):
     )
     chat_template: str | None = Field(None, description="Jinja chat template; default: the tokenizer's.")
     max_seq_len: int = Field(2048, gt=0)
-    packing: bool = Field(False, description="Pack several examples into each max_seq_len row.")
+    packing: bool | None = Field(
+        None,
+        description="Pack several examples into each max_seq_len row. Default (null): on for GPUs, off for "
+        "CPUs.",
+    )
     truncation: Literal["truncate", "drop"] = Field(
         "truncate", description="Examples longer than max_seq_len: keep their head, or drop them."
     )
     shuffle_buffer: int = Field(
         10000, ge=0, description="Rows held for a seeded shuffle; 0 keeps file order."
+    )
+    prefetch: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="How many steps' micro-batches wait ready, read, tokenized and packed on a data thread "
+        "while the device trains (which makes the next meanwhile); 0: made on the training thread between "
+        f"steps. Default (null): {GPU_PREFETCH} on GPUs; 0 on CPUs, where the thread takes cores from the "
+        "step (bench/RESULTS.md).",
     )
     train_on: Literal["completion", "all"] = Field(
         "completion",
@@ -176,7 +195,12 @@ class TrainSpec(_Section):
     epochs: int | None = Field(
         None, gt=0, description="Passes over data.train. Exactly one of max_steps or epochs."
     )
-    micro_batch_size: int = Field(4, gt=0)
+    micro_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description=f"Rows per micro-batch. Default (null): on GPUs as many as hold {GPU_MICRO_BATCH_TOKENS} "
+        f"tokens (that // data.max_seq_len, at least 1); on CPUs {CPU_MICRO_BATCH}.",
+    )
     grad_accum: int = Field(1, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"
@@ -191,6 +215,13 @@ class TrainSpec(_Section):
         "bf16 matrix units (AMX), else none.",
     )
     gradient_checkpointing: bool = False
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer (compiled once, its code reused by the others), after "
+        "the adapter is applied and any sharding, for the training forwards (evals and generation run "
+        "uncompiled). The first steps carry the compile time (the second compiles once more, with the sizes "
+        "that changed symbolic). On a CPU not faster than ftjob's eager layers (bench/RESULTS.md).",
+    )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="How several processes train one model. ddp: each holds the whole model, gradients are "
@@ -354,6 +385,21 @@ class Spec(_Section):
     @property
     def output_uri(self) -> str:
         return self.output.uri.replace("{name}", self.name)
+
+    def for_device(self, device_type: str) -> Spec:
+        """The spec with the defaults that depend on the device filled in (those left null): on GPUs
+        packing, micro-batches of GPU_MICRO_BATCH_TOKENS tokens (throughput grows with the tokens of a
+        step) and the data thread; on CPUs none of them, and CPU_MICRO_BATCH rows."""
+        gpu = device_type != "cpu"
+        data, train = self.data, self.train
+        if data.packing is None:
+            data = data.model_copy(update={"packing": gpu})
+        if data.prefetch is None:
+            data = data.model_copy(update={"prefetch": GPU_PREFETCH if gpu else 0})
+        if train.micro_batch_size is None:
+            rows = max(1, GPU_MICRO_BATCH_TOKENS // data.max_seq_len) if gpu else CPU_MICRO_BATCH
+            train = train.model_copy(update={"micro_batch_size": rows})
+        return self.model_copy(update={"data": data, "train": train})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ import torch
 from accelerate import Accelerator
 
 from job.accelerator import clip_gradients, gradient_sync
-from job.data.batching import Batch, empty_batch
-from job.loss import device_batch, loss_sum, loss_tokens
+from job.data.batching import PACKED_OFFSETS, Batch, empty_batch, flatten_packed
+from job.loss import device_batch, loss_positions, loss_sum, loss_tokens
 from job.metrics import mfu
 from job.spec import TrainSpec
 
@@ -79,6 +79,24 @@ class OptimizerStep:
             "train/tokens": step_inputs,
             "train/tokens_per_second": StepTime(began, self.clock.mark()),
         }
+
+
+@dataclass(frozen=True)
+class HostReady:
+    """What the step needs done to a micro-batch on the host, which the data thread does ahead
+    (job/data/prefetch.py); device_batch then only copies."""
+
+    flatten: bool  # packed rows into one row, for flash attention (flatten_packed)
+    offsets: bool  # keep packed rows' example offsets (PACKED_OFFSETS): the model's attention takes them
+    pin: bool  # into pinned memory (CUDA), from which the step's copies do not make the host wait
+
+    def __call__(self, batch: Batch) -> Batch:
+        if self.flatten:
+            batch = flatten_packed(batch)
+        if not self.offsets:
+            batch = {key: value for key, value in batch.items() if key not in PACKED_OFFSETS}
+        batch = {**batch, "loss_positions": loss_positions(batch)}
+        return {key: value.pin_memory() for key, value in batch.items()} if self.pin else batch
 
 
 def window_counts(window: list[Batch], accelerator: Accelerator) -> tuple[int, int, int]:

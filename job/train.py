@@ -8,6 +8,7 @@ after the last collective operation.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import os
@@ -22,15 +23,16 @@ from accelerate.utils import set_seed
 
 from job.accelerator import fsdp_compute_dtype, step_precision, trained, wrap_for_ranks
 from job.cluster import restart_id
-from job.data.batching import flatten_packed
 from job.data.counting import data_metrics, data_summary, epoch_run_steps
 from job.data.pipeline import DataPipeline
 from job.data.plan import shared_plan
+from job.data.prefetch import Feed
 from job.evaluation import Evaluator
 from job.loss import output_head
 from job.metrics import device_name, flops_per_token, peak_flops, peak_memory_gib
 from job.model.adapter import count_parameters
 from job.model.loading import model_dir_and_tokenizer
+from job.model.packed_attention import takes_offsets
 from job.model.prepare import prepare_model
 from job.model.sharding import resharded
 from job.output.checkpoint import Cadence, fingerprint, resume_copies_removed, saved_total_steps
@@ -44,7 +46,7 @@ from job.schedule import make_optimizer, make_scheduler
 from job.signals import StopRequest
 from job.spec import Spec
 from job.startup import quiet_libraries
-from job.step import HeldSteps, OptimizerStep
+from job.step import HeldSteps, HostReady, OptimizerStep
 from job.storage import absolute, configure_storage
 from job.tracking.tracker import Tracker, run_record
 
@@ -80,7 +82,7 @@ class Run:
     held: HeldSteps  # the steps whose metrics are still on the device, until they are logged
     progress: Progress
     evaluator: Evaluator
-    flatten_packed: bool  # each micro-batch's packed rows become one row (packed_rows_flattened)
+    host_ready: HostReady  # what the data thread does to each micro-batch for the step
     precision: str  # what the step computes in: "bf16", "fp16" or "no" (step_precision)
     report: RunReport  # what the job cost: report.json, with the attempt's wall clock
 
@@ -96,6 +98,7 @@ def train(
         with StopRequest(spec.train.stop_grace_seconds) as own:
             return train(spec, accelerator, restart, own)
     quiet_libraries()
+    spec = spec.for_device(accelerator.device.type)  # packing and the micro-batch, where the spec sets none
     configure_storage(spec.storage_options)
     set_seed(spec.train.seed)
     job = restart_id(os.environ)
@@ -154,11 +157,14 @@ def setup(spec: Spec, accelerator: Accelerator, stop: StopRequest, takeover: Tak
     model_dir, tokenizer = model_dir_and_tokenizer(spec.model, spec.data.chat_template)
     plan = shared_plan(spec.data, accelerator)  # rank 0 resolves the files; every rank follows it
     rank, world = accelerator.process_index, accelerator.num_processes
-    data = DataPipeline(spec.data, tokenizer, cfg.seed, cfg.epochs, rank, world, plan)
+    # the pipeline's own tokenizer: it tokenizes on the data thread (job/data/prefetch.py)
+    data = DataPipeline(spec.data, copy.deepcopy(tokenizer), cfg.seed, cfg.epochs, rank, world, plan)
     takeover.claim(stop)
     compute_dtype = fsdp_compute_dtype(cfg)
     model, flatten = prepare_model(model_dir, spec, accelerator, compute_dtype)
     head = output_head(model)
+    cuda = accelerator.device.type == "cuda"
+    host_ready = HostReady(flatten, offsets=flatten or takes_offsets(model), pin=cuda)
     log.info(
         "the loss %s", "goes through the output layer chunk by chunk" if head else "uses the model's logits"
     )
@@ -191,7 +197,7 @@ def setup(spec: Spec, accelerator: Accelerator, stop: StopRequest, takeover: Tak
     )
     return Run(
         spec, model_dir, tokenizer, data, model, optimizer, scheduler, takeover, tracker, total_steps,
-        first_step, history, step, held, progress, evaluator, flatten, precision, report,
+        first_step, history, step, held, progress, evaluator, host_ready, precision, report,
     )  # fmt: skip
 
 
@@ -200,33 +206,51 @@ def setup(spec: Spec, accelerator: Accelerator, stop: StopRequest, takeover: Tak
 
 
 def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[dict[str, float]]:
-    """Optimizer steps until max_steps, or until the data of train.epochs has ended on every rank;
-    each step takes grad_accum micro-batches. Returns the metric history, the end of run included."""
-    spec, cfg, data, history, progress = run.spec, run.spec.train, run.data, run.history, run.progress
+    """Train (train_steps), then the end of run: the final data counters and eval. Returns the metric
+    history, the end of run included."""
+    spec, cfg, history, progress = run.spec, run.spec.train, run.history, run.progress
     progress.message(
         f"training {spec.name}: {run.total_steps} steps, micro batch {cfg.micro_batch_size} x grad_accum "
         f"{cfg.grad_accum} x {accelerator.num_processes} process(es), {accelerator.device} "
         f"({torch.get_num_threads()} threads), mixed precision {run.precision}"
     )
-    train_batches = data.train_batches(cfg.micro_batch_size)
-    cadence, clock = Cadence(cfg.checkpoint_every), run.report.clock
     run.model.train()
     stop.training_begins(run.takeover.checkpointer)
-    clock.loop_begins()
+    run.report.clock.loop_begins()
+    with Feed(run.data, cfg.micro_batch_size, cfg.grad_accum, run.host_ready, spec.data.prefetch) as feed:
+        train_steps(run, feed, accelerator, stop)
+    log_held_steps(run)
+    progress.close()
+    feed.consumed.budget.check()  # a run that ends before the data does still answers for its bad rows
+    final = data_metrics(feed.consumed.stats, spec.data.max_seq_len, accelerator)
+    with run.report.clock.phase("eval"):
+        final |= run.evaluator.at_end(run.model, history[-1], stop)
+    history[-1].update(final)
+    run.tracker.log_metrics(final, history[-1]["step"])
+    progress.message(data_summary(final))
+    run.report.measure(accelerator, history)
+    return history
+
+
+def train_steps(run: Run, feed: Feed, accelerator: Accelerator, stop: StopRequest) -> None:
+    """Optimizer steps until max_steps, or until the data of train.epochs has ended on every rank; each
+    step takes grad_accum micro-batches. Checkpoints as train.checkpoint_every says; a stop checkpoints
+    and raises."""
+    spec, cfg, history = run.spec, run.spec.train, run.history
+    cadence, clock = Cadence(cfg.checkpoint_every), run.report.clock
     for step in itertools.count(run.first_step):
         if cfg.max_steps and step > cfg.max_steps:
             break
         with clock.phase("data"):
-            window = list(itertools.islice(train_batches, cfg.grad_accum))
-            if run.flatten_packed:
-                window = [flatten_packed(batch) for batch in window]
+            window = feed.next_window()
         metrics = run.optimizer_step(window)  # its time: the device's, when log_held_steps reads it
         if metrics is None:
             break
+        data = feed.consumed  # the data as it stands after this step's micro-batches
         run.report.trained(window, step)
         metrics["train/epoch"] = data.epoch
         if step % cfg.log_every == 0:
-            metrics.update(data_metrics(data, accelerator))
+            metrics.update(data_metrics(data.stats, spec.data.max_seq_len, accelerator))
             metrics["train/peak_memory_gib"] = peak_memory_gib(accelerator)
         checkpointing = cadence.due(step, data.epochs_ended, accelerator)
         with clock.phase("eval"):
@@ -250,17 +274,6 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
             run.report.checkpointed(step, accelerator, history, stopping)  # a stop's: its step and time
         if stopping:
             raise run.takeover.stop_for_requeue(stop, step)
-    log_held_steps(run)
-    progress.close()
-    data.budget.check()  # a run that ends before the data does still answers for its bad rows
-    final = data_metrics(data, accelerator)
-    with clock.phase("eval"):
-        final |= run.evaluator.at_end(run.model, history[-1], stop)
-    history[-1].update(final)
-    run.tracker.log_metrics(final, history[-1]["step"])
-    progress.message(data_summary(final))
-    run.report.measure(accelerator, history)
-    return history
 
 
 def log_held_steps(run: Run) -> None:

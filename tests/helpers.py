@@ -185,7 +185,7 @@ PRESETS = {
     "stop": {
         "name": "r",
         "adapter": {"r": 4, "alpha": 8, "dropout": 0.1},
-        "data": {"packing": True, "max_seq_len": 48},
+        "data": {"packing": True, "max_seq_len": 48, "prefetch": 2},  # the data thread, as on GPUs
         "train": {"max_steps": RESUME_STEPS, "micro_batch_size": 2, "checkpoint_every": 5, "log_every": 1, "seed": 3, "mixed_precision": NO_AUTOCAST},
         "tracking": {"enabled": False},
     },
@@ -282,9 +282,10 @@ def causal_attention(q, k, v, scale):
 
 
 def pipeline_for(spec, tokenizer, rank: int = 0, world_size: int = 1):
-    """The DataPipeline train() builds for a spec, on one rank of world_size."""
+    """The DataPipeline train() builds for a spec, on one rank of world_size (on a CPU)."""
     from job.data.pipeline import DataPipeline
 
+    spec = spec.for_device("cpu")
     return DataPipeline(spec.data, tokenizer, spec.train.seed, spec.train.epochs, rank, world_size)
 
 

@@ -5,6 +5,7 @@ Every batch carries `real_tokens`, the number of non-padding tokens, for through
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -12,6 +13,10 @@ import torch
 from job.data.tokens import IGNORE_INDEX, TokenizedExample
 
 Batch = dict[str, torch.Tensor]
+PACKED_OFFSETS = (
+    "cu_seq_lens",
+    "max_length",
+)  # a packed micro-batch's examples laid end to end (stack_packed)
 
 
 def pad_batch(examples: Sequence[TokenizedExample], pad_token_id: int) -> Batch:
@@ -40,6 +45,7 @@ def pack_row(examples: Sequence[TokenizedExample], length: int, pad_token_id: in
     (a block-diagonal causal mask for sdpa/eager, varlen kernels for flash attention), so no token
     attends across examples. The first label of each example is -100: it would otherwise be predicted
     from the previous example's last token. The padding tail is one more block, without loss.
+    segment_lengths are the blocks' lengths, the padding tail's included.
     """
     input_ids: list[int] = []
     labels: list[int] = []
@@ -53,12 +59,20 @@ def pack_row(examples: Sequence[TokenizedExample], length: int, pad_token_id: in
         "input_ids": input_ids + [pad_token_id] * pad,
         "labels": labels + [IGNORE_INDEX] * pad,
         "position_ids": position_ids + list(range(pad)),
+        "segment_lengths": [len(e.input_ids) for e in examples] + ([pad] if pad else []),
         "real_tokens": length - pad,
     }
 
 
 def stack_packed(rows: Sequence[dict[str, list[int]]]) -> Batch:
+    """Packed rows as one micro-batch [rows, length]. Its segments (examples and padding tails) laid end
+    to end over the rows are given as the variable-length kernels take them, so that attention need
+    not find them in the position ids on the device: `cu_seq_lens`, the offsets where each starts and
+    where the last ends (int32), and `max_length`, the longest's length."""
     batch = {key: torch.tensor([row[key] for row in rows]) for key in ("input_ids", "labels", "position_ids")}
+    segments = [n for row in rows for n in row["segment_lengths"]]
+    batch["cu_seq_lens"] = torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32)
+    batch["max_length"] = torch.tensor(max(segments))
     batch["real_tokens"] = torch.tensor(sum(row["real_tokens"] for row in rows))
     return batch
 
@@ -70,10 +84,10 @@ def flatten_packed(batch: Batch) -> Batch:
     kernel) only for a batch of one row; [B, L] rows would get dense causal attention across their
     examples. Flattened, every example stays a segment of its own: each row starts an example at
     position 0, and so does its padding tail. The loss is unchanged: each example's first label is
-    already -100.
+    already -100. The segments laid end to end (cu_seq_lens, max_length) are those of the one row.
     """
     flat = {key: batch[key].reshape(1, -1) for key in ("input_ids", "labels", "position_ids")}
-    return {**flat, "real_tokens": batch["real_tokens"]}
+    return {**batch, **flat}
 
 
 def empty_batch(pad_token_id: int) -> Batch:

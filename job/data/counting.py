@@ -27,17 +27,17 @@ def epoch_run_steps(
     return math.ceil(int(count) / grad_accum)
 
 
-def data_metrics(data: DataPipeline, accelerator: Accelerator) -> dict[str, float]:
-    """The data counters of all ranks, summed; packing efficiency when packing."""
-    names = list(data.stats())
+def data_metrics(stats: dict[str, float], max_seq_len: int, accelerator: Accelerator) -> dict[str, float]:
+    """A rank's data counters (DataPipeline.stats) summed over all ranks; packing efficiency when packing."""
+    names = list(stats)
     totals = accelerator.reduce(
-        torch.tensor([data.stats()[n] for n in names], dtype=torch.float64, device=accelerator.device),
+        torch.tensor([stats[n] for n in names], dtype=torch.float64, device=accelerator.device),
         reduction="sum",
     )
     metrics = dict(zip(names, (float(t) for t in totals), strict=True))
-    if data.packer:
+    if "data/packed_real_tokens" in metrics:
         real, rows = metrics.pop("data/packed_real_tokens"), metrics["data/packed_rows"]
-        metrics["data/packing_efficiency"] = packing_efficiency(real, rows, data.config.max_seq_len)
+        metrics["data/packing_efficiency"] = packing_efficiency(real, rows, max_seq_len)
     return metrics
 
 

@@ -186,10 +186,10 @@ def saved_plan(
     _check_sources(plan, data, current, where)
     _check_layout(plan, world_size, where)
     _check_streams(cursor, plan, rank, where)
-    if (cursor.packer is None) == data.packing:
+    packing = bool(data.packing)  # null where Spec.for_device was not applied (tests): none
+    if (cursor.packer is None) == packing:
         refuse(
-            where,
-            f"{'no' if cursor.packer is None else 'a'} packer state, where data.packing is {data.packing}",
+            where, f"{'no' if cursor.packer is None else 'a'} packer state, where data.packing is {packing}"
         )
     plan.eval_files = _eval_files(plan, data, current, where)
     return plan

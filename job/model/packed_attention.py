@@ -9,6 +9,11 @@ data: bench/RESULTS.md); on CUDA in half precision every example of the micro-ba
 one call of PyTorch's FlashAttention variable-length kernel (`torch.nn.attention.varlen`), so packing
 runs on flash attention without the flash-attn package.
 
+Where each example starts comes from the collator (job/data/batching.py: stack_packed), computed on the
+CPU and passed as transformers' variable-length keyword arguments (cu_seq_lens_q, max_length_q), so
+that the device is not waited for; a call without them (attends_per_example's probe, generation)
+derives them from the position ids, once per forward.
+
 Registered with transformers as the attention implementation PACKED_SDPA. Its mask function builds
 no mask for rows without padding (their structure is all in the position ids); a batch with a padding
 mask, a bidirectional layer, or a call decoding one token runs transformers' sdpa with its usual mask.
@@ -32,15 +37,16 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 def once_per_forward(derive: Callable) -> Callable:
-    """Cache what `derive` computes from a forward's position ids: transformers hands every layer (and
-    its recomputation under gradient checkpointing) the same tensor, so this runs once per forward
-    instead of once per layer (on CUDA it waits for the device each time)."""
-    last: list = [None, None, None]  # position ids, the other arguments, the result
+    """Cache what `derive` computes from a forward's tensor (its position ids, or its examples'
+    offsets): transformers hands every layer (and its recomputation under gradient checkpointing) the
+    same tensor, so this runs once per forward instead of once per layer (on CUDA it waits for the
+    device each time)."""
+    last: list = [None, None, None]  # the tensor, the other arguments, the result
 
     @functools.wraps(derive)
-    def cached(position_ids: torch.Tensor, *args):
-        if last[0] is not position_ids or last[1] != args:
-            last[:] = position_ids, args, derive(position_ids, *args)
+    def cached(tensor: torch.Tensor, *args):
+        if last[0] is not tensor or last[1] != args:
+            last[:] = tensor, args, derive(tensor, *args)
         return last[2]
 
     return cached
@@ -60,11 +66,20 @@ def cumulative_lengths(position_ids: torch.Tensor, rows: int) -> tuple[torch.Ten
     return offsets, int((offsets[1:] - offsets[:-1]).max())
 
 
+def example_offsets(position_ids: torch.Tensor, rows: int, kwargs: dict) -> tuple[torch.Tensor, int]:
+    """cumulative_lengths() of the batch: as the collator gave them (cu_seq_lens_q, max_length_q), else
+    derived from the position ids."""
+    offsets, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if offsets is None or longest is None:
+        return cumulative_lengths(position_ids, rows)
+    return offsets, longest
+
+
 @once_per_forward
-def rows_example_lengths(position_ids: torch.Tensor, rows: int) -> list[list[int]]:
-    """The lengths of each row's examples."""
-    offsets, _ = cumulative_lengths(position_ids, rows)
-    length, lengths = position_ids.shape[-1], []
+def rows_example_lengths(offsets: torch.Tensor, length: int) -> list[list[int]]:
+    """The lengths of each row's examples, from the offsets of the examples laid end to end over rows
+    of `length` tokens (on CUDA, reading them waits for the device)."""
+    lengths = []
     for start, end in itertools.pairwise(offsets.tolist()):
         if start % length == 0:
             lengths.append([])
@@ -95,13 +110,12 @@ def flash_can_attend(query: torch.Tensor, value: torch.Tensor) -> bool:
     return query.dtype in HALF and value.shape[-1] == dim and dim <= 256 and dim % 8 == 0
 
 
-def varlen_attention(query, key, value, position_ids, scaling, kernel: Callable | None = None):
+def varlen_attention(query, key, value, offsets, longest, scaling, kernel: Callable | None = None):
     """Every example of the batch in one call of a variable-length causal kernel (varlen_kernel()
-    unless `kernel` is given): query [batch, heads, length, dim] in, the output as [batch, length,
-    heads, dim] out."""
+    unless `kernel` is given), the examples given as cumulative_lengths() gives them: query [batch,
+    heads, length, dim] in, the output as [batch, length, heads, dim] out."""
     kernel = kernel or varlen_kernel()
     batch, heads, length, dim = query.shape
-    offsets, longest = cumulative_lengths(position_ids, batch)
     query, key, value = (
         x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value)
     )
@@ -130,12 +144,13 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     if torch.is_autocast_enabled(query.device.type):  # cast once, not each example's slice on its own
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    offsets, longest = example_offsets(position_ids, query.shape[0], kwargs)
     if query.is_cuda and not dropout and flash_can_attend(query, value) and varlen_kernel():
-        return varlen_attention(query, key, value, position_ids, scaling), None
+        return varlen_attention(query, key, value, offsets, longest, scaling), None
     grouped = query.shape[1] != key.shape[1]
     rows = []
     for q, k, v, lengths in zip(
-        query, key, value, rows_example_lengths(position_ids, query.shape[0]), strict=True
+        query, key, value, rows_example_lengths(offsets, query.shape[2]), strict=True
     ):
         examples = [
             F.scaled_dot_product_attention(
@@ -171,6 +186,12 @@ def packed_attention_pays(device_type: str, mixed_precision: str, dtype: torch.d
         return False
     half = mixed_precision in ("bf16", "fp16") or dtype in HALF
     return half and torch.cuda.get_device_capability() >= (8, 0)  # FlashAttention: Ampere or newer
+
+
+def takes_offsets(model) -> bool:
+    """Whether `model` attends through packed_sdpa_attention (job/model/compile.py's eager registration
+    of it too), which takes the collator's offsets of packed rows; other attention is given none."""
+    return str(getattr(model.config, "_attn_implementation", "")).startswith(PACKED_SDPA)
 
 
 def use_packed_attention(model) -> bool:

@@ -1,6 +1,7 @@
 """The model as the loop trains it: loaded, packed rows routed to its attention, the adapter applied,
-the layers that are faster on its device (on CPUs the allocator too), and under train.distributed fsdp
-sharded over the ranks (job/model/sharding.py)."""
+the layers that are faster on its device (on CPUs the allocator too), under train.distributed fsdp
+sharded over the ranks (job/model/sharding.py), and under train.compile its decoder layers compiled
+(job/model/compile.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from job.model.adapter import apply_adapter, keep_input_dtype_under_autocast
+from job.model.compile import compile_layers
 from job.model.dropout import use_cpu_dropout
 from job.model.fused_lora import fuse_lora_linears
 from job.model.fused_norm import fuse_rms_norms
@@ -50,10 +52,16 @@ def prepare_model(
     `compute_dtype`: under train.distributed fsdp, the dtype FSDP computes in (None: the weights')."""
     if spec.train.distributed == "fsdp":  # its weights are there, for the packing probe, once received
         model = sharded_model(model_dir, spec, accelerator, compute_dtype)
-        return model, packed_rows_flattened(model, spec, accelerator)
-    model = load_model(model_dir, spec.model, accelerator.device, full_finetune=spec.adapter.method == "full")
-    flatten = packed_rows_flattened(model, spec, accelerator)
-    return adapted(model, spec, accelerator), flatten
+        flatten = packed_rows_flattened(model, spec, accelerator)
+    else:
+        full = spec.adapter.method == "full"
+        model = load_model(model_dir, spec.model, accelerator.device, full_finetune=full)
+        flatten = packed_rows_flattened(model, spec, accelerator)
+        model = adapted(model, spec, accelerator)
+    if spec.train.compile:  # last: once sharded, and the packing probe has chosen the attention
+        compiled = compile_layers(model)
+        log.info("train.compile: %d decoder layers compiled, on their first call (the first steps)", compiled)
+    return model, flatten
 
 
 def adapted(model, spec: Spec, accelerator):
@@ -66,17 +74,19 @@ def adapted(model, spec: Spec, accelerator):
         keep_freed_memory(FSDP_LARGEST_KEPT)
     elif device_type == "cpu":
         keep_freed_memory()
-    return faster_layers(model, device_type)
+    return faster_layers(model, device_type, compiled=train.compile)
 
 
-def faster_layers(model, device_type: str, fused_lora: bool | None = None):
+def faster_layers(model, device_type: str, fused_lora: bool | None = None, compiled: bool = False):
     """The adapted model's layers as they run faster on `device_type` (tests run a GPU's on the CPU):
     under autocast, the adapter layers on their 16-bit input (keep_input_dtype_under_autocast); on CPUs,
     the dropout and RMSNorm written for CPUs; the fused LoRA layer where it wins (FUSED_LORA_WINS) or as
-    `fused_lora` says (a benchmark's switch)."""
+    `fused_lora` says (a benchmark's switch). `compiled` (train.compile): torch's dropout, which compiles
+    into the layer's code, where the CPU dropout would break it at every adapter layer."""
     keep_input_dtype_under_autocast(model)
     if device_type == "cpu":
-        use_cpu_dropout(model)
+        if not compiled:
+            use_cpu_dropout(model)
         fuse_rms_norms(model)
     if fused_lora is None:
         fused_lora = device_type in FUSED_LORA_WINS

@@ -75,4 +75,5 @@ def test_the_compile_bench_times_each_form():
     frames = done.stdout.rsplit("frames compiled by torch.compile: ", 1)[1].splitlines()[0]
     counts = dict(part.rsplit(" ", 1) for part in frames.split(", "))
     assert counts.keys() == set(FORMS) and int(counts["peft compiled"]) > 0
+    assert int(counts["ftjob regional compile"]) > 0
     assert int(counts["peft eager"]) == int(counts["ftjob layers eager"]) == 0

@@ -4,14 +4,15 @@ there for all the steps it held. Counted on the CPU by patching torch's reads of
 
 from __future__ import annotations
 
+import threading
 import traceback
-import weakref
 
 import pytest
 import torch
 from helpers import make_spec, train_in_process
 
 from job.data.pipeline import DataPipeline
+from job.data.prefetch import DATA_THREAD
 from job.step import OptimizerStep
 
 READS = ("item", "tolist", "nonzero", "__float__", "__int__", "__bool__", "__index__")
@@ -19,19 +20,21 @@ READS = ("item", "tolist", "nonzero", "__float__", "__int__", "__bool__", "__ind
 
 def step_reads(spec: dict, monkeypatch) -> dict[int, int]:
     """Each training step's reads of a tensor's values, by the step they follow, setup's not counted;
-    nor those that are no device read on a GPU either: of the data pipeline's CPU tensors, in device_batch
-    (on the CPU batch, before it moves), and in the model's forward (transformers' masks and
-    job/model/packed_attention.py, not the loop's)."""
+    nor those that are no device read on a GPU either: of the data pipeline's CPU tensors, on the data
+    thread, in the Feed's making of a window and in device_batch (on the CPU batch, before it moves),
+    and in the model's forward (transformers' masks and job/model/packed_attention.py, not the loop's)."""
     reads: dict[int, int] = {}
     step = [0]
-    batch_tensors = weakref.WeakSet()
+    batch_tensors: dict[int, torch.Tensor] = {}  # by id, kept alive so that no other tensor takes its id
 
     def counted(name: str):
         read = getattr(torch.Tensor, name)
 
         def reading(tensor, *args, **kwargs):
             caller = "".join(traceback.format_stack()[:-1])
-            host = tensor in batch_tensors or "in device_batch" in caller or "/transformers/" in caller
+            on_host = ("in device_batch", "in _make_window", "/transformers/")
+            data_thread = threading.current_thread().name == DATA_THREAD
+            host = id(tensor) in batch_tensors or data_thread or any(where in caller for where in on_host)
             if step[0] and not host:
                 reads[step[0]] = reads.get(step[0], 0) + 1
             return read(tensor, *args, **kwargs)
@@ -42,7 +45,7 @@ def step_reads(spec: dict, monkeypatch) -> dict[int, int]:
 
     def recorded_batches(data, micro_batch_size):
         for batch in train_batches(data, micro_batch_size):
-            batch_tensors.update(batch.values())
+            batch_tensors.update((id(tensor), tensor) for tensor in batch.values())
             yield batch
 
     def next_step(self, window):
@@ -60,13 +63,15 @@ def step_reads(spec: dict, monkeypatch) -> dict[int, int]:
     return reads
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_only_the_steps_that_log_read_the_device(tiny_model_dir, data_files, monkeypatch, packing):
+@pytest.mark.parametrize(
+    "packing,prefetch", [(False, 0), (True, 2)], ids=["padded-training-thread", "packed-data-thread"]
+)
+def test_only_the_steps_that_log_read_the_device(tiny_model_dir, data_files, monkeypatch, packing, prefetch):
     spec = make_spec(
         "lora",
         model=tiny_model_dir,
         files=data_files,
-        data={"packing": packing},
+        data={"packing": packing, "prefetch": prefetch},
         train={"max_steps": 8, "grad_accum": 2, "log_every": 4, "eval_every": 0},
         tracking={"enabled": False},
     )

@@ -32,11 +32,12 @@ def test_packed_row_loss_equals_the_examples_one_by_one(tiny_model_dir, tokenize
 def test_flash_attention_keeps_packed_examples_apart_in_a_micro_batch(
     tiny_model_dir, tokenizer, cpu_flash_kernels
 ):
-    """transformers calls the variable-length kernel for packed rows only for a batch of one row;
-    flatten_packed makes a [B, L] micro-batch one row, so no example attends to another."""
+    """transformers finds packed examples in the position ids only for a batch of one row: flatten_packed
+    makes a [B, L] micro-batch one row. Given the collator's offsets (cu_seq_lens_q ...), it calls the
+    variable-length kernel for [B, L] rows too; without either, examples see each other."""
     from transformers import AutoModelForCausalLM
 
-    from job.data.batching import flatten_packed, pack_row, stack_packed
+    from job.data.batching import PACKED_OFFSETS, flatten_packed, pack_row, stack_packed
     from job.loss import loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
@@ -48,13 +49,15 @@ def test_flash_attention_keeps_packed_examples_apart_in_a_micro_batch(
         pack_row(examples[2:], 48, tokenizer.pad_token_id),
     ]
     batch = stack_packed(rows)  # [2, 48]: two examples in each row
+    bare = {key: value for key, value in batch.items() if key not in PACKED_OFFSETS}
     with torch.no_grad():
         one_by_one = sum(loss_sum(model, pad_batch([e], tokenizer.pad_token_id)) for e in examples)
         model.config._attn_implementation = "flash_attention_2"
-        flat_loss = loss_sum(model, flatten_packed(batch))
-        assert set(cpu_flash_kernels) == {"varlen"}
-        cpu_flash_kernels.clear()
-        unflattened_loss = loss_sum(model, batch)
-    assert set(cpu_flash_kernels) == {"dense"}  # what training did before: examples saw each other
-    torch.testing.assert_close(flat_loss, one_by_one, rtol=1e-5, atol=1e-4)
-    assert not torch.allclose(unflattened_loss, one_by_one, rtol=1e-3)
+        losses = {}
+        for form, given in [("flat", flatten_packed(bare)), ("offsets", batch), ("bare", bare)]:
+            cpu_flash_kernels.clear()
+            losses[form] = loss_sum(model, given)
+            assert set(cpu_flash_kernels) == ({"dense"} if form == "bare" else {"varlen"}), form
+    torch.testing.assert_close(losses["flat"], one_by_one, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(losses["offsets"], one_by_one, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(losses["bare"], one_by_one, rtol=1e-3)  # examples saw each other

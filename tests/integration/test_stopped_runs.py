@@ -231,3 +231,14 @@ def test_an_edited_checkpoint_cursor_is_exit_2_and_the_file_it_names_is_never_op
     assert f"plan.sources[0] names {other}, a file data.train does not name" in str(refused.value)
     assert opened == [] and not (isolated / "out" / "adapter").exists()
     assert newest.is_dir()  # nothing written is lost: the run can go on with --restart, or after a fix
+
+
+def test_micro_batches_made_on_the_training_thread_train_the_same_run(workdir, spec_path, uninterrupted):
+    """data.prefetch 0 (no data thread), stopped at step 7 and resumed with the data thread (the
+    uninterrupted run's default): the same losses and adapter, bitwise."""
+    spec = at(spec_path, workdir / "inline")
+    spec["data"] = {**spec["data"], "prefetch": 0}
+    stop_after(7, spec)
+    spec["data"]["prefetch"] = 2
+    train_in_process(spec)
+    assert_same_run(workdir, uninterrupted, "inline")

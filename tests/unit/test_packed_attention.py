@@ -24,7 +24,8 @@ from job.model.packed_attention import (
 
 def test_an_example_starts_wherever_the_position_does_not_follow_the_previous_one():
     def lengths(*rows):
-        return rows_example_lengths(torch.tensor(rows), len(rows))
+        positions = torch.tensor(rows)
+        return rows_example_lengths(cumulative_lengths(positions, len(rows))[0], positions.shape[-1])
 
     assert lengths([0, 1, 2, 0, 1, 0, 0, 1]) == [[3, 2, 1, 2]]
     assert lengths([5, 6, 0, 1]) == [[2, 2]]  # a row cut inside an example
@@ -125,17 +126,21 @@ def test_the_examples_of_a_batch_laid_end_to_end_start_at_every_row():
 
 
 def test_what_is_derived_from_the_position_ids_is_computed_once_per_forward(monkeypatch):
-    """Both layers of a forward, and a second forward over new ids, each derived once."""
+    """Both layers of a forward, and a second forward over new ids, each derived once: every layer
+    splits by the same offsets."""
     _, packed = model_pair("llama")
-    derived, derive = [], job.model.packed_attention.cumulative_lengths
+    offsets_used, split = [], job.model.packed_attention.rows_example_lengths
     monkeypatch.setattr(
-        job.model.packed_attention, "cumulative_lengths", lambda *a: derived.append(1) or derive(*a)
+        job.model.packed_attention,
+        "rows_example_lengths",
+        lambda offsets, length: offsets_used.append(offsets) or split(offsets, length),
     )
     ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         for _ in range(2):
             packed(input_ids=ids, position_ids=torch.arange(8)[None], use_cache=False)
-    assert len(derived) == 2  # one row, two forwards; the model has two layers
+    assert len(offsets_used) == 4  # two forwards; the model has two layers
+    assert len({id(offsets) for offsets in offsets_used}) == 2
 
 
 def stand_in_kernel(grouped_heads: bool):
@@ -171,7 +176,8 @@ def test_the_varlen_call_attends_each_example_of_the_batch_alone(grouped_heads):
     query = torch.randn(2, 4, 9, 8, generator=generator, requires_grad=True)
     key, value = (torch.randn(2, 2, 9, 8, generator=generator, requires_grad=True) for _ in range(2))
     positions = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 0, 1]])
-    out = varlen_attention(query, key, value, positions, 0.3, kernel=stand_in_kernel(grouped_heads))
+    offsets, longest = cumulative_lengths(positions, 2)
+    out = varlen_attention(query, key, value, offsets, longest, 0.3, kernel=stand_in_kernel(grouped_heads))
     assert out.shape == (2, 9, 4, 8)
     for row, lengths in ((0, [4, 2, 3]), (1, [7, 2])):
         start = 0

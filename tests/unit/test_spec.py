@@ -640,3 +640,21 @@ def test_mixed_precision_no_survives_yaml_and_set(tmp_path):
     path.write_text("model: {source: m}\ndata: {train: [x]}\ntrain: {max_steps: 1, mixed_precision: no}\n")
     assert load_spec(str(path)).train.mixed_precision == "no"
     assert load_spec(str(path), ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize(
+    "device,max_seq_len,packing,micro_batch",
+    [("cpu", 2048, False, 4), ("cuda", 2048, True, 4), ("cuda", 512, True, 16), ("cuda", 16384, True, 1)],
+)
+def test_the_defaults_a_spec_leaves_to_the_device(device, max_seq_len, packing, micro_batch):
+    spec = validate_spec(make_spec(data={"max_seq_len": max_seq_len})).for_device(device)
+    assert (spec.data.packing, spec.train.micro_batch_size) == (packing, micro_batch)
+
+
+def test_what_a_spec_sets_is_kept_on_every_device():
+    spec = validate_spec(
+        make_spec(data={"packing": False, "max_seq_len": 512}, train={"micro_batch_size": 3})
+    )
+    for device in ("cpu", "cuda"):
+        resolved = spec.for_device(device)
+        assert (resolved.data.packing, resolved.train.micro_batch_size) == (False, 3)
