@@ -185,7 +185,7 @@ PRESETS = {
     "stop": {
         "name": "r",
         "adapter": {"r": 4, "alpha": 8, "dropout": 0.1},
-        "data": {"packing": True, "max_seq_len": 48, "prefetch": 2},  # the data thread, as on GPUs
+        "data": {"packing": True, "max_seq_len": 48},
         "train": {"max_steps": RESUME_STEPS, "micro_batch_size": 2, "checkpoint_every": 5, "log_every": 1, "seed": 3, "mixed_precision": NO_AUTOCAST},
         "tracking": {"enabled": False},
     },

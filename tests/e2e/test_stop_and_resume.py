@@ -13,8 +13,11 @@ from helpers import RESUME_STEPS, assert_same_run, ftjob, read_until, start_run
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_signal_checkpoints_exits_75_and_resumes_exactly(spec_path, workdir, uninterrupted, signum):
+    """With the data thread (data.prefetch 2, as on GPUs; the uninterrupted run makes its micro-batches
+    on the training thread): the checkpoint holds the cursor of what was trained on."""
     output = f"./stopped-{signum.name}"
-    process = start_run(spec_path, output)
+    data_thread = ("--set", "data.prefetch=2")
+    process = start_run(spec_path, output, *data_thread)
     read_until(process, f"step 8/{RESUME_STEPS}")
     process.send_signal(signum)
     out = process.stdout.read()
@@ -27,7 +30,7 @@ def test_stop_signal_checkpoints_exits_75_and_resumes_exactly(spec_path, workdir
     segments = sorted(p.name for p in (workdir / output / "metrics").iterdir())
     assert segments[-1] == f"{run['step']:06d}.jsonl"  # ...but in segments, one per checkpoint
 
-    resumed = ftjob("run", str(spec_path), "--set", f"output.uri={output}", cwd=workdir)
+    resumed = ftjob("run", str(spec_path), "--set", f"output.uri={output}", *data_thread, cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from the checkpoint at step" in resumed.stderr
     assert_same_run(workdir, uninterrupted, output)

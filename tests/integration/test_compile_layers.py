@@ -73,8 +73,8 @@ def loss_and_grads(model, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.T
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize(
-    ("packed", "checkpointing"), [(False, False), (True, False), (False, True), (True, True)]
+@pytest.mark.parametrize(  # whole layers; split at packed attention; under checkpointing, their children
+    ("packed", "checkpointing"), [(False, False), (True, False), (True, True)]
 )
 def test_compiled_layers_give_the_eager_loss_and_gradients(packed, checkpointing):
     eager = lora_model(packed, checkpointing)

@@ -233,12 +233,12 @@ def test_an_edited_checkpoint_cursor_is_exit_2_and_the_file_it_names_is_never_op
     assert newest.is_dir()  # nothing written is lost: the run can go on with --restart, or after a fix
 
 
-def test_micro_batches_made_on_the_training_thread_train_the_same_run(workdir, spec_path, uninterrupted):
-    """data.prefetch 0 (no data thread), stopped at step 7 and resumed with the data thread (the
-    uninterrupted run's default): the same losses and adapter, bitwise."""
-    spec = at(spec_path, workdir / "inline")
-    spec["data"] = {**spec["data"], "prefetch": 0}
+def test_the_data_thread_trains_the_same_run(workdir, spec_path, uninterrupted):
+    """data.prefetch 2 (the data thread, as on GPUs), stopped at step 7, resumed on the training thread
+    (prefetch 0, the uninterrupted run's: CPUs'): the same losses and adapter, bitwise."""
+    spec = at(spec_path, workdir / "data-thread")
+    spec["data"] = {**spec["data"], "prefetch": 2}
     stop_after(7, spec)
-    spec["data"]["prefetch"] = 2
+    spec["data"]["prefetch"] = 0
     train_in_process(spec)
-    assert_same_run(workdir, uninterrupted, "inline")
+    assert_same_run(workdir, uninterrupted, "data-thread")
