@@ -120,6 +120,14 @@ def run_measured(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[fl
     return started, ended, peak, output
 
 
+def run_environment(device: str) -> dict[str, str]:
+    """child_environment() for a training run on `device`: offline, and on a CPU no GPU visible."""
+    env = {**child_environment(), "HF_HUB_OFFLINE": "1"}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
 def child_environment() -> dict[str, str]:
     """This environment, with the repository first on PYTHONPATH (what was there stays, after it)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
@@ -130,9 +138,7 @@ def run_system(system: str, job: dict, workdir: Path) -> dict:
     """One fresh process of system training one epoch; its measures."""
     run_dir = workdir / f"{system}-{job['precision']}-{job['round']}"
     run_dir.mkdir(parents=True)
-    env = {**child_environment(), "HF_HUB_OFFLINE": "1"}
-    if job["device"] == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    env = run_environment(job["device"])
     if system.startswith("ftjob"):
         tracking_uri, experiment = tracking_store(workdir), run_dir.name
         env.update(

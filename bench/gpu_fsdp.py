@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.__main__ import child_environment
+from bench.__main__ import run_environment
 from bench.fsdp_memory import parameter_count
 from bench.fsdp_memory import spec as memory_spec
 from bench.workload import MAX_SEQ_LEN, SIZES, build_workspace
@@ -93,9 +93,7 @@ class Bench:
         job = spec(self.model, self.data, distributed, self.steps, self.precision, run_dir / "out")
         (run_dir / "spec.json").write_text(json.dumps(job))
         command = [sys.executable, "-m", "job", "run", "spec.json", "--nproc-per-node", str(processes)]
-        env = child_environment()
-        if self.device == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = ""
+        env = run_environment(self.device)
         log = run_dir / "output.log"
         gpu_peaks: list[int] = []
         with open(log, "w") as out:

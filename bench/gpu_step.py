@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.__main__ import child_environment, ftjob_revision
+from bench.__main__ import child_environment, ftjob_revision, run_environment
 from bench.systems import ftjob_spec
 from bench.workload import MAX_SEQ_LEN, SIZES, build_workspace, matmul_flops
 
@@ -406,14 +406,8 @@ def measure(size: str, variant: str, workload: dict, settings: dict, workdir: Pa
         "profile_file": str(settings["profile_file"]),
     }
     (run_dir / "task.json").write_text(json.dumps(task))
-    env = {
-        **child_environment(),
-        "HF_HUB_OFFLINE": "1",
-        "FTJOB_SPOOL_DIR": str(run_dir / "spool"),
-        "FTJOB_CACHE": str(run_dir / "cache"),
-    }
-    if settings["device"] == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    env = run_environment(settings["device"])
+    env |= {"FTJOB_SPOOL_DIR": str(run_dir / "spool"), "FTJOB_CACHE": str(run_dir / "cache")}
     command = [sys.executable, "-m", "bench.gpu_step", "--one", str(run_dir / "task.json")]
     started = time.monotonic()
     code = run_to_end(command, run_dir / "output.log", env, timeout)

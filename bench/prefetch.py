@@ -1,7 +1,7 @@
 """The data thread (data.prefetch) against micro-batches made on the training thread, end to end.
 
-Trains the end-to-end bench's workload (bench/workload.py: the model and rows of `python -m bench`,
-packed rows of 512 tokens, LoRA, one epoch) with `ftjob run` in a fresh process per run, data.prefetch
+Trains the end-to-end bench's workload and spec (bench/systems.py ftjob_spec: the model and rows of
+`python -m bench`, packed rows of 512 tokens, LoRA r16, float32, one epoch) with `ftjob run` in a fresh process per run, data.prefetch
 2 and 0 alternating over the rounds, and reads each run's report.json: the wall time, the seconds the
 loop waited for data (the report's `data` phase: with prefetch, waiting for the data thread), the
 steps' seconds and tokens/s.
@@ -19,26 +19,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.__main__ import child_environment, ftjob_revision
+from bench.__main__ import ftjob_revision, run_environment
+from bench.systems import ftjob_spec
 from bench.workload import MAX_SEQ_LEN, build_workspace
 
 DEPTHS = (2, 0)
 
 
 def run(workspace: dict, depth: int, device: str, micro_batch: int, output: Path) -> dict:
-    spec = {
-        "model": {"source": workspace["model"]},
-        "data": {"train": [workspace["data"]], "format": "text", "max_seq_len": MAX_SEQ_LEN, "packing": True}
-        | {"prefetch": depth},
-        "train": {"epochs": 1, "micro_batch_size": micro_batch, "log_every": 1000, "eval_every": 0},
-        "tracking": {"enabled": False},
-        "output": {"uri": str(output)},
-    }
+    job = {"device": device, "precision": "fp32", "micro_batch": micro_batch, "gradient_checkpointing": False}
+    spec = ftjob_spec(job | workspace, output, "prefetch")  # the end-to-end bench's ftjob run
+    spec["data"]["prefetch"] = depth
+    spec["train"] |= {"log_every": 1000, "eval_every": 0}
+    spec["tracking"] = {"enabled": False}
     spec_file = output.with_suffix(".json")
     spec_file.write_text(json.dumps(spec))
-    env = {**child_environment(), "HF_HUB_OFFLINE": "1"}
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    env = run_environment(device)
     subprocess.run(
         [sys.executable, "-m", "job", "run", str(spec_file)], env=env, check=True, capture_output=True
     )

@@ -141,7 +141,16 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 
 def output_head(model) -> torch.nn.Linear | None:
     """The model's output layer, for loss_sum's `head`, where linear_cross_entropy reproduces the
-    model's own loss with it; None where the head is not a plain bias-free Linear (quantized, adapted
+    model's own loss with it (chunkable_head); the log says which way the loss goes."""
+    head = chunkable_head(model)
+    log.info(
+        "the loss %s", "goes through the output layer chunk by chunk" if head else "uses the model's logits"
+    )
+    return head
+
+
+def chunkable_head(model) -> torch.nn.Linear | None:
+    """The model's output layer; None where the head is not a plain bias-free Linear (quantized, adapted
     by LoRA), the model's forward takes no logits_to_keep, its config transforms the logits
     (LOGIT_TRANSFORMS), or the loss on a few tokens differs (anything else done to the logits)."""
     head, config = model.get_output_embeddings(), model.config

@@ -19,6 +19,7 @@ from job.accelerator import clip_gradients, gradient_sync
 from job.data.batching import PACKED_OFFSETS, Batch, empty_batch, flatten_packed
 from job.loss import device_batch, loss_positions, loss_sum, loss_tokens
 from job.metrics import mfu
+from job.model.packed_attention import takes_offsets
 from job.spec import TrainSpec
 
 Mark = float | torch.cuda.Event  # a point on the device's timeline (DeviceClock)
@@ -89,6 +90,12 @@ class HostReady:
     flatten: bool  # packed rows into one row, for flash attention (flatten_packed)
     offsets: bool  # keep packed rows' example offsets (PACKED_OFFSETS): the model's attention takes them
     pin: bool  # into pinned memory (CUDA), from which the step's copies do not make the host wait
+
+    @classmethod
+    def of(cls, model, flatten: bool, device: torch.device) -> HostReady:
+        """For `model` as prepare_model made it (`flatten`: its packed_rows_flattened); the offsets where
+        its attention takes them (takes_offsets: flash on flattened rows, or ftjob's packed attention)."""
+        return cls(flatten, offsets=flatten or takes_offsets(model), pin=device.type == "cuda")
 
     def __call__(self, batch: Batch) -> Batch:
         if self.flatten:

@@ -32,7 +32,6 @@ from job.loss import output_head
 from job.metrics import device_name, flops_per_token, peak_flops, peak_memory_gib
 from job.model.adapter import count_parameters
 from job.model.loading import model_dir_and_tokenizer
-from job.model.packed_attention import takes_offsets
 from job.model.prepare import prepare_model
 from job.model.sharding import resharded
 from job.output.checkpoint import Cadence, fingerprint, resume_copies_removed, saved_total_steps
@@ -98,7 +97,7 @@ def train(
         with StopRequest(spec.train.stop_grace_seconds) as own:
             return train(spec, accelerator, restart, own)
     quiet_libraries()
-    spec = spec.for_device(accelerator.device.type)  # packing and the micro-batch, where the spec sets none
+    spec = spec.for_device(accelerator.device.type)  # the device's defaults, where the spec sets none
     configure_storage(spec.storage_options)
     set_seed(spec.train.seed)
     job = restart_id(os.environ)
@@ -157,17 +156,13 @@ def setup(spec: Spec, accelerator: Accelerator, stop: StopRequest, takeover: Tak
     model_dir, tokenizer = model_dir_and_tokenizer(spec.model, spec.data.chat_template)
     plan = shared_plan(spec.data, accelerator)  # rank 0 resolves the files; every rank follows it
     rank, world = accelerator.process_index, accelerator.num_processes
-    # the pipeline's own tokenizer: it tokenizes on the data thread (job/data/prefetch.py)
-    data = DataPipeline(spec.data, copy.deepcopy(tokenizer), cfg.seed, cfg.epochs, rank, world, plan)
+    own_tokenizer = copy.deepcopy(tokenizer)  # the data thread's (job/data/prefetch.py)
+    data = DataPipeline(spec.data, own_tokenizer, cfg.seed, cfg.epochs, rank, world, plan)
     takeover.claim(stop)
     compute_dtype = fsdp_compute_dtype(cfg)
     model, flatten = prepare_model(model_dir, spec, accelerator, compute_dtype)
     head = output_head(model)
-    cuda = accelerator.device.type == "cuda"
-    host_ready = HostReady(flatten, offsets=flatten or takes_offsets(model), pin=cuda)
-    log.info(
-        "the loss %s", "goes through the output layer chunk by chunk" if head else "uses the model's logits"
-    )
+    host_ready = HostReady.of(model, flatten, accelerator.device)
     takeover.settle(fingerprint(spec, world))
     takeover.resume_data(data)
     takeover.stop_if_agreed(stop)
@@ -233,9 +228,8 @@ def train_loop(run: Run, accelerator: Accelerator, stop: StopRequest) -> list[di
 
 
 def train_steps(run: Run, feed: Feed, accelerator: Accelerator, stop: StopRequest) -> None:
-    """Optimizer steps until max_steps, or until the data of train.epochs has ended on every rank; each
-    step takes grad_accum micro-batches. Checkpoints as train.checkpoint_every says; a stop checkpoints
-    and raises."""
+    """Optimizer steps of grad_accum micro-batches until max_steps, or until the data of train.epochs has
+    ended on every rank; checkpoints as train.checkpoint_every says, and at a stop, which then raises."""
     spec, cfg, history = run.spec, run.spec.train, run.history
     cadence, clock = Cadence(cfg.checkpoint_every), run.report.clock
     for step in itertools.count(run.first_step):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import json
 import logging
 import os
@@ -426,3 +427,19 @@ def put_other_weights(model: Path) -> None:
 
     weights = load_file(model / "model.safetensors")
     save_file({k: v + 0.01 for k, v in weights.items()}, model / "model.safetensors", {"format": "pt"})
+
+
+def attend_by_segments(query, key, value, offsets, scale=None, causal: bool = True, enable_gqa: bool = False):
+    """[tokens, heads, dim] inputs whose segments lie end to end at `offsets`, as the variable-length
+    kernels take them (flash-attn's, PyTorch's varlen_attn): one sdpa call per segment, on the CPU."""
+    import torch
+    import torch.nn.functional as F
+
+    parts = [
+        F.scaled_dot_product_attention(
+            *(x[start:end].transpose(0, 1)[None] for x in (query, key, value)),
+            is_causal=causal, scale=scale, enable_gqa=enable_gqa,
+        )[0].transpose(0, 1)
+        for start, end in itertools.pairwise(offsets.tolist())
+    ]  # fmt: skip
+    return torch.cat(parts)

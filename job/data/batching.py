@@ -13,10 +13,8 @@ import torch
 from job.data.tokens import IGNORE_INDEX, TokenizedExample
 
 Batch = dict[str, torch.Tensor]
-PACKED_OFFSETS = (
-    "cu_seq_lens",
-    "max_length",
-)  # a packed micro-batch's examples laid end to end (stack_packed)
+# A packed micro-batch's examples laid end to end (stack_packed): their offsets, the longest's length.
+PACKED_OFFSETS = ("cu_seq_lens", "max_length")
 
 
 def pad_batch(examples: Sequence[TokenizedExample], pad_token_id: int) -> Batch:

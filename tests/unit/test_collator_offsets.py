@@ -10,8 +10,7 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import tiny_causal_lm
+from helpers import attend_by_segments, tiny_causal_lm
 
 import job.model.packed_attention
 from job.data.batching import PACKED_OFFSETS, flatten_packed, pack_row, stack_packed
@@ -136,15 +135,7 @@ def stand_in_flash_varlen(calls: list):
 
     def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=True):  # fmt: skip
         calls.append((cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
-        bounds = cu_seqlens_q.tolist()
-        parts = [
-            F.scaled_dot_product_attention(
-                *(x[start:end].transpose(0, 1)[None] for x in (q, k, v)),
-                is_causal=causal, scale=softmax_scale, enable_gqa=True,
-            )[0].transpose(0, 1)
-            for start, end in zip(bounds[:-1], bounds[1:], strict=True)
-        ]  # fmt: skip
-        return torch.cat(parts)
+        return attend_by_segments(q, k, v, cu_seqlens_q, softmax_scale, causal, enable_gqa=True)
 
     return flash_attn_varlen_func
 

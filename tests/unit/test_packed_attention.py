@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_causal_lm
+from helpers import attend_by_segments, tiny_causal_lm
 
 import job.model.packed_attention
 from job.model.packed_attention import (
@@ -151,15 +151,7 @@ def stand_in_kernel(grouped_heads: bool):
         assert torch.equal(cu_q, cu_k) and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
         assert query.dim() == 3 and (enable_gqa or key.shape[1] == query.shape[1])
         assert window_size == (-1, 0)  # causal
-        bounds = cu_q.tolist()
-        parts = [
-            F.scaled_dot_product_attention(
-                *(x[start:end].transpose(0, 1)[None] for x in (query, key, value)),
-                is_causal=True, scale=scale, enable_gqa=enable_gqa,
-            )[0].transpose(0, 1)
-            for start, end in zip(bounds[:-1], bounds[1:], strict=True)
-        ]  # fmt: skip
-        return torch.cat(parts)
+        return attend_by_segments(query, key, value, cu_q, scale, enable_gqa=enable_gqa)
 
     if grouped_heads:
         return attend
